@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API: translates requests and responses to and from the engine."""

@@ -1,0 +1,121 @@
+"""Typed configuration for lora-serve.
+
+One model per concern: `ModelConfig` (which base, dtype, device), `CacheConfig`
+(KV cache budget), `SchedulerConfig` (batch limits), `LoRAConfig` (adapter
+slots and sources), `ServerConfig` (HTTP). `EngineConfig` groups the first four.
+Every field has a docstring: `lora-serve serve --help` prints them, and each
+field is also read from a `LORA_SERVE_<FIELD>` environment variable (see cli.py).
+Cross-field rules are checked when the config is built and raise ValueError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Config):
+    model: str | None = None
+    """Base model: a local Hugging Face directory of a Llama-family causal LM
+    (Llama 3.x, Qwen2/2.5, Mistral, SmolLM). Empty: the embedded SmolLM2-135M-Instruct."""
+
+    dtype: Dtype = "auto"
+    """Base weight dtype. auto: float32 on CPU, bfloat16 on CUDA."""
+
+    device: Device = "auto"
+    """auto: CUDA when available, else CPU."""
+
+    seed: int = 0
+    """Seed for requests that give none (each such request draws its own seed from this stream)."""
+
+    num_threads: int | None = None
+    """CPU threads for torch (default: torch's own choice, usually one per core)."""
+
+
+class CacheConfig(_Config):
+    block_size: int = Field(16, ge=1, le=1024)
+    """Tokens per KV-cache block."""
+
+    kv_cache_memory_gb: float = Field(2.0, gt=0)
+    """Memory for the preallocated KV cache, in GiB. When it is full, new requests wait."""
+
+
+class SchedulerConfig(_Config):
+    max_num_seqs: int = Field(64, ge=1)
+    """Most sequences in the running batch at once."""
+
+    max_model_len: int | None = Field(None, ge=16)
+    """Longest prompt + completion in tokens (default: the model's context length)."""
+
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    """Most tokens one engine step processes (prefill + decode). Default: max(2048, max_model_len)."""
+
+
+class LoRAConfig(_Config):
+    max_loras: int = Field(8, ge=1)
+    """Adapters resident in device slots at once (one forward pass mixes up to this many)."""
+
+    max_cpu_loras: int | None = Field(None, ge=1)
+    """Adapters kept in CPU memory (LRU). Default: 4 x max_loras. Must be >= max_loras."""
+
+    max_lora_rank: int = Field(64, ge=1, le=1024)
+    """Largest adapter rank accepted."""
+
+    adapter_dir: Path | None = None
+    """Folder of adapters: every sub-folder is a PEFT adapter named after the folder. Uploads are stored here."""
+
+    lora_modules: list[str] = Field(default_factory=list)
+    """Adapters to register at start, as name=path."""
+
+    allowed_lora_dir: list[Path] = Field(default_factory=list)
+    """Directories from which POST /v1/load_lora_adapter may load (repeatable). Empty: that endpoint is refused."""
+
+    max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    """Largest upload accepted (bytes, both files together)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoRAConfig":
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        for spec in self.lora_modules:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules entry {spec!r} must look like name=path")
+        return self
+
+    @property
+    def cpu_capacity(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else 4 * self.max_loras
+
+
+class EngineConfig(_Config):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+
+class ServerConfig(_Config):
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0 for all interfaces)."""
+
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port."""
+
+    served_model_name: str | None = None
+    """Name of the base model in the API (default: the model directory's name)."""
+
+    api_key: str | None = None
+    """If set, every /v1 request needs `Authorization: Bearer <key>` (/health stays open)."""
+
+    admin_api_key: str | None = None
+    """If set, adapter management endpoints need this key instead of api_key."""

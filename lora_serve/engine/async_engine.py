@@ -1,0 +1,149 @@
+"""Runs the engine loop on a background thread and serves requests to asyncio callers.
+
+The HTTP layer calls only this class:
+
+    engine = AsyncEngine.from_config(EngineConfig(...))
+    async for out in engine.generate(request_id, prompt_token_ids, SamplingParams(...), lora_name=None):
+        ...  # out is a RequestOutput delta; the last one has finish_reason set
+    engine.abort(request_id)        # also happens when the consumer stops iterating
+    engine.num_running(), engine.num_waiting(), engine.is_healthy, engine.shutdown()
+    engine.tokenizer, engine.model_path, engine.max_model_len
+
+Torch releases the GIL inside its kernels, so the event loop stays responsive while
+a step runs. Requests and aborts reach the loop thread through a queue and are
+applied between steps; outputs go back through `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ..config import EngineConfig
+from ..model.default_model import resolve_model_path
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="lora-serve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        return cls(LLMEngine(config, resolve_model_path(config.model.model)))
+
+    # --- what the API reads ---------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_path(self):
+        return self.engine.model_path
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    def num_running(self) -> int:
+        return self.engine.num_running()
+
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting()
+
+    # --- requests -------------------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream output deltas. Raises ValueError at once for a request that can never run."""
+        self.engine.check_request(prompt_token_ids, params)
+        if not self.is_healthy:
+            raise RuntimeError("the engine is not running")
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._submit(lambda: self._add(request_id, prompt_token_ids, params, lora_name))
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(lambda: self.engine.abort_request(request_id))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # --- the loop thread ------------------------------------------------------------------------
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            while not self._commands.empty():
+                self._run_command(self._commands.get())
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=1.0)
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a broken step fails its requests, not the server
+                log.exception("engine step failed")
+                outputs = self.engine.fail_all(f"engine error: {type(exc).__name__}")
+            for out in outputs:
+                self._deliver(out)
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | None) -> None:
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params, lora_name)
+        except Exception as exc:
+            self._deliver(RequestOutput(request_id, [], "", [], len(prompt_token_ids), 0, "error", str(exc)))
+
+    def _run_command(self, command: Callable[[], None]) -> None:
+        try:
+            command()
+        except Exception as exc:
+            log.exception("engine command failed: %s", exc)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            target = self._streams.get(out.request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, out)

@@ -1,0 +1,175 @@
+"""The synchronous engine: requests in, one `step()` at a time, output deltas out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from ..config import EngineConfig
+from ..model.arch import ModelArch
+from ..model.loader import load_model, resolve_dtype
+from .detokenizer import Detokenizer
+from .kv_cache import KVCache
+from .model_runner import ModelRunner
+from .outputs import RequestOutput
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _eos_token_ids(path: Path, arch: ModelArch, tokenizer) -> set[int]:
+    ids = set(arch.eos_token_ids)
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_path: Path):
+        mc, sc = config.model, config.scheduler
+        if mc.num_threads:
+            torch.set_num_threads(mc.num_threads)
+        self.config = config
+        self.model_path = Path(model_path)
+        self.device = resolve_device(mc.device)
+        self.dtype = resolve_dtype(mc.dtype, self.device)
+        arch = ModelArch.from_dir(self.model_path)
+        self.max_model_len = sc.max_model_len or arch.max_position_embeddings
+        self.max_num_batched_tokens = sc.max_num_batched_tokens or max(2048, self.max_model_len)
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("max_num_batched_tokens must be >= max_model_len (prompts are prefilled in one step)")
+        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
+        self.arch = self.model.arch
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.eos_token_ids = _eos_token_ids(self.model_path, self.arch, self.tokenizer)
+        self.kv_cache = KVCache(self.arch, config.cache, self.dtype, self.device, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.scheduler = Scheduler(self.kv_cache, sc.max_num_seqs, self.max_num_batched_tokens)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self._rng = random.Random(mc.seed)
+        self._seqs: dict[str, Sequence] = {}
+        log.info(
+            "engine: %s (%s) on %s, %s, max_model_len=%d, KV cache %d blocks x %d tokens",
+            self.model_path, self.arch.architecture, self.device, self.dtype, self.max_model_len,
+            self.kv_cache.num_blocks, self.kv_cache.block_size,
+        )
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request that can never run."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length "
+                f"{self.max_model_len}"
+            )
+        if not all(0 <= t < self.arch.vocab_size for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.arch.vocab_size})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | None = None) -> None:
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.check_request(prompt_token_ids, params)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        gen = torch.Generator().manual_seed(seed)
+        seq = Sequence(request_id, list(prompt_token_ids), params, gen, lora_name)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, "abort")
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (after a failed step) and free what they held."""
+        outputs = []
+        for request_id, seq in list(self._seqs.items()):
+            self.abort_request(request_id)
+            seq.finish_reason = "error"
+            out = self._delta(seq)
+            out.error = message
+            outputs.append(out)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits = self.runner.run(batch.seqs)
+        tokens, logprobs = sample(logits, batch.seqs)
+        return self.postprocess(batch, tokens, logprobs)
+
+    def postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list) -> list[RequestOutput]:
+        outputs = []
+        for seq, token, lp in zip(batch.seqs, tokens, logprobs):
+            seq.output_token_ids.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self._seqs.pop(seq.request_id, None)
+            outputs.append(self._delta(seq))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if self.detokenizer.append(seq):
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _delta(self, seq: Sequence) -> RequestOutput:
+        end = self.detokenizer.sendable_len(seq)
+        text = seq.output_text[seq.num_sent_chars : end]
+        new_ids = seq.output_token_ids[seq.num_sent_tokens :]
+        new_lps = seq.logprobs[seq.num_sent_tokens :] if seq.params.logprobs else []
+        seq.num_sent_chars = max(seq.num_sent_chars, end)
+        seq.num_sent_tokens = len(seq.output_token_ids)
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_ids,
+            new_text=text,
+            new_logprobs=new_lps,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=len(seq.output_token_ids),
+            finish_reason=seq.finish_reason,
+        )

@@ -1,0 +1,72 @@
+"""Turns a scheduled batch into model inputs, runs the forward pass, returns last-token logits."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.attention import AttentionMetadata
+from ..model.linear import LoRABatch
+from ..model.llama import LlamaModel
+from .kv_cache import KVCache
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache):
+        self.model = model
+        self.block_size = kv_cache.block_size
+        self.device = model.device
+        for attn, k, v in zip(model.attention_layers(), kv_cache.k, kv_cache.v):
+            attn.k_cache, attn.v_cache = k, v
+
+    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_tokens
+            input_ids += seq.token_ids(start, end)
+            table = seq.block_table
+            for p in range(start, end):
+                positions.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            query_lens.append(end - start)
+            context_lens.append(end)
+        B, Q, L = len(seqs), max(query_lens), max(context_lens)
+        dev = self.device
+        max_blocks = -(-L // bs)
+        tables = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks])) for s in seqs])
+        j = torch.arange(L)
+        context_slots = tables[:, j // bs] * bs + j % bs  # [B, L]
+        q_lens = torch.tensor(query_lens)
+        ctx = torch.tensor(context_lens)
+        # Absolute position of query i of sequence b; padding queries get 0 (they see key 0 only, never NaN).
+        qi = torch.arange(Q)
+        qpos = torch.where(qi[None, :] < q_lens[:, None], ctx[:, None] - q_lens[:, None] + qi[None, :], 0)  # [B, Q]
+        mask = (j[None, None, :] <= qpos[:, :, None]).unsqueeze(1)  # [B, 1, Q, L]
+        query_index = None
+        if Q > 1:
+            query_index = torch.cat([b * Q + torch.arange(n) for b, n in enumerate(query_lens)]).to(dev)
+        meta = AttentionMetadata(
+            positions=torch.tensor(positions, device=dev),
+            slot_mapping=torch.tensor(slots, device=dev),
+            context_slots=context_slots.to(dev),
+            mask=mask.to(dev),
+            query_index=query_index,
+            batch_size=B,
+            max_query_len=Q,
+            logits_index=(torch.cumsum(q_lens, 0) - 1).to(dev),
+        )
+        return torch.tensor(input_ids, device=dev), meta
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], lora: LoRABatch | None = None) -> torch.Tensor:
+        """Logits of each sequence's last token, [B, vocab] float32; caches the K/V of every new token."""
+        input_ids, meta = self.prepare(seqs)
+        logits = self.model(input_ids, meta, lora)
+        for seq in seqs:
+            seq.num_cached_tokens = seq.num_tokens
+        return logits

@@ -1,0 +1,52 @@
+"""A linear projection that can take per-token LoRA deltas.
+
+Projections that the base fuses (q/k/v, gate/up) are one weight here, with named
+output slices; each slice keeps the PEFT module name (`q_proj`, ...) so an adapter
+can target any subset. The LoRA manager attaches slot weights to `lora_slots`; the
+per-step `LoRABatch` (which rows use which slot) is passed in by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..lora.slots import ProjectionSlots
+
+
+class LoRABatch(Protocol):
+    """Per-step adapter layout of the batch, shared by every projection of the model."""
+
+    def apply(self, slots: "ProjectionSlots", x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add scale·(x·Aᵀ)·Bᵀ for each row's adapter into y in place. x: [T, in], y: [T, out]."""
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, slices: dict[str, int], bias: bool, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.in_features = in_features
+        self.slice_names = tuple(slices)
+        self.slice_sizes = tuple(slices.values())
+        self.slice_offsets = tuple(sum(self.slice_sizes[:i]) for i in range(len(self.slice_sizes)))
+        out = sum(self.slice_sizes)
+        self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.lora_slots: ProjectionSlots | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def slice_of(self, name: str) -> slice:
+        i = self.slice_names.index(name)
+        return slice(self.slice_offsets[i], self.slice_offsets[i] + self.slice_sizes[i])
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # [T, out]
+        if lora is not None and self.lora_slots is not None:
+            lora.apply(self.lora_slots, x, y)
+        return y

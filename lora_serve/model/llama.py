@@ -1,0 +1,114 @@
+"""A compact Llama-family decoder (Llama 2/3.x, SmolLM, Qwen2, Mistral) for continuous batching.
+
+Every projection is a `Linear` the LoRA layer can reach: `qkv_proj` (slices q_proj,
+k_proj, v_proj), `o_proj`, `gate_up_proj` (slices gate_proj, up_proj), `down_proj`.
+Weights come from HF safetensors (see loader.py); logits match transformers' own
+implementation (tests/model/test_llama.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import ModelArch
+from .attention import Attention, AttentionMetadata
+from .linear import Linear, LoRABatch
+from .rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, as HF does, then scale in the model dtype.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.arch = arch
+        self.rope = rope
+        kv = arch.kv_size
+        self.qkv_proj = Linear(
+            arch.hidden_size, {"q_proj": arch.q_size, "k_proj": kv, "v_proj": kv}, arch.attention_bias, dtype, device
+        )
+        self.o_proj = Linear(arch.q_size, {"o_proj": arch.hidden_size}, False, dtype, device)
+        self.attn = Attention(arch.num_heads, arch.num_kv_heads, arch.head_dim)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> torch.Tensor:
+        a = self.arch
+        qkv = self.qkv_proj(x, lora)  # [T, q + 2kv]
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        T = x.shape[0]
+        q, k = self.rope(meta.positions, q.view(T, a.num_heads, a.head_dim), k.view(T, a.num_kv_heads, a.head_dim))
+        out = self.attn(q, k, v.view(T, a.num_kv_heads, a.head_dim), meta)
+        return self.o_proj(out, lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        n = arch.intermediate_size
+        self.gate_up_proj = Linear(arch.hidden_size, {"gate_proj": n, "up_proj": n}, False, dtype, device)
+        self.down_proj = Linear(n, {"down_proj": arch.hidden_size}, False, dtype, device)
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.self_attn = SelfAttention(arch, rope, dtype, device)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.mlp = MLP(arch, dtype, device)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArch, max_len: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.arch = arch
+        self.dtype = dtype
+        self.device = device
+        rope = RotaryEmbedding(arch, max_len, device)
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(arch, rope, dtype, device) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        if arch.tie_word_embeddings:
+            self.lm_head_weight = self.embed_tokens.weight
+        else:
+            self.lm_head_weight = nn.Parameter(
+                torch.empty(arch.vocab_size, arch.hidden_size, dtype=dtype, device=device), requires_grad=False
+            )
+
+    def linears(self) -> dict[str, Linear]:
+        """Every LoRA-capable projection by its path, e.g. 'layers.3.self_attn.qkv_proj'."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None = None
+    ) -> torch.Tensor:
+        # input_ids: [T] -> logits of each sequence's last token: [B, vocab] float32
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, meta, lora)
+        x = self.norm(x[meta.logits_index])
+        return F.linear(x, self.lm_head_weight).float()

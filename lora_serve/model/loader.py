@@ -1,0 +1,90 @@
+"""Load HF safetensors checkpoints into `LlamaModel`, fusing q/k/v and gate/up on the way."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .arch import ModelArch, UnsupportedModelError
+from .llama import LlamaModel
+
+# HF name (after "model.layers.N.") -> (our module path, slice name or None)
+_LAYER_NAMES = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", "q_proj"),
+    "self_attn.k_proj": ("self_attn.qkv_proj", "k_proj"),
+    "self_attn.v_proj": ("self_attn.qkv_proj", "v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj", "o_proj"),
+    "mlp.gate_proj": ("mlp.gate_up_proj", "gate_proj"),
+    "mlp.up_proj": ("mlp.gate_up_proj", "up_proj"),
+    "mlp.down_proj": ("mlp.down_proj", "down_proj"),
+    "input_layernorm": ("input_layernorm", None),
+    "post_attention_layernorm": ("post_attention_layernorm", None),
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{path} has no *.safetensors weights (only safetensors checkpoints are loaded)")
+    return files
+
+
+def _target(model: LlamaModel, name: str) -> tuple[torch.Tensor, slice | None] | None:
+    """The parameter (and row slice of it) that HF tensor `name` fills, or None to skip it."""
+    if name == "model.embed_tokens.weight":
+        return model.embed_tokens.weight, None
+    if name == "model.norm.weight":
+        return model.norm.weight, None
+    if name == "lm_head.weight":
+        return (None if model.arch.tie_word_embeddings else model.lm_head_weight), None
+    m = _LAYER_RE.match(name)
+    if m is None:
+        return None  # e.g. rotary_emb.inv_freq in old checkpoints
+    layer, hf_module, kind = int(m.group(1)), m.group(2), m.group(3)
+    if hf_module not in _LAYER_NAMES or layer >= len(model.layers):
+        return None
+    path, slice_name = _LAYER_NAMES[hf_module]
+    module = model.layers[layer].get_submodule(path)
+    param = getattr(module, kind)
+    if param is None:
+        raise UnsupportedModelError(f"checkpoint has {name} but the architecture declares no such bias")
+    return param, (module.slice_of(slice_name) if slice_name else None)
+
+
+@torch.no_grad()
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_len: int) -> LlamaModel:
+    arch = ModelArch.from_dir(path)
+    model = LlamaModel(arch, max_len, dtype, device)
+    filled: set[str] = set()
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                target = _target(model, name)
+                if target is None or target[0] is None:
+                    continue
+                param, rows = target
+                tensor = f.get_tensor(name)
+                dest = param if rows is None else param[rows]
+                if dest.shape != tensor.shape:
+                    raise UnsupportedModelError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(dest.shape)}")
+                dest.copy_(tensor)
+                filled.add(name)
+    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not arch.tie_word_embeddings:
+        expected.add("lm_head.weight")
+    for i in range(arch.num_layers):
+        expected.update(f"model.layers.{i}.{m}.weight" for m in _LAYER_NAMES)
+    missing = sorted(expected - filled)
+    if missing:
+        raise UnsupportedModelError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return model.eval()

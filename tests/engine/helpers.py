@@ -1,0 +1,25 @@
+"""Drive an LLMEngine to completion in-process."""
+
+from __future__ import annotations
+
+from lora_serve.engine.llm_engine import LLMEngine
+from lora_serve.engine.sampling_params import SamplingParams
+
+
+def run_to_completion(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], lora: dict[str, str | None] | None = None) -> dict[str, dict]:
+    """Submit all requests at once, step until done; per request: token ids, text, finish reason, logprobs."""
+    results = {rid: {"tokens": [], "text": "", "finish_reason": None, "logprobs": []} for rid in requests}
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params, (lora or {}).get(rid))
+    while engine.has_unfinished():
+        for out in engine.step():
+            r = results[out.request_id]
+            r["tokens"] += out.new_token_ids
+            r["text"] += out.new_text
+            r["logprobs"] += out.new_logprobs
+            r["finish_reason"] = out.finish_reason
+    return results
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
