@@ -77,7 +77,8 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream output deltas. Raises ValueError at once for a request that can never run."""
+        """Stream output deltas. Raises at once for a request that can never run: ValueError,
+        or lora.errors.AdapterError (unknown or unreadable adapter)."""
         self.engine.check_request(prompt_token_ids, params)
         if not self.is_healthy:
             raise RuntimeError("the engine is not running")
@@ -86,6 +87,13 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        if lora_name is not None:
+            try:  # disk -> CPU here, on a worker thread, never on the engine loop
+                await asyncio.to_thread(self.engine.lora.acquire, lora_name)
+            except BaseException:
+                with self._lock:
+                    self._streams.pop(request_id, None)
+                raise
         self._submit(lambda: self._add(request_id, prompt_token_ids, params, lora_name))
         finished = False
         try:
@@ -131,7 +139,7 @@ class AsyncEngine:
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | None) -> None:
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params, lora_name)
+            self.engine.add_request(request_id, prompt_token_ids, params, lora_name, lora_acquired=True)
         except Exception as exc:
             self._deliver(RequestOutput(request_id, [], "", [], len(prompt_token_ids), 0, "error", str(exc)))
 

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from ..config import EngineConfig
 from ..model.arch import ModelArch
+from ..lora.manager import LoRAManager
 from ..model.loader import load_model, resolve_dtype
 from .detokenizer import Detokenizer
 from .kv_cache import KVCache
@@ -45,12 +46,13 @@ def _eos_token_ids(path: Path, arch: ModelArch, tokenizer) -> set[int]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_path: Path):
+    def __init__(self, config: EngineConfig, model_path: Path, base_name: str | None = None):
         mc, sc = config.model, config.scheduler
         if mc.num_threads:
             torch.set_num_threads(mc.num_threads)
         self.config = config
         self.model_path = Path(model_path)
+        self.base_name = base_name or self.model_path.name
         self.device = resolve_device(mc.device)
         self.dtype = resolve_dtype(mc.dtype, self.device)
         arch = ModelArch.from_dir(self.model_path)
@@ -64,7 +66,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.model_path, self.arch, self.tokenizer)
         self.kv_cache = KVCache(self.arch, config.cache, self.dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache)
-        self.scheduler = Scheduler(self.kv_cache, sc.max_num_seqs, self.max_num_batched_tokens)
+        self.lora = LoRAManager(self.model, config.lora, self.base_name)
+        self.lora.register_startup_adapters()
+        self.scheduler = Scheduler(self.kv_cache, sc.max_num_seqs, self.max_num_batched_tokens, self.lora)
         self.detokenizer = Detokenizer(self.tokenizer)
         self._rng = random.Random(mc.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -89,10 +93,27 @@ class LLMEngine:
         if not all(0 <= t < self.arch.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.arch.vocab_size})")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | None = None) -> None:
-        if request_id in self._seqs:
-            raise ValueError(f"request id {request_id!r} is already running")
-        self.check_request(prompt_token_ids, params)
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora_name: str | None = None,
+        lora_acquired: bool = False,
+    ) -> None:
+        """Queue a request. With lora_acquired the caller already ran `lora.acquire(lora_name)`
+        (off this thread, as AsyncEngine does); the engine releases it when the request ends."""
+        try:
+            if request_id in self._seqs:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self.check_request(prompt_token_ids, params)
+            if lora_name is not None and not lora_acquired:
+                self.lora.acquire(lora_name)  # AdapterNotFoundError for an unknown name
+                lora_acquired = True
+        except Exception:
+            if lora_acquired:
+                self.lora.release(lora_name)
+            raise
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         gen = torch.Generator().manual_seed(seed)
         seq = Sequence(request_id, list(prompt_token_ids), params, gen, lora_name)
@@ -100,9 +121,15 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
-        seq = self._seqs.pop(request_id, None)
+        seq = self._seqs.get(request_id)
         if seq is not None:
-            self.scheduler.finish(seq, "abort")
+            self._finish(seq, "abort")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        del self._seqs[seq.request_id]
+        if seq.lora_name is not None:
+            self.lora.release(seq.lora_name)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after a failed step) and free what they held."""
@@ -130,7 +157,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        logits = self.runner.run(batch.seqs)
+        lora = self.lora.prepare(batch.seqs, batch.num_new_tokens)
+        logits = self.runner.run(batch.seqs, lora)
         tokens, logprobs = sample(logits, batch.seqs)
         return self.postprocess(batch, tokens, logprobs)
 
@@ -142,8 +170,7 @@ class LLMEngine:
                 seq.logprobs.append(lp)
             reason = self._finish_reason(seq, token)
             if reason is not None:
-                self.scheduler.finish(seq, reason)
-                self._seqs.pop(seq.request_id, None)
+                self._finish(seq, reason)
             outputs.append(self._delta(seq))
         return outputs
 

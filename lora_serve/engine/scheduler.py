@@ -22,7 +22,7 @@ class AdapterAdmission(Protocol):
 
     def try_admit(self, seq: Sequence) -> bool: ...
 
-    def release(self, seq: Sequence) -> None: ...
+    def release_slot(self, seq: Sequence) -> None: ...
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         if self.admission is not None:
-            self.admission.release(seq)
+            self.admission.release_slot(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
@@ -106,7 +106,7 @@ class Scheduler:
             self.running.remove(seq)
             self.kv.free(seq)
             if self.admission is not None:
-                self.admission.release(seq)
+                self.admission.release_slot(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
             self.kv.free(seq)

@@ -1,0 +1,102 @@
+"""Timed runs of one workload through lora-serve's engine and through the peers (transformers, PEFT).
+
+Every runner returns a `Timing`: useful output tokens (padding excluded) and wall
+seconds. Prompts are token-id lists; every request generates exactly its max_tokens
+(EOS ignored) so all runners do the same work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..engine.llm_engine import LLMEngine
+from ..engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Timing:
+    tokens: int
+    seconds: float
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def random_prompts(vocab_size: int, lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Ids above 1000 avoid the special and byte tokens at the start of most vocabularies.
+    return [torch.randint(1000, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def engine_generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int], loras: list[str | None]) -> Timing:
+    """All requests submitted at once, continuous batching until the last one finishes."""
+    start = time.perf_counter()
+    for i, (p, n, lora) in enumerate(zip(prompts, max_tokens, loras)):
+        engine.add_request(f"bench-{i}", p, _greedy(n), lora)
+    while engine.has_unfinished():
+        engine.step()
+    return Timing(sum(max_tokens), time.perf_counter() - start)
+
+
+def engine_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: list[str | None]) -> tuple[Timing, Timing]:
+    """(prefill, decode): the step that prefills every prompt, then `decode_steps` full-batch decode steps."""
+    for i, (p, lora) in enumerate(zip(prompts, loras)):
+        engine.add_request(f"bench-{i}", p, _greedy(decode_steps + 1), lora)
+    if engine.max_num_batched_tokens < sum(map(len, prompts)) or engine.scheduler.max_num_seqs < len(prompts):
+        raise ValueError("the batch must fit one step: raise max_num_batched_tokens / max_num_seqs")
+    t0 = time.perf_counter()
+    engine.step()
+    t1 = time.perf_counter()
+    for _ in range(decode_steps):
+        engine.step()
+    t2 = time.perf_counter()
+    assert not engine.has_unfinished()
+    return Timing(sum(map(len, prompts)), t1 - t0), Timing(decode_steps * len(prompts), t2 - t1)
+
+
+@torch.inference_mode()
+def hf_one_at_a_time(model, prompts: list[list[int]], max_tokens: list[int]) -> Timing:
+    start = time.perf_counter()
+    for p, n in zip(prompts, max_tokens):
+        ids = torch.tensor([p])
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return Timing(sum(max_tokens), time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def hf_padded_batch(model, prompts: list[list[int]], max_tokens: list[int], pad_id: int, **generate_kwargs) -> Timing:
+    """One left-padded batch; every row runs to the longest max_tokens, only useful tokens count."""
+    ids, mask = left_pad(prompts, pad_id)
+    n = max(max_tokens)
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id, **generate_kwargs)
+    return Timing(sum(max_tokens), time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def hf_phases(model, prompts: list[list[int]], decode_steps: int, pad_id: int, **generate_kwargs) -> tuple[Timing, Timing]:
+    """(prefill, decode) for `generate` on one padded batch: decode = t(1 + steps tokens) - t(1 token)."""
+    ids, mask = left_pad(prompts, pad_id)
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=pad_id, **generate_kwargs)
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    t1 = time.perf_counter()
+    model.generate(ids, max_new_tokens=decode_steps + 1, min_new_tokens=decode_steps + 1, **kw)
+    t2 = time.perf_counter()
+    prefill = t1 - t0
+    return Timing(sum(map(len, prompts)), prefill), Timing(decode_steps * len(prompts), (t2 - t1) - prefill)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask

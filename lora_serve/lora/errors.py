@@ -1,0 +1,52 @@
+"""Why an adapter was refused, with the HTTP status the API answers with.
+
+Every error is a `ValueError` carrying `message`, `param` (the config field, tensor or
+request field at fault, or None) and `status`; the API layer only translates them.
+"""
+
+from __future__ import annotations
+
+
+class AdapterError(ValueError):
+    status: int = 400
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidAdapterError(AdapterError):
+    """The folder, config or weights are not a well-formed LoRA adapter for this base model."""
+
+    status = 400
+
+
+class UnsupportedAdapterError(AdapterError):
+    """A valid PEFT feature that lora-serve does not implement (DoRA, modules_to_save, ...)."""
+
+    status = 400
+
+
+class ForbiddenPathError(AdapterError):
+    """The adapter path lies outside the directories the server may read."""
+
+    status = 403
+
+
+class AdapterNotFoundError(AdapterError):
+    status = 404
+
+
+class AdapterExistsError(AdapterError):
+    status = 409
+
+
+class AdapterTooLargeError(AdapterError):
+    status = 413
+
+
+class UnsupportedMediaError(AdapterError):
+    """Weights in a format we refuse to read, e.g. pickled `.bin` / `.pt` (arbitrary code on load)."""
+
+    status = 415

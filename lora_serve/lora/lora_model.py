@@ -1,0 +1,207 @@
+"""One LoRA adapter folder in the HF PEFT format, loaded without pickle and checked against the base.
+
+Folder (what peft `save_pretrained` writes): adapter_config.json + adapter_model.safetensors,
+tensor names `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight`
+(PEFT drops the adapter name on save; `.lora_A.{adapter}.weight` is accepted too).
+  lora_A: [r, in]    lora_B: [out, r]    (nn.Linear layout: delta(x) = scale · (x·Aᵀ)·Bᵀ)
+The files are untrusted: the safetensors header is checked by hand before safetensors
+parses it, and pickled weights (.bin/.pt) are refused rather than unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from ..model.arch import ModelArch
+from .errors import AdapterNotFoundError, InvalidAdapterError, UnsupportedMediaError
+from .peft_config import PROJECTIONS, LoRAAdapterConfig, module_path
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtype -> bytes per element
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+TENSOR_NAME = re.compile(
+    r"base_model\.model\.(?:model\.)?layers\.(?P<layer>\d+)\.(?P<group>self_attn|mlp)\."
+    r"(?P<module>\w+)\.lora_(?P<half>[AB])(?:\.[\w-]+)?\.weight"
+)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean ==
+class LoRAWeights:
+    """One targeted projection of one layer."""
+
+    A: torch.Tensor  # [r, in] float32, contiguous
+    B: torch.Tensor  # [out, r] float32, the nn.Linear layout: used as (x·Aᵀ)·Bᵀ
+    scale: float  # alpha / r, or alpha / sqrt(r) with rslora
+
+
+@dataclass(eq=False)
+class LoRAModel:
+    name: str
+    config: LoRAAdapterConfig
+    weights: dict[tuple[int, str], LoRAWeights]  # (layer, projection name)
+    num_params: int  # elements of all A and B
+    num_bytes: int  # size of adapter_model.safetensors
+    sha256: str  # of adapter_model.safetensors
+
+    @classmethod
+    def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int) -> "LoRAModel":
+        path = Path(path)
+        if not path.is_dir():
+            raise AdapterNotFoundError(f"adapter folder {str(path)!r} does not exist", param="lora_path")
+        config = LoRAAdapterConfig.from_file(path / CONFIG_FILE, arch, max_rank)
+        data = _read_weights_file(path)  # read once: hashed and parsed from the same bytes
+        check_safetensors_header(data)
+        try:
+            tensors = load_safetensors(data)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise InvalidAdapterError(f"{WEIGHTS_FILE} could not be read: {e}", param="adapter_model") from None
+        weights = _collect_weights(tensors, config.targets(arch.num_layers), arch)
+        return cls(
+            name=name,
+            config=config,
+            weights=weights,
+            num_params=sum(w.A.numel() + w.B.numel() for w in weights.values()),
+            num_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+
+    def size_vs_base(self, base_params: int) -> dict[str, Any]:
+        if base_params <= 0:
+            raise ValueError(f"base_params must be positive, got {base_params}")
+        return {
+            "params": self.num_params,
+            "bytes": self.num_bytes,
+            "base_params": base_params,
+            "ratio": self.num_params / base_params,
+        }
+
+
+def projection_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
+    """Projection name -> (in_features, out_features) of the base model."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    return {
+        "q_proj": (h, arch.q_size),
+        "k_proj": (h, arch.kv_size),
+        "v_proj": (h, arch.kv_size),
+        "o_proj": (arch.q_size, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def check_safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
+    """Check the layout [u64 LE n][n bytes of JSON header][tensor data]; returns name -> entry."""
+
+    def malformed(why: str) -> InvalidAdapterError:
+        return InvalidAdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {why}", param="adapter_model")
+
+    if len(data) < 8:
+        raise malformed(f"{len(data)} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8 or n > MAX_HEADER_BYTES:
+        raise malformed(f"header length {n} is larger than the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (ValueError, UnicodeDecodeError):
+        raise malformed("the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise malformed("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = len(data) - 8 - n
+    for name, entry in header.items():
+        if not _is_entry(entry):
+            raise malformed(f"bad header entry for {name!r}")
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in FLOAT_DTYPES:
+            msg = f"tensor {name!r} has dtype {dtype}; LoRA weights must be one of {', '.join(FLOAT_DTYPES)}"
+            raise InvalidAdapterError(msg, param=name)
+        if not 0 <= begin <= end <= data_size:
+            raise malformed(f"the data of {name!r} lies outside the file (truncated?)")
+        if end - begin != math.prod(shape) * FLOAT_DTYPES[dtype]:
+            raise malformed(f"the data size of {name!r} does not match its shape {shape}")
+    return header
+
+
+def _is_entry(entry: Any) -> bool:
+    def ints(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("dtype"), str)
+        and ints(entry.get("shape"))
+        and ints(entry.get("data_offsets"))
+        and len(entry["data_offsets"]) == 2
+    )
+
+
+def _read_weights_file(folder: Path) -> bytes:
+    weights_file = folder / WEIGHTS_FILE
+    if weights_file.is_file():
+        return weights_file.read_bytes()
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        msg = f"only {WEIGHTS_FILE} is accepted; pickled weights ({', '.join(pickled)}) are refused"
+        raise UnsupportedMediaError(msg, param="adapter_model")
+    raise InvalidAdapterError(f"{WEIGHTS_FILE} not found in the adapter folder", param="adapter_model")
+
+
+def _collect_weights(
+    tensors: dict[str, torch.Tensor], targets: dict[tuple[int, str], tuple[int, float]], arch: ModelArch
+) -> dict[tuple[int, str], LoRAWeights]:
+    pairs: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for name, tensor in tensors.items():
+        key, half = _parse_tensor_name(name, targets, arch.num_layers)
+        pair = pairs.setdefault(key, {})
+        if half in pair:
+            raise InvalidAdapterError(f"tensor {name!r} duplicates {pair[half][0]!r}", param=name)
+        pair[half] = (name, tensor)
+    shapes = projection_shapes(arch)
+    weights = {}
+    for (layer, module), (r, scale) in targets.items():
+        in_features, out_features = shapes[module]
+        pair = pairs.get((layer, module), {})
+        A = _checked_tensor(pair, "A", layer, module, (r, in_features))
+        B = _checked_tensor(pair, "B", layer, module, (out_features, r))
+        weights[(layer, module)] = LoRAWeights(A=A, B=B, scale=scale)
+    return weights
+
+
+def _parse_tensor_name(name: str, targets: dict, num_layers: int) -> tuple[tuple[int, str], str]:
+    m = TENSOR_NAME.fullmatch(name)
+    if m is None or PROJECTIONS.get(m["module"]) != m["group"]:
+        msg = f"unexpected tensor {name!r}: not the lora_A/lora_B weight of a {'/'.join(PROJECTIONS)} projection"
+        raise InvalidAdapterError(msg, param=name)
+    layer, module = int(m["layer"]), m["module"]
+    if layer >= num_layers:
+        raise InvalidAdapterError(f"tensor {name!r} is for layer {layer}; the base has {num_layers} layers", param=name)
+    if (layer, module) not in targets:
+        raise InvalidAdapterError(f"tensor {name!r} is for a module adapter_config.json does not target", param=name)
+    return (layer, module), m["half"]
+
+
+def _checked_tensor(pair: dict, half: str, layer: int, module: str, shape: tuple[int, int]) -> torch.Tensor:
+    if half not in pair:
+        name = f"base_model.model.{module_path(layer, module)}.lora_{half}.weight"
+        raise InvalidAdapterError(f"tensor {name!r} is missing; adapter_config.json targets {module}", param=name)
+    name, tensor = pair[half]
+    if tuple(tensor.shape) != shape:
+        msg = f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)} for this base model and rank"
+        raise InvalidAdapterError(msg, param=name)
+    tensor = tensor.to(torch.float32).contiguous()  # F64 may overflow here, so check after
+    if not torch.isfinite(tensor).all():
+        raise InvalidAdapterError(f"tensor {name!r} contains NaN or Inf", param=name)
+    return tensor

@@ -1,0 +1,201 @@
+"""The two cache tiers of adapters and the per-step LoRA batch.
+
+disk (registry)  --acquire(), any thread, blocking I/O-->  CPU (LRU, max_cpu_loras)
+CPU              --try_admit(), engine thread, a copy-->  device slots (LRU, max_loras)
+
+A request holds a reference on its adapter's CPU copy from `acquire` to `release`
+(the API does both around the request), so an adapter in use is never dropped from
+CPU. A running sequence pins its device slot; pinned slots are never evicted. When
+every slot is pinned, a sequence for another adapter waits in the queue (the
+scheduler lets later requests whose adapter is resident go ahead, and retries the
+waiting one first at every step, so it gets the next slot that frees up).
+Reading from disk never happens on the engine thread, so decoding goes on while an
+adapter loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from ..config import LoRAConfig
+from ..engine.sequence import Sequence
+from ..model.llama import LlamaModel
+from .errors import AdapterError
+from .lora_model import LoRAModel
+from .registry import AdapterRecord, AdapterRegistry
+from .slots import ProjectionSlots
+from .torch_ops import SegmentedLoRABatch
+
+log = logging.getLogger(__name__)
+
+
+class LoRAManager:
+    def __init__(self, model: LlamaModel, config: LoRAConfig, base_name: str):
+        self.config = config
+        self.max_loras = config.max_loras
+        self.registry = AdapterRegistry(model.arch, config.max_lora_rank, base_name)
+        self._lock = threading.RLock()
+        self._cpu: OrderedDict[str, LoRAModel] = OrderedDict()  # LRU order, oldest first
+        self._refs: dict[str, int] = {}  # in-flight requests per adapter
+        self._slot_names: list[str | None] = [None] * config.max_loras
+        self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(config.max_loras))
+        self._pins = [0] * config.max_loras
+        self.num_loads = 0
+        self.num_evictions = 0
+        # [(layer, slice names, slots)] for every projection; slots are filled per adapter.
+        self._projections: list[tuple[int, tuple[str, ...], ProjectionSlots]] = []
+        for i, layer in enumerate(model.layers):
+            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                slots = ProjectionSlots(linear, config.max_loras, config.max_lora_rank, model.device)
+                linear.lora_slots = slots
+                self._projections.append((i, linear.slice_names, slots))
+
+    # --- registry ------------------------------------------------------------------------------
+
+    def register(self, name: str, path, origin: str, model: LoRAModel | None = None) -> AdapterRecord:
+        record, loaded = self.registry.add(name, path, origin, model)
+        with self._lock:
+            self._cpu[name] = loaded
+            self._evict_cpu()
+        return record
+
+    def register_startup_adapters(self) -> None:
+        """--lora-modules (a bad one stops the start) and every sub-folder of --adapter-dir
+        (a bad one is logged and skipped, so one broken upload cannot keep the server down)."""
+        for spec in self.config.lora_modules:
+            name, _, path = spec.partition("=")
+            self.register(name, Path(path), "lora-modules")
+        folder = self.config.adapter_dir
+        if folder is None or not folder.is_dir():
+            return
+        for sub in sorted(folder.iterdir()):
+            if sub.is_dir() and not sub.name.startswith(".") and not self.registry.contains(sub.name):
+                try:
+                    self.register(sub.name, sub, "adapter-dir")
+                except AdapterError as exc:
+                    log.error("skipping adapter folder %s: %s", sub, exc)
+
+    def unregister(self, name: str) -> None:
+        """Refuse new requests at once; drop the weights when the in-flight ones have finished."""
+        record = self.registry.get(name)
+        record.deleting = True
+        with self._lock:
+            if self._refs.get(name, 0) == 0:
+                self._purge(name)
+
+    def location(self, name: str) -> str:
+        with self._lock:
+            if name in self._slot_names:
+                return "device"
+            return "cpu" if name in self._cpu else "disk"
+
+    # --- disk -> CPU (request threads) -----------------------------------------------------------
+
+    def acquire(self, name: str) -> None:
+        """Make `name` CPU-resident and hold it there until `release(name)`. Blocking I/O."""
+        record = self.registry.get(name)
+        with self._lock:
+            self._refs[name] = self._refs.get(name, 0) + 1
+            record.requests_served += 1
+            if name in self._cpu:
+                self._cpu.move_to_end(name)
+                return
+        try:
+            loaded = LoRAModel.load(name, record.path, self.registry.arch, self.config.max_lora_rank)
+        except Exception:
+            self.release(name)
+            raise
+        with self._lock:
+            self._cpu[name] = loaded
+            self.num_loads += 1
+            self._evict_cpu()
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._refs[name] -= 1
+            if self._refs[name] == 0:
+                del self._refs[name]
+                if not self.registry.contains(name):
+                    self._purge(name)
+
+    def _evict_cpu(self) -> None:
+        # Evict least recently used adapters no request holds; those in use may exceed the cap.
+        for name in list(self._cpu):
+            if len(self._cpu) <= self.config.cpu_capacity:
+                break
+            if self._refs.get(name, 0) == 0:
+                del self._cpu[name]
+                self.num_evictions += 1
+
+    def _purge(self, name: str) -> None:
+        self._cpu.pop(name, None)
+        if name in self._slot_names:
+            slot = self._slot_names.index(name)
+            if self._pins[slot] == 0:
+                self._clear_slot(slot)
+        self.registry.remove(name)
+
+    # --- CPU -> device slots (engine thread) ----------------------------------------------------
+
+    def try_admit(self, seq: Sequence) -> bool:
+        """Pin a device slot holding seq's adapter; False if none can be had this step."""
+        name = seq.lora_name
+        if name is None:
+            return True
+        with self._lock:
+            if name in self._slot_names:
+                slot = self._slot_names.index(name)
+            else:
+                weights = self._cpu.get(name)
+                slot = next((s for s in self._slot_lru if self._pins[s] == 0), None)
+                if weights is None or slot is None:
+                    return False
+                self._fill_slot(slot, weights)
+            self._pins[slot] += 1
+            self._slot_lru.move_to_end(slot)
+            seq.lora_slot = slot
+            return True
+
+    def release_slot(self, seq: Sequence) -> None:
+        if seq.lora_name is None or seq.lora_slot is None:
+            return
+        with self._lock:
+            self._pins[seq.lora_slot] -= 1
+            seq.lora_slot = None
+
+    def _fill_slot(self, slot: int, model: LoRAModel) -> None:
+        if self._slot_names[slot] is not None:
+            self.num_evictions += 1
+        for layer, names, slots in self._projections:
+            slots.fill(slot, [model.weights.get((layer, n)) for n in names])
+        self._slot_names[slot] = model.name
+        log.info("adapter %s -> device slot %d", model.name, slot)
+
+    def _clear_slot(self, slot: int) -> None:
+        for _, _, slots in self._projections:
+            slots.clear(slot)
+        self._slot_names[slot] = None
+
+    # --- per step -------------------------------------------------------------------------------
+
+    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> SegmentedLoRABatch | None:
+        """Order the batch by slot (base-only rows last, untouched) and build the segments, in place."""
+        if all(s.lora_slot is None for s in seqs):
+            return None
+        order = sorted(range(len(seqs)), key=lambda i: (seqs[i].lora_slot is None, seqs[i].lora_slot or 0))
+        seqs[:] = [seqs[i] for i in order]
+        num_new_tokens[:] = [num_new_tokens[i] for i in order]
+        segments: list[tuple[int, int, int]] = []
+        row = 0
+        for seq, n in zip(seqs, num_new_tokens):
+            slot = seq.lora_slot
+            if slot is not None:
+                if segments and segments[-1][0] == slot and segments[-1][2] == row:
+                    segments[-1] = (slot, segments[-1][1], row + n)
+                else:
+                    segments.append((slot, row, row + n))
+            row += n
+        return SegmentedLoRABatch(segments)

@@ -1,0 +1,98 @@
+"""Every adapter the server knows by name: where its files are and what they hold.
+
+Registering an adapter reads and validates it in full (config, safetensors header,
+shapes against the base, finite values), so a broken adapter is refused when it is
+added, not when a request first uses it. Thread-safe: the API adds and removes while
+the engine thread looks adapters up.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..model.arch import ModelArch
+from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
+from .lora_model import LoRAModel
+
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    path: Path
+    origin: str  # "adapter-dir" | "lora-modules" | "upload" | "load-api"
+    ranks: list[int]
+    alpha: float
+    targets: list[str]
+    num_params: int
+    num_bytes: int
+    sha256: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    requests_served: int = 0
+    deleting: bool = False  # unlisted and refused to new requests; purged when in-flight ones end
+
+
+def check_name(name: str, base_name: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise InvalidAdapterError(f"adapter name {name!r} must match [A-Za-z0-9._-]{{1,64}}", param="name")
+    if name == base_name:
+        raise InvalidAdapterError(f"adapter name {name!r} is the base model's id", param="name")
+
+
+class AdapterRegistry:
+    def __init__(self, arch: ModelArch, max_rank: int, base_name: str):
+        self.arch = arch
+        self.max_rank = max_rank
+        self.base_name = base_name
+        self._records: dict[str, AdapterRecord] = {}
+        self._lock = threading.Lock()
+
+    def validate(self, name: str, path: Path) -> LoRAModel:
+        """Load and check an adapter folder without registering it."""
+        check_name(name, self.base_name)
+        return LoRAModel.load(name, Path(path), self.arch, self.max_rank)
+
+    def add(self, name: str, path: Path, origin: str, model: LoRAModel | None = None) -> tuple[AdapterRecord, LoRAModel]:
+        model = model or self.validate(name, path)
+        ranks = sorted({w.A.shape[0] for w in model.weights.values()})
+        record = AdapterRecord(
+            name=name,
+            path=Path(path),
+            origin=origin,
+            ranks=ranks,
+            alpha=float(model.config.lora_alpha),
+            targets=sorted({module for _, module in model.weights}),
+            num_params=model.num_params,
+            num_bytes=model.num_bytes,
+            sha256=model.sha256,
+        )
+        with self._lock:
+            if name in self._records:
+                raise AdapterExistsError(f"adapter {name!r} already exists", param="name")
+            self._records[name] = record
+        return record, model
+
+    def get(self, name: str) -> AdapterRecord:
+        with self._lock:
+            record = self._records.get(name)
+        if record is None or record.deleting:
+            raise AdapterNotFoundError(f"adapter {name!r} does not exist", param="model")
+        return record
+
+    def contains(self, name: str) -> bool:
+        with self._lock:
+            record = self._records.get(name)
+        return record is not None and not record.deleting
+
+    def remove(self, name: str) -> AdapterRecord | None:
+        with self._lock:
+            return self._records.pop(name, None)
+
+    def list(self) -> list[AdapterRecord]:
+        with self._lock:
+            return [r for r in self._records.values() if not r.deleting]

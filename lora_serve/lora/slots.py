@@ -1,0 +1,51 @@
+"""Device slots holding the LoRA weights of resident adapters, one `ProjectionSlots` per projection.
+
+Layout per projection with slices s = 1..n (q/k/v, gate/up, or one):
+  A: [max_loras, n * max_rank, in]  the slices' A matrices packed row-wise, so the shrink
+     x·Aᵀ of all slices is one matmul on the first `total_rank[slot]` rows;
+  B: n tensors [max_loras, out_s, max_rank]  the nn.Linear layout; used as B.t(), which MKL
+     multiplies about 3x faster than a contiguous [r, out] (shared/RESEARCH.md). The
+     adapter's scale (alpha/r or alpha/sqrt(r)) is folded into B when the slot is filled.
+Both stay float32 whatever the base dtype: small bf16 matmuls cost more than fp32 on CPU,
+and the low-rank intermediate needs the precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.linear import Linear
+from .lora_model import LoRAWeights
+
+
+class ProjectionSlots:
+    def __init__(self, linear: Linear, max_loras: int, max_rank: int, device: torch.device):
+        self.out_slices = [linear.slice_of(name) for name in linear.slice_names]
+        n = len(self.out_slices)
+        self.A = torch.zeros(max_loras, n * max_rank, linear.in_features, device=device)
+        self.B = [torch.zeros(max_loras, s.stop - s.start, max_rank, device=device) for s in self.out_slices]
+        # Per slot: rows of A in use, and (slice index, first A row, rank) of each slice the adapter targets.
+        self.total_rank = [0] * max_loras
+        self.layout: list[list[tuple[int, int, int]]] = [[] for _ in range(max_loras)]
+
+    def fill(self, slot: int, weights: list[LoRAWeights | None]) -> None:
+        """Copy one adapter's weights for this projection (one entry per slice, None = not targeted)."""
+        self.clear(slot)
+        row = 0
+        for s, w in enumerate(weights):
+            if w is None:
+                continue
+            r = w.A.shape[0]
+            self.A[slot, row : row + r].copy_(w.A)
+            self.B[s][slot, :, :r].copy_(w.B * w.scale)
+            self.layout[slot].append((s, row, r))
+            row += r
+        self.total_rank[slot] = row
+
+    def clear(self, slot: int) -> None:
+        # Zeroing is not needed for correctness (only layout rows are read) but keeps dumps honest.
+        self.A[slot].zero_()
+        for b in self.B:
+            b[slot].zero_()
+        self.total_rank[slot] = 0
+        self.layout[slot] = []
