@@ -108,7 +108,12 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._submit(lambda: self.engine.abort_request(request_id))
+        self._submit(lambda: self._abort(request_id))
+
+    def _abort(self, request_id: str) -> None:
+        out = self.engine.abort_request(request_id)
+        if out is not None:
+            self._deliver(out)
 
     def shutdown(self) -> None:
         self._stop.set()

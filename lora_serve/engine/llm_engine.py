@@ -120,10 +120,13 @@ class LLMEngine:
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a request now; returns its last delta (finish_reason "abort"), None if it was not running."""
         seq = self._seqs.get(request_id)
-        if seq is not None:
-            self._finish(seq, "abort")
+        if seq is None:
+            return None
+        self._finish(seq, "abort")
+        return self._delta(seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -135,9 +138,8 @@ class LLMEngine:
         """End every request with an error (after a failed step) and free what they held."""
         outputs = []
         for request_id, seq in list(self._seqs.items()):
-            self.abort_request(request_id)
-            seq.finish_reason = "error"
-            out = self._delta(seq)
+            out = self.abort_request(request_id)
+            out.finish_reason = seq.finish_reason = "error"
             out.error = message
             outputs.append(out)
         return outputs

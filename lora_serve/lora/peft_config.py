@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import regex  # the stdlib re's syntax plus a timeout: patterns come from untrusted configs
 
 from ..model.arch import ModelArch
 from .errors import InvalidAdapterError, UnsupportedAdapterError
@@ -35,6 +37,7 @@ PROJECTIONS = {
 UNSUPPORTED_TARGETS = ("model.embed_tokens", "lm_head")
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every nn.Linear but the output layer
 MAX_CONFIG_BYTES = 1 << 20
+REGEX_TIMEOUT_S = 0.1  # per match; names are ~40 characters, so only catastrophic backtracking gets near it
 
 # Truthy values of these fields change the adapter's math (or need weights we do not load).
 UNSUPPORTED_FIELDS = {
@@ -138,20 +141,20 @@ class LoRAAdapterConfig:
                 key = module_path(layer, module)
                 if not self._is_target(key):
                     continue
-                r = _pattern_value(self.rank_pattern, key, self.r)
-                alpha = _pattern_value(self.alpha_pattern, key, self.lora_alpha)
+                r = _pattern_value(self.rank_pattern, key, self.r, "rank_pattern")
+                alpha = _pattern_value(self.alpha_pattern, key, self.lora_alpha, "alpha_pattern")
                 out[(layer, module)] = (r, alpha / math.sqrt(r) if self.use_rslora else alpha / r)
         return out
 
     def _is_target(self, key: str) -> bool:
-        # Mirrors peft check_target_module_exists, minus the branches refused in from_dict.
+        # Mirrors peft check_target_module_exists (modules_to_save and target_parameters are refused in from_dict).
         if isinstance(self.exclude_modules, str):
-            if re.fullmatch(self.exclude_modules, key):
+            if _regex(regex.fullmatch, self.exclude_modules, key, "exclude_modules"):
                 return False
         elif self.exclude_modules and _matches_name(self.exclude_modules, key):
             return False
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, key) is not None
+            return _regex(regex.fullmatch, self.target_modules, key, "target_modules") is not None
         if key in self.target_modules:
             return True  # an exact name bypasses layers_to_transform, as in PEFT
         if not _matches_name(self.target_modules, key):
@@ -168,7 +171,7 @@ class LoRAAdapterConfig:
 
 
 def _check_supported(d: dict[str, Any]) -> None:
-    peft_type = d.get("peft_type", "LORA")
+    peft_type = d.get("peft_type") or "LORA"
     if peft_type != "LORA":
         raise UnsupportedAdapterError(f"peft_type {peft_type!r} is not supported, only LORA", param="peft_type")
     for key, what in UNSUPPORTED_FIELDS.items():
@@ -257,10 +260,10 @@ def _parse_str_list(value: Any, param: str) -> tuple[str, ...] | None:
 
 def _parse_regex(pattern: Any, param: str, wrapped: str | None = None) -> str:
     if not isinstance(pattern, str):
-        raise InvalidAdapterError(f"{param} keys must be strings, got {pattern!r}", param=param)
+        raise InvalidAdapterError(f"{param} patterns must be strings, got {pattern!r}", param=param)
     try:
-        re.compile(wrapped or pattern)
-    except re.error as e:
+        regex.compile(wrapped or pattern)
+    except regex.error as e:
         raise InvalidAdapterError(f"{param}: {pattern!r} is not a valid regex ({e})", param=param) from None
     return pattern
 
@@ -269,17 +272,20 @@ def _matches_name(names: tuple[str, ...], key: str) -> bool:
     return key in names or any(key.endswith(f".{name}") for name in names)
 
 
-def _pattern_value(pattern: tuple[tuple[str, Any], ...], key: str, default: Any) -> Any:
+def _pattern_value(pattern: tuple[tuple[str, Any], ...], key: str, default: Any, param: str) -> Any:
     # peft get_pattern_key: the first pattern p with re.match(r"(.*\.)?(p)$", key) wins.
-    return next((v for p, v in pattern if re.match(rf"(.*\.)?({p})$", key)), default)
+    return next((v for p, v in pattern if _regex(regex.match, rf"(.*\.)?({p})$", key, param)), default)
 
 
 def _layer_index(key: str, layers_pattern: tuple[str, ...] | None) -> int | None:
     # Lazy .*? takes the first numbered segment, as PEFT does.
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        match = next(
-            (m for p in layers_pattern if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))), None
-        )
+    patterns = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in layers_pattern or ()] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    match = next((m for p in patterns if (m := _regex(regex.match, p, key, "layers_pattern"))), None)
     return int(match["idx"]) if match else None
+
+
+def _regex(fn: Callable, pattern: str, key: str, param: str) -> regex.Match | None:
+    try:
+        return fn(pattern, key, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise InvalidAdapterError(f"{param}: regex {pattern!r} takes too long to match", param=param) from None

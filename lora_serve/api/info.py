@@ -1,0 +1,30 @@
+"""GET /v1/models, /health, /version."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from lora_serve import __version__
+from lora_serve.api.models import ModelList
+from lora_serve.api.state import ServerState, get_state
+
+v1_router = APIRouter()
+open_router = APIRouter()
+
+
+@v1_router.get("/models")
+async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
+    return state.models.model_list()
+
+
+@open_router.get("/health")
+async def health(state: ServerState = Depends(get_state)) -> JSONResponse:
+    if state.engine.is_healthy:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "unhealthy"}, status_code=503)
+
+
+@open_router.get("/version")
+async def version() -> dict:
+    return {"version": __version__}

@@ -1,0 +1,52 @@
+"""Engine logprobs -> the two OpenAI formats (chat `content` list, legacy completions arrays)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lora_serve.api.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from lora_serve.engine.outputs import TokenLogprob
+
+
+class TokenText:
+    """Decodes single token ids for logprobs, caching since the same ids recur."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            # A lone byte-level token may be half a UTF-8 character; decode gives U+FFFD then, as vLLM does.
+            text = self._cache[token_id] = self._tokenizer.decode([token_id])
+        return text
+
+
+def _top(token_text: TokenText, token_id: int, logprob: float) -> TopLogprob:
+    text = token_text(token_id)
+    return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+
+def chat_logprobs(token_text: TokenText, logprobs: list[TokenLogprob], num_top: int) -> ChatLogprobs:
+    content = []
+    for lp in logprobs:
+        sampled = _top(token_text, lp.token_id, lp.logprob)
+        tops = [_top(token_text, tid, tlp) for tid, tlp in lp.top[:num_top]]
+        content.append(ChatTokenLogprob(**sampled.model_dump(), top_logprobs=tops))
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(
+    token_text: TokenText, logprobs: list[TokenLogprob], num_top: int, text_offset: int
+) -> CompletionLogprobs:
+    """`text_offset` is where the first of these tokens starts in the completion text."""
+    out = CompletionLogprobs()
+    for lp in logprobs:
+        text = token_text(lp.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({token_text(tid): tlp for tid, tlp in lp.top[:num_top]})
+        out.text_offset.append(text_offset)
+        text_offset += len(text)
+    return out

@@ -1,0 +1,54 @@
+"""The FastAPI app factory and the uvicorn runner.
+
+    app = build_app(engine, ServerConfig(...))   # routes only translate; the engine does the work
+    run_server(engine, ServerConfig(...))        # blocks until Ctrl-C; leaves the engine to its owner
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI
+
+from lora_serve import __version__
+from lora_serve.api import chat, completions, info
+from lora_serve.api.auth import require_api_key
+from lora_serve.api.errors import install_error_handlers
+from lora_serve.api.logprobs import TokenText
+from lora_serve.api.models import ModelRegistry
+from lora_serve.api.state import ServerState
+from lora_serve.config import ServerConfig
+
+if TYPE_CHECKING:
+    from lora_serve.engine.async_engine import AsyncEngine
+
+
+def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="lora-serve", version=__version__)
+    base_name = config.served_model_name or engine.model_path.name
+    app.state.lora_serve = ServerState(
+        engine=engine,
+        config=config,
+        models=ModelRegistry(base_name, engine.model_path, engine.max_model_len),
+        token_text=TokenText(engine.tokenizer),
+    )
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1.include_router(chat.router)
+    v1.include_router(completions.router)
+    v1.include_router(info.v1_router)
+    app.include_router(v1)
+    app.include_router(info.open_router)
+    install_error_handlers(app)
+    return app
+
+
+def build_server(engine: "AsyncEngine", config: ServerConfig) -> uvicorn.Server:
+    """A uvicorn server for the app; `.run()` blocks, tests run it on a thread and set `.should_exit`."""
+    app = build_app(engine, config)
+    # log_config=None keeps the caller's logging setup instead of uvicorn's own.
+    return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None))
+
+
+def run_server(engine: "AsyncEngine", config: ServerConfig) -> None:
+    build_server(engine, config).run()

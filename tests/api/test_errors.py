@@ -1,0 +1,88 @@
+"""Bad requests as a table: each must give the OpenAI error shape with the right status, type, param, code."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.api.conftest import TINY_MAX_MODEL_LEN
+from tests.api.live_server import LiveServer
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+CHAT_BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+COMPLETION_BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+LONG_TEXT = "word " * (2 * TINY_MAX_MODEL_LEN)
+BAD = "invalid_request_error"
+
+# (id, route, changes to the valid body (None deletes the key), status, error.type, error.param, error.code)
+CASES = [
+    ("negative-temperature", CHAT, {"temperature": -0.5}, 400, BAD, "temperature", None),
+    ("nan-temperature", CHAT, {"temperature": float("nan")}, 400, BAD, "temperature", None),
+    ("top-p-zero", CHAT, {"top_p": 0}, 400, BAD, "top_p", None),
+    ("top-p-above-one", COMPLETIONS, {"top_p": 1.5}, 400, BAD, "top_p", None),
+    ("max-tokens-zero", CHAT, {"max_tokens": 0}, 400, BAD, "max_tokens", None),
+    ("max-tokens-negative", COMPLETIONS, {"max_tokens": -3}, 400, BAD, "max_tokens", None),
+    ("max-completion-tokens-zero", CHAT, {"max_completion_tokens": 0}, 400, BAD, "max_completion_tokens", None),
+    ("empty-messages", CHAT, {"messages": []}, 400, BAD, "messages", None),
+    ("missing-messages", CHAT, {"messages": None}, 400, BAD, "messages", None),
+    ("unknown-role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, BAD, "messages[0].role", None),
+    ("image-part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, BAD, "messages[0].content", None),
+    ("stream-options-without-stream", CHAT, {"stream_options": {"include_usage": True}}, 400, BAD, "stream_options",
+     None),
+    ("n-two", CHAT, {"n": 2}, 400, BAD, "n", None),
+    ("presence-penalty", CHAT, {"presence_penalty": 0.5}, 400, BAD, "presence_penalty", None),
+    ("frequency-penalty", COMPLETIONS, {"frequency_penalty": -1}, 400, BAD, "frequency_penalty", None),
+    ("top-logprobs-too-many", CHAT, {"logprobs": True, "top_logprobs": 21}, 400, BAD, "top_logprobs", None),
+    ("top-logprobs-without-logprobs", CHAT, {"top_logprobs": 2}, 400, BAD, "top_logprobs", None),
+    ("completion-logprobs-too-many", COMPLETIONS, {"logprobs": 6}, 400, BAD, "logprobs", None),
+    ("two-prompts", COMPLETIONS, {"prompt": ["a", "b"]}, 400, BAD, "prompt", None),
+    ("empty-token-prompt", COMPLETIONS, {"prompt": []}, 400, BAD, "prompt", None),
+    ("token-id-out-of-vocab", COMPLETIONS, {"prompt": [10**9]}, 400, BAD, "prompt", None),
+    ("echo", COMPLETIONS, {"echo": True}, 400, BAD, "echo", None),
+    ("chat-max-tokens-over-context", CHAT, {"max_tokens": TINY_MAX_MODEL_LEN}, 400, BAD, "max_tokens",
+     "context_length_exceeded"),
+    ("completion-max-tokens-over-context", COMPLETIONS, {"max_tokens": TINY_MAX_MODEL_LEN}, 400, BAD, "max_tokens",
+     "context_length_exceeded"),
+    ("chat-prompt-over-context", CHAT, {"messages": [{"role": "user", "content": LONG_TEXT}], "max_tokens": None},
+     400, BAD, "messages", "context_length_exceeded"),
+    ("completion-prompt-over-context", COMPLETIONS, {"prompt": LONG_TEXT, "max_tokens": None}, 400, BAD, "prompt",
+     "context_length_exceeded"),
+    ("unknown-model", CHAT, {"model": "no-such-model"}, 404, BAD, "model", "model_not_found"),
+    ("unknown-model-completions", COMPLETIONS, {"model": "gpt-4"}, 404, BAD, "model", "model_not_found"),
+]
+
+
+@pytest.mark.parametrize(
+    ("route", "changes", "status", "type_", "param", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_request(server: LiveServer, route: str, changes: dict, status: int, type_: str, param: str, code) -> None:
+    body = dict(CHAT_BODY if route == CHAT else COMPLETION_BODY)
+    body.update(changes)
+    body = {k: v for k, v in body.items() if v is not None}
+    # json.dumps writes NaN as the bare token NaN, as a careless client would; httpx's json= refuses it.
+    resp = httpx.post(server.base_url + route, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == (type_, param, code)
+    assert error["message"]
+
+
+def test_malformed_json_is_400(server: LiveServer) -> None:
+    resp = httpx.post(server.base_url + CHAT, content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["type"] == BAD
+
+
+def test_openai_client_raises_typed_errors(server: LiveServer) -> None:
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as info:
+        server.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().chat.completions.create(model=server.model, messages=[], max_tokens=2)
+    assert info.value.param == "messages"

@@ -1,0 +1,90 @@
+"""`lora-serve serve` flags and LORA_SERVE_* variables map onto the typed configs (without starting a server)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lora_serve.cli import ENGINE_PARTS, ServeCommand, main
+from lora_serve.config import EngineConfig, ServerConfig
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("LORA_SERVE_"):
+            monkeypatch.delenv(name)
+
+
+def parse(argv: list[str]) -> ServeCommand:
+    return ServeCommand(_cli_parse_args=argv)
+
+
+def test_defaults_are_the_configs_defaults() -> None:
+    cmd = parse([])
+    assert cmd.engine_config() == EngineConfig()
+    assert cmd.server_config() == ServerConfig()
+    assert cmd.server_config().port == 8000
+
+
+def test_flags_reach_every_sub_config() -> None:
+    cmd = parse([
+        "/models/llama", "--dtype", "bfloat16", "--device", "cpu", "--block-size", "32", "--max-num-seqs", "4",
+        "--max-model-len", "1024", "--max-loras", "2", "--lora-modules", "sql=/a/sql", "chat=/a/chat",
+        "--allowed-lora-dir", "/a", "/b", "--host", "0.0.0.0", "--port", "9001", "--served-model-name", "base",
+        "--api-key", "k1", "--admin-api-key", "k2",
+    ])
+    engine, server = cmd.engine_config(), cmd.server_config()
+    assert (engine.model.model, engine.model.dtype, engine.model.device) == ("/models/llama", "bfloat16", "cpu")
+    assert engine.cache.block_size == 32
+    assert (engine.scheduler.max_num_seqs, engine.scheduler.max_model_len) == (4, 1024)
+    assert engine.lora.max_loras == 2
+    assert engine.lora.lora_modules == ["sql=/a/sql", "chat=/a/chat"]
+    assert engine.lora.allowed_lora_dir == [Path("/a"), Path("/b")]
+    assert server == ServerConfig(host="0.0.0.0", port=9001, served_model_name="base", api_key="k1", admin_api_key="k2")
+
+
+def test_environment_variables_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA_SERVE_MAX_NUM_SEQS", "7")
+    monkeypatch.setenv("LORA_SERVE_PORT", "9100")
+    monkeypatch.setenv("LORA_SERVE_MODEL", "/env/model")
+    monkeypatch.setenv("LORA_SERVE_LORA_MODULES", "a=/x, b=/y")
+    monkeypatch.setenv("LORA_SERVE_ALLOWED_LORA_DIR", '["/p"]')
+    cmd = parse(["--port", "9200"])
+    engine = cmd.engine_config()
+    assert engine.scheduler.max_num_seqs == 7
+    assert engine.model.model == "/env/model"
+    assert engine.lora.lora_modules == ["a=/x", "b=/y"]
+    assert engine.lora.allowed_lora_dir == [Path("/p")]
+    assert cmd.server_config().port == 9200
+
+
+def test_help_documents_every_config_field(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for cls in [*ENGINE_PARTS.values(), ServerConfig]:
+        for name, info in cls.model_fields.items():
+            flag = "MODEL" if name == "model" else "--" + name.replace("_", "-")
+            assert flag in out
+            assert info.description and info.description.split()[0] in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--port", "abc"], "--port"),
+        (["serve", "--max-num-seqs", "0"], "--max-num-seqs"),
+        (["serve", "--dtype", "float8"], "--dtype"),
+        (["serve", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
+        (["serve", "--lora-modules", "no-equals-sign"], "name=path"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
