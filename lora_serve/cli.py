@@ -30,6 +30,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from lora_serve.bench.commands import BenchCommand
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig
 
 ENV_PREFIX = "LORA_SERVE_"
@@ -115,6 +116,9 @@ class LoraServe(BaseSettings):
     serve: CliSubCommand[ServeCommand]
     """Run the OpenAI-compatible server."""
 
+    bench: CliSubCommand[BenchCommand]
+    """Benchmarks."""
+
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
 
@@ -123,8 +127,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     from lora_serve.api.server import run_server  # heavy imports (torch) only when serving
     from lora_serve.engine.async_engine import AsyncEngine
 
-    engine = AsyncEngine.from_config(engine_config)  # logs the model, device, dtype and cache it chose
-    name = server_config.served_model_name or engine.model_path.name
+    engine = AsyncEngine.from_config(engine_config, server_config.served_model_name)  # logs model, device, dtype, cache
+    name = engine.base_name
     log.info("serving %r at http://%s:%d/v1", name, server_config.host, server_config.port)
     try:
         run_server(engine, server_config)

@@ -71,7 +71,8 @@ class LoRAConfig(_Config):
     """Largest adapter rank accepted."""
 
     adapter_dir: Path | None = None
-    """Folder of adapters: every sub-folder is a PEFT adapter named after the folder. Uploads are stored here."""
+    """Folder of adapters: every sub-folder is a PEFT adapter named after the folder, registered at start.
+    Uploads are stored here. Default: <cache>/adapters (cache: $LORA_SERVE_CACHE, else under $HF_HOME or ~/.cache)."""
 
     lora_modules: list[str] = Field(default_factory=list)
     """Adapters to register at start, as name=path."""

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,11 @@ def _save_tiny(model_cls: type[PreTrainedModel], config: PretrainedConfig, out: 
         if (tokenizer_src / name).is_file():
             shutil.copy(tokenizer_src / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_cache() -> Iterator[None]:
+    """Everything the suite caches or stores by default (model, adapters) goes under <repo>/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_SERVE_CACHE", str(TEST_CACHE))
+        yield

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     app = FastAPI(title="lora-serve", version=__version__)
-    base_name = config.served_model_name or engine.model_path.name
+    base_name = config.served_model_name or engine.base_name
     app.state.lora_serve = ServerState(
         engine=engine,
         config=config,

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import EngineConfig
 from ..model.default_model import resolve_model_path
+from ..lora.manager import LoRAManager
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -45,8 +46,9 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
-        return cls(LLMEngine(config, resolve_model_path(config.model.model)))
+    def from_config(cls, config: EngineConfig, base_name: str | None = None) -> "AsyncEngine":
+        """base_name: the base model's id in the API (default: the model directory's name)."""
+        return cls(LLMEngine(config, resolve_model_path(config.model.model), base_name))
 
     # --- what the API reads ---------------------------------------------------------------------
 
@@ -61,6 +63,23 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def base_name(self) -> str:
+        return self.engine.base_name
+
+    @property
+    def lora(self) -> LoRAManager:
+        """Adapter registry and caches; its methods are thread-safe."""
+        return self.engine.lora
+
+    @property
+    def device(self) -> str:
+        return str(self.engine.device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.engine.dtype).removeprefix("torch.")
 
     @property
     def is_healthy(self) -> bool:

@@ -36,8 +36,16 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int, admission: AdapterAdmission | None = None):
+    def __init__(
+        self,
+        kv_cache: KVCache,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        admission: AdapterAdmission | None = None,
+        max_slot_wait_steps: int = 32,
+    ):
         self.kv = kv_cache
+        self.max_slot_wait_steps = max_slot_wait_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.admission = admission
@@ -76,13 +84,21 @@ class Scheduler:
     def _admit(self, budget: int) -> list[Sequence]:
         admitted: list[Sequence] = []
         skipped: list[Sequence] = []
+        hold_adapters = False  # set once a request has waited too long for a slot
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_new_tokens > budget or not self.kv.can_allocate(seq, seq.num_tokens):
                 break  # FCFS: nobody jumps the queue for tokens or memory
             self.waiting.popleft()
+            if hold_adapters and seq.lora_name is not None:
+                skipped.append(seq)  # let the pinned slots drain for the request that waited longest
+                continue
             if self.admission is not None and not self.admission.try_admit(seq):
-                skipped.append(seq)  # its adapter has no free slot yet; later requests may go ahead
+                # Its adapter has no free slot yet. Later requests whose adapter is resident may go
+                # ahead, but only for max_slot_wait_steps: then they stop pinning slots, so one frees up.
+                seq.slot_wait_steps += 1
+                hold_adapters = seq.slot_wait_steps > self.max_slot_wait_steps
+                skipped.append(seq)
                 continue
             self.kv.allocate(seq, seq.num_tokens)
             seq.status = SequenceStatus.RUNNING

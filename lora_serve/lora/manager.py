@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..config import LoRAConfig
 from ..engine.sequence import Sequence
+from ..model.default_model import cache_root
 from ..model.llama import LlamaModel
 from .errors import AdapterError
 from .lora_model import LoRAModel
@@ -37,6 +38,8 @@ class LoRAManager:
         self.config = config
         self.max_loras = config.max_loras
         self.registry = AdapterRegistry(model.arch, config.max_lora_rank, base_name)
+        # Where uploads are stored and which folder is scanned at start.
+        self.adapter_dir = config.adapter_dir or cache_root() / "adapters"
         self._lock = threading.RLock()
         self._cpu: OrderedDict[str, LoRAModel] = OrderedDict()  # LRU order, oldest first
         self._refs: dict[str, int] = {}  # in-flight requests per adapter
@@ -68,8 +71,8 @@ class LoRAManager:
         for spec in self.config.lora_modules:
             name, _, path = spec.partition("=")
             self.register(name, Path(path), "lora-modules")
-        folder = self.config.adapter_dir
-        if folder is None or not folder.is_dir():
+        folder = self.adapter_dir
+        if not folder.is_dir():
             return
         for sub in sorted(folder.iterdir()):
             if sub.is_dir() and not sub.name.startswith(".") and not self.registry.contains(sub.name):

@@ -1,0 +1,114 @@
+"""The two cache tiers: LRU slots and CPU copies, pins, waiting for a slot, deletion with requests in flight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_serve.bench.random_adapters import write_random_adapter
+from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+from lora_serve.engine.llm_engine import LLMEngine
+from lora_serve.engine.sampling_params import SamplingParams
+from lora_serve.lora.errors import AdapterNotFoundError
+from lora_serve.model.arch import ModelArch
+
+from ..engine.helpers import run_to_completion
+
+NAMES = [f"a{i}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    arch = ModelArch.from_dir(tiny_llama_dir)
+    out = tmp_path_factory.mktemp("adapters")
+    # Large B so every adapter visibly changes the tiny model's greedy tokens.
+    return {n: write_random_adapter(out / n, arch, rank=4 + 2 * i, seed=i, alpha=64.0) for i, n in enumerate(NAMES)}
+
+
+def make(tiny_llama_dir, adapter_paths, max_loras: int, max_cpu_loras: int, **sched) -> LLMEngine:
+    config = EngineConfig(
+        cache=CacheConfig(kv_cache_memory_gb=0.02),
+        scheduler=SchedulerConfig(max_model_len=256, **sched),
+        lora=LoRAConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=16, lora_modules=[f"{n}={p}" for n, p in adapter_paths.items()]),
+    )
+    return LLMEngine(config, tiny_llama_dir)
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+PROMPT = list(range(500, 530))
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_llama_dir, adapter_paths) -> dict[str | None, list[int]]:
+    """Each adapter's tokens with room for all of them (the reference for the tight engines below)."""
+    engine = make(tiny_llama_dir, adapter_paths, max_loras=6, max_cpu_loras=6)
+    out = {name: run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": name})["r"]["tokens"] for name in [None, *NAMES]}
+    assert len({tuple(t) for t in out.values()}) == len(out)  # every adapter really differs
+    return out
+
+
+def test_slots_are_lru_and_cpu_copies_bounded(tiny_llama_dir, adapter_paths, alone):
+    engine = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=3)
+    for name in NAMES:
+        assert run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": name})["r"]["tokens"] == alone[name]
+    locations = {n: engine.lora.location(n) for n in NAMES}
+    assert [n for n, loc in locations.items() if loc == "device"] == ["a4", "a5"]
+    assert sum(loc != "disk" for loc in locations.values()) <= 3
+    # Coming back to an evicted adapter gives the same tokens (A, then others, then A again).
+    assert run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": "a0"})["r"]["tokens"] == alone["a0"]
+
+
+def test_more_adapters_than_slots_wait_and_all_finish_correctly(tiny_llama_dir, adapter_paths, alone):
+    engine = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=6)
+    reqs = {f"r{i}": (PROMPT, greedy(12)) for i in range(12)}
+    lora = {f"r{i}": ([None, *NAMES][i % 7]) for i in range(12)}
+    seen_slots: list[int] = []
+    original = engine.lora.prepare
+
+    def spy(seqs, n):
+        batch = original(seqs, n)
+        seen_slots.append(len({s.lora_slot for s in seqs if s.lora_slot is not None}))
+        return batch
+
+    engine.lora.prepare = spy
+    outs = run_to_completion(engine, reqs, lora)
+    for rid, name in lora.items():
+        assert outs[rid]["tokens"] == alone[name], rid
+    assert max(seen_slots) == 2  # never more adapters in a step than slots
+    assert engine.lora._pins == [0, 0] and engine.kv_cache.usage == 0.0
+
+
+def test_waiting_request_is_not_starved_by_a_stream_of_resident_adapter_requests(tiny_llama_dir, adapter_paths, alone):
+    engine = make(tiny_llama_dir, adapter_paths, max_loras=1, max_cpu_loras=6)
+    engine.scheduler.max_slot_wait_steps = 4
+    engine.add_request("first", PROMPT, greedy(6), "a0")
+    engine.add_request("starved?", PROMPT, greedy(12), "a1")
+    finished_at: dict[str, int] = {}
+    for step in range(200):
+        engine.add_request(f"late{step}", PROMPT, greedy(6), "a0")  # a0 stays wanted every step
+        for out in engine.step():
+            if out.finished:
+                finished_at[out.request_id] = step
+        if "starved?" in finished_at:
+            break
+    assert "starved?" in finished_at and finished_at["starved?"] < 60
+    for rid in list(engine._seqs):
+        engine.abort_request(rid)
+
+
+def test_unregister_lets_running_request_finish_then_drops_weights(tiny_llama_dir, adapter_paths, alone):
+    engine = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=6)
+    engine.add_request("r", PROMPT, greedy(12), "a2")
+    tokens = engine.step()[0].new_token_ids
+    engine.lora.unregister("a2")
+    with pytest.raises(AdapterNotFoundError):
+        engine.add_request("new", PROMPT, greedy(4), "a2")
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+    assert tokens == alone["a2"]
+    assert engine.lora.location("a2") == "disk" and not engine.lora.registry.contains("a2")
