@@ -24,9 +24,12 @@ class ProjectionSlots:
         n = len(self.out_slices)
         self.A = torch.zeros(max_loras, n * max_rank, linear.in_features, device=device)
         self.B = [torch.zeros(max_loras, s.stop - s.start, max_rank, device=device) for s in self.out_slices]
-        # Per slot: rows of A in use, and (slice index, first A row, rank) of each slice the adapter targets.
+        # Per slot, views made once when the slot is filled (the step loop then does no view
+        # arithmetic): A rows in use [total_rank, in], and per targeted slice
+        # (output columns, first column of x·Aᵀ, last column, Bᵀ view [r, out_s]).
         self.total_rank = [0] * max_loras
-        self.layout: list[list[tuple[int, int, int]]] = [[] for _ in range(max_loras)]
+        self.A_used: list[torch.Tensor | None] = [None] * max_loras
+        self.layout: list[list[tuple[slice, int, int, torch.Tensor]]] = [[] for _ in range(max_loras)]
 
     def fill(self, slot: int, weights: list[LoRAWeights | None]) -> None:
         """Copy one adapter's weights for this projection (one entry per slice, None = not targeted)."""
@@ -38,9 +41,10 @@ class ProjectionSlots:
             r = w.A.shape[0]
             self.A[slot, row : row + r].copy_(w.A)
             self.B[s][slot, :, :r].copy_(w.B * w.scale)
-            self.layout[slot].append((s, row, r))
+            self.layout[slot].append((self.out_slices[s], row, row + r, self.B[s][slot, :, :r].t()))
             row += r
         self.total_rank[slot] = row
+        self.A_used[slot] = self.A[slot, :row].t() if row else None  # [in, total_rank]
 
     def clear(self, slot: int) -> None:
         # Zeroing is not needed for correctness (only layout rows are read) but keeps dumps honest.
@@ -48,4 +52,5 @@ class ProjectionSlots:
         for b in self.B:
             b[slot].zero_()
         self.total_rank[slot] = 0
+        self.A_used[slot] = None
         self.layout[slot] = []

@@ -21,18 +21,16 @@ class SegmentedLoRABatch:
 
     def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (base output, updated in place)
+        fp32 = y.dtype == torch.float32
         for slot, lo, hi in self.segments:
-            rank = slots.total_rank[slot]
-            if rank == 0:
+            a = slots.A_used[slot]
+            if a is None:
                 continue  # this adapter does not target this projection
-            xs = x[lo:hi]
-            if xs.dtype != torch.float32:
-                xs = xs.float()
-            xa = xs @ slots.A[slot, :rank].t()  # [n, sum of the slices' ranks]
-            for s, row, r in slots.layout[slot]:
-                out = slots.out_slices[s]
-                b = slots.B[s][slot, :, :r]  # [out_s, r], scale folded in
-                if y.dtype == torch.float32:
-                    y[lo:hi, out].addmm_(xa[:, row : row + r], b.t())
+            xs = x[lo:hi] if fp32 else x[lo:hi].float()
+            xa = xs @ a  # [n, sum of the slices' ranks]
+            ys = y[lo:hi]
+            for out, r0, r1, bt in slots.layout[slot]:  # bt: Bᵀ [r, out_s], scale folded in
+                if fp32:
+                    ys[:, out].addmm_(xa[:, r0:r1], bt)
                 else:
-                    y[lo:hi, out] += (xa[:, row : row + r] @ b.t()).to(y.dtype)
+                    ys[:, out] += (xa[:, r0:r1] @ bt).to(y.dtype)
