@@ -83,8 +83,28 @@ class LoRAConfig(_Config):
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     """Largest upload accepted (bytes, both files together)."""
 
+    merge: str | None = None
+    """Adapter to merge into the base weights at start: that fine-tune is served at base cost from the first request."""
+
+    merge_policy: Literal["off", "auto"] = "off"
+    """auto: merge an adapter that has most of the recent tokens, unmerge when it no longer has."""
+
+    merge_threshold: float = Field(0.9, gt=0, le=1)
+    """auto policy: merge an adapter once its share of the tokens in the window reaches this."""
+
+    unmerge_threshold: float = Field(0.6, gt=0, lt=1)
+    """auto policy: unmerge once the merged adapter's share falls below this (hysteresis)."""
+
+    merge_window_steps: int = Field(64, ge=1)
+    """auto policy: the window of recent engine steps whose tokens are counted."""
+
+    merge_interval_steps: int = Field(256, ge=1)
+    """auto policy: at most one merge or unmerge per this many engine steps."""
+
     @model_validator(mode="after")
     def _check(self) -> "LoRAConfig":
+        if self.unmerge_threshold >= self.merge_threshold:
+            raise ValueError("unmerge_threshold must be below merge_threshold")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         for spec in self.lora_modules:

@@ -1,4 +1,8 @@
-"""Bearer-key checks for /v1 routes (constant-time comparison; /health stays open)."""
+"""Bearer-key checks for /v1 routes (constant-time comparison; /health stays open).
+
+OpenAI routes need --api-key; adapter management needs --admin-api-key, or --api-key
+when no admin key is set.
+"""
 
 from __future__ import annotations
 
@@ -27,3 +31,7 @@ def check_bearer(request: Request, expected: str | None) -> None:
 
 def require_api_key(request: Request, state: ServerState = Depends(get_state)) -> None:
     check_bearer(request, state.config.api_key)
+
+
+def require_admin_key(request: Request, state: ServerState = Depends(get_state)) -> None:
+    check_bearer(request, state.config.admin_api_key or state.config.api_key)

@@ -1,6 +1,7 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` for every failure.
 
-Handlers cover our own `APIError`, Starlette's `HTTPException` (404 for unknown routes,
+Handlers cover our own `APIError`, the LoRA layer's `AdapterError` (its own status and
+param, wherever in a request it is raised), Starlette's `HTTPException` (404 for unknown routes,
 405), request validation (pydantic's 422 becomes OpenAI's 400 naming the offending
 param) and anything unexpected (500, logged here, never a traceback in the body).
 """
@@ -15,6 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+
+from lora_serve.lora.errors import AdapterError, AdapterNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,12 @@ def invalid_param(param: str | None, message: str, code: str | None = None) -> A
     return APIError(HTTPStatus.BAD_REQUEST, message, INVALID_REQUEST, param, code)
 
 
+def from_adapter_error(exc: AdapterError) -> APIError:
+    # A request's `model` naming no adapter gets the same code as an unknown model id.
+    code = "model_not_found" if isinstance(exc, AdapterNotFoundError) and exc.param == "model" else None
+    return APIError(exc.status, exc.message, INVALID_REQUEST, exc.param, code)
+
+
 def param_from_loc(loc: Sequence[str | int]) -> str | None:
     """("body", "messages", 0, "role") -> "messages[0].role"; None when the error is about the whole body."""
     parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
@@ -79,6 +88,10 @@ def _validation_message(err: dict) -> str:
 
 async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
     return exc.to_response()
+
+
+async def _on_adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
+    return from_adapter_error(exc).to_response()
 
 
 async def _on_http_exception(request: Request, exc: HTTPException) -> JSONResponse:
@@ -108,6 +121,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(AdapterError, _on_adapter_error)
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected)

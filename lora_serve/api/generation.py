@@ -19,11 +19,12 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from lora_serve.api.errors import SERVER_ERROR, APIError, invalid_param
+from lora_serve.api.errors import SERVER_ERROR, APIError, from_adapter_error, invalid_param
 from lora_serve.api.protocol import SamplingRequest
 from lora_serve.api.state import ServerState
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 from lora_serve.engine.sampling_params import SamplingParams
+from lora_serve.lora.errors import AdapterError
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 
@@ -142,9 +143,10 @@ async def generate(request: Request, state: ServerState, prep: PreparedRequest) 
                 out = next_out.result()
             except StopAsyncIteration:
                 return
-            except ValueError as exc:  # refused by the engine; lora.errors.AdapterError carries status and param
-                status = getattr(exc, "status", HTTPStatus.BAD_REQUEST)
-                raise APIError(status, str(exc), param=getattr(exc, "param", None)) from exc
+            except AdapterError as exc:  # unknown, deleted meanwhile, or unreadable adapter
+                raise from_adapter_error(exc) from exc
+            except ValueError as exc:  # refused by the engine
+                raise invalid_param(None, str(exc)) from exc
             except RuntimeError as exc:
                 raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), SERVER_ERROR) from exc
             _raise_if_failed(out)

@@ -1,7 +1,10 @@
 """Model names the API accepts, and `GET /v1/models`.
 
-Today only the base model resolves; adapters (vLLM-style names and `BASE:ADAPTER`)
-extend `ModelRegistry.resolve` without touching the routes.
+A request's `model` names what it runs on (vLLM's convention):
+    "<base id>"            the base model, no adapter
+    "<adapter>"            that adapter on the base
+    "<base id>:<adapter>"  the same, spelled out
+Adapters come and go at run time, so names are looked up in the LoRA registry per request.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from lora_serve.api.errors import APIError
+from lora_serve.lora.registry import AdapterRegistry
 
 
 class ModelCard(BaseModel):
@@ -31,16 +35,22 @@ class ModelList(BaseModel):
 
 
 class ModelRegistry:
-    def __init__(self, base_name: str, model_path: Path, max_model_len: int) -> None:
+    def __init__(self, base_name: str, model_path: Path, max_model_len: int, adapters: AdapterRegistry) -> None:
         self.base_name = base_name
         self.model_path = model_path
         self.max_model_len = max_model_len
+        self.adapters = adapters
         self.created = int(time.time())
 
     def resolve(self, name: str | None) -> str | None:
         """The lora_name a request's `model` field selects (None: the base model); 404 if unknown."""
         if name is None or name == self.base_name:
             return None
+        if self.adapters.contains(name):
+            return name
+        base, _, adapter = name.rpartition(":")  # adapter names hold no ':'; a base id may
+        if base == self.base_name and self.adapters.contains(adapter):
+            return adapter
         raise APIError(
             HTTPStatus.NOT_FOUND,
             f"The model `{name}` does not exist.",
@@ -52,4 +62,14 @@ class ModelRegistry:
         base = ModelCard(
             id=self.base_name, created=self.created, root=str(self.model_path), max_model_len=self.max_model_len
         )
-        return ModelList(data=[base])
+        adapters = [
+            ModelCard(
+                id=record.name,
+                created=record.created,
+                root=str(record.path),
+                parent=self.base_name,
+                max_model_len=self.max_model_len,
+            )
+            for record in sorted(self.adapters.list(), key=lambda r: r.name)
+        ]
+        return ModelList(data=[base, *adapters])

@@ -12,8 +12,8 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI
 
 from lora_serve import __version__
-from lora_serve.api import chat, completions, info
-from lora_serve.api.auth import require_api_key
+from lora_serve.api import adapters, chat, completions, info
+from lora_serve.api.auth import require_admin_key, require_api_key
 from lora_serve.api.errors import install_error_handlers
 from lora_serve.api.logprobs import TokenText
 from lora_serve.api.models import ModelRegistry
@@ -30,14 +30,19 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     app.state.lora_serve = ServerState(
         engine=engine,
         config=config,
-        models=ModelRegistry(base_name, engine.model_path, engine.max_model_len),
+        models=ModelRegistry(base_name, engine.model_path, engine.max_model_len, engine.lora.registry),
         token_text=TokenText(engine.tokenizer),
     )
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
     v1.include_router(chat.router)
     v1.include_router(completions.router)
     v1.include_router(info.v1_router)
     app.include_router(v1)
+    app.state.adapter_admin = adapters.AdapterAdmin(engine, base_name, engine.lora.config.allowed_lora_dir)
+    # Management needs the admin key (not the user key), so it is a router of its own, tagged apart.
+    admin = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)], tags=["admin"])
+    admin.include_router(adapters.router)
+    app.include_router(admin)
     app.include_router(info.open_router)
     install_error_handlers(app)
     return app

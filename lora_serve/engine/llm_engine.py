@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -12,7 +13,9 @@ from transformers import AutoTokenizer
 
 from ..config import EngineConfig
 from ..model.arch import ModelArch
+from ..lora.errors import AdapterError
 from ..lora.manager import LoRAManager
+from ..lora.merge_policy import MergePolicy
 from ..model.loader import load_model, resolve_dtype
 from .detokenizer import Detokenizer
 from .kv_cache import KVCache
@@ -68,6 +71,12 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.lora = LoRAManager(self.model, config.lora, self.base_name)
         self.lora.register_startup_adapters()
+        lc = config.lora
+        self.merge_policy = None
+        if lc.merge_policy == "auto":
+            self.merge_policy = MergePolicy(lc.merge_threshold, lc.unmerge_threshold, lc.merge_window_steps, lc.merge_interval_steps)
+        if lc.merge:
+            self.merge_adapter(lc.merge)
         self.scheduler = Scheduler(self.kv_cache, sc.max_num_seqs, self.max_num_batched_tokens, self.lora)
         self.detokenizer = Detokenizer(self.tokenizer)
         self._rng = random.Random(mc.seed)
@@ -162,7 +171,39 @@ class LLMEngine:
         lora = self.lora.prepare(batch.seqs, batch.num_new_tokens)
         logits = self.runner.run(batch.seqs, lora)
         tokens, logprobs = sample(logits, batch.seqs)
-        return self.postprocess(batch, tokens, logprobs)
+        outputs = self.postprocess(batch, tokens, logprobs)
+        if self.merge_policy is not None:
+            self.apply_merge_policy(batch)
+        return outputs
+
+    # --- merged mode (between steps) ------------------------------------------------------------
+
+    def merge_adapter(self, name: str) -> None:
+        """Fold `name` into the base weights now (blocking I/O if it is not CPU-resident)."""
+        self.lora.acquire(name)
+        try:
+            self.lora.merge(name)
+        finally:
+            self.lora.release(name)
+
+    def unmerge_adapter(self) -> None:
+        self.lora.unmerge()
+
+    def apply_merge_policy(self, batch: ScheduledBatch) -> None:
+        tokens: Counter = Counter()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            tokens[seq.lora_name] += n
+        decision = self.merge_policy.observe(tokens, self.lora.merged.name)
+        if decision is None:
+            return
+        log.info("merge policy: %s %s (%s)", decision.action, decision.adapter, decision.reason)
+        try:
+            if decision.action == "merge":
+                self.lora.merge(decision.adapter)  # CPU-resident while requests on it run
+            else:
+                self.lora.unmerge()
+        except AdapterError as exc:  # e.g. deleted meanwhile: serving goes on unmerged
+            log.warning("merge policy: %s", exc)
 
     def postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list) -> list[RequestOutput]:
         outputs = []

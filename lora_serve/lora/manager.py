@@ -24,8 +24,9 @@ from ..config import LoRAConfig
 from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
 from ..model.llama import LlamaModel
-from .errors import AdapterError
-from .lora_model import LoRAModel
+from .errors import AdapterError, AdapterNotFoundError
+from .lora_model import LoRAModel, LoRAWeights
+from .merge import MergedWeights, negated
 from .registry import AdapterRecord, AdapterRegistry
 from .slots import ProjectionSlots
 from .torch_ops import SegmentedLoRABatch
@@ -48,11 +49,14 @@ class LoRAManager:
         self._pins = [0] * config.max_loras
         self.num_loads = 0
         self.num_evictions = 0
+        self.num_merges = 0
+        self.merged = MergedWeights(model)
+        self.unmerge_slot = config.max_loras  # one extra slot: the merged adapter, negated (see merge.py)
         # [(layer, slice names, slots)] for every projection; slots are filled per adapter.
         self._projections: list[tuple[int, tuple[str, ...], ProjectionSlots]] = []
         for i, layer in enumerate(model.layers):
             for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-                slots = ProjectionSlots(linear, config.max_loras, config.max_lora_rank, model.device)
+                slots = ProjectionSlots(linear, config.max_loras + 1, config.max_lora_rank, model.device)
                 linear.lora_slots = slots
                 self._projections.append((i, linear.slice_names, slots))
 
@@ -82,12 +86,42 @@ class LoRAManager:
                     log.error("skipping adapter folder %s: %s", sub, exc)
 
     def unregister(self, name: str) -> None:
-        """Refuse new requests at once; drop the weights when the in-flight ones have finished."""
+        """Refuse new requests at once; drop the weights when the in-flight ones have finished.
+        A merged adapter stays merged until then (call from the engine thread to unmerge first)."""
         record = self.registry.get(name)
         record.deleting = True
         with self._lock:
             if self._refs.get(name, 0) == 0:
                 self._purge(name)
+
+    # --- merged mode (engine thread, between steps) ----------------------------------------------
+
+    def merge(self, name: str) -> None:
+        """Fold `name` into the base weights (unmerging any other first). It must be CPU-resident:
+        call acquire(name) first; the merge holds its own reference until unmerge()."""
+        with self._lock:
+            if self.merged.name == name:
+                return
+            model = self._cpu.get(name)
+            if model is None or not self.registry.contains(name):
+                raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param="name")
+            self.unmerge()
+            self._refs[name] = self._refs.get(name, 0) + 1
+            self.merged.merge(model)
+            self._fill_slot(self.unmerge_slot, f"-{name}", dict(negated(model)))
+            self.num_merges += 1
+        log.info("merged adapter %s into the base weights", name)
+
+    def unmerge(self) -> None:
+        """Restore the base weights bit for bit (no-op when nothing is merged)."""
+        with self._lock:
+            name = self.merged.name
+            if name is None:
+                return
+            self.merged.unmerge()
+            self._clear_slot(self.unmerge_slot)
+            self.release(name)
+        log.info("unmerged adapter %s", name)
 
     def location(self, name: str) -> str:
         with self._lock:
@@ -123,6 +157,8 @@ class LoRAManager:
                 del self._refs[name]
                 if not self.registry.contains(name):
                     self._purge(name)
+                else:
+                    self._evict_cpu()  # back under max_cpu_loras once the overflow is no longer in use
 
     def _evict_cpu(self) -> None:
         # Evict least recently used adapters no request holds; those in use may exceed the cap.
@@ -156,7 +192,7 @@ class LoRAManager:
                 slot = next((s for s in self._slot_lru if self._pins[s] == 0), None)
                 if weights is None or slot is None:
                     return False
-                self._fill_slot(slot, weights)
+                self._fill_slot(slot, name, weights.weights)
             self._pins[slot] += 1
             self._slot_lru.move_to_end(slot)
             seq.lora_slot = slot
@@ -169,36 +205,52 @@ class LoRAManager:
             self._pins[seq.lora_slot] -= 1
             seq.lora_slot = None
 
-    def _fill_slot(self, slot: int, model: LoRAModel) -> None:
-        if self._slot_names[slot] is not None:
+    def _fill_slot(self, slot: int, name: str, weights: dict[tuple[int, str], LoRAWeights]) -> None:
+        if slot < self.max_loras and self._slot_names[slot] is not None:
             self.num_evictions += 1
         for layer, names, slots in self._projections:
-            slots.fill(slot, [model.weights.get((layer, n)) for n in names])
-        self._slot_names[slot] = model.name
-        log.info("adapter %s -> device slot %d", model.name, slot)
+            slots.fill(slot, [weights.get((layer, n)) for n in names])
+        if slot < self.max_loras:
+            self._slot_names[slot] = name
+        log.info("adapter %s -> device slot %d", name, slot)
 
     def _clear_slot(self, slot: int) -> None:
         for _, _, slots in self._projections:
             slots.clear(slot)
-        self._slot_names[slot] = None
+        if slot < self.max_loras:
+            self._slot_names[slot] = None
 
     # --- per step -------------------------------------------------------------------------------
 
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> SegmentedLoRABatch | None:
-        """Order the batch by slot (base-only rows last, untouched) and build the segments, in place."""
-        if all(s.lora_slot is None for s in seqs):
+        """Order the batch in place and build its segments. Rows: adapters by slot, then base-only,
+        then the merged adapter's. Base-only rows get no delta at all; while an adapter is merged,
+        every row before its own gets the negated merged adapter (one extra segment)."""
+        merged = self.merged.name
+        if merged is None and all(s.lora_slot is None for s in seqs):
             return None
-        order = sorted(range(len(seqs)), key=lambda i: (seqs[i].lora_slot is None, seqs[i].lora_slot or 0))
+
+        def group(i: int) -> tuple[int, int]:
+            s = seqs[i]
+            if merged is not None and s.lora_name == merged:
+                return (2, 0)
+            return (1, 0) if s.lora_slot is None else (0, s.lora_slot)
+
+        order = sorted(range(len(seqs)), key=group)
+        groups = [group(i) for i in order]
         seqs[:] = [seqs[i] for i in order]
         num_new_tokens[:] = [num_new_tokens[i] for i in order]
         segments: list[tuple[int, int, int]] = []
         row = 0
-        for seq, n in zip(seqs, num_new_tokens):
-            slot = seq.lora_slot
-            if slot is not None:
+        for (kind, slot), n in zip(groups, num_new_tokens):
+            if kind == 2:
+                break
+            if kind == 0:
                 if segments and segments[-1][0] == slot and segments[-1][2] == row:
                     segments[-1] = (slot, segments[-1][1], row + n)
                 else:
                     segments.append((slot, row, row + n))
             row += n
+        if merged is not None and row > 0:
+            segments.append((self.unmerge_slot, 0, row))
         return SegmentedLoRABatch(segments)

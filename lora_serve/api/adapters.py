@@ -1,0 +1,190 @@
+"""Adapter management (admin routes): upload, list, describe, delete, and vLLM's load/unload by path.
+
+    POST   /v1/adapters                multipart: name, adapter_config, adapter_model  -> 201 AdapterInfo
+    GET    /v1/adapters                -> {"object": "list", "data": [AdapterInfo]}
+    GET    /v1/adapters/{name}         -> AdapterInfo
+    DELETE /v1/adapters/{name}         -> {"id", "object": "adapter", "deleted": true}
+    POST   /v1/load_lora_adapter       {"lora_name", "lora_path"} (inside --allowed-lora-dir)
+    POST   /v1/unload_lora_adapter     {"lora_name"}
+
+Refusals are lora.errors.AdapterError (status and param included), answered by errors.py.
+Reading and validating weights is blocking, so it runs on a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from http import HTTPStatus
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from lora_serve.api.upload import AdapterUpload, parse_upload, read_form
+from lora_serve.lora.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, ForbiddenPathError
+from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
+from lora_serve.lora.registry import AdapterRecord, check_name
+from lora_serve.lora.store import AdapterStore
+
+if TYPE_CHECKING:
+    from lora_serve.engine.async_engine import AsyncEngine
+
+router = APIRouter()
+
+
+class AdapterInfo(BaseModel):
+    id: str
+    object: str = "adapter"
+    name: str
+    origin: str  # "upload" | "load-api" | "adapter-dir" | "lora-modules"
+    path: str
+    created: int
+    ranks: list[int]  # every rank in use (rank_pattern may mix several)
+    alpha: float
+    targets: list[str]  # projection names, e.g. ["k_proj", "q_proj"]
+    num_params: int
+    num_bytes: int  # size of adapter_model.safetensors
+    params_ratio: float  # num_params / the base model's parameter count
+    sha256: str  # of adapter_model.safetensors
+    location: str  # "disk" | "cpu" | "device"
+    requests_served: int
+
+
+class AdapterList(BaseModel):
+    object: str = "list"
+    data: list[AdapterInfo]
+
+
+class LoadLoRARequest(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRARequest(BaseModel):
+    lora_name: str
+
+
+class AdapterAdmin:
+    """What the admin routes work on; held on `app.state.adapter_admin`."""
+
+    def __init__(self, engine: "AsyncEngine", base_name: str, allowed_dirs: list[Path]):
+        self.lora = engine.lora
+        self.base_name = base_name  # the API's base id, which no adapter may take
+        self.allowed_dirs = [Path(os.path.realpath(d)) for d in allowed_dirs]
+        self.max_adapter_bytes = engine.lora.config.max_adapter_bytes
+        self.store = AdapterStore(engine.lora.adapter_dir)  # removes crashed uploads' leftovers
+        self.base_params = sum(p.numel() for p in engine.engine.model.parameters())
+
+    def info(self, record: AdapterRecord) -> AdapterInfo:
+        return AdapterInfo(
+            id=record.name,
+            name=record.name,
+            origin=record.origin,
+            path=str(record.path),
+            created=record.created,
+            ranks=record.ranks,
+            alpha=record.alpha,
+            targets=record.targets,
+            num_params=record.num_params,
+            num_bytes=record.num_bytes,
+            params_ratio=record.num_params / self.base_params,
+            sha256=record.sha256,
+            location=self.lora.location(record.name),
+            requests_served=record.requests_served,
+        )
+
+    def record(self, name: str, param: str) -> AdapterRecord:
+        try:
+            return self.lora.registry.get(name)
+        except AdapterNotFoundError as exc:
+            exc.param = param
+            raise
+
+    def check_new_name(self, name: str, param: str) -> None:
+        try:
+            check_name(name, self.base_name)
+        except AdapterError as exc:
+            exc.param = param
+            raise
+        if self.lora.registry.contains(name):
+            raise AdapterExistsError(f"adapter {name!r} already exists", param=param)
+
+    def store_upload(self, upload: AdapterUpload) -> AdapterRecord:
+        """Write, validate, publish, register. Blocking."""
+        files = {CONFIG_FILE: upload.adapter_config.file, WEIGHTS_FILE: upload.adapter_model.file}
+        validate = lambda tmp: self.lora.registry.validate(upload.name, tmp)  # noqa: E731
+        path, model = self.store.save(upload.name, files, validate)
+        try:
+            return self.lora.register(upload.name, path, "upload", model)
+        except BaseException:
+            self.store.remove(path)  # registered meanwhile under this name from elsewhere
+            raise
+
+    def allowed_path(self, lora_path: str) -> Path:
+        """The real path (symlinks and `..` resolved) if it lies inside an allowed directory; else 403."""
+        if not self.allowed_dirs:
+            raise ForbiddenPathError(
+                "loading adapters by path is disabled; start the server with --allowed-lora-dir", param="lora_path"
+            )
+        real = Path(os.path.realpath(lora_path))
+        if any(real == d or d in real.parents for d in self.allowed_dirs):
+            return real
+        raise ForbiddenPathError("lora_path is outside the directories adapters may be loaded from", param="lora_path")
+
+    def delete(self, name: str) -> None:
+        """Unregister (running requests finish first), then delete the folder if the store owns it. Blocking."""
+        record = self.record(name, "name")
+        self.lora.unregister(name)
+        if self.store.is_managed(record.path):
+            self.store.remove(record.path)
+
+
+def get_admin(request: Request) -> AdapterAdmin:
+    return request.app.state.adapter_admin
+
+
+@router.post("/adapters", status_code=HTTPStatus.CREATED)
+async def upload_adapter(request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+    form = await read_form(request, admin.max_adapter_bytes)
+    try:
+        upload = parse_upload(form, admin.max_adapter_bytes)
+        admin.check_new_name(upload.name, "name")
+        record = await asyncio.to_thread(admin.store_upload, upload)
+    finally:
+        await form.close()
+    return admin.info(record)
+
+
+@router.get("/adapters")
+async def list_adapters(admin: AdapterAdmin = Depends(get_admin)) -> AdapterList:
+    records = sorted(admin.lora.registry.list(), key=lambda r: r.name)
+    return AdapterList(data=[admin.info(r) for r in records])
+
+
+@router.get("/adapters/{name}")
+async def get_adapter(name: str, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+    return admin.info(admin.record(name, "name"))
+
+
+@router.delete("/adapters/{name}")
+async def delete_adapter(name: str, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
+    await asyncio.to_thread(admin.delete, name)
+    return JSONResponse({"id": name, "object": "adapter", "deleted": True})
+
+
+@router.post("/load_lora_adapter")
+async def load_lora_adapter(req: LoadLoRARequest, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+    path = admin.allowed_path(req.lora_path)
+    admin.check_new_name(req.lora_name, "lora_name")
+    record = await asyncio.to_thread(admin.lora.register, req.lora_name, path, "load-api")
+    return admin.info(record)
+
+
+@router.post("/unload_lora_adapter")
+async def unload_lora_adapter(req: UnloadLoRARequest, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
+    admin.record(req.lora_name, "lora_name")
+    admin.lora.unregister(req.lora_name)
+    return JSONResponse({"id": req.lora_name, "object": "adapter", "unloaded": True})

@@ -1,0 +1,58 @@
+"""Folding one adapter into the base weights, and restoring them bit for bit.
+
+merge:   W[rows] = round_to_dtype(float32(W0[rows]) + scale·B·A)  for each targeted projection slice,
+         after keeping a copy of exactly those rows of W0;
+unmerge: W[rows] = W0[rows] from that copy. Never W - scale·B·A: subtracting drifts (in bf16,
+         rotating 8 adapters 1,000 times moved weights by up to 88% of their magnitude).
+
+While an adapter is merged, every other row of a batch (base-only, or another adapter) must
+see W0 again. Rather than stall traffic to unmerge, those rows get one more low-rank term,
+-scale·B·A of the merged adapter, from a dedicated slot: two rank-r products, cheap next to
+a full unmerge/merge, and the switch itself happens between two engine steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..model.llama import LlamaModel
+from .lora_model import LoRAModel, LoRAWeights
+
+_PARENT = {"q_proj": "self_attn.qkv_proj", "k_proj": "self_attn.qkv_proj", "v_proj": "self_attn.qkv_proj",
+           "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_up_proj", "up_proj": "mlp.gate_up_proj",
+           "down_proj": "mlp.down_proj"}  # fmt: skip
+
+
+class MergedWeights:
+    def __init__(self, model: LlamaModel):
+        self.model = model
+        self.name: str | None = None
+        self._pristine: dict[tuple[int, str], torch.Tensor] = {}  # (layer, module) -> W0 rows
+
+    def _rows(self, layer: int, module: str) -> torch.Tensor:
+        linear = self.model.layers[layer].get_submodule(_PARENT[module])
+        return linear.weight[linear.slice_of(module)]  # a view of the fused weight
+
+    @torch.no_grad()
+    def merge(self, adapter: LoRAModel) -> None:
+        if self.name is not None:
+            self.unmerge()
+        for (layer, module), w in adapter.weights.items():
+            rows = self._rows(layer, module)
+            self._pristine[(layer, module)] = rows.clone()
+            rows.copy_((rows.float() + w.scale * (w.B.to(rows.device) @ w.A.to(rows.device))).to(rows.dtype))
+        self.name = adapter.name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for (layer, module), original in self._pristine.items():
+            self._rows(layer, module).copy_(original)
+        self._pristine.clear()
+        self.name = None
+
+
+def negated(adapter: LoRAModel) -> list[tuple[tuple[int, str], LoRAWeights]]:
+    """The adapter's terms with the sign flipped: what undoes its merge for other rows."""
+    return [(key, replace(w, scale=-w.scale)) for key, w in adapter.weights.items()]
