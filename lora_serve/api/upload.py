@@ -54,7 +54,8 @@ async def read_form(request: Request, max_adapter_bytes: int) -> FormData:
     if declared.isdigit() and int(declared) > max_body:
         raise _too_large(max_adapter_bytes)
     stream = _limited_body(request, max_body, max_adapter_bytes)
-    parser = MultiPartParser(request.headers, stream, max_files=2, max_fields=1)
+    # max_fields=3: a file sent as a plain field gets "must be a file", not "too many fields".
+    parser = MultiPartParser(request.headers, stream, max_files=2, max_fields=3)
     try:
         return await parser.parse()
     except MultiPartException as exc:

@@ -1,11 +1,13 @@
-"""Mixed-adapter batches vs the bare base, lora-serve vs HF PEFT, measured side by side in one run.
+"""Adapters vs the bare base, lora-serve vs HF PEFT, measured side by side in one run.
 
     lora-serve bench lora --num-seqs 32 --num-adapters 32 --rank 16
 
-N sequences, each with its own random adapter (rank r on all seven projections),
-prompts of equal length. Prefill = the step that prefills every prompt; decode = the
-following full-batch steps. Base and mixed runs alternate `repeats` times; medians.
-PEFT runs the same prompts through `generate(adapter_names=...)` on one padded batch.
+Configurations, on the same N prompts of equal length (random adapters of rank r on all
+seven projections): base; one adapter for every sequence, unmerged; the same adapter
+merged into the base; N sequences over `num_adapters` distinct adapters. Prefill = the
+step that prefills every prompt; decode = the following full-batch steps. The
+configurations alternate `repeats` times; medians. PEFT runs the same prompts through
+`generate` (single adapter, and `adapter_names=...` for the mixed batch) on one padded batch.
 """
 
 from __future__ import annotations
@@ -37,13 +39,23 @@ def run(
         names = [f"bench-{i}" for i in range(num_adapters)]
         loras = [names[i % num_adapters] for i in range(num_seqs)]
         prompts = random_prompts(engine.arch.vocab_size, [prompt_len] * num_seqs, seed)
-        configs = {"base": [None] * num_seqs, f"{num_adapters} adapters": loras}
+        one = [names[0]] * num_seqs
+        # label -> (adapter per sequence, adapter merged into the base during the run)
+        configs = {
+            "base": ([None] * num_seqs, None),
+            "1 adapter unmerged": (one, None),
+            "1 adapter merged": (one, names[0]),
+            f"{num_adapters} adapters": (loras, None),
+        }
         samples: dict[str, list] = {k: [] for k in configs}
-        for k, v in configs.items():  # warm-up, also brings every adapter into its slot
-            engine_phases(engine, prompts, 2, v)
-        for _ in range(repeats):
-            for k, v in configs.items():
-                samples[k].append(engine_phases(engine, prompts, decode_steps, v))
+        for rep in range(repeats + 1):  # the first round warms up (and fills every slot)
+            for k, (v, merged) in configs.items():
+                if merged:
+                    engine.merge_adapter(merged)
+                timing = engine_phases(engine, prompts, decode_steps if rep else 2, v)
+                engine.unmerge_adapter()
+                if rep:
+                    samples[k].append(timing)
         result = {k: _median(v) for k, v in samples.items()}
         if with_peft:
             result.update(_peft(model_path, Path(tmp), names, loras, prompts, decode_steps))
@@ -84,8 +96,11 @@ def _peft(model_path: Path, tmp: Path, names: list[str], loras: list[str], promp
     for name in names[1:]:
         model.load_adapter(tmp / name, adapter_name=name)
     mixed = hf_phases(model, prompts, decode_steps, pad, adapter_names=loras)
+    model.set_adapter(names[0])
+    single = hf_phases(model, prompts, decode_steps, pad)
     return {
         "peft base": {"prefill_tok_s": base[0].tok_per_s, "decode_tok_s": base[1].tok_per_s},
+        "peft 1 adapter unmerged": {"prefill_tok_s": single[0].tok_per_s, "decode_tok_s": single[1].tok_per_s},
         f"peft {len(names)} adapters": {"prefill_tok_s": mixed[0].tok_per_s, "decode_tok_s": mixed[1].tok_per_s},
     }
 

@@ -27,6 +27,10 @@ UPLOAD_PREFIX = ".upload-"
 DELETED_PREFIX = ".deleted-"
 
 
+def _exists(name: str) -> AdapterExistsError:
+    return AdapterExistsError(f"adapter {name!r} already exists in the adapter store", param="name")
+
+
 class AdapterStore:
     def __init__(self, root: Path):
         root.mkdir(parents=True, exist_ok=True)
@@ -44,7 +48,7 @@ class AdapterStore:
         """adapter_dir/<name>, refused unless it is a direct child of adapter_dir (check_name comes first)."""
         path = Path(os.path.realpath(self.root / name))
         if path.parent != self.root or path.name != name:
-            raise InvalidAdapterError(f"adapter name {name!r} does not name a folder in the adapter store", param="name")
+            raise InvalidAdapterError(f"adapter name {name!r} names no folder in the adapter store", param="name")
         return path
 
     def is_managed(self, path: Path) -> bool:
@@ -60,7 +64,7 @@ class AdapterStore:
         """
         target = self.folder(name)
         if target.exists():
-            raise AdapterExistsError(f"adapter {name!r} already exists in the adapter store", param="name")
+            raise _exists(name)
         tmp = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=self.root))
         try:
             for file_name, stream in files.items():
@@ -71,7 +75,7 @@ class AdapterStore:
                 # Refused onto a non-empty folder, so of two concurrent uploads of one name only one lands.
                 os.rename(tmp, target)
             except OSError:
-                raise AdapterExistsError(f"adapter {name!r} already exists in the adapter store", param="name") from None
+                raise _exists(name) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
