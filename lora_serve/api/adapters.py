@@ -4,6 +4,8 @@
     GET    /v1/adapters                -> {"object": "list", "data": [AdapterInfo]}
     GET    /v1/adapters/{name}         -> AdapterInfo
     DELETE /v1/adapters/{name}         -> {"id", "object": "adapter", "deleted": true}
+    POST   /v1/adapters/{name}/merge   fold into the base weights (between two engine steps) -> AdapterInfo
+    POST   /v1/adapters/{name}/unmerge restore the base bit for bit -> AdapterInfo
     POST   /v1/load_lora_adapter       {"lora_name", "lora_path"} (inside --allowed-lora-dir)
     POST   /v1/unload_lora_adapter     {"lora_name"}
 
@@ -50,6 +52,7 @@ class AdapterInfo(BaseModel):
     params_ratio: float  # num_params / the base model's parameter count
     sha256: str  # of adapter_model.safetensors
     location: str  # "disk" | "cpu" | "device"
+    merged: bool  # folded into the base weights (POST /v1/adapters/{name}/merge)
     requests_served: int
 
 
@@ -71,6 +74,7 @@ class AdapterAdmin:
     """What the admin routes work on; held on `app.state.adapter_admin`."""
 
     def __init__(self, engine: "AsyncEngine", base_name: str, allowed_dirs: list[Path]):
+        self.engine = engine
         self.lora = engine.lora
         self.base_name = base_name  # the API's base id, which no adapter may take
         self.allowed_dirs = [Path(os.path.realpath(d)) for d in allowed_dirs]
@@ -93,6 +97,7 @@ class AdapterAdmin:
             params_ratio=record.num_params / self.base_params,
             sha256=record.sha256,
             location=self.lora.location(record.name),
+            merged=self.lora.merged.name == record.name,
             requests_served=record.requests_served,
         )
 
@@ -171,8 +176,33 @@ async def get_adapter(name: str, admin: AdapterAdmin = Depends(get_admin)) -> Ad
 
 @router.delete("/adapters/{name}")
 async def delete_adapter(name: str, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
+    await unmerge_if_merged(admin, name)
     await asyncio.to_thread(admin.delete, name)
     return JSONResponse({"id": name, "object": "adapter", "deleted": True})
+
+
+@router.post("/adapters/{name}/merge")
+async def merge_adapter(name: str, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+    """Fold the adapter into the base weights (unmerging any other first), between two engine steps."""
+    admin.record(name, "name")
+    await asyncio.to_thread(admin.lora.acquire, name)  # disk -> CPU off the engine thread
+    try:
+        await admin.engine.call(lambda: admin.lora.merge(name))
+    finally:
+        admin.lora.release(name)
+    return admin.info(admin.record(name, "name"))
+
+
+@router.post("/adapters/{name}/unmerge")
+async def unmerge_adapter(name: str, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+    """Restore the base weights bit for bit if this adapter is the merged one (else nothing changes)."""
+    record = admin.record(name, "name")
+    await unmerge_if_merged(admin, name)
+    return admin.info(record)
+
+
+async def unmerge_if_merged(admin: AdapterAdmin, name: str) -> None:
+    await admin.engine.call(lambda: admin.lora.merged.name == name and admin.lora.unmerge())
 
 
 @router.post("/load_lora_adapter")
@@ -186,5 +216,6 @@ async def load_lora_adapter(req: LoadLoRARequest, admin: AdapterAdmin = Depends(
 @router.post("/unload_lora_adapter")
 async def unload_lora_adapter(req: UnloadLoRARequest, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
     admin.record(req.lora_name, "lora_name")
+    await unmerge_if_merged(admin, req.lora_name)
     admin.lora.unregister(req.lora_name)
     return JSONResponse({"id": req.lora_name, "object": "adapter", "unloaded": True})

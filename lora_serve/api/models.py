@@ -10,6 +10,7 @@ Adapters come and go at run time, so names are looked up in the LoRA registry pe
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int
+    merged: bool | None = None  # adapters: folded into the base weights now (served at base cost)
 
 
 class ModelList(BaseModel):
@@ -35,7 +37,15 @@ class ModelList(BaseModel):
 
 
 class ModelRegistry:
-    def __init__(self, base_name: str, model_path: Path, max_model_len: int, adapters: AdapterRegistry) -> None:
+    def __init__(
+        self,
+        base_name: str,
+        model_path: Path,
+        max_model_len: int,
+        adapters: AdapterRegistry,
+        merged_name: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.merged_name = merged_name
         self.base_name = base_name
         self.model_path = model_path
         self.max_model_len = max_model_len
@@ -62,6 +72,7 @@ class ModelRegistry:
         base = ModelCard(
             id=self.base_name, created=self.created, root=str(self.model_path), max_model_len=self.max_model_len
         )
+        merged = self.merged_name()
         adapters = [
             ModelCard(
                 id=record.name,
@@ -69,6 +80,7 @@ class ModelRegistry:
                 root=str(record.path),
                 parent=self.base_name,
                 max_model_len=self.max_model_len,
+                merged=record.name == merged,
             )
             for record in sorted(self.adapters.list(), key=lambda r: r.name)
         ]

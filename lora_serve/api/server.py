@@ -30,7 +30,9 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     app.state.lora_serve = ServerState(
         engine=engine,
         config=config,
-        models=ModelRegistry(base_name, engine.model_path, engine.max_model_len, engine.lora.registry),
+        models=ModelRegistry(
+            base_name, engine.model_path, engine.max_model_len, engine.lora.registry, lambda: engine.lora.merged.name
+        ),
         token_text=TokenText(engine.tokenizer),
     )
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])

@@ -5,8 +5,8 @@
 Configurations, on the same N prompts of equal length (random adapters of rank r on all
 seven projections): base; one adapter for every sequence, unmerged; the same adapter
 merged into the base; N sequences over `num_adapters` distinct adapters. Prefill = the
-step that prefills every prompt; decode = the following full-batch steps. The
-configurations alternate `repeats` times; medians. PEFT runs the same prompts through
+step that prefills every prompt (median over repeats); decode = the median of the
+following full-batch steps. The configurations alternate `repeats` times. PEFT runs the same prompts through
 `generate` (single adapter, and `adapter_names=...` for the mixed batch) on one padded batch.
 """
 
@@ -80,7 +80,7 @@ def _engine(model_path: Path, tmp: Path, num_adapters: int, rank: int, num_seqs:
 def _median(samples: list) -> dict:
     return {
         "prefill_tok_s": statistics.median(p.tok_per_s for p, _ in samples),
-        "decode_tok_s": statistics.median(d.tok_per_s for _, d in samples),
+        "decode_tok_s": statistics.median(d.tok_per_s for _, steps in samples for d in steps),
     }
 
 

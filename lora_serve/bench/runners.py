@@ -46,20 +46,23 @@ def engine_generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: lis
     return Timing(sum(max_tokens), time.perf_counter() - start)
 
 
-def engine_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: list[str | None]) -> tuple[Timing, Timing]:
-    """(prefill, decode): the step that prefills every prompt, then `decode_steps` full-batch decode steps."""
+def engine_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: list[str | None]) -> tuple[Timing, list[Timing]]:
+    """(prefill, decode steps): the step that prefills every prompt, then each full-batch decode step
+    timed on its own (a median over steps shrugs off the odd slow step of a shared machine)."""
     for i, (p, lora) in enumerate(zip(prompts, loras)):
         engine.add_request(f"bench-{i}", p, _greedy(decode_steps + 1), lora)
     if engine.max_num_batched_tokens < sum(map(len, prompts)) or engine.scheduler.max_num_seqs < len(prompts):
         raise ValueError("the batch must fit one step: raise max_num_batched_tokens / max_num_seqs")
     t0 = time.perf_counter()
     engine.step()
-    t1 = time.perf_counter()
+    prefill = Timing(sum(map(len, prompts)), time.perf_counter() - t0)
+    steps = []
     for _ in range(decode_steps):
+        t = time.perf_counter()
         engine.step()
-    t2 = time.perf_counter()
+        steps.append(Timing(len(prompts), time.perf_counter() - t))
     assert not engine.has_unfinished()
-    return Timing(sum(map(len, prompts)), t1 - t0), Timing(decode_steps * len(prompts), t2 - t1)
+    return prefill, steps
 
 
 @torch.inference_mode()

@@ -126,6 +126,22 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread between two steps (e.g. a merge) and return its result."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(done.set_exception, exc)
+            else:
+                loop.call_soon_threadsafe(done.set_result, result)
+
+        self._submit(run)
+        return await done
+
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self._abort(request_id))
 

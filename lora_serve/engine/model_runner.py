@@ -35,12 +35,12 @@ class ModelRunner:
                 slots.append(table[p // bs] * bs + p % bs)
             query_lens.append(end - start)
             context_lens.append(end)
-        B, Q, L = len(seqs), max(query_lens), max(context_lens)
+        B, Q = len(seqs), max(query_lens)
         dev = self.device
-        max_blocks = -(-L // bs)
-        tables = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks])) for s in seqs])
+        max_blocks = -(-max(context_lens) // bs)
+        L = max_blocks * bs  # keys are gathered whole blocks at a time: fewer, larger copies
+        context_blocks = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table)) for s in seqs])
         j = torch.arange(L)
-        context_slots = tables[:, j // bs] * bs + j % bs  # [B, L]
         q_lens = torch.tensor(query_lens)
         ctx = torch.tensor(context_lens)
         # Absolute position of query i of sequence b; padding queries get 0 (they see key 0 only, never NaN).
@@ -53,7 +53,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             positions=torch.tensor(positions, device=dev),
             slot_mapping=torch.tensor(slots, device=dev),
-            context_slots=context_slots.to(dev),
+            context_blocks=context_blocks.to(dev),
+            block_size=bs,
             mask=mask.to(dev),
             query_index=query_index,
             batch_size=B,

@@ -19,7 +19,8 @@ from torch import nn
 class AttentionMetadata:
     positions: torch.Tensor  # [T] absolute position of each packed token
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
-    context_slots: torch.Tensor  # [B, L] cache slots of each sequence's whole context, padded with 0
+    context_blocks: torch.Tensor  # [B, L / block_size] cache blocks of each sequence's context, padded with 0
+    block_size: int
     mask: torch.Tensor  # [B, 1, Q, L] bool, True where query may attend to key
     query_index: torch.Tensor | None  # [T] flat index of each packed token in [B*Q]; None when Q == 1
     batch_size: int
@@ -39,9 +40,10 @@ class Attention(nn.Module):
         # q: [T, H, D]; k, v: [T, KV, D] -> [T, H*D]
         self.k_cache.index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
-        keys = self.k_cache[meta.context_slots].transpose(1, 2)  # [B, KV, L, D]
-        values = self.v_cache[meta.context_slots].transpose(1, 2)
         B, Q, H, D = meta.batch_size, meta.max_query_len, self.num_heads, self.head_dim
+        blocks = (-1, meta.block_size, self.num_kv_heads, D)
+        keys = self.k_cache.view(blocks)[meta.context_blocks].view(B, -1, self.num_kv_heads, D).transpose(1, 2)  # [B, KV, L, D]
+        values = self.v_cache.view(blocks)[meta.context_blocks].view(B, -1, self.num_kv_heads, D).transpose(1, 2)
         if meta.query_index is None:
             queries = q.view(B, 1, H, D)
         else:
