@@ -32,6 +32,7 @@ from pydantic_settings import (
 
 from lora_serve.bench.commands import BenchCommand
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig
+from lora_serve.train.command import TrainCommand
 
 ENV_PREFIX = "LORA_SERVE_"
 # EngineConfig's field name -> its sub-config class; ServerConfig is flattened beside them.
@@ -118,6 +119,9 @@ class LoraServe(BaseSettings):
 
     bench: CliSubCommand[BenchCommand]
     """Benchmarks."""
+
+    train: CliSubCommand[TrainCommand]
+    """Fine-tune a LoRA adapter on chat examples."""
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

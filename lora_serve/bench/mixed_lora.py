@@ -47,18 +47,19 @@ def run(
             "1 adapter merged": (one, names[0]),
             f"{num_adapters} adapters": (loras, None),
         }
-        samples: dict[str, list] = {k: [] for k in configs}
+        rounds: list[dict] = []
         for rep in range(repeats + 1):  # the first round warms up (and fills every slot)
+            one_round = {}
             for k, (v, merged) in configs.items():
                 if merged:
                     engine.merge_adapter(merged)
-                timing = engine_phases(engine, prompts, decode_steps if rep else 2, v)
+                one_round[k] = engine_phases(engine, prompts, decode_steps if rep else 2, v)
                 engine.unmerge_adapter()
-                if rep:
-                    samples[k].append(timing)
-        result = {k: _median(v) for k, v in samples.items()}
+            if rep:
+                rounds.append(one_round)
+        result = _summarise(rounds, "base")
         if with_peft:
-            result.update(_peft(model_path, Path(tmp), names, loras, prompts, decode_steps))
+            result.update(_peft(model_path, Path(tmp), names, loras, prompts, decode_steps, repeats))
     return result
 
 
@@ -77,46 +78,63 @@ def _engine(model_path: Path, tmp: Path, num_adapters: int, rank: int, num_seqs:
     return engine
 
 
-def _median(samples: list) -> dict:
-    return {
-        "prefill_tok_s": statistics.median(p.tok_per_s for p, _ in samples),
-        "decode_tok_s": statistics.median(d.tok_per_s for _, steps in samples for d in steps),
-    }
+def _summarise(rounds: list[dict], base: str) -> dict:
+    """Per configuration: median prefill and decode tok/s, and the ratios to `base` computed within
+    each round (paired, so a slow spell of a shared machine hits both sides), median and range."""
+
+    def rates(p, steps) -> tuple[float, float]:
+        return p.tok_per_s, statistics.median(s.tok_per_s for s in steps)
+
+    out = {}
+    for k in rounds[0]:
+        per_round = [(rates(*r[k]), rates(*r[base])) for r in rounds]
+        prefill_ratios = [a[0] / b[0] for a, b in per_round]
+        decode_ratios = [a[1] / b[1] for a, b in per_round]
+        out[k] = {
+            "prefill_tok_s": statistics.median(a[0] for a, _ in per_round),
+            "decode_tok_s": statistics.median(a[1] for a, _ in per_round),
+            "prefill_ratio": statistics.median(prefill_ratios),
+            "decode_ratio": statistics.median(decode_ratios),
+            "decode_ratio_range": (min(decode_ratios), max(decode_ratios)),
+        }
+    return out
 
 
-def _peft(model_path: Path, tmp: Path, names: list[str], loras: list[str], prompts, decode_steps: int) -> dict:
+def _peft(model_path: Path, tmp: Path, names: list[str], loras: list[str], prompts, decode_steps: int, repeats: int) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     pad = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
-    base = hf_phases(hf, prompts, decode_steps, pad)
     model = PeftModel.from_pretrained(hf, tmp / names[0], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(tmp / name, adapter_name=name)
-    mixed = hf_phases(model, prompts, decode_steps, pad, adapter_names=loras)
     model.set_adapter(names[0])
-    single = hf_phases(model, prompts, decode_steps, pad)
-    return {
-        "peft base": {"prefill_tok_s": base[0].tok_per_s, "decode_tok_s": base[1].tok_per_s},
-        "peft 1 adapter unmerged": {"prefill_tok_s": single[0].tok_per_s, "decode_tok_s": single[1].tok_per_s},
-        f"peft {len(names)} adapters": {"prefill_tok_s": mixed[0].tok_per_s, "decode_tok_s": mixed[1].tok_per_s},
-    }
+    rounds = []
+    for _ in range(repeats):
+        with model.disable_adapter():  # PEFT's own switch back to the plain base model
+            base = hf_phases(model, prompts, decode_steps, pad)
+        rounds.append({
+            "peft base": base,
+            "peft 1 adapter unmerged": hf_phases(model, prompts, decode_steps, pad),
+            f"peft {len(names)} adapters": hf_phases(model, prompts, decode_steps, pad, adapter_names=loras),
+        })  # fmt: skip
+    return _summarise(rounds, "peft base")
 
 
 def report(result: dict, num_adapters: int) -> str:
     mixed = f"{num_adapters} adapters"
-    base = result["base"]
     rows = []
     for name, r in result.items():
-        ref = result["peft base"] if name.startswith("peft") else base
+        lo, hi = r["decode_ratio_range"]
         rows.append([
             name if name.startswith("peft") else f"lora-serve {name}",
-            f"{r['prefill_tok_s']:.0f}", f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}",
-            f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}",
+            f"{r['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.2f}",
+            f"{r['decode_tok_s']:.1f}", f"{r['decode_ratio']:.2f} ({lo:.2f}-{hi:.2f})",
         ])
-    text = markdown_table(["configuration", "prefill tok/s", "vs its base", "decode tok/s", "vs its base"], rows)
+    header = ["configuration", "prefill tok/s", "vs its base", "decode tok/s", "vs its base (range over rounds)"]
+    text = markdown_table(header, rows)
     peft_mixed = result.get(f"peft {mixed}")
     if peft_mixed:
         text += (

@@ -84,18 +84,29 @@ def hf_padded_batch(model, prompts: list[list[int]], max_tokens: list[int], pad_
     return Timing(sum(max_tokens), time.perf_counter() - start)
 
 
+class _StepClock:
+    """A `generate` streamer that only timestamps: put() is called with the prompt, then once per step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 @torch.inference_mode()
-def hf_phases(model, prompts: list[list[int]], decode_steps: int, pad_id: int, **generate_kwargs) -> tuple[Timing, Timing]:
-    """(prefill, decode) for `generate` on one padded batch: decode = t(1 + steps tokens) - t(1 token)."""
+def hf_phases(model, prompts: list[list[int]], decode_steps: int, pad_id: int, **generate_kwargs) -> tuple[Timing, list[Timing]]:
+    """(prefill, decode steps) for `generate` on one padded batch, each step timed by a streamer."""
     ids, mask = left_pad(prompts, pad_id)
-    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=pad_id, **generate_kwargs)
-    t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-    t1 = time.perf_counter()
-    model.generate(ids, max_new_tokens=decode_steps + 1, min_new_tokens=decode_steps + 1, **kw)
-    t2 = time.perf_counter()
-    prefill = t1 - t0
-    return Timing(sum(map(len, prompts)), prefill), Timing(decode_steps * len(prompts), (t2 - t1) - prefill)
+    clock = _StepClock()
+    n = decode_steps + 1
+    model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id, max_new_tokens=n, min_new_tokens=n, streamer=clock, **generate_kwargs)
+    t = clock.times  # [prompt, token 1 (prefill done), token 2, ...]
+    prefill = Timing(sum(map(len, prompts)), t[1] - t[0])
+    return prefill, [Timing(len(prompts), b - a) for a, b in zip(t[1:], t[2:])]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
