@@ -23,13 +23,14 @@ from pathlib import Path
 from ..config import LoRAConfig
 from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
+from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
 from .errors import AdapterError, AdapterNotFoundError
 from .lora_model import LoRAModel, LoRAWeights
 from .merge import MergedWeights, negated
 from .registry import AdapterRecord, AdapterRegistry
 from .slots import ProjectionSlots
-from .torch_ops import SegmentedLoRABatch
+from .backend import lora_batch_class
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class LoRAManager:
         self.num_evictions = 0
         self.num_merges = 0
         self.merged = MergedWeights(model)
+        self.base_params = sum(p.numel() for p in model.parameters())
+        self.batch_cls = lora_batch_class(model.device)
         self.unmerge_slot = config.max_loras  # one extra slot: the merged adapter, negated (see merge.py)
         # [(layer, slice names, slots)] for every projection; slots are filled per adapter.
         self._projections: list[tuple[int, tuple[str, ...], ProjectionSlots]] = []
@@ -64,6 +67,11 @@ class LoRAManager:
 
     def register(self, name: str, path, origin: str, model: LoRAModel | None = None) -> AdapterRecord:
         record, loaded = self.registry.add(name, path, origin, model)
+        log.info(
+            "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
+            name, origin, "/".join(map(str, record.ranks)), ",".join(record.targets),
+            record.num_params / 1e6, 100 * record.num_params / self.base_params, record.num_bytes / 1e6,
+        )
         with self._lock:
             self._cpu[name] = loaded
             self._evict_cpu()
@@ -222,7 +230,7 @@ class LoRAManager:
 
     # --- per step -------------------------------------------------------------------------------
 
-    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> SegmentedLoRABatch | None:
+    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> LoRABatch | None:
         """Order the batch in place and build its segments. Rows: adapters by slot, then base-only,
         then the merged adapter's. Base-only rows get no delta at all; while an adapter is merged,
         every row before its own gets the negated merged adapter (one extra segment)."""
@@ -253,4 +261,4 @@ class LoRAManager:
             row += n
         if merged is not None and row > 0:
             segments.append((self.unmerge_slot, 0, row))
-        return SegmentedLoRABatch(segments)
+        return self.batch_cls(segments) if segments else None  # merged-only batches run the bare base path
