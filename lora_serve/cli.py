@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from copy import copy
 from typing import Annotated, Any, get_origin
@@ -131,6 +132,10 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     from lora_serve.api.server import run_server  # heavy imports (torch) only when serving
     from lora_serve.engine.async_engine import AsyncEngine
 
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal; this handler turns that (or one
+    # during start-up) into exit 0 through the `finally` below, instead of death by signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     engine = AsyncEngine.from_config(engine_config, server_config.served_model_name)  # logs model, device, dtype, cache
     name = engine.base_name
     log.info("serving %r at http://%s:%d/v1", name, server_config.host, server_config.port)
@@ -138,6 +143,11 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
         run_server(engine, server_config)
     finally:
         engine.shutdown()
+
+
+def _exit_cleanly(signum: int, _frame: object) -> None:
+    log.info("%s: shut down cleanly", signal.Signals(signum).name)
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> None:

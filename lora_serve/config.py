@@ -140,3 +140,46 @@ class ServerConfig(_Config):
 
     admin_api_key: str | None = None
     """If set, adapter management endpoints need this key instead of api_key."""
+
+    auth_file: Path | None = None
+    """JSON or TOML file of API keys, each with a tenant and a role (admin or user): {"keys": [{"key",
+    "tenant", "role"}]}. A tenant's uploads are seen and run only by that tenant and admins. Works beside
+    api_key and admin_api_key."""
+
+    max_queue: int = Field(256, ge=0)
+    """Most generation requests admitted but not yet in the running batch. Past it a request
+    gets 429 (type "rate_limit_error") with a Retry-After header instead of waiting."""
+
+    retry_after_s: int = Field(1, ge=1)
+    """Seconds sent in the Retry-After header of a 429 for a full queue."""
+
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Longest prompt accepted, in tokens (after the chat template). None: only max_model_len limits it."""
+
+    max_tokens_limit: int | None = Field(None, ge=1)
+    """Largest max_tokens (or max_completion_tokens) a request may ask for; also the completion
+    length of a request that gives none. None: up to max_model_len."""
+
+    max_stop_strings: int = Field(4, ge=0)
+    """Most stop strings in one request (OpenAI allows 4)."""
+
+    max_stop_chars: int = Field(256, ge=1)
+    """Longest stop string, in characters."""
+
+    max_top_logprobs: int = Field(20, ge=0, le=20)
+    """Most alternatives per token a request may ask for (top_logprobs; logprobs on /v1/completions)."""
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest JSON request body, in bytes (413 past it). Adapter uploads are bounded by max_adapter_bytes instead."""
+
+    request_timeout_s: float | None = Field(600.0, gt=0)
+    """Seconds a generation request may take, queueing included. On expiry it is aborted: 504
+    (code "request_timeout"), or for a stream already started an error event then [DONE]. None: no limit."""
+
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM/SIGINT: stop accepting, then let running requests finish for up to this many
+    seconds before they are cancelled; the process then exits with code 0."""
+
+    access_log: bool = True
+    """Log one JSON line per request (method, path, status, duration, model, adapter, tokens) to
+    the lora_serve.access logger. Never the API key or the prompt."""

@@ -9,6 +9,9 @@
     POST   /v1/load_lora_adapter       {"lora_name", "lora_path"} (inside --allowed-lora-dir)
     POST   /v1/unload_lora_adapter     {"lora_name"}
 
+Upload, list, describe and delete take any tenant's key; an upload belongs to its tenant, and
+another tenant's adapter answers 404 like an unknown name (tenants.py). Merge, unmerge and
+load/unload by path change what everyone is served, so they need an admin (`admin_router`).
 Refusals are lora.errors.AdapterError (status and param included), answered by errors.py.
 Reading and validating weights is blocking, so it runs on a worker thread.
 """
@@ -16,6 +19,7 @@ Reading and validating weights is blocking, so it runs on a worker thread.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 from http import HTTPStatus
 from pathlib import Path
@@ -25,16 +29,19 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from lora_serve.api.auth import principal_of
+from lora_serve.api.tenants import Principal
 from lora_serve.api.upload import AdapterUpload, parse_upload, read_form
 from lora_serve.lora.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, ForbiddenPathError
 from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
 from lora_serve.lora.registry import AdapterRecord, check_name
-from lora_serve.lora.store import AdapterStore
+from lora_serve.lora.store import OWNER_FILE, AdapterStore
 
 if TYPE_CHECKING:
     from lora_serve.engine.async_engine import AsyncEngine
 
-router = APIRouter()
+router = APIRouter()  # any tenant, on its own adapters
+admin_router = APIRouter()  # admins only
 
 
 class AdapterInfo(BaseModel):
@@ -101,12 +108,22 @@ class AdapterAdmin:
             requests_served=record.requests_served,
         )
 
-    def record(self, name: str, param: str) -> AdapterRecord:
+    def record(self, name: str, param: str, viewer: Principal) -> AdapterRecord:
+        """The adapter, if it exists and `viewer` may see it; else the same 404 either way."""
         try:
-            return self.lora.registry.get(name)
+            record = self.lora.registry.get(name)
         except AdapterNotFoundError as exc:
             exc.param = param
             raise
+        if not viewer.can_see(self.store.owner(record.path)):
+            raise AdapterNotFoundError(f"adapter {name!r} does not exist", param=param)
+        return record
+
+    def owner_of(self, name: str) -> str | None:
+        try:
+            return self.store.owner(self.lora.registry.get(name).path)
+        except AdapterNotFoundError:
+            return None
 
     def check_new_name(self, name: str, param: str) -> None:
         try:
@@ -117,9 +134,11 @@ class AdapterAdmin:
         if self.lora.registry.contains(name):
             raise AdapterExistsError(f"adapter {name!r} already exists", param=param)
 
-    def store_upload(self, upload: AdapterUpload) -> AdapterRecord:
+    def store_upload(self, upload: AdapterUpload, tenant: str | None) -> AdapterRecord:
         """Write, validate, publish, register. Blocking."""
         files = {CONFIG_FILE: upload.adapter_config.file, WEIGHTS_FILE: upload.adapter_model.file}
+        if tenant is not None:
+            files[OWNER_FILE] = io.BytesIO(tenant.encode())
         validate = lambda tmp: self.lora.registry.validate(upload.name, tmp)  # noqa: E731
         path, model = self.store.save(upload.name, files, validate)
         try:
@@ -139,9 +158,9 @@ class AdapterAdmin:
             return real
         raise ForbiddenPathError("lora_path is outside the directories adapters may be loaded from", param="lora_path")
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, viewer: Principal) -> None:
         """Unregister (running requests finish first), then delete the folder if the store owns it. Blocking."""
-        record = self.record(name, "name")
+        record = self.record(name, "name", viewer)
         self.lora.unregister(name)
         if self.store.is_managed(record.path):
             self.store.remove(record.path)
@@ -157,46 +176,50 @@ async def upload_adapter(request: Request, admin: AdapterAdmin = Depends(get_adm
     try:
         upload = parse_upload(form, admin.max_adapter_bytes)
         admin.check_new_name(upload.name, "name")
-        record = await asyncio.to_thread(admin.store_upload, upload)
+        record = await asyncio.to_thread(admin.store_upload, upload, principal_of(request).tenant)
     finally:
         await form.close()
     return admin.info(record)
 
 
 @router.get("/adapters")
-async def list_adapters(admin: AdapterAdmin = Depends(get_admin)) -> AdapterList:
+async def list_adapters(request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterList:
+    viewer = principal_of(request)
     records = sorted(admin.lora.registry.list(), key=lambda r: r.name)
-    return AdapterList(data=[admin.info(r) for r in records])
+    return AdapterList(data=[admin.info(r) for r in records if viewer.can_see(admin.store.owner(r.path))])
 
 
 @router.get("/adapters/{name}")
-async def get_adapter(name: str, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
-    return admin.info(admin.record(name, "name"))
+async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+    return admin.info(admin.record(name, "name", principal_of(request)))
 
 
 @router.delete("/adapters/{name}")
-async def delete_adapter(name: str, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
+async def delete_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
+    viewer = principal_of(request)
+    admin.record(name, "name", viewer)
     await unmerge_if_merged(admin, name)
-    await asyncio.to_thread(admin.delete, name)
+    await asyncio.to_thread(admin.delete, name, viewer)
     return JSONResponse({"id": name, "object": "adapter", "deleted": True})
 
 
-@router.post("/adapters/{name}/merge")
-async def merge_adapter(name: str, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+@admin_router.post("/adapters/{name}/merge")
+async def merge_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     """Fold the adapter into the base weights (unmerging any other first), between two engine steps."""
-    admin.record(name, "name")
+    viewer = principal_of(request)
+    admin.record(name, "name", viewer)
     await asyncio.to_thread(admin.lora.acquire, name)  # disk -> CPU off the engine thread
     try:
         await admin.engine.call(lambda: admin.lora.merge(name))
     finally:
         admin.lora.release(name)
-    return admin.info(admin.record(name, "name"))
+    return admin.info(admin.record(name, "name", viewer))
 
 
-@router.post("/adapters/{name}/unmerge")
-async def unmerge_adapter(name: str, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+@admin_router.post("/adapters/{name}/unmerge")
+async def unmerge_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     """Restore the base weights bit for bit if this adapter is the merged one (else nothing changes)."""
-    record = admin.record(name, "name")
+    record = admin.record(name, "name", principal_of(request))
     await unmerge_if_merged(admin, name)
     return admin.info(record)
 
@@ -205,7 +228,7 @@ async def unmerge_if_merged(admin: AdapterAdmin, name: str) -> None:
     await admin.engine.call(lambda: admin.lora.merged.name == name and admin.lora.unmerge())
 
 
-@router.post("/load_lora_adapter")
+@admin_router.post("/load_lora_adapter")
 async def load_lora_adapter(req: LoadLoRARequest, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     path = admin.allowed_path(req.lora_path)
     admin.check_new_name(req.lora_name, "lora_name")
@@ -213,9 +236,11 @@ async def load_lora_adapter(req: LoadLoRARequest, admin: AdapterAdmin = Depends(
     return admin.info(record)
 
 
-@router.post("/unload_lora_adapter")
-async def unload_lora_adapter(req: UnloadLoRARequest, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
-    admin.record(req.lora_name, "lora_name")
+@admin_router.post("/unload_lora_adapter")
+async def unload_lora_adapter(
+    req: UnloadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)
+) -> JSONResponse:
+    admin.record(req.lora_name, "lora_name", principal_of(request))
     await unmerge_if_merged(admin, req.lora_name)
     admin.lora.unregister(req.lora_name)
     return JSONResponse({"id": req.lora_name, "object": "adapter", "unloaded": True})

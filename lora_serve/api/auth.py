@@ -1,7 +1,11 @@
 """Bearer-key checks for /v1 routes (constant-time comparison; /health stays open).
 
-OpenAI routes need --api-key; adapter management needs --admin-api-key, or --api-key
-when no admin key is set.
+Three kinds of route, and the keys each takes:
+    OpenAI routes                         --api-key, or any --auth-file key
+    adapter upload, list, describe, delete --admin-api-key (else --api-key), or any --auth-file key
+    merge, unmerge, load/unload by path   --admin-api-key (else --api-key), or an --auth-file admin key
+With no key configured a route is open. Each check leaves the caller's `Principal` on
+`request.state.principal`, which decides which tenants' adapters it sees (tenants.py).
 """
 
 from __future__ import annotations
@@ -13,25 +17,62 @@ from fastapi import Depends, Request
 
 from lora_serve.api.errors import INVALID_REQUEST, APIError
 from lora_serve.api.state import ServerState, get_state
+from lora_serve.api.tenants import OPEN, Principal
+
+
+def _unauthorized() -> APIError:
+    message = "Incorrect API key provided."
+    return APIError(HTTPStatus.UNAUTHORIZED, message, type=INVALID_REQUEST, code="invalid_api_key")
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return given.strip() if scheme.lower() == "bearer" else None
+
+
+def _matches(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def check_bearer(request: Request, expected: str | None) -> None:
     """Raise 401 unless `expected` is None or the request carries `Authorization: Bearer <expected>`."""
-    if expected is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        raise APIError(
-            HTTPStatus.UNAUTHORIZED,
-            "Incorrect API key provided.",
-            type=INVALID_REQUEST,
-            code="invalid_api_key",
-        )
+    if expected is not None and not _matches(_bearer(request), expected):
+        raise _unauthorized()
+
+
+def _authenticate(
+    request: Request, state: ServerState, legacy_key: str | None, legacy: Principal, admin_only: bool
+) -> None:
+    """Set request.state.principal from an --auth-file key, else from `legacy_key` (as `legacy`); else 401."""
+    given = _bearer(request)
+    if state.keys is not None and given is not None:
+        principal = state.keys.identify(given)
+        if principal is not None and (principal.is_admin or not admin_only):
+            request.state.principal = principal
+            return
+    if legacy_key is None and state.keys is None:
+        request.state.principal = OPEN
+    elif legacy_key is not None and _matches(given, legacy_key):
+        request.state.principal = legacy
+    else:
+        raise _unauthorized()
 
 
 def require_api_key(request: Request, state: ServerState = Depends(get_state)) -> None:
-    check_bearer(request, state.config.api_key)
+    config = state.config
+    # The --api-key user belongs to no tenant; it is also the admin when no admin key is set.
+    _authenticate(request, state, config.api_key, Principal(None, config.admin_api_key is None), admin_only=False)
+
+
+def require_tenant_key(request: Request, state: ServerState = Depends(get_state)) -> None:
+    config = state.config
+    _authenticate(request, state, config.admin_api_key or config.api_key, OPEN, admin_only=False)
 
 
 def require_admin_key(request: Request, state: ServerState = Depends(get_state)) -> None:
-    check_bearer(request, state.config.admin_api_key or state.config.api_key)
+    config = state.config
+    _authenticate(request, state, config.admin_api_key or config.api_key, OPEN, admin_only=True)
+
+
+def principal_of(request: Request) -> Principal:
+    return getattr(request.state, "principal", OPEN)

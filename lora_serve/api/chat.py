@@ -7,6 +7,7 @@ from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 
 from lora_serve.api.errors import invalid_param
+from lora_serve.api.auth import principal_of
 from lora_serve.api.generation import PreparedRequest, generate_all, prepare, sse_response
 from lora_serve.api.logprobs import chat_logprobs
 from lora_serve.api.protocol import (
@@ -20,6 +21,7 @@ from lora_serve.api.protocol import (
     UsageInfo,
 )
 from lora_serve.api.state import ServerState, get_state
+from lora_serve.api.tenants import Principal
 from lora_serve.engine.outputs import RequestOutput
 
 router = APIRouter()
@@ -36,7 +38,7 @@ def _prompt_token_ids(state: ServerState, req: ChatCompletionRequest) -> list[in
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _prepare(state: ServerState, req: ChatCompletionRequest) -> PreparedRequest:
+def _prepare(state: ServerState, req: ChatCompletionRequest, viewer: Principal) -> PreparedRequest:
     max_tokens, max_tokens_param = req.max_tokens_param
     return prepare(
         state,
@@ -48,6 +50,7 @@ def _prepare(state: ServerState, req: ChatCompletionRequest) -> PreparedRequest:
         max_tokens_param=max_tokens_param,
         logprobs=req.logprobs,
         top_logprobs=req.top_logprobs or 0,
+        viewer=viewer,
     )
 
 
@@ -75,7 +78,7 @@ async def _stream(
 async def create_chat_completion(
     req: ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> ChatCompletionResponse | StreamingResponse:
-    prep = _prepare(state, req)
+    prep = _prepare(state, req, principal_of(request))
     if req.stream:
         return await _stream(request, state, req, prep)
     done = await generate_all(request, state, prep)

@@ -5,16 +5,18 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from lora_serve.api.auth import principal_of
 from lora_serve.api.generation import PreparedRequest, generate_all, prepare, sse_response
 from lora_serve.api.logprobs import completion_logprobs
 from lora_serve.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
 from lora_serve.api.state import ServerState, get_state
+from lora_serve.api.tenants import Principal
 from lora_serve.engine.outputs import RequestOutput
 
 router = APIRouter()
 
 
-def _prepare(state: ServerState, req: CompletionRequest) -> PreparedRequest:
+def _prepare(state: ServerState, req: CompletionRequest, viewer: Principal) -> PreparedRequest:
     prompt = req.prompt
     token_ids = prompt if isinstance(prompt, list) else state.engine.tokenizer.encode(prompt)
     return prepare(
@@ -27,6 +29,8 @@ def _prepare(state: ServerState, req: CompletionRequest) -> PreparedRequest:
         max_tokens_param="max_tokens",
         logprobs=req.logprobs is not None,
         top_logprobs=req.logprobs or 0,
+        top_logprobs_param="logprobs",
+        viewer=viewer,
     )
 
 
@@ -59,7 +63,7 @@ async def _stream(
 async def create_completion(
     req: CompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> CompletionResponse | StreamingResponse:
-    prep = _prepare(state, req)
+    prep = _prepare(state, req, principal_of(request))
     if req.stream:
         return await _stream(request, state, req, prep)
     done = await generate_all(request, state, prep)

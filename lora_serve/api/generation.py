@@ -2,7 +2,8 @@
 
 A request that loses its client is aborted at once, not at the next failed send:
 generation is raced against the ASGI `http.disconnect` message, so the sequence's KV
-blocks are freed even while it is queued or between streamed chunks.
+blocks are freed even while it is queued or between streamed chunks. The same race
+enforces request_timeout_s, and admission.py bounds the requests waiting for the engine.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from lora_serve.api.errors import SERVER_ERROR, APIError, from_adapter_error, invalid_param
+from lora_serve.api.limits import check_limits
 from lora_serve.api.protocol import SamplingRequest
 from lora_serve.api.state import ServerState
+from lora_serve.api.tenants import OPEN, Principal
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 from lora_serve.engine.sampling_params import SamplingParams
 from lora_serve.lora.errors import AdapterError
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
+SAMPLING_EPS = 1e-6  # smaller than any top-token probability for vocabularies under a million
 
 
 @dataclass
@@ -60,11 +64,13 @@ def prepare(
     max_tokens_param: str,
     logprobs: bool,
     top_logprobs: int,
+    top_logprobs_param: str = "top_logprobs",
+    viewer: Principal = OPEN,
 ) -> PreparedRequest:
     """Resolve the model and check lengths; raises APIError naming the param at fault."""
     if not state.engine.is_healthy:  # checked here, before a stream's 200 goes out
         raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "the engine is not healthy", SERVER_ERROR)
-    lora_name = state.models.resolve(req.model)
+    lora_name = state.models.resolve(req.model, viewer)
     max_len = state.engine.max_model_len
     num_prompt = len(prompt_token_ids)
     if num_prompt == 0:
@@ -79,8 +85,18 @@ def prepare(
             f"{num_prompt} tokens, leaving no room for a completion.",
             code="context_length_exceeded",
         )
+    check_limits(
+        state.config,
+        num_prompt=num_prompt,
+        prompt_param=prompt_param,
+        max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
+        stops=req.stop_list,
+        top_logprobs=top_logprobs,
+        top_logprobs_param=top_logprobs_param,
+    )
     if max_tokens is None:
-        max_tokens = max_len - num_prompt
+        max_tokens = min(max_len - num_prompt, state.config.max_tokens_limit or max_len)
     elif num_prompt + max_tokens > max_len:
         raise invalid_param(
             max_tokens_param,
@@ -91,8 +107,10 @@ def prepare(
         )
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
+        # Below SAMPLING_EPS a temperature overflows logits / T and a top_p rounds to 0 in float32,
+        # either making NaN probabilities: treat them as greedy and as "the top token only".
+        temperature=req.temperature if req.temperature >= SAMPLING_EPS else 0.0,
+        top_p=max(req.top_p, SAMPLING_EPS),
         top_k=max(req.top_k, 0),
         seed=req.seed,
         stop=req.stop_list,
@@ -124,39 +142,53 @@ def _raise_if_failed(out: RequestOutput) -> None:
 
 
 async def generate(request: Request, state: ServerState, prep: PreparedRequest) -> AsyncIterator[RequestOutput]:
-    """The engine's deltas for one request, raced against the client's disconnect.
+    """The engine's deltas for one request, raced against the client's disconnect and the deadline.
 
-    Each delta is awaited as a task beside a disconnect watcher; when the client goes
-    first, that task is cancelled, which closes the engine's stream and so aborts the
-    sequence; an APIError with status 499 then ends the caller's work.
+    Admission comes first (429 when the wait queue is full). Each delta is awaited as a task
+    beside a disconnect watcher; when the client goes first (499) or the deadline passes (504),
+    that task is cancelled, which closes the engine's stream and so aborts the sequence.
     """
-    outputs = state.engine.generate(prep.request_id, prep.prompt_token_ids, prep.params, lora_name=prep.lora_name)
-    disconnected = asyncio.create_task(_wait_for_disconnect(request))
-    next_out: asyncio.Future[RequestOutput] | None = None
+    request.state.model, request.state.adapter = prep.model, prep.lora_name  # for the access log
+    with state.admission.admit(state.engine.num_running()) as deadline:
+        outputs = state.engine.generate(prep.request_id, prep.prompt_token_ids, prep.params, lora_name=prep.lora_name)
+        disconnected = asyncio.create_task(_wait_for_disconnect(request))
+        next_out: asyncio.Future[RequestOutput] | None = None
+        try:
+            while True:
+                next_out = asyncio.ensure_future(anext(outputs))
+                waiting = {next_out, disconnected}
+                await asyncio.wait(waiting, timeout=deadline.remaining(), return_when=asyncio.FIRST_COMPLETED)
+                if not next_out.done() and disconnected.done():
+                    raise APIError(CLIENT_CLOSED_REQUEST, "client disconnected")
+                if not next_out.done():
+                    raise deadline.expired()
+                out = _result(next_out)
+                if out is None:
+                    return
+                request.state.usage = (out.num_prompt_tokens, out.num_output_tokens)
+                yield out
+        finally:
+            disconnected.cancel()
+            if next_out is not None and not next_out.done():
+                next_out.cancel()  # raises inside the engine's stream, whose cleanup aborts the sequence
+                await asyncio.wait({next_out})
+            await outputs.aclose()
+
+
+def _result(next_out: asyncio.Future[RequestOutput]) -> RequestOutput | None:
+    """The delta, None at the end of the stream; engine refusals and failures become APIErrors."""
     try:
-        while True:
-            next_out = asyncio.ensure_future(anext(outputs))
-            await asyncio.wait({next_out, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-            if not next_out.done():
-                raise APIError(CLIENT_CLOSED_REQUEST, "client disconnected")
-            try:
-                out = next_out.result()
-            except StopAsyncIteration:
-                return
-            except AdapterError as exc:  # unknown, deleted meanwhile, or unreadable adapter
-                raise from_adapter_error(exc) from exc
-            except ValueError as exc:  # refused by the engine
-                raise invalid_param(None, str(exc)) from exc
-            except RuntimeError as exc:
-                raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), SERVER_ERROR) from exc
-            _raise_if_failed(out)
-            yield out
-    finally:
-        disconnected.cancel()
-        if next_out is not None and not next_out.done():
-            next_out.cancel()  # raises inside the engine's stream, whose cleanup aborts the sequence
-            await asyncio.wait({next_out})
-        await outputs.aclose()
+        out = next_out.result()
+    except StopAsyncIteration:
+        return None
+    except AdapterError as exc:  # unknown, deleted meanwhile, or unreadable adapter
+        raise from_adapter_error(exc) from exc
+    except ValueError as exc:  # refused by the engine
+        raise invalid_param(None, str(exc)) from exc
+    except RuntimeError as exc:
+        raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), SERVER_ERROR) from exc
+    _raise_if_failed(out)
+    return out
 
 
 async def generate_all(request: Request, state: ServerState, prep: PreparedRequest) -> Completion:

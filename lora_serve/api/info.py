@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from lora_serve import __version__
+from lora_serve.api.auth import principal_of
 from lora_serve.api.models import ModelList
 from lora_serve.api.state import ServerState, get_state
 
@@ -14,8 +15,8 @@ open_router = APIRouter()
 
 
 @v1_router.get("/models")
-async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
-    return state.models.model_list()
+async def list_models(request: Request, state: ServerState = Depends(get_state)) -> ModelList:
+    return state.models.model_list(principal_of(request))
 
 
 @open_router.get("/health")

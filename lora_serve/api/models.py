@@ -5,6 +5,7 @@ A request's `model` names what it runs on (vLLM's convention):
     "<adapter>"            that adapter on the base
     "<base id>:<adapter>"  the same, spelled out
 Adapters come and go at run time, so names are looked up in the LoRA registry per request.
+An adapter the caller may not see (another tenant's upload) is reported exactly as an unknown one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from lora_serve.api.errors import APIError
+from lora_serve.api.tenants import OPEN, Principal
 from lora_serve.lora.registry import AdapterRegistry
 
 
@@ -44,22 +46,27 @@ class ModelRegistry:
         max_model_len: int,
         adapters: AdapterRegistry,
         merged_name: Callable[[], str | None] = lambda: None,
+        owner_of: Callable[[str], str | None] = lambda name: None,
     ) -> None:
         self.merged_name = merged_name
+        self.owner_of = owner_of  # adapter name -> the tenant that uploaded it
         self.base_name = base_name
         self.model_path = model_path
         self.max_model_len = max_model_len
         self.adapters = adapters
         self.created = int(time.time())
 
-    def resolve(self, name: str | None) -> str | None:
-        """The lora_name a request's `model` field selects (None: the base model); 404 if unknown."""
+    def _visible(self, name: str, viewer: Principal) -> bool:
+        return self.adapters.contains(name) and viewer.can_see(self.owner_of(name))
+
+    def resolve(self, name: str | None, viewer: Principal = OPEN) -> str | None:
+        """The lora_name a request's `model` field selects (None: the base model); 404 if unknown or not visible."""
         if name is None or name == self.base_name:
             return None
-        if self.adapters.contains(name):
+        if self._visible(name, viewer):
             return name
         base, _, adapter = name.rpartition(":")  # adapter names hold no ':'; a base id may
-        if base == self.base_name and self.adapters.contains(adapter):
+        if base == self.base_name and self._visible(adapter, viewer):
             return adapter
         raise APIError(
             HTTPStatus.NOT_FOUND,
@@ -68,7 +75,7 @@ class ModelRegistry:
             code="model_not_found",
         )
 
-    def model_list(self) -> ModelList:
+    def model_list(self, viewer: Principal = OPEN) -> ModelList:
         base = ModelCard(
             id=self.base_name, created=self.created, root=str(self.model_path), max_model_len=self.max_model_len
         )
@@ -83,5 +90,6 @@ class ModelRegistry:
                 merged=record.name == merged,
             )
             for record in sorted(self.adapters.list(), key=lambda r: r.name)
+            if viewer.can_see(self.owner_of(record.name))
         ]
         return ModelList(data=[base, *adapters])

@@ -13,11 +13,15 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from lora_serve import __version__
 from lora_serve.api import adapters, chat, completions, info
-from lora_serve.api.auth import require_admin_key, require_api_key
+from lora_serve.api.access_log import AccessLog
+from lora_serve.api.admission import Admission
+from lora_serve.api.body_limit import BodyLimit
+from lora_serve.api.auth import require_admin_key, require_api_key, require_tenant_key
 from lora_serve.api.errors import install_error_handlers
 from lora_serve.api.logprobs import TokenText
 from lora_serve.api.models import ModelRegistry
 from lora_serve.api.state import ServerState
+from lora_serve.api.tenants import KeyTable
 from lora_serve.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -27,34 +31,62 @@ if TYPE_CHECKING:
 def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     app = FastAPI(title="lora-serve", version=__version__)
     base_name = config.served_model_name or engine.base_name
+    admin = adapters.AdapterAdmin(engine, base_name, engine.lora.config.allowed_lora_dir)
+    app.state.adapter_admin = admin
     app.state.lora_serve = ServerState(
         engine=engine,
         config=config,
         models=ModelRegistry(
-            base_name, engine.model_path, engine.max_model_len, engine.lora.registry, lambda: engine.lora.merged.name
+            base_name,
+            engine.model_path,
+            engine.max_model_len,
+            engine.lora.registry,
+            lambda: engine.lora.merged.name,
+            admin.owner_of,
         ),
         token_text=TokenText(engine.tokenizer),
+        admission=Admission(config.max_queue, config.retry_after_s, config.request_timeout_s),
+        keys=KeyTable.load(config.auth_file) if config.auth_file is not None else None,
     )
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
     v1.include_router(chat.router)
     v1.include_router(completions.router)
     v1.include_router(info.v1_router)
     app.include_router(v1)
-    app.state.adapter_admin = adapters.AdapterAdmin(engine, base_name, engine.lora.config.allowed_lora_dir)
-    # Management needs the admin key (not the user key), so it is a router of its own, tagged apart.
-    admin = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)], tags=["admin"])
-    admin.include_router(adapters.router)
-    app.include_router(admin)
+    # Management needs a management key (not the user key), so its routers are apart, tagged apart:
+    # tenants manage their own uploads; merging and loading by path change everyone's model.
+    tenant = APIRouter(prefix="/v1", dependencies=[Depends(require_tenant_key)], tags=["admin"])
+    tenant.include_router(adapters.router)
+    app.include_router(tenant)
+    admin_only = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)], tags=["admin"])
+    admin_only.include_router(adapters.admin_router)
+    app.include_router(admin_only)
     app.include_router(info.open_router)
     install_error_handlers(app)
+    # Uploads stream under their own, larger limit (max_adapter_bytes); every other body is small JSON.
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, exempt={("POST", "/v1/adapters")})
+    if config.access_log:
+        app.add_middleware(AccessLog)  # outermost: it sees the 413s too
     return app
 
 
 def build_server(engine: "AsyncEngine", config: ServerConfig) -> uvicorn.Server:
-    """A uvicorn server for the app; `.run()` blocks, tests run it on a thread and set `.should_exit`."""
+    """A uvicorn server for the app; `.run()` blocks, tests run it on a thread and set `.should_exit`.
+
+    On SIGTERM/SIGINT (or `.should_exit`) uvicorn stops accepting, lets open responses finish
+    for up to shutdown_grace_s, then cancels them (which aborts their sequences).
+    """
     app = build_app(engine, config)
-    # log_config=None keeps the caller's logging setup instead of uvicorn's own.
-    return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None))
+    # log_config=None keeps the caller's logging setup; access_log=False: ours (access_log.py) replaces uvicorn's.
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=config.shutdown_grace_s,
+    )
+    return uvicorn.Server(uv_config)
 
 
 def run_server(engine: "AsyncEngine", config: ServerConfig) -> None:

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from lora_serve.api.admission import Admission
 from lora_serve.api.logprobs import TokenText
 from lora_serve.api.models import ModelRegistry
+from lora_serve.api.tenants import KeyTable
 from lora_serve.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -21,6 +23,8 @@ class ServerState:
     config: ServerConfig
     models: ModelRegistry
     token_text: TokenText
+    admission: Admission
+    keys: KeyTable | None = None  # --auth-file
 
 
 def get_state(request: Request) -> ServerState:

@@ -162,6 +162,20 @@ class AsyncEngine:
         self._wake.set()
 
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException as exc:  # the loop itself broke: nothing queued can progress any more
+            self._error = exc
+            log.exception("engine loop died")
+            self._fail_streams(f"engine died: {type(exc).__name__}")
+
+    def _fail_streams(self, message: str) -> None:
+        with self._lock:
+            request_ids = list(self._streams)
+        for request_id in request_ids:
+            self._deliver(RequestOutput(request_id, [], "", [], 0, 0, "error", message))
+
+    def _run_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
             while not self._commands.empty():

@@ -35,8 +35,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         p = seq.params
         if p.greedy:
             continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
-        tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
+        probs = _filter(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            continue  # degenerate parameters (e.g. a denormal temperature): keep the argmax, fail nobody
+        tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs]
     if wanted:

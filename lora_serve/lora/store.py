@@ -2,6 +2,7 @@
 
     adapter_dir/
       my-adapter/            a stored adapter (the folder name is its name)
+        .tenant              the tenant that uploaded it (absent: no tenant; see api/tenants.py)
       .upload-k3j9x/         an upload being written and validated; renamed to <name> when whole
       .deleted-p0q2z/        a stored adapter being removed; renamed away first, then deleted
 
@@ -25,6 +26,7 @@ from .lora_model import LoRAModel
 
 UPLOAD_PREFIX = ".upload-"
 DELETED_PREFIX = ".deleted-"
+OWNER_FILE = ".tenant"
 
 
 def _exists(name: str) -> AdapterExistsError:
@@ -53,6 +55,13 @@ class AdapterStore:
 
     def is_managed(self, path: Path) -> bool:
         return Path(os.path.realpath(path)).parent == self.root
+
+    def owner(self, path: Path) -> str | None:
+        """The tenant a stored adapter was uploaded by; None outside the store or without one."""
+        owner_file = Path(os.path.realpath(path)) / OWNER_FILE
+        if not self.is_managed(path) or not owner_file.is_file():
+            return None
+        return owner_file.read_text().strip() or None
 
     def save(
         self, name: str, files: Mapping[str, BinaryIO], validate: Callable[[Path], LoRAModel]

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import openai
+from fastapi import FastAPI
 
 from lora_serve.api.server import build_server
 from lora_serve.config import ServerConfig
@@ -20,6 +21,7 @@ class LiveServer:
     engine: AsyncEngine
     base_url: str  # http://127.0.0.1:<port>
     model: str  # the base model's id in the API
+    app: FastAPI | None = None  # the app in the server, for tests that read its state
 
     def client(self, api_key: str = "unused", **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, **kwargs)
@@ -38,7 +40,7 @@ def live_server(engine: AsyncEngine, config: ServerConfig) -> Iterator[LiveServe
     port = server.servers[0].sockets[0].getsockname()[1]
     model = config.served_model_name or engine.model_path.name
     try:
-        yield LiveServer(engine, f"http://127.0.0.1:{port}", model)
+        yield LiveServer(engine, f"http://127.0.0.1:{port}", model, server.config.app)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
