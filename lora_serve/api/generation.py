@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -149,6 +150,7 @@ async def generate(request: Request, state: ServerState, prep: PreparedRequest) 
     that task is cancelled, which closes the engine's stream and so aborts the sequence.
     """
     request.state.model, request.state.adapter = prep.model, prep.lora_name  # for the access log
+    start, first = time.perf_counter(), None
     with state.admission.admit(state.engine.num_running()) as deadline:
         outputs = state.engine.generate(prep.request_id, prep.prompt_token_ids, prep.params, lora_name=prep.lora_name)
         disconnected = asyncio.create_task(_wait_for_disconnect(request))
@@ -166,6 +168,9 @@ async def generate(request: Request, state: ServerState, prep: PreparedRequest) 
                 if out is None:
                     return
                 request.state.usage = (out.num_prompt_tokens, out.num_output_tokens)
+                first = first or time.perf_counter()
+                if out.finished:
+                    state.metrics.observe(prep.lora_name, start, first, time.perf_counter(), out)
                 yield out
         finally:
             disconnected.cancel()

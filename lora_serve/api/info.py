@@ -1,9 +1,10 @@
-"""GET /v1/models, /health, /version."""
+"""GET /v1/models, /health, /version, /metrics (Prometheus text format; open, as health is)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from lora_serve import __version__
 from lora_serve.api.auth import principal_of
@@ -24,6 +25,11 @@ async def health(state: ServerState = Depends(get_state)) -> JSONResponse:
     if state.engine.is_healthy:
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "unhealthy"}, status_code=503)
+
+
+@open_router.get("/metrics")
+async def metrics(state: ServerState = Depends(get_state)) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @open_router.get("/version")

@@ -19,6 +19,7 @@ from lora_serve.api.body_limit import BodyLimit
 from lora_serve.api.auth import require_admin_key, require_api_key, require_tenant_key
 from lora_serve.api.errors import install_error_handlers
 from lora_serve.api.logprobs import TokenText
+from lora_serve.api.metrics import RequestMetrics
 from lora_serve.api.models import ModelRegistry
 from lora_serve.api.state import ServerState
 from lora_serve.api.tenants import KeyTable
@@ -46,6 +47,7 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
         ),
         token_text=TokenText(engine.tokenizer),
         admission=Admission(config.max_queue, config.retry_after_s, config.request_timeout_s),
+        metrics=RequestMetrics(engine),
         keys=KeyTable.load(config.auth_file) if config.auth_file is not None else None,
     )
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from lora_serve.api.admission import Admission
 from lora_serve.api.logprobs import TokenText
+from lora_serve.api.metrics import RequestMetrics
 from lora_serve.api.models import ModelRegistry
 from lora_serve.api.tenants import KeyTable
 from lora_serve.config import ServerConfig
@@ -24,6 +25,7 @@ class ServerState:
     models: ModelRegistry
     token_text: TokenText
     admission: Admission
+    metrics: RequestMetrics
     keys: KeyTable | None = None  # --auth-file
 
 

@@ -40,6 +40,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._pending: dict[str, str | None] = {}  # submitted, not yet added by the loop: request id -> adapter
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="lora-serve-engine", daemon=True)
@@ -89,7 +90,13 @@ class AsyncEngine:
         return self.engine.num_running()
 
     def num_waiting(self) -> int:
-        return self.engine.num_waiting()
+        """Requests not running yet: in the scheduler's queue, or submitted and not yet seen by the loop."""
+        return self.engine.num_waiting() + len(self._pending)
+
+    def adapters_in_flight(self) -> tuple[set[str], set[str]]:
+        """Adapter names of running and of waiting requests (for metrics and routing)."""
+        running, waiting = self.engine.adapters_in_flight()
+        return running, waiting | {name for name in list(self._pending.values()) if name}
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -113,6 +120,7 @@ class AsyncEngine:
                 with self._lock:
                     self._streams.pop(request_id, None)
                 raise
+        self._pending[request_id] = lora_name
         self._submit(lambda: self._add(request_id, prompt_token_ids, params, lora_name))
         finished = False
         try:
@@ -196,6 +204,8 @@ class AsyncEngine:
             self.engine.add_request(request_id, prompt_token_ids, params, lora_name, lora_acquired=True)
         except Exception as exc:
             self._deliver(RequestOutput(request_id, [], "", [], len(prompt_token_ids), 0, "error", str(exc)))
+        finally:
+            self._pending.pop(request_id, None)
 
     def _run_command(self, command: Callable[[], None]) -> None:
         try:

@@ -156,6 +156,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def adapters_in_flight(self) -> tuple[set[str], set[str]]:
+        """Adapter names of the running and of the waiting requests (read from any thread, for metrics)."""
+        running = {s.lora_name for s in list(self.scheduler.running) if s.lora_name}
+        waiting = {s.lora_name for s in list(self.scheduler.waiting) if s.lora_name}
+        return running, waiting
+
     def num_running(self) -> int:
         return len(self.scheduler.running)
 

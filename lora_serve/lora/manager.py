@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class LoRAManager:
         self.num_loads = 0
         self.num_evictions = 0
         self.num_merges = 0
+        self.load_seconds = 0.0
         self.merged = MergedWeights(model)
         self.base_params = sum(p.numel() for p in model.parameters())
         self.batch_cls = lora_batch_class(model.device)
@@ -148,6 +150,7 @@ class LoRAManager:
             if name in self._cpu:
                 self._cpu.move_to_end(name)
                 return
+        start = time.perf_counter()
         try:
             loaded = LoRAModel.load(name, record.path, self.registry.arch, self.config.max_lora_rank)
         except Exception:
@@ -156,6 +159,7 @@ class LoRAManager:
         with self._lock:
             self._cpu[name] = loaded
             self.num_loads += 1
+            self.load_seconds += time.perf_counter() - start
             self._evict_cpu()
 
     def release(self, name: str) -> None:

@@ -1,0 +1,108 @@
+"""GET /metrics: vLLM's routing series and lora-serve's per-adapter series, with their types and labels."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lora_serve.config import ServerConfig
+from tests.api.adapter_helpers import make_tiny_adapters, tiny_engine_with
+from tests.api.live_server import LiveServer, live_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    _, paths = make_tiny_adapters(tiny_llama_dir, tmp_path_factory.mktemp("peft"))
+    modules = [f"{name}={path}" for name, path in paths.items()]
+    with tiny_engine_with(tiny_llama_dir, tmp_path_factory.mktemp("store"), lora_modules=modules, max_loras=2) as engine:
+        with live_server(engine, ServerConfig(served_model_name="tiny")) as live:
+            yield live
+
+
+def scrape(server: LiveServer) -> dict:
+    r = httpx.get(f"{server.base_url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+
+def samples(family, name: str | None = None) -> dict[tuple, float]:
+    return {tuple(sorted(s.labels.items())): s.value for s in family.samples if name is None or s.name == name}
+
+
+def test_metrics_carry_routing_and_per_adapter_series(server: LiveServer) -> None:
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    for model, n in [("r4-attn", 5), ("r4-attn", 3), ("tiny", 4)]:
+        client.completions.create(model=model, prompt="Hello there", max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+    m = scrape(server)
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info"):
+        assert m[name].type == "gauge", name
+    assert samples(m["vllm:num_requests_running"]) == {(): 0.0}
+    info = m["vllm:lora_requests_info"].samples[0].labels
+    assert info == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "2"}
+    assert m["lora_serve_requests"].type == "counter"
+    assert samples(m["lora_serve_requests"], "lora_serve_requests_total") == {
+        (("adapter", "r4-attn"), ("finish_reason", "length")): 2.0,
+        (("adapter", ""), ("finish_reason", "length")): 1.0,
+    }
+    completion = samples(m["lora_serve_tokens"], "lora_serve_tokens_total")
+    assert completion[(("adapter", "r4-attn"), ("kind", "completion"))] == 8.0
+    assert m["lora_serve_time_to_first_token_seconds"].type == "histogram"
+    ttft_count = samples(m["lora_serve_time_to_first_token_seconds"], "lora_serve_time_to_first_token_seconds_count")
+    assert ttft_count == {(("adapter", "r4-attn"),): 2.0, (("adapter", ""),): 1.0}
+    tpot_count = samples(m["lora_serve_time_per_output_token_seconds"], "lora_serve_time_per_output_token_seconds_count")
+    assert tpot_count[(("adapter", "r4-attn"),)] == 2.0
+    residency = samples(m["lora_serve_adapter_residency"])
+    assert residency[(("adapter", "r4-attn"), ("tier", "device"))] == 1.0
+    assert {dict(k)["adapter"] for k in residency} == {"r4-attn", "r8-all", "r2-mlp"}
+    assert m["lora_serve_adapter_evictions"].type == "counter"
+    assert samples(m["lora_serve_merge_policy_switches"], "lora_serve_merge_policy_switches_total") == {
+        (("action", "merge"),): 0.0,
+        (("action", "unmerge"),): 0.0,
+    }
+
+
+def test_running_and_waiting_adapters_show_while_streams_run(server: LiveServer) -> None:
+    """The engine thread is held after the step that starts the stream, so nothing can move."""
+    engine = server.engine.engine
+    paused, resume = threading.Event(), threading.Event()
+    step = engine.step
+
+    def step_then_hold():
+        outputs = step()
+        if engine.num_running() and not paused.is_set():
+            paused.set()
+            resume.wait(30)
+        return outputs
+
+    engine.step = step_then_hold
+    body = {"model": "r8-all", "prompt": "Hi", "max_tokens": 20}
+    running = threading.Thread(target=httpx.post, args=(f"{server.base_url}/v1/completions",), kwargs={"json": body, "timeout": 60})
+    waiting = threading.Thread(
+        target=httpx.post, args=(f"{server.base_url}/v1/completions",), kwargs={"json": {**body, "model": "r2-mlp"}, "timeout": 60}
+    )
+    try:
+        running.start()
+        assert paused.wait(30)
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while scrape(server)["vllm:num_requests_waiting"].samples[0].value < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        m = scrape(server)
+    finally:
+        resume.set()
+        del engine.step
+        running.join(30)
+        waiting.join(30)
+    info = m["vllm:lora_requests_info"].samples[0].labels
+    assert info["running_lora_adapters"] == "r8-all"
+    assert info["waiting_lora_adapters"] == "r2-mlp"
+    assert m["vllm:num_requests_running"].samples[0].value == 1.0
+    assert m["vllm:num_requests_waiting"].samples[0].value == 1.0
+    assert 0 < m["vllm:kv_cache_usage_perc"].samples[0].value < 1
