@@ -11,7 +11,7 @@ PIP := $(PYTHON) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-SERVE_ARGS ?=
+SERVE_ARGS ?= --adapter-dir adapters
 ARGS ?=
 
 .PHONY: venv torch serve test bench

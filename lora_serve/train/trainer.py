@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..lora.lora_model import CONFIG_FILE
 from ..model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
 from .config import TrainConfig
-from .data import Example, collate, encode, load_conversations
+from .data import IGNORE_INDEX, Example, collate, encode, load_conversations
 
 log = logging.getLogger(__name__)
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -64,7 +64,7 @@ def train(config: TrainConfig, data_path: Path) -> TrainResult:
     with tqdm(total=num_steps, desc=f"Training {config.output_dir.name}", unit="step") as bar:
         for batch in _batches(examples, config.batch_size, num_steps, generator):
             inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-            loss = model(**inputs).loss
+            loss = assistant_loss(model, **inputs)
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -88,9 +88,15 @@ def encode_all(tokenizer, conversations: list, max_length: int) -> list[Example]
 
 def add_lora(base, config: TrainConfig):
     """Freeze the base and wrap the targeted projections in PEFT LoRA layers (B starts at zero)."""
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("lora-serve train needs HF PEFT: pip install peft") from None
 
+    num_layers = base.config.num_hidden_layers
+    top = min(config.top_layers or num_layers, num_layers)
     lora = LoraConfig(
+        layers_to_transform=list(range(num_layers - top, num_layers)) if top < num_layers else None,
         task_type="CAUSAL_LM",
         r=config.r,
         lora_alpha=config.lora_alpha,
@@ -99,6 +105,18 @@ def add_lora(base, config: TrainConfig):
         bias="none",
     )
     return get_peft_model(base, lora)  # marks only lora_A / lora_B trainable
+
+
+def assistant_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (assistant) tokens, as HF's `labels=` loss,
+    but the output layer runs only where there is a label: about a third of the tokens here,
+    and the output layer (vocab x hidden) is a fifth of a 135M model's compute."""
+    causal_lm = model.get_base_model()  # *ForCausalLM with the LoRA layers in place
+    hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+    targets = labels[:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE_INDEX  # [B, T-1]
+    logits = causal_lm.lm_head(hidden[:, :-1][keep])  # [N, V], N labelled tokens
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 def _batches(examples: list[Example], batch_size: int, num_steps: int, generator: torch.Generator) -> Iterator[list[Example]]:
@@ -122,7 +140,8 @@ def save_adapter(model, output_dir: Path, dtype: torch.dtype) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.data = p.data.to(dtype)
-    model.save_pretrained(output_dir, safe_serialization=True)
+    # save_embedding_layers=False: embeddings never train here, and PEFT would look the base up to check.
+    model.save_pretrained(output_dir, safe_serialization=True, save_embedding_layers=False)
     if not had_readme:  # PEFT's boilerplate model card; the folder holds the adapter only
         (output_dir / "README.md").unlink(missing_ok=True)
     _sort_target_modules(output_dir / CONFIG_FILE)
