@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import platform
 
-from pydantic import BaseModel, ConfigDict
-from pydantic_settings import CliApp, CliSubCommand
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import CliApp, CliSubCommand, CliVariadicArg
+
+from lora_serve.bench.serve_config import ClientConfig, WorkloadConfig
 
 
 class _BenchBase(BaseModel):
@@ -80,6 +82,116 @@ class BenchLoRA(_BenchBase):
         print(mixed_lora.report(result, self.num_adapters))
 
 
+class BenchEngine(_BenchBase):
+    """Offline: prefill, decode and whole-run throughput vs the number of distinct adapters (base / merged / unmerged, interleaved)."""
+
+    num_adapters_list: CliVariadicArg[list[int]] = [1, 8, 32, 128]
+    """Numbers of distinct adapters to sweep."""
+
+    num_seqs: int = Field(128, ge=1)
+    """Sequences per batch (all submitted at once); at least the largest N, so that every adapter has one."""
+
+    rank: int = Field(16, ge=1)
+    """Adapter rank."""
+
+    targets: CliVariadicArg[list[str]] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Projections the random adapters adapt."""
+
+    max_loras: int | None = Field(None, ge=1)
+    """Adapter slots (default: min(N, 32); fewer slots than adapters makes the engine rotate them)."""
+
+    prompt_len: int = Field(32, ge=1)
+    """Prompt tokens per sequence."""
+
+    decode_steps: int = Field(16, ge=1)
+    """Output tokens after the first, per sequence."""
+
+    repeats: int = Field(3, ge=1)
+    """Interleaved rounds after the warm-up (medians are reported)."""
+
+    peft: bool = False
+    """Also run each N through HF PEFT (adapter_names, one padded batch)."""
+
+    result_dir: str | None = None
+    """Folder for the JSON rows and the ratio plot."""
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> "BenchEngine":
+        if self.num_seqs < max(self.num_adapters_list):
+            raise ValueError(f"--num-seqs ({self.num_seqs}) must be >= the largest of --num-adapters-list, so that every adapter has a sequence")
+        return self
+
+    def cli_cmd(self) -> None:
+        from pathlib import Path
+
+        from lora_serve.bench import engine_sweep
+
+        rows = engine_sweep.sweep(
+            self._setup(), self.num_adapters_list, self.num_seqs, self.rank, tuple(self.targets), self.max_loras,
+            self.prompt_len, self.decode_steps, self.repeats, self.peft, self.seed,
+        )  # fmt: skip
+        print(engine_sweep.report(rows))
+        if self.result_dir:
+            for path in engine_sweep.write(rows, Path(self.result_dir), "engine-sweep"):
+                print(f"# wrote {path}")
+
+
+class BenchServe(WorkloadConfig, ClientConfig):
+    """Drive a running server over HTTP with a seeded multi-adapter trace (S-LoRA's workload); TTFT, TPOT, ITL, goodput."""
+
+    def cli_cmd(self) -> None:
+        import asyncio
+        import logging
+
+        from lora_serve.bench import online, serve_results
+
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+
+        workload = WorkloadConfig(**{k: getattr(self, k) for k in WorkloadConfig.model_fields})
+        client = ClientConfig(**{k: getattr(self, k) for k in ClientConfig.model_fields})
+        results = asyncio.run(online.bench(workload, client))
+        print(serve_results.report(results))
+        if client.result_dir is not None:
+            for path in serve_results.write(results, client.result_dir, client.label):
+                print(f"# wrote {path}")
+
+
+class BenchWriteAdapters(BaseModel):
+    """Write random PEFT adapters <prefix>0 .. <prefix>{n-1} into a folder (serve them with --adapter-dir)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    out: str
+    """Folder to write into (one sub-folder per adapter)."""
+
+    model: str | None = None
+    """Base model directory whose shapes the adapters fit (default: the embedded SmolLM2-135M-Instruct)."""
+
+    num_adapters: int = Field(100, ge=1)
+    """How many adapters."""
+
+    prefix: str = "bench-"
+    """Adapter name prefix."""
+
+    rank: int = Field(16, ge=1)
+    """LoRA rank."""
+
+    targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Projections adapted."""
+
+    def cli_cmd(self) -> None:
+        from pathlib import Path
+
+        from lora_serve.bench.random_adapters import write_random_adapter
+        from lora_serve.model.arch import ModelArch
+        from lora_serve.model.default_model import resolve_model_path
+
+        arch = ModelArch.from_dir(resolve_model_path(self.model))
+        for i in range(self.num_adapters):
+            write_random_adapter(Path(self.out) / f"{self.prefix}{i}", arch, self.rank, seed=i, targets=tuple(self.targets))
+        print(f"# wrote {self.num_adapters} adapters of rank {self.rank} to {self.out}")
+
+
 class BenchCommand(BaseModel):
     """Benchmarks, measured side by side in one run (ratios are what to compare across machines)."""
 
@@ -88,6 +200,15 @@ class BenchCommand(BaseModel):
 
     lora: CliSubCommand[BenchLoRA]
     """Mixed adapters vs base, and vs PEFT."""
+
+    engine: CliSubCommand[BenchEngine]
+    """Offline: the number of distinct adapters swept, base / merged / unmerged, vs base (and PEFT)."""
+
+    serve: CliSubCommand[BenchServe]
+    """Online: a running server under a seeded multi-adapter trace."""
+
+    write_adapters: CliSubCommand[BenchWriteAdapters]
+    """Random adapters for `bench serve` (PEFT format)."""
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

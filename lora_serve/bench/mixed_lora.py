@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from ..engine.llm_engine import LLMEngine
-from .random_adapters import write_random_adapter
+from .random_adapters import ALL_LINEAR, write_random_adapter
 from .runners import engine_phases, hf_phases, random_prompts
 from .table import markdown_table
 
@@ -35,7 +36,7 @@ def run(
     seed: int = 0,
 ) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        engine = _engine(model_path, Path(tmp), num_adapters, rank, num_seqs, prompt_len + decode_steps + 8)
+        engine = build_engine(model_path, Path(tmp), num_adapters, rank, num_seqs, prompt_len + decode_steps + 8)
         names = [f"bench-{i}" for i in range(num_adapters)]
         loras = [names[i % num_adapters] for i in range(num_seqs)]
         prompts = random_prompts(engine.arch.vocab_size, [prompt_len] * num_seqs, seed)
@@ -47,38 +48,56 @@ def run(
             "1 adapter merged": (one, names[0]),
             f"{num_adapters} adapters": (loras, None),
         }
-        rounds: list[dict] = []
-        for rep in range(repeats + 1):  # the first round warms up (and fills every slot)
-            one_round = {}
-            for k, (v, merged) in configs.items():
-                if merged:
-                    engine.merge_adapter(merged)
-                one_round[k] = engine_phases(engine, prompts, decode_steps if rep else 2, v)
-                engine.unmerge_adapter()
-            if rep:
-                rounds.append(one_round)
-        result = _summarise(rounds, "base")
+        rounds = interleave(engine, configs, repeats, lambda loras, warm_up: engine_phases(engine, prompts, 2 if warm_up else decode_steps, loras))
+        result = summarise(rounds, "base")
         if with_peft:
-            result.update(_peft(model_path, Path(tmp), names, loras, prompts, decode_steps, repeats))
+            result.update(peft_rounds(model_path, Path(tmp), names, loras, prompts, decode_steps, repeats))
     return result
 
 
-def _engine(model_path: Path, tmp: Path, num_adapters: int, rank: int, num_seqs: int, max_len: int) -> LLMEngine:
+def interleave(
+    engine: LLMEngine, configs: dict[str, tuple[list[str | None], str | None]], repeats: int,
+    measure: Callable[[list[str | None], bool], object], on_round: Callable[[], None] = lambda: None,
+) -> list[dict]:  # fmt: skip
+    """[{label: measure(loras, warm_up)}] for `repeats` rounds, every configuration in turn within a round,
+    after one warm-up round that is dropped (it also fills the slots). configs: label -> (adapter per
+    sequence, adapter merged into the base while that configuration runs)."""
+    rounds = []
+    for rep in range(repeats + 1):
+        one_round = {}
+        for label, (loras, merged) in configs.items():
+            if merged:
+                engine.merge_adapter(merged)
+            one_round[label] = measure(loras, rep == 0)
+            engine.unmerge_adapter()
+        if rep:
+            rounds.append(one_round)
+        on_round()
+    return rounds
+
+
+def build_engine(
+    model_path: Path, tmp: Path, num_adapters: int, rank: int, num_seqs: int, max_len: int,
+    max_loras: int | None = None, targets: tuple[str, ...] = ALL_LINEAR, kv_cache_gb: float = 1.0,
+) -> LLMEngine:  # fmt: skip
+    """An engine whose batch of num_seqs prompts fits one step, with adapters bench-0.. written to tmp and registered
+    (max_loras default: one slot per adapter)."""
+    slots = max_loras or num_adapters
     engine = LLMEngine(
         EngineConfig(
             scheduler=SchedulerConfig(max_num_seqs=max(num_seqs, 1), max_model_len=max(max_len, 64), max_num_batched_tokens=max(2048, num_seqs * max_len)),
-            cache=CacheConfig(kv_cache_memory_gb=1.0),
-            lora=LoRAConfig(max_loras=num_adapters, max_lora_rank=rank),
+            cache=CacheConfig(kv_cache_memory_gb=kv_cache_gb),
+            lora=LoRAConfig(max_loras=slots, max_cpu_loras=max(num_adapters, slots), max_lora_rank=rank),
         ),
         model_path,
     )
     for i in range(num_adapters):
-        path = write_random_adapter(tmp / f"bench-{i}", engine.arch, rank, seed=i)
+        path = write_random_adapter(tmp / f"bench-{i}", engine.arch, rank, seed=i, targets=targets)
         engine.lora.register(f"bench-{i}", path, "lora-modules")
     return engine
 
 
-def _summarise(rounds: list[dict], base: str) -> dict:
+def summarise(rounds: list[dict], base: str) -> dict:
     """Per configuration: median prefill and decode tok/s, and the ratios to `base` computed within
     each round (paired, so a slow spell of a shared machine hits both sides), median and range."""
 
@@ -100,7 +119,8 @@ def _summarise(rounds: list[dict], base: str) -> dict:
     return out
 
 
-def _peft(model_path: Path, tmp: Path, names: list[str], loras: list[str], prompts, decode_steps: int, repeats: int) -> dict:
+def peft_rounds(model_path: Path, tmp: Path, names: list[str], loras: list[str], prompts, decode_steps: int, repeats: int) -> dict:
+    """PEFT base / one adapter / the mixed batch (adapter_names) on one padded batch, summarised like ours."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -120,7 +140,7 @@ def _peft(model_path: Path, tmp: Path, names: list[str], loras: list[str], promp
             "peft 1 adapter unmerged": hf_phases(model, prompts, decode_steps, pad),
             f"peft {len(names)} adapters": hf_phases(model, prompts, decode_steps, pad, adapter_names=loras),
         })  # fmt: skip
-    return _summarise(rounds, "peft base")
+    return summarise(rounds, "peft base")
 
 
 def report(result: dict, num_adapters: int) -> str:

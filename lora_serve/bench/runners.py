@@ -65,6 +65,32 @@ def engine_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int
     return prefill, steps
 
 
+def engine_run_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: list[str | None]) -> tuple[Timing, list[Timing], Timing]:
+    """(prefill, decode steps, whole run) with every request submitted at once and run to the end.
+
+    Unlike engine_phases the batch may need several prefill steps (more distinct adapters than
+    slots: the scheduler rotates them). A step that starts any sequence counts as prefill (its
+    prompt tokens over its time); a step that only extends sequences counts as one decode step.
+    """
+    for i, (p, lora) in enumerate(zip(prompts, loras)):
+        engine.add_request(f"bench-{i}", p, _greedy(decode_steps + 1), lora)
+    started: set[str] = set()
+    prefill, steps = Timing(0, 0.0), []
+    t_start = time.perf_counter()
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        outputs = engine.step()
+        seconds = time.perf_counter() - t
+        new = [o.request_id for o in outputs if o.request_id not in started]
+        if new:
+            started.update(new)
+            prefill = Timing(prefill.tokens + sum(len(prompts[int(r.rsplit("-", 1)[1])]) for r in new), prefill.seconds + seconds)
+        elif outputs:
+            steps.append(Timing(len(outputs), seconds))
+    total = Timing(len(prompts) * (decode_steps + 1), time.perf_counter() - t_start)
+    return prefill, steps, total
+
+
 @torch.inference_mode()
 def hf_one_at_a_time(model, prompts: list[list[int]], max_tokens: list[int]) -> Timing:
     start = time.perf_counter()

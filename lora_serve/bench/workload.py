@@ -1,0 +1,77 @@
+"""A seeded request trace in the manner of S-LoRA's synthetic workloads (Sheng et al. 2023, sec. 7.1).
+
+    trace = list(make_trace(WorkloadConfig(adapter_prefix="bench-", num_adapters=100, alpha=0.5), vocab_size))
+
+Adapters, arrival gaps, lengths and prompts each come from their own Generator spawned
+from the seed: the same seed gives the identical trace, a prefix of a longer trace equals
+the shorter one, and a different --request-rate changes only the arrival times.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .serve_config import WorkloadConfig
+
+# Ids from here up skip the special and byte tokens at the start of most vocabularies.
+FIRST_PLAIN_ID = 1000
+WORDS = "the of and to in is was for on that with as by at from his her which this an are be".split()
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    index: int
+    arrival_s: float  # since the start of the run (0 for every request when the rate is inf)
+    adapter: str | None  # None: the base model (no adapters given)
+    prompt: list[int] | str
+    input_len: int  # tokens for token-id prompts, words for text prompts
+    output_len: int  # exact (EOS ignored)
+
+
+def adapter_ranks(popularity: str, n: int, size: int, rng: np.random.Generator, alpha: float = 1.0, zipf_s: float = 1.1) -> np.ndarray:
+    """[size] popularity ranks in [0, n): rank 0 is the most requested."""
+    if popularity == "uniform":
+        return rng.integers(0, n, size)
+    if popularity == "power-law":
+        # S-LoRA: int(power(alpha) * n); the density alpha * x^(alpha-1) piles up near 0 for alpha < 1.
+        return np.minimum((rng.power(alpha, size) * n).astype(np.int64), n - 1)
+    if popularity == "zipf":
+        weights = 1.0 / np.arange(1, n + 1) ** zipf_s  # bounded Zipf over n ranks
+        return rng.choice(n, size, p=weights / weights.sum())
+    raise ValueError(f"unknown popularity {popularity!r}")
+
+
+def gamma_gaps(rate: float, cv: float, size: int, rng: np.random.Generator) -> np.ndarray:
+    """[size] inter-arrival seconds with mean 1/rate and coefficient of variation cv (cv=1: Poisson)."""
+    if math.isinf(rate):
+        return np.zeros(size)
+    shape = 1.0 / cv**2  # Gamma(k, theta): mean k*theta, CV 1/sqrt(k)
+    return rng.gamma(shape, 1.0 / (rate * shape), size)
+
+
+def _length(bounds: list[int], rng: np.random.Generator) -> int:
+    return int(bounds[0]) if len(bounds) == 1 else int(rng.integers(bounds[0], bounds[1] + 1))
+
+
+def make_trace(config: WorkloadConfig, vocab_size: int, rate: float | None = None) -> Iterator[RequestSpec]:
+    """Requests in arrival order: num_requests of them, fewer if --duration cuts the arrivals off.
+    rate: one of config.request_rate (default: the first)."""
+    rate = config.request_rate[0] if rate is None else rate
+    adapter_rng, arrival_rng, length_rng, prompt_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4))
+    names = config.adapter_names()
+    clock = 0.0
+    for i in range(config.num_requests):
+        rank = int(adapter_ranks(config.popularity, len(names), 1, adapter_rng, config.alpha, config.zipf_s)[0]) if names else None
+        clock += float(gamma_gaps(rate, config.cv, 1, arrival_rng)[0])
+        if config.duration is not None and clock > config.duration:
+            return
+        n_in, n_out = _length(config.input_len, length_rng), _length(config.output_len, length_rng)
+        if config.prompt_format == "token-ids":
+            prompt: list[int] | str = prompt_rng.integers(FIRST_PLAIN_ID, vocab_size, n_in).tolist()
+        else:
+            prompt = " ".join(WORDS[j] for j in prompt_rng.integers(0, len(WORDS), n_in))
+        yield RequestSpec(i, clock, None if rank is None else names[rank], prompt, n_in, n_out)

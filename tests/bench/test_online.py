@@ -1,0 +1,76 @@
+"""`bench serve` end to end: a live in-process server on the tiny model with three random adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_serve.bench import online, serve_results
+from lora_serve.bench.random_adapters import write_random_adapter
+from lora_serve.bench.serve_config import ClientConfig, WorkloadConfig
+from lora_serve.config import ServerConfig
+from lora_serve.model.arch import ModelArch
+from tests.api.adapter_helpers import tiny_engine_with
+from tests.api.live_server import live_server
+
+VLLM_KEYS = [
+    "duration", "completed", "total_input_tokens", "total_output_tokens", "request_throughput", "output_throughput",
+    "total_token_throughput", "request_goodput",
+    *(f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p90", "p99")),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    adapter_dir = tmp_path_factory.mktemp("bench-adapters")
+    arch = ModelArch.from_dir(tiny_llama_dir)
+    for i in range(3):
+        write_random_adapter(adapter_dir / f"bench-{i}", arch, rank=4, seed=i)
+    with tiny_engine_with(tiny_llama_dir, adapter_dir, max_loras=2) as engine:
+        with live_server(engine, ServerConfig(served_model_name="tiny")) as live:
+            yield live
+
+
+def test_online_run_completes_every_request_exactly(server, tmp_path: Path):
+    workload = WorkloadConfig(
+        adapter_prefix="bench-", num_adapters=3, alpha=0.5, request_rate=[50.0, float("inf")], concurrency=4,
+        input_len=[8, 24], output_len=[3, 9], num_requests=12, seed=7,
+    )  # fmt: skip
+    client = ClientConfig(url=server.base_url, with_base=True, rounds=2, goodput=["ttft:60000"], result_dir=tmp_path, progress=False)
+    results = asyncio.run(online.bench(workload, client))
+
+    trace = list(online.make_trace(workload, client.vocab_size))
+    inf = float("inf")
+    assert [(r["request_rate"], r["round"], r["target"]) for r in results] == [
+        (50.0, 0, "adapters"), (50.0, 0, "base"), (50.0, 1, "adapters"), (50.0, 1, "base"),
+        (inf, 0, "adapters"), (inf, 0, "base"), (inf, 1, "adapters"), (inf, 1, "base"),
+    ]  # fmt: skip
+    for r in results:
+        assert not [k for k in VLLM_KEYS if k not in r]
+        assert r["errors"] == [] and r["completed"] == r["num_prompts"] == 12
+        assert r["total_output_tokens"] == sum(s.output_len for s in trace)
+        assert r["total_input_tokens"] == sum(s.input_len for s in trace)
+        assert r["request_goodput"] == pytest.approx(r["request_throughput"])
+        assert {x["index"]: x["output_tokens"] for x in r["records"]} == {s.index: s.output_len for s in trace}
+        assert 0 < r["median_ttft_ms"] <= r["median_e2el_ms"]
+    assert {x["model"] for x in results[0]["records"]} <= {"bench-0", "bench-1", "bench-2"}
+    assert {x["model"] for x in results[1]["records"]} == {"tiny"}
+    ratios = serve_results.base_ratios(results)
+    assert [(r["request_rate"], r["rounds"]) for r in ratios] == [(50.0, 2), (inf, 2)]
+    assert all(lo <= r["total_token_throughput"] <= hi for r in ratios for lo, hi in [r["total_token_throughput_range"]])
+
+    paths = serve_results.write(results, tmp_path, "t")
+    assert json.loads((tmp_path / "t-adapters-rateinf-round0.json").read_text())["request_rate"] == "inf"
+    assert {p.name for p in paths if p.suffix == ".png"} == {"t-latency-cdf.png", "t-latency-vs-rate.png"}
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert "adapters / base" in serve_results.report(results)
+
+
+def test_unknown_adapter_is_an_error_not_a_crash(server):
+    workload = WorkloadConfig(adapters=["nope"], input_len=[4], output_len=[2], num_requests=2)
+    results = asyncio.run(online.bench(workload, ClientConfig(url=server.base_url, progress=False)))
+    assert results[0]["completed"] == 0 and results[0]["failed"] == 2
+    assert "HTTP 404" in results[0]["errors"][0]
