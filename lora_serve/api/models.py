@@ -4,7 +4,8 @@ A request's `model` names what it runs on (vLLM's convention):
     "<base id>"            the base model, no adapter
     "<adapter>"            that adapter on the base
     "<base id>:<adapter>"  the same, spelled out
-Adapters come and go at run time, so names are looked up in the LoRA registry per request.
+Adapters come and go at run time, so names are looked up in the LoRA registry per request;
+an unknown name is looked for in --adapter-dir before the 404 (replicas share that folder).
 An adapter the caller may not see (another tenant's upload) is reported exactly as an unknown one.
 """
 
@@ -47,7 +48,9 @@ class ModelRegistry:
         adapters: AdapterRegistry,
         merged_name: Callable[[], str | None] = lambda: None,
         owner_of: Callable[[str], str | None] = lambda name: None,
+        resolve_unknown: Callable[[str], bool] = lambda name: False,
     ) -> None:
+        self.resolve_unknown = resolve_unknown  # adapter name -> registered now (shared --adapter-dir)
         self.merged_name = merged_name
         self.owner_of = owner_of  # adapter name -> the tenant that uploaded it
         self.base_name = base_name
@@ -57,7 +60,8 @@ class ModelRegistry:
         self.created = int(time.time())
 
     def _visible(self, name: str, viewer: Principal) -> bool:
-        return self.adapters.contains(name) and viewer.can_see(self.owner_of(name))
+        known = self.adapters.contains(name) or self.resolve_unknown(name)
+        return known and viewer.can_see(self.owner_of(name))
 
     def resolve(self, name: str | None, viewer: Principal = OPEN) -> str | None:
         """The lora_name a request's `model` field selects (None: the base model); 404 if unknown or not visible."""

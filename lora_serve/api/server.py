@@ -44,6 +44,7 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
             engine.lora.registry,
             lambda: engine.lora.merged.name,
             admin.owner_of,
+            engine.lora.resolve_from_adapter_dir,
         ),
         token_text=TokenText(engine.tokenizer),
         admission=Admission(config.max_queue, config.retry_after_s, config.request_timeout_s),

@@ -16,6 +16,7 @@ adapter loads.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -26,10 +27,10 @@ from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
-from .errors import AdapterError, AdapterNotFoundError
-from .lora_model import LoRAModel, LoRAWeights
+from .errors import AdapterError, AdapterExistsError, AdapterNotFoundError
+from .lora_model import CONFIG_FILE, LoRAModel, LoRAWeights
 from .merge import MergedWeights, negated
-from .registry import AdapterRecord, AdapterRegistry
+from .registry import AdapterRecord, AdapterRegistry, check_name
 from .slots import ProjectionSlots
 from .backend import lora_batch_class
 
@@ -94,6 +95,29 @@ class LoRAManager:
                     self.register(sub.name, sub, "adapter-dir")
                 except AdapterError as exc:
                     log.error("skipping adapter folder %s: %s", sub, exc)
+
+    def resolve_from_adapter_dir(self, name: str) -> bool:
+        """Register adapter_dir/<name> on first use if it appeared after the start-up scan (another
+        replica sharing the folder stored it, as vLLM's filesystem resolver does). True if `name` is
+        registered afterwards. Only a direct child that is not a dot-folder; blocking I/O."""
+        if self.registry.contains(name):
+            return True
+        try:
+            check_name(name, self.registry.base_name)
+        except AdapterError:
+            return False
+        root = Path(os.path.realpath(self.adapter_dir))
+        path = Path(os.path.realpath(root / name))
+        if name.startswith(".") or path.parent != root or path.name != name or not (path / CONFIG_FILE).is_file():
+            return False
+        try:
+            self.register(name, path, "adapter-dir")
+        except AdapterExistsError:  # a concurrent request registered it first, or it is being deleted
+            return self.registry.contains(name)
+        except AdapterError as exc:
+            log.warning("not resolving adapter folder %s: %s", path, exc)
+            return False
+        return True
 
     def unregister(self, name: str) -> None:
         """Refuse new requests at once; drop the weights when the in-flight ones have finished.

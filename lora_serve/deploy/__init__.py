@@ -1,0 +1,1 @@
+"""Ways to run lora-serve beyond one process; see deploy/README.md."""
