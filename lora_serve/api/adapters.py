@@ -87,7 +87,7 @@ class AdapterAdmin:
         self.allowed_dirs = [Path(os.path.realpath(d)) for d in allowed_dirs]
         self.max_adapter_bytes = engine.lora.config.max_adapter_bytes
         self.store = AdapterStore(engine.lora.adapter_dir)  # removes crashed uploads' leftovers
-        self.base_params = sum(p.numel() for p in engine.engine.model.parameters())
+        self.base_params = engine.lora.base_params
 
     def info(self, record: AdapterRecord) -> AdapterInfo:
         return AdapterInfo(
