@@ -79,12 +79,15 @@ class AdapterStore:
             for file_name, stream in files.items():
                 with open(tmp / file_name, "wb") as out:
                     shutil.copyfileobj(stream, out)
+                    out.flush()
+                    os.fsync(out.fileno())  # on disk before the rename publishes it, even across a power cut
             model = validate(tmp)
             try:
                 # Refused onto a non-empty folder, so of two concurrent uploads of one name only one lands.
                 os.rename(tmp, target)
             except OSError:
                 raise _exists(name) from None
+            _fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -99,3 +102,12 @@ class AdapterStore:
         os.rename(path, doomed / path.name)  # gone from the store in one step; rmtree may take a while
         shutil.rmtree(doomed, ignore_errors=True)
         return True
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
