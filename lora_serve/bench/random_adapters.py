@@ -8,23 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..lora.lora_model import projection_shapes
+from ..lora.peft_config import PROJECTIONS, module_path
 from ..model.arch import ModelArch
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def projection_shapes(arch: ModelArch) -> dict[str, tuple[str, int, int]]:
-    """PEFT module -> (parent module, in_features, out_features)."""
-    h, q, kv, n = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size
-    return {
-        "q_proj": ("self_attn", h, q),
-        "k_proj": ("self_attn", h, kv),
-        "v_proj": ("self_attn", h, kv),
-        "o_proj": ("self_attn", q, h),
-        "gate_proj": ("mlp", h, n),
-        "up_proj": ("mlp", h, n),
-        "down_proj": ("mlp", n, h),
-    }
+ALL_LINEAR = tuple(PROJECTIONS)  # the seven projections of a Llama block
 
 
 def write_random_adapter(path: Path, arch: ModelArch, rank: int, seed: int, targets=ALL_LINEAR, alpha: float | None = None) -> Path:
@@ -33,8 +21,8 @@ def write_random_adapter(path: Path, arch: ModelArch, rank: int, seed: int, targ
     tensors = {}
     for layer in range(arch.num_layers):
         for module in targets:
-            parent, fan_in, fan_out = shapes[module]
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            fan_in, fan_out = shapes[module]
+            prefix = f"base_model.model.{module_path(layer, module)}"
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.01
     path.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ class LoRAManager:
         # [(layer, slice names, slots)] for every projection; slots are filled per adapter.
         self._projections: list[tuple[int, tuple[str, ...], ProjectionSlots]] = []
         for i, layer in enumerate(model.layers):
-            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            for linear in layer.linears():
                 slots = ProjectionSlots(linear, config.max_loras + 1, config.max_lora_rank, model.device)
                 linear.lora_slots = slots
                 self._projections.append((i, linear.slice_names, slots))

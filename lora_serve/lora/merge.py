@@ -20,11 +20,6 @@ import torch
 from ..model.llama import LlamaModel
 from .lora_model import LoRAModel, LoRAWeights
 
-_PARENT = {"q_proj": "self_attn.qkv_proj", "k_proj": "self_attn.qkv_proj", "v_proj": "self_attn.qkv_proj",
-           "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_up_proj", "up_proj": "mlp.gate_up_proj",
-           "down_proj": "mlp.down_proj"}  # fmt: skip
-
-
 class MergedWeights:
     def __init__(self, model: LlamaModel):
         self.model = model
@@ -32,7 +27,7 @@ class MergedWeights:
         self._pristine: dict[tuple[int, str], torch.Tensor] = {}  # (layer, module) -> W0 rows
 
     def _rows(self, layer: int, module: str) -> torch.Tensor:
-        linear = self.model.layers[layer].get_submodule(_PARENT[module])
+        linear = self.model.layers[layer].linear_of(module)
         return linear.weight[linear.slice_of(module)]  # a view of the fused weight
 
     @torch.no_grad()

@@ -73,6 +73,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.mlp = MLP(arch, dtype, device)
 
+    def linears(self) -> tuple[Linear, ...]:
+        """The block's four projections; their slices carry the seven PEFT module names."""
+        return (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+
+    def linear_of(self, module: str) -> Linear:
+        """The projection holding PEFT module `module` (e.g. "k_proj" -> qkv_proj) as one of its slices."""
+        return next(linear for linear in self.linears() if module in linear.slice_names)
+
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), meta, lora)
         return x + self.mlp(self.post_attention_layernorm(x), lora)
