@@ -30,6 +30,9 @@ class ProjectionSlots:
         self.total_rank = [0] * max_loras
         self.A_used: list[torch.Tensor | None] = [None] * max_loras
         self.layout: list[list[tuple[slice, int, int, torch.Tensor]]] = [[] for _ in range(max_loras)]
+        # Per slot, ((slice index, first column, last column), ...): slots with equal signatures
+        # pack A and B alike, so one batched matmul over them is exact (torch_ops.py).
+        self.signature: list[tuple[tuple[int, int, int], ...]] = [()] * max_loras
 
     def fill(self, slot: int, weights: list[LoRAWeights | None]) -> None:
         """Copy one adapter's weights for this projection (one entry per slice, None = not targeted)."""
@@ -42,6 +45,7 @@ class ProjectionSlots:
             self.A[slot, row : row + r].copy_(w.A)
             self.B[s][slot, :, :r].copy_(w.B * w.scale)
             self.layout[slot].append((self.out_slices[s], row, row + r, self.B[s][slot, :, :r].t()))
+            self.signature[slot] += ((s, row, row + r),)
             row += r
         self.total_rank[slot] = row
         self.A_used[slot] = self.A[slot, :row].t() if row else None  # [in, total_rank]
@@ -54,3 +58,4 @@ class ProjectionSlots:
         self.total_rank[slot] = 0
         self.A_used[slot] = None
         self.layout[slot] = []
+        self.signature[slot] = ()

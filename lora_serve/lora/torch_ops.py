@@ -1,11 +1,16 @@
 """Segmented mixed-adapter LoRA in plain torch (the CPU backend).
 
 The batch is ordered by adapter slot once per step, so each adapter's tokens form one
-contiguous run of rows (a segment, as in Punica's SGMV). Per projection and segment:
-one shrink x[lo:hi]·Aᵀ over all of the adapter's slices at once, then one
-`addmm_` per slice straight into the output view. Rows with no adapter are in no
-segment and receive nothing. Measured against per-token gathers and PEFT's
-mask-per-adapter loop, this was the fastest on CPU (shared/RESEARCH.md).
+contiguous run of rows (a segment, as in Punica's SGMV). Two ways to apply a step's segments:
+
+- grouped: when many short segments (decode) use slots of one layout, one `bmm` shrink over
+  the slot range and one `bmm` expand per slice cover all of them. A decode step with 32
+  adapters then costs 4 batched matmuls per projection instead of 32 x 4 small ones; the
+  per-op dispatch of the small ones was most of the LoRA time on CPU (docs/benchmarks.md).
+- per segment: one shrink x[lo:hi]·Aᵀ over all of the adapter's slices at once, then one
+  `addmm_` per slice straight into the output view (long segments: prefill, or one adapter).
+
+Rows with no adapter are in no segment and receive nothing.
 """
 
 from __future__ import annotations
@@ -14,23 +19,126 @@ import torch
 
 from .slots import ProjectionSlots
 
+Segment = tuple[int, int, int]  # (slot, lo, hi): rows lo..hi-1 of the packed batch use `slot`
+
+# Grouping pads every segment of a pass to the longest one, over every slot of its range: it is
+# chosen while that padded block has at most this many times the pass's real rows.
+MAX_PADDING = 4
+
+
+class _Group:
+    """Segments of distinct slots, applied as batched matmuls over slots s0..s1-1.
+
+    The rows are scattered into a zero block [s1 - s0, m, in] (m = longest segment) at
+    (slot - s0, position in segment); `dense` means each slot of the range has exactly one
+    row and they are in slot order, so the block is a view of x[lo:hi] and no copy is made."""
+
+    def __init__(self, segments: list[Segment]):
+        slots = [s for s, _, _ in segments]
+        self.s0, self.s1 = min(slots), max(slots) + 1
+        self.m = max(hi - lo for _, lo, hi in segments)
+        self.slots = slots
+        self.lo, self.hi = segments[0][1], segments[-1][2]
+        self.dense = self.m == 1 and len(segments) == self.s1 - self.s0 and slots == sorted(slots) and all(
+            a[2] == b[1] for a, b in zip(segments, segments[1:])
+        )
+        self._segments = segments
+        self.src: torch.Tensor | None = None  # [rows] row of x
+        self.dst: torch.Tensor | None = None  # [rows] row of the flattened padded block
+
+    @staticmethod
+    def fits(segments: list[Segment]) -> bool:
+        slots = [s for s, _, _ in segments]
+        if len(segments) < 2 or len(set(slots)) != len(slots):
+            return False
+        rows = sum(hi - lo for _, lo, hi in segments)
+        padded = (max(slots) - min(slots) + 1) * max(hi - lo for _, lo, hi in segments)
+        return padded <= MAX_PADDING * rows
+
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.src is None:  # once per step, on the first projection
+            src, dst = [], []
+            for slot, lo, hi in self._segments:
+                src.extend(range(lo, hi))
+                base = (slot - self.s0) * self.m
+                dst.extend(range(base, base + hi - lo))
+            self.src = torch.tensor(src, device=device)
+            self.dst = torch.tensor(dst, device=device)
+        return self.src, self.dst
+
 
 class SegmentedLoRABatch:
-    def __init__(self, segments: list[tuple[int, int, int]]):
-        self.segments = segments  # (slot, lo, hi): rows lo..hi-1 of the packed batch use `slot`
+    def __init__(self, segments: list[Segment]):
+        self.segments = segments
+        # Segments may overlap (the merged adapter's negation covers rows of other adapters,
+        # lora/merge.py): split into passes of disjoint segments, applied one after another.
+        passes: list[list[Segment]] = []
+        for seg in sorted(segments, key=lambda s: s[1]):
+            for p in passes:
+                if p[-1][2] <= seg[1]:
+                    p.append(seg)
+                    break
+            else:
+                passes.append([seg])
+        self.passes = [(p, _Group(p) if _Group.fits(p) else None) for p in passes]
 
     def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (base output, updated in place)
-        fp32 = y.dtype == torch.float32
-        for slot, lo, hi in self.segments:
-            a = slots.A_used[slot]
-            if a is None:
-                continue  # this adapter does not target this projection
-            xs = x[lo:hi] if fp32 else x[lo:hi].float()
-            xa = xs @ a  # [n, sum of the slices' ranks]
-            ys = y[lo:hi]
-            for out, r0, r1, bt in slots.layout[slot]:  # bt: Bᵀ [r, out_s], scale folded in
-                if fp32:
-                    ys[:, out].addmm_(xa[:, r0:r1], bt)
-                else:
-                    ys[:, out] += (xa[:, r0:r1] @ bt).to(y.dtype)
+        for segments, group in self.passes:
+            signature = _shared_signature(slots, group.slots) if group is not None else None
+            if signature:
+                _apply_group(slots, group, signature, x, y)
+            elif signature is None:
+                _apply_segments(slots, segments, x, y)
+            # signature == (): no slot of the group targets this projection
+
+
+def _shared_signature(slots: ProjectionSlots, used: list[int]):
+    """The one layout of the used slots that target this projection; () if none does; None if
+    they differ (then the group runs per segment). Untargeted slots are zero in A and B, so
+    their rows get exactly zero from the batched matmuls."""
+    shared = ()
+    for slot in used:
+        sig = slots.signature[slot]
+        if sig:
+            if not shared:
+                shared = sig
+            elif sig != shared:
+                return None
+    return shared
+
+
+def _apply_group(slots: ProjectionSlots, g: _Group, signature, x: torch.Tensor, y: torch.Tensor) -> None:
+    span, total_rank = g.s1 - g.s0, signature[-1][2]
+    xs = x if x.dtype == torch.float32 else x.float()
+    if g.dense:
+        xp = xs[g.lo : g.hi].unsqueeze(1)  # [span, 1, in]
+    else:
+        src, dst = g.indices(x.device)
+        xp = xs.new_zeros(span * g.m, xs.shape[1]).index_copy_(0, dst, xs.index_select(0, src))
+        xp = xp.view(span, g.m, -1)  # [span, m, in]
+    xa = torch.bmm(xp, slots.A[g.s0 : g.s1, :total_rank].transpose(1, 2))  # [span, m, total_rank]
+    for s, r0, r1 in signature:
+        out = slots.out_slices[s]
+        bt = slots.B[s][g.s0 : g.s1, :, : r1 - r0].transpose(1, 2)  # [span, r, out_s], scale folded in
+        d = torch.bmm(xa[:, :, r0:r1], bt).to(y.dtype)  # [span, m, out_s]
+        if g.dense:
+            y[g.lo : g.hi, out] += d.squeeze(1)
+        else:
+            y[:, out].index_add_(0, src, d.view(span * g.m, -1).index_select(0, dst))
+
+
+def _apply_segments(slots: ProjectionSlots, segments: list[Segment], x: torch.Tensor, y: torch.Tensor) -> None:
+    fp32 = y.dtype == torch.float32
+    for slot, lo, hi in segments:
+        a = slots.A_used[slot]
+        if a is None:
+            continue  # this adapter does not target this projection
+        xs = x[lo:hi] if fp32 else x[lo:hi].float()
+        xa = xs @ a  # [n, sum of the slices' ranks]
+        ys = y[lo:hi]
+        for out, r0, r1, bt in slots.layout[slot]:  # bt: Bᵀ [r, out_s], scale folded in
+            if fp32:
+                ys[:, out].addmm_(xa[:, r0:r1], bt)
+            else:
+                ys[:, out] += (xa[:, r0:r1] @ bt).to(y.dtype)

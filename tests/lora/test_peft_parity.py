@@ -10,7 +10,7 @@ from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.engine.sampling_params import SamplingParams
 
 from ..engine.helpers import chat_ids, run_to_completion
-from .conftest import ADAPTER_CONFIGS
+from .conftest import ADAPTER_CONFIGS, make_peft_adapters
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 8
@@ -104,3 +104,32 @@ def test_a_then_b_then_a_gives_identical_output(engine):
     assert runs[0]["tokens"] == runs[2]["tokens"]
     assert [lp.logprob for lp in runs[0]["logprobs"]] == [lp.logprob for lp in runs[2]["logprobs"]]
     assert runs[0]["tokens"] != runs[1]["tokens"] or runs[0]["logprobs"][0].logprob != runs[1]["logprobs"][0].logprob
+
+
+SAME_LAYOUT = {name: ADAPTER_CONFIGS["r16-all"] for name in ("same-a", "same-b", "same-c")}
+
+
+@pytest.fixture(scope="module")
+def same_layout(default_model_dir, tmp_path_factory):
+    """Three different adapters with one layout: their decode rows run as batched matmuls."""
+    peft_model, paths = make_peft_adapters(default_model_dir, tmp_path_factory.mktemp("same"), SAME_LAYOUT, seed=1)
+    config = EngineConfig(
+        scheduler=SchedulerConfig(max_model_len=512),
+        cache=CacheConfig(kv_cache_memory_gb=0.25),
+        lora=LoRAConfig(max_loras=4, max_cpu_loras=4, max_lora_rank=16, lora_modules=[f"{n}={p}" for n, p in paths.items()]),
+    )
+    return peft_model, LLMEngine(config, default_model_dir)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [["same-a", "same-b", "same-c"], ["same-a", "same-b", None, "same-a", "same-c", "same-a"]],
+    ids=["one-row-per-adapter", "several-rows-per-adapter"],
+)
+def test_same_layout_adapters_batched_together_match_peft(same_layout, plan):
+    peft_model, engine = same_layout
+    reqs = {f"s{i}": (chat_ids(engine.tokenizer, PROMPTS[i % len(PROMPTS)]), params()) for i in range(len(plan))}
+    outs = run_to_completion(engine, reqs, {f"s{i}": a for i, a in enumerate(plan)})
+    for i, adapter in enumerate(plan):
+        ref_tokens, ref_rows = reference(peft_model, adapter, reqs[f"s{i}"][0], NEW_TOKENS)
+        check_against(outs[f"s{i}"], ref_tokens, ref_rows)

@@ -1,0 +1,123 @@
+"""The torch backend's segmented LoRA against a float64 reference built from the raw weights.
+
+Each case fills ProjectionSlots for a fused q/k/v-shaped projection with random adapters and
+checks y = base + Σ over a row's segments of scale·(x·Aᵀ)·Bᵀ, computed here row by row from
+the adapters' own tensors (not from the slots), for both ways the op can run: grouped
+(batched matmuls over a slot range) and per segment.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lora_serve.lora.lora_model import LoRAWeights
+from lora_serve.lora.slots import ProjectionSlots
+from lora_serve.lora.torch_ops import SegmentedLoRABatch
+from lora_serve.model.linear import Linear
+
+IN, SLICES, MAX_RANK, NUM_SLOTS = 48, {"q_proj": 32, "k_proj": 16, "v_proj": 16}, 16, 9
+
+
+def make_slots(layouts: dict[int, dict[str, int]], seed: int):
+    """layouts: slot -> {slice name: rank}. Returns the slots and, per slot, the weights per slice."""
+    g = torch.Generator().manual_seed(seed)
+    linear = Linear(IN, SLICES, bias=False, dtype=torch.float32, device=torch.device("cpu"))
+    slots = ProjectionSlots(linear, NUM_SLOTS, MAX_RANK, torch.device("cpu"))
+    weights = {}
+    for slot, ranks in layouts.items():
+        per_slice = []
+        for name, out in SLICES.items():
+            r = ranks.get(name)
+            per_slice.append(
+                None if r is None else LoRAWeights(torch.randn(r, IN, generator=g), torch.randn(out, r, generator=g), 0.5 + slot)
+            )
+        slots.fill(slot, per_slice)
+        weights[slot] = per_slice
+    return slots, weights
+
+
+def reference(x: torch.Tensor, y0: torch.Tensor, segments, weights) -> torch.Tensor:
+    y = y0.double().clone()
+    offsets = [0]
+    for out in SLICES.values():
+        offsets.append(offsets[-1] + out)
+    for slot, lo, hi in segments:
+        for s, w in enumerate(weights[slot]):
+            if w is not None:
+                delta = x[lo:hi].double() @ w.A.double().T @ w.B.double().T * w.scale
+                y[lo:hi, offsets[s] : offsets[s + 1]] += delta
+    return y
+
+
+def run(segments, layouts, rows: int, seed: int = 0, dtype=torch.float32):
+    slots, weights = make_slots(layouts, seed)
+    x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    y0 = torch.randn(rows, sum(SLICES.values()), generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
+    y = y0.clone()
+    batch = SegmentedLoRABatch(segments)
+    batch.apply(slots, x, y)
+    return batch, y, reference(x, y0, segments, weights), y0
+
+
+ALL16 = {"q_proj": 16, "k_proj": 16, "v_proj": 16}
+
+
+def test_decode_rows_one_per_slot_run_as_one_dense_group():
+    segments = [(s, s, s + 1) for s in range(6)]  # slots 0..5, one row each, then 2 base rows
+    batch, y, ref, y0 = run(segments, {s: ALL16 for s in range(6)}, rows=8)
+    (_, group), = batch.passes
+    assert group is not None and group.dense
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(y[6:], y0[6:])  # base-only rows untouched
+
+
+def test_uneven_segments_are_padded_and_scattered_back():
+    segments = [(1, 0, 3), (2, 3, 4), (4, 4, 6)]  # slot 3 unused inside the range
+    batch, y, ref, y0 = run(segments, {1: ALL16, 2: ALL16, 4: ALL16, 3: {"q_proj": 8}}, rows=7)
+    (_, group), = batch.passes
+    assert group is not None and not group.dense
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(y[6:], y0[6:])
+
+
+def test_slots_that_do_not_target_a_projection_add_exactly_nothing():
+    # Slot 1 targets only o_proj elsewhere: on this projection its A and B are zero.
+    segments = [(0, 0, 1), (1, 1, 2), (2, 2, 3)]
+    batch, y, ref, y0 = run(segments, {0: ALL16, 1: {}, 2: ALL16}, rows=3)
+    assert batch.passes[0][1] is not None
+    assert torch.equal(y[1], y0[1])
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_layouts_mixed_ranks_and_overlap(seed):
+    rng = random.Random(seed)
+    used = rng.sample(range(NUM_SLOTS - 1), rng.randint(1, 6))
+    same = rng.random() < 0.5  # one shared layout (grouped) or mixed ranks and targets (per segment)
+    layouts = {}
+    for slot in used:
+        layouts[slot] = ALL16 if same else {n: rng.randint(1, MAX_RANK) for n in SLICES if rng.random() < 0.7}
+    segments, row = [], 0
+    for slot in sorted(used):
+        n = rng.choice([0, 1, 1, 2, 5])  # 0: an empty segment
+        segments.append((slot, row, row + n))
+        row += n
+    base_rows = rng.randint(0, 3)
+    rows = row + base_rows
+    merged = NUM_SLOTS - 1  # the negated merged adapter covers every adapter row (lora/merge.py)
+    layouts[merged] = {"q_proj": 3, "v_proj": 7}
+    if row:
+        segments.append((merged, 0, row))
+    _, y, ref, y0 = run(segments, layouts, rows=max(rows, 1), seed=seed)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(y[row:], y0[row:])
+
+
+def test_bfloat16_activations_keep_a_float32_intermediate():
+    segments = [(s, s, s + 1) for s in range(4)]
+    _, y, ref, _ = run(segments, {s: ALL16 for s in range(4)}, rows=4, dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=5e-2)
