@@ -185,18 +185,21 @@ async def upload_adapter(request: Request, admin: AdapterAdmin = Depends(get_adm
 @router.get("/adapters")
 async def list_adapters(request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterList:
     viewer = principal_of(request)
+    await asyncio.to_thread(admin.lora.drop_removed)  # what other replicas deleted from --adapter-dir
     records = sorted(admin.lora.registry.list(), key=lambda r: r.name)
     return AdapterList(data=[admin.info(r) for r in records if viewer.can_see(admin.store.owner(r.path))])
 
 
 @router.get("/adapters/{name}")
 async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+    await asyncio.to_thread(admin.lora.sync_with_adapter_dir, name)
     return admin.info(admin.record(name, "name", principal_of(request)))
 
 
 @router.delete("/adapters/{name}")
 async def delete_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
     viewer = principal_of(request)
+    await asyncio.to_thread(admin.lora.sync_with_adapter_dir, name)  # stored by another replica: deleted here too
     admin.record(name, "name", viewer)
     await unmerge_if_merged(admin, name)
     await asyncio.to_thread(admin.delete, name, viewer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -17,6 +19,7 @@ open_router = APIRouter()
 
 @v1_router.get("/models")
 async def list_models(request: Request, state: ServerState = Depends(get_state)) -> ModelList:
+    await asyncio.to_thread(state.engine.lora.drop_removed)  # what other replicas deleted from --adapter-dir
     return state.models.model_list(principal_of(request))
 
 

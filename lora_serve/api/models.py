@@ -4,9 +4,10 @@ A request's `model` names what it runs on (vLLM's convention):
     "<base id>"            the base model, no adapter
     "<adapter>"            that adapter on the base
     "<base id>:<adapter>"  the same, spelled out
-Adapters come and go at run time, so names are looked up in the LoRA registry per request;
-an unknown name is looked for in --adapter-dir before the 404 (replicas share that folder).
-An adapter the caller may not see (another tenant's upload) is reported exactly as an unknown one.
+Adapters come and go at run time, so names are looked up in the LoRA registry per request
+(after LoRAManager.sync_with_adapter_dir has brought the name in line with --adapter-dir,
+which replicas share). An adapter the caller may not see (another tenant's upload) is
+reported exactly as an unknown one.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+def adapter_name(model: str | None, base_name: str) -> str | None:
+    """The adapter a request's `model` names, None for the base; whether it exists is not checked."""
+    if model is None or model == base_name:
+        return None
+    base, _, adapter = model.rpartition(":")  # adapter names hold no ':'; a base id may
+    return adapter if base == base_name else model
+
+
 class ModelRegistry:
     def __init__(
         self,
@@ -48,9 +57,7 @@ class ModelRegistry:
         adapters: AdapterRegistry,
         merged_name: Callable[[], str | None] = lambda: None,
         owner_of: Callable[[str], str | None] = lambda name: None,
-        resolve_unknown: Callable[[str], bool] = lambda name: False,
     ) -> None:
-        self.resolve_unknown = resolve_unknown  # adapter name -> registered now (shared --adapter-dir)
         self.merged_name = merged_name
         self.owner_of = owner_of  # adapter name -> the tenant that uploaded it
         self.base_name = base_name
@@ -59,18 +66,15 @@ class ModelRegistry:
         self.adapters = adapters
         self.created = int(time.time())
 
-    def _visible(self, name: str, viewer: Principal) -> bool:
-        known = self.adapters.contains(name) or self.resolve_unknown(name)
-        return known and viewer.can_see(self.owner_of(name))
+    def adapter_name(self, model: str | None) -> str | None:
+        return adapter_name(model, self.base_name)
 
     def resolve(self, name: str | None, viewer: Principal = OPEN) -> str | None:
         """The lora_name a request's `model` field selects (None: the base model); 404 if unknown or not visible."""
-        if name is None or name == self.base_name:
+        adapter = adapter_name(name, self.base_name)
+        if adapter is None:
             return None
-        if self._visible(name, viewer):
-            return name
-        base, _, adapter = name.rpartition(":")  # adapter names hold no ':'; a base id may
-        if base == self.base_name and self._visible(adapter, viewer):
+        if self.adapters.contains(adapter) and viewer.can_see(self.owner_of(adapter)):
             return adapter
         raise APIError(
             HTTPStatus.NOT_FOUND,

@@ -14,15 +14,10 @@ from fastapi import APIRouter, Depends, FastAPI
 from lora_serve import __version__
 from lora_serve.api import adapters, chat, completions, info
 from lora_serve.api.access_log import AccessLog
-from lora_serve.api.admission import Admission
 from lora_serve.api.body_limit import BodyLimit
 from lora_serve.api.auth import require_admin_key, require_api_key, require_tenant_key
 from lora_serve.api.errors import install_error_handlers
-from lora_serve.api.logprobs import TokenText
-from lora_serve.api.metrics import RequestMetrics
-from lora_serve.api.models import ModelRegistry
 from lora_serve.api.state import ServerState
-from lora_serve.api.tenants import KeyTable
 from lora_serve.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -34,23 +29,7 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     base_name = config.served_model_name or engine.base_name
     admin = adapters.AdapterAdmin(engine, base_name, engine.lora.config.allowed_lora_dir)
     app.state.adapter_admin = admin
-    app.state.lora_serve = ServerState(
-        engine=engine,
-        config=config,
-        models=ModelRegistry(
-            base_name,
-            engine.model_path,
-            engine.max_model_len,
-            engine.lora.registry,
-            lambda: engine.lora.merged.name,
-            admin.owner_of,
-            engine.lora.resolve_from_adapter_dir,
-        ),
-        token_text=TokenText(engine.tokenizer),
-        admission=Admission(config.max_queue, config.retry_after_s, config.request_timeout_s),
-        metrics=RequestMetrics(engine),
-        keys=KeyTable.load(config.auth_file) if config.auth_file is not None else None,
-    )
+    app.state.lora_serve = ServerState.create(engine, config, admin.owner_of)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
     v1.include_router(chat.router)
     v1.include_router(completions.router)

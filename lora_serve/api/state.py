@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,32 @@ class ServerState:
     admission: Admission
     metrics: RequestMetrics
     keys: KeyTable | None = None  # --auth-file
+
+    @classmethod
+    def create(
+        cls,
+        engine: "AsyncEngine",
+        config: ServerConfig,
+        owner_of: Callable[[str], str | None] = lambda name: None,
+    ) -> "ServerState":
+        """owner_of: adapter name -> the tenant that uploaded it (None: visible to everyone)."""
+        lora = engine.lora
+        return cls(
+            engine=engine,
+            config=config,
+            models=ModelRegistry(
+                config.served_model_name or engine.base_name,
+                engine.model_path,
+                engine.max_model_len,
+                lora.registry,
+                lambda: lora.merged.name,
+                owner_of,
+            ),
+            token_text=TokenText(engine.tokenizer),
+            admission=Admission(config.max_queue, config.retry_after_s, config.request_timeout_s),
+            metrics=RequestMetrics(engine),
+            keys=KeyTable.load(config.auth_file) if config.auth_file is not None else None,
+        )
 
 
 def get_state(request: Request) -> ServerState:

@@ -10,7 +10,8 @@ every slot is pinned, a sequence for another adapter waits in the queue (the
 scheduler lets later requests whose adapter is resident go ahead, and retries the
 waiting one first at every step, so it gets the next slot that frees up).
 Reading from disk never happens on the engine thread, so decoding goes on while an
-adapter loads.
+adapter loads. Replicas may share adapter_dir: `sync_with_adapter_dir` registers a folder
+another replica stored and unregisters one it deleted, on the next request naming it.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class LoRAManager:
     # --- registry ------------------------------------------------------------------------------
 
     def register(self, name: str, path, origin: str, model: LoRAModel | None = None) -> AdapterRecord:
-        record, loaded = self.registry.add(name, path, origin, model)
+        # Before validation: a folder replaced after this stat is caught (and read again) on its next use.
+        folder_id = _folder_id(path) if self._in_adapter_dir(path) else None
+        record, loaded = self.registry.add(name, path, origin, model, folder_id)
         log.info(
             "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
             name, origin, "/".join(map(str, record.ranks)), ",".join(record.targets),
@@ -95,6 +98,44 @@ class LoRAManager:
                     self.register(sub.name, sub, "adapter-dir")
                 except AdapterError as exc:
                     log.error("skipping adapter folder %s: %s", sub, exc)
+
+    # --- adapter_dir, shared with other replicas (blocking I/O) ------------------------------------
+
+    def sync_with_adapter_dir(self, name: str) -> bool:
+        """Bring `name` in line with adapter_dir, which other replicas sharing it change; True if it
+        is registered afterwards. One stat when nothing changed. Registered from a folder of
+        adapter_dir that is gone or was replaced since (another replica deleted it, or deleted and
+        uploaded it again): unregistered, requests running on it finishing first. Not registered:
+        adapter_dir/<name> is registered if it is there (resolve_from_adapter_dir)."""
+        try:
+            record = self.registry.get(name)
+        except AdapterNotFoundError:
+            return self.resolve_from_adapter_dir(name)
+        if record.folder_id is None or _folder_id(record.path) == record.folder_id:
+            return True
+        self._unregister_stale(record)
+        # A replaced folder is read again, once the old copy's requests are done (until then: 404).
+        return self.resolve_from_adapter_dir(name)
+
+    def drop_removed(self) -> list[str]:
+        """Unregister every adapter whose adapter_dir folder is gone or was replaced; their names.
+        Called before listing, so that a list shows no adapter another replica deleted."""
+        stale = [r for r in self.registry.list() if r.folder_id is not None and _folder_id(r.path) != r.folder_id]
+        for record in stale:
+            self._unregister_stale(record)
+        return [r.name for r in stale]
+
+    def _unregister_stale(self, record: AdapterRecord) -> None:
+        try:
+            if self.registry.get(record.name) is not record:
+                return  # registered again meanwhile, from the new folder
+            log.info("adapter %s: %s was removed or replaced; unregistering it", record.name, record.path)
+            self.unregister(record.name)
+        except AdapterNotFoundError:
+            pass  # a concurrent request unregistered it first
+
+    def _in_adapter_dir(self, path) -> bool:
+        return Path(os.path.realpath(path)).parent == Path(os.path.realpath(self.adapter_dir))
 
     def resolve_from_adapter_dir(self, name: str) -> bool:
         """Register adapter_dir/<name> on first use if it appeared after the start-up scan (another
@@ -290,3 +331,13 @@ class LoRAManager:
         if merged is not None and row > 0:
             segments.append((self.unmerge_slot, 0, row))
         return self.batch_cls(segments) if segments else None  # merged-only batches run the bare base path
+
+
+def _folder_id(path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, None when it is gone: renaming another folder into its place
+    (how an upload lands, see store.py) gives it another inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

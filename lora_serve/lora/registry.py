@@ -35,6 +35,7 @@ class AdapterRecord:
     created: int = field(default_factory=lambda: int(time.time()))
     requests_served: int = 0
     deleting: bool = False  # unlisted and refused to new requests; purged when in-flight ones end
+    folder_id: tuple[int, int] | None = None  # (st_dev, st_ino) of its adapter_dir folder when registered; None elsewhere
 
 
 def check_name(name: str, base_name: str) -> None:
@@ -57,7 +58,14 @@ class AdapterRegistry:
         check_name(name, self.base_name)
         return LoRAModel.load(name, Path(path), self.arch, self.max_rank)
 
-    def add(self, name: str, path: Path, origin: str, model: LoRAModel | None = None) -> tuple[AdapterRecord, LoRAModel]:
+    def add(
+        self,
+        name: str,
+        path: Path,
+        origin: str,
+        model: LoRAModel | None = None,
+        folder_id: tuple[int, int] | None = None,
+    ) -> tuple[AdapterRecord, LoRAModel]:
         model = model or self.validate(name, path)
         ranks = sorted({w.A.shape[0] for w in model.weights.values()})
         record = AdapterRecord(
@@ -70,6 +78,7 @@ class AdapterRegistry:
             num_params=model.num_params,
             num_bytes=model.num_bytes,
             sha256=model.sha256,
+            folder_id=folder_id,
         )
         with self._lock:
             if name in self._records:

@@ -1,4 +1,5 @@
-"""Replicas sharing one --adapter-dir: an upload to one is served by the other on first use.
+"""Replicas sharing one --adapter-dir: an upload to one is served by the other on first use, and
+a delete on one is a 404 on the other from its next use (requests running on it finish).
 
 Two engines (two "replicas") on the tiny Llama share one adapter_dir; each has its own live
 server. Names that would leave the folder, or name a dot-folder, are never resolved.
@@ -10,12 +11,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from lora_serve.config import ServerConfig
 from lora_serve.engine.async_engine import AsyncEngine
-from tests.api.adapter_helpers import ADMIN, adapter_files, make_tiny_adapters, tiny_engine_with, upload
+from tests.api.adapter_helpers import ADMIN, adapter_files, admin_headers, make_tiny_adapters, tiny_engine_with, upload
 from tests.api.live_server import LiveServer, live_server
 
 NEW_TOKENS = 6
@@ -59,6 +61,58 @@ def test_upload_on_one_replica_is_served_by_the_other(replicas, peft_paths) -> N
     assert _greedy(b, "tiny:r8-all") == on_a
     assert b.engine.lora.registry.get("r8-all").origin == "adapter-dir"
     assert on_a != _greedy(a, "tiny")  # the adapter changes the answer, so B really used it
+
+
+def _delete(server: LiveServer, name: str) -> None:
+    resp = httpx.delete(f"{server.base_url}/v1/adapters/{name}", headers=admin_headers(), timeout=30)
+    assert resp.status_code == 200, resp.text
+
+
+def _listed(server: LiveServer) -> tuple[set[str], set[str]]:
+    """What /v1/models and /v1/adapters list."""
+    models = {m.id for m in server.client().models.list().data}
+    adapters = httpx.get(f"{server.base_url}/v1/adapters", headers=admin_headers(), timeout=30).json()["data"]
+    return models, {a["name"] for a in adapters}
+
+
+def _not_found(server: LiveServer, model: str) -> dict:
+    with pytest.raises(openai.NotFoundError) as info:
+        _greedy(server, model)
+    return info.value.body
+
+
+def test_delete_on_one_replica_is_404_on_the_other_after_running_requests(replicas, peft_paths) -> None:
+    a, b = replicas
+    assert upload(a.base_url, "r2-mlp", adapter_files(peft_paths["r2-mlp"])).status_code == 201
+    running = b.client().completions.create(
+        model="r2-mlp",
+        prompt="Shared adapters",
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = iter(running)
+    assert next(chunks).choices[0].text is not None  # B resolved it from the folder and is generating
+    assert "r2-mlp" in _listed(b)[0]
+    _delete(a, "r2-mlp")
+    assert _not_found(b, "r2-mlp") == _not_found(b, "never-stored") | {"message": "The model `r2-mlp` does not exist."}
+    rest = list(chunks)  # the request already running on B ran to its end
+    assert rest[-2].choices[0].finish_reason == "length" and rest[-1].usage.completion_tokens == 200
+    assert all("r2-mlp" not in listed for listed in _listed(b))
+    assert not b.engine.lora.registry.contains("r2-mlp")
+
+
+def test_an_adapter_stored_again_under_its_name_is_read_again(replicas, peft_paths) -> None:
+    a, b = replicas
+    assert upload(a.base_url, "swap", adapter_files(peft_paths["r8-all"])).status_code == 201
+    before = _greedy(b, "swap")
+    _delete(a, "swap")
+    assert upload(a.base_url, "swap", adapter_files(peft_paths["r4-attn"])).status_code == 201
+    after = _greedy(a, "swap")
+    assert after != before
+    assert _greedy(b, "swap") == after  # B noticed the new folder (another inode) and registered it anew
 
 
 def test_manager_resolves_direct_children_only(replicas, shared_dir: Path, peft_paths, tmp_path: Path) -> None:

@@ -1,15 +1,29 @@
-"""AdapterStore: uploads appear whole or not at all, names never escape the store, crashes leave nothing."""
+"""AdapterStore: uploads appear whole or not at all, names never escape the store, crashes leave
+nothing, and a store opening beside live uploads (servers sharing one folder) leaves them alone."""
 
 from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from lora_serve.lora.errors import AdapterExistsError, InvalidAdapterError
-from lora_serve.lora.store import AdapterStore
+from lora_serve.lora.store import LOCK_FILE, UPLOAD_PREFIX, AdapterStore
+
+# Another process's upload: it holds the flock of <folder>/.lock, as AdapterStore.save does, until killed.
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
 
 FILES = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"weights"}
 
@@ -20,7 +34,7 @@ def _streams() -> dict[str, io.BytesIO]:
 
 def _accept(path: Path) -> str:
     assert {p.name: p.read_bytes() for p in path.iterdir()} == FILES  # validated before it is published
-    assert path.name.startswith(".upload-")
+    assert path.parent.name.startswith(UPLOAD_PREFIX)
     return "model"
 
 
@@ -38,6 +52,45 @@ def test_leftovers_of_a_crash_are_removed_on_open(tmp_path: Path) -> None:
     (tmp_path / ".upload-abc" / "adapter_model.safetensors").write_bytes(b"half")
     AdapterStore(tmp_path)
     assert _entries(tmp_path) == [".other", "kept"]
+
+
+def test_open_leaves_another_process_upload_until_it_dies(tmp_path: Path) -> None:
+    leftover = tmp_path / f"{UPLOAD_PREFIX}other"
+    leftover.mkdir()
+    (leftover / "adapter_model.safetensors").write_bytes(b"half")
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(leftover / LOCK_FILE)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"locked\n"
+        AdapterStore(tmp_path)  # another server opening the shared store: the upload's owner is alive
+        assert _entries(tmp_path) == [leftover.name]
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the kernel releases a dead process's flocks
+        proc.wait(timeout=10)
+    AdapterStore(tmp_path)
+    assert _entries(tmp_path) == []
+
+
+def test_open_leaves_an_upload_in_progress_and_removes_a_dead_one(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    validating, go_on = threading.Event(), threading.Event()
+    saved: list[tuple[Path, str]] = []
+
+    def slow(path: Path) -> str:
+        validating.set()
+        assert go_on.wait(timeout=10)
+        return "model"
+
+    upload = threading.Thread(target=lambda: saved.append(store.save("mine", _streams(), slow)))
+    upload.start()
+    assert validating.wait(timeout=10)
+    live = _entries(tmp_path)
+    (tmp_path / f"{UPLOAD_PREFIX}dead").mkdir()  # a crashed upload's folder: no lock file, nobody holds one
+    AdapterStore(tmp_path)
+    assert _entries(tmp_path) == live
+    go_on.set()
+    upload.join(timeout=10)
+    assert saved == [(tmp_path.resolve() / "mine", "model")]
+    assert _entries(tmp_path) == ["mine"]
 
 
 def test_open_creates_the_folder(tmp_path: Path) -> None:

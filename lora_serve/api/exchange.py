@@ -1,0 +1,174 @@
+"""One request between the OpenAI wire format and the engine, for chat and completions alike.
+
+    exchange = await ChatExchange.open(state, req, viewer)  # adapter synced with --adapter-dir, checks done
+    exchange.prep                                           # what the engine runs
+    exchange.response(done) / exchange.first_chunks(), exchange.chunk(out), exchange.usage_chunk(last)
+
+The FastAPI routes (chat.py, completions.py) and the Ray Serve replicas (deploy/ray_replica.py)
+both serve through it, with generation.py running the engine and writing the SSE stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from lora_serve.api.errors import SERVER_ERROR, APIError, invalid_param
+from lora_serve.api.limits import check_limits
+from lora_serve.api.protocol import SamplingRequest, UsageInfo
+from lora_serve.api.state import ServerState
+from lora_serve.api.tenants import OPEN, Principal
+from lora_serve.engine.outputs import RequestOutput, TokenLogprob
+from lora_serve.engine.sampling_params import SamplingParams
+
+SAMPLING_EPS = 1e-6  # smaller than any top-token probability for vocabularies under a million
+
+E = TypeVar("E", bound="Exchange")
+
+
+@dataclass
+class PreparedRequest:
+    request_id: str
+    model: str  # echoed in responses
+    lora_name: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Completion:
+    """A whole non-streamed generation, gathered from the engine's deltas."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+def prepare(
+    state: ServerState,
+    req: SamplingRequest,
+    *,
+    id_prefix: str,
+    prompt_token_ids: list[int],
+    prompt_param: str,
+    max_tokens: int | None,
+    max_tokens_param: str,
+    logprobs: bool,
+    top_logprobs: int,
+    top_logprobs_param: str = "top_logprobs",
+    viewer: Principal = OPEN,
+) -> PreparedRequest:
+    """Resolve the model and check lengths; raises APIError naming the param at fault."""
+    if not state.engine.is_healthy:  # checked here, before a stream's 200 goes out
+        raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "the engine is not healthy", SERVER_ERROR)
+    lora_name = state.models.resolve(req.model, viewer)
+    max_len = state.engine.max_model_len
+    num_prompt = len(prompt_token_ids)
+    if num_prompt == 0:
+        raise invalid_param(prompt_param, "the prompt is empty")
+    vocab_size = len(state.engine.tokenizer)
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise invalid_param(prompt_param, f"token ids must be in [0, {vocab_size})")
+    if num_prompt >= max_len:
+        raise invalid_param(
+            prompt_param,
+            f"This model's maximum context length is {max_len} tokens; your {prompt_param} has "
+            f"{num_prompt} tokens, leaving no room for a completion.",
+            code="context_length_exceeded",
+        )
+    check_limits(
+        state.config,
+        num_prompt=num_prompt,
+        prompt_param=prompt_param,
+        max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
+        stops=req.stop_list,
+        top_logprobs=top_logprobs,
+        top_logprobs_param=top_logprobs_param,
+    )
+    if max_tokens is None:
+        max_tokens = min(max_len - num_prompt, state.config.max_tokens_limit or max_len)
+    elif num_prompt + max_tokens > max_len:
+        raise invalid_param(
+            max_tokens_param,
+            f"This model's maximum context length is {max_len} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the {prompt_param}, {max_tokens} for the "
+            f"completion). Please reduce the length of the {prompt_param} or {max_tokens_param}.",
+            code="context_length_exceeded",
+        )
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        # Below SAMPLING_EPS a temperature overflows logits / T and a top_p rounds to 0 in float32,
+        # either making NaN probabilities: treat them as greedy and as "the top token only".
+        temperature=req.temperature if req.temperature >= SAMPLING_EPS else 0.0,
+        top_p=max(req.top_p, SAMPLING_EPS),
+        top_k=max(req.top_k, 0),
+        seed=req.seed,
+        stop=req.stop_list,
+        stop_token_ids=list(req.stop_token_ids),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+    return PreparedRequest(
+        request_id=f"{id_prefix}-{uuid.uuid4().hex}",
+        model=req.model or state.models.base_name,
+        lora_name=lora_name,
+        prompt_token_ids=prompt_token_ids,
+        params=params,
+    )
+
+
+class Exchange(ABC):
+    """A validated request, checked against the model and turned into `prep`; subclasses build
+    the replies (a whole response, or stream chunks) from the engine's outputs."""
+
+    def __init__(self, state: ServerState, req: SamplingRequest, viewer: Principal = OPEN):
+        self.state = state
+        self.req = req
+        self.prep = self.prepare(viewer)
+
+    @classmethod
+    async def open(cls: type[E], state: ServerState, req: SamplingRequest, viewer: Principal = OPEN) -> E:
+        """Sync the named adapter with --adapter-dir (another replica may have added, replaced or
+        removed its folder; a stat, on a worker thread), then check the request (APIError if bad)."""
+        name = state.models.adapter_name(req.model)
+        if name is not None:
+            await asyncio.to_thread(state.engine.lora.sync_with_adapter_dir, name)
+        return cls(state, req, viewer)
+
+    @abstractmethod
+    def prepare(self, viewer: Principal) -> PreparedRequest: ...
+
+    @abstractmethod
+    def response(self, done: Completion) -> BaseModel:
+        """The whole, non-streamed response."""
+
+    @abstractmethod
+    def make_chunk(self, choices: list, usage: UsageInfo | None = None) -> BaseModel: ...
+
+    @abstractmethod
+    def delta_chunk(self, out: RequestOutput) -> BaseModel:
+        """The stream chunk of one engine delta."""
+
+    def first_chunks(self) -> list[BaseModel]:
+        """Sent before any generated text."""
+        return []
+
+    def chunk(self, out: RequestOutput) -> BaseModel | None:
+        if not (out.new_text or out.finished or (self.prep.params.logprobs and out.new_logprobs)):
+            return None  # tokens held back mid-character or by a possible stop string
+        return self.delta_chunk(out)
+
+    def usage_chunk(self, last: RequestOutput) -> BaseModel:
+        """The last chunk, no choices, when the request asked for stream_options.include_usage."""
+        return self.make_chunk([], UsageInfo.of(last.num_prompt_tokens, last.num_output_tokens))
