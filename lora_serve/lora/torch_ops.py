@@ -21,8 +21,11 @@ from .slots import ProjectionSlots
 
 Segment = tuple[int, int, int]  # (slot, lo, hi): rows lo..hi-1 of the packed batch use `slot`
 
-# Grouping pads every segment of a pass to the longest one, over every slot of its range: it is
-# chosen while that padded block has at most this many times the pass's real rows.
+# Grouping pads every segment of a pass to the longest one, over every slot of its range. It is
+# chosen while segments are short and that block has at most MAX_PADDING times the real rows.
+# Measured on a 2-core AMD EPYC (SmolLM2-135M shapes, 32 adapters, r=16): grouped LoRA time
+# vs per segment 0.31x at 1 row per segment, 0.59x at 2, 1.09x at 8, 3.3x at 64.
+MAX_SEGMENT_ROWS = 4
 MAX_PADDING = 4
 
 
@@ -42,7 +45,7 @@ class _Group:
         self.dense = self.m == 1 and len(segments) == self.s1 - self.s0 and slots == sorted(slots) and all(
             a[2] == b[1] for a, b in zip(segments, segments[1:])
         )
-        self._segments = segments
+        self.segments = segments
         self.src: torch.Tensor | None = None  # [rows] row of x
         self.dst: torch.Tensor | None = None  # [rows] row of the flattened padded block
 
@@ -52,18 +55,19 @@ class _Group:
         if len(segments) < 2 or len(set(slots)) != len(slots):
             return False
         rows = sum(hi - lo for _, lo, hi in segments)
-        padded = (max(slots) - min(slots) + 1) * max(hi - lo for _, lo, hi in segments)
-        return padded <= MAX_PADDING * rows
+        longest = max(hi - lo for _, lo, hi in segments)
+        padded = (max(slots) - min(slots) + 1) * longest
+        return longest <= MAX_SEGMENT_ROWS and padded <= MAX_PADDING * rows
 
     def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.src is None:  # once per step, on the first projection
             src, dst = [], []
-            for slot, lo, hi in self._segments:
+            for slot, lo, hi in self.segments:
                 src.extend(range(lo, hi))
                 base = (slot - self.s0) * self.m
                 dst.extend(range(base, base + hi - lo))
-            self.src = torch.tensor(src, device=device)
-            self.dst = torch.tensor(dst, device=device)
+            self.src = torch.tensor(src, dtype=torch.long, device=device)
+            self.dst = torch.tensor(dst, dtype=torch.long, device=device)
         return self.src, self.dst
 
 
@@ -73,24 +77,32 @@ class SegmentedLoRABatch:
         # Segments may overlap (the merged adapter's negation covers rows of other adapters,
         # lora/merge.py): split into passes of disjoint segments, applied one after another.
         passes: list[list[Segment]] = []
-        for seg in sorted(segments, key=lambda s: s[1]):
+        for seg in sorted((s for s in segments if s[2] > s[1]), key=lambda s: s[1]):  # empty ones dropped
             for p in passes:
                 if p[-1][2] <= seg[1]:
                     p.append(seg)
                     break
             else:
                 passes.append([seg])
-        self.passes = [(p, _Group(p) if _Group.fits(p) else None) for p in passes]
+        # Per pass: the short segments as one group when they fit, the rest one by one.
+        self.passes: list[tuple[list[Segment], _Group | None]] = []
+        for p in passes:
+            short = [seg for seg in p if seg[2] - seg[1] <= MAX_SEGMENT_ROWS]
+            if _Group.fits(short):
+                self.passes.append(([seg for seg in p if seg[2] - seg[1] > MAX_SEGMENT_ROWS], _Group(short)))
+            else:
+                self.passes.append((p, None))
 
     def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (base output, updated in place)
         for segments, group in self.passes:
-            signature = _shared_signature(slots, group.slots) if group is not None else None
-            if signature:
-                _apply_group(slots, group, signature, x, y)
-            elif signature is None:
-                _apply_segments(slots, segments, x, y)
-            # signature == (): no slot of the group targets this projection
+            if group is not None:
+                signature = _shared_signature(slots, group.slots)
+                if signature is None:  # layouts differ: per segment after all
+                    _apply_segments(slots, group.segments, x, y)
+                elif signature:  # () = no slot of the group targets this projection
+                    _apply_group(slots, group, signature, x, y)
+            _apply_segments(slots, segments, x, y)
 
 
 def _shared_signature(slots: ProjectionSlots, used: list[int]):

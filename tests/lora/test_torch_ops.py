@@ -121,3 +121,17 @@ def test_bfloat16_activations_keep_a_float32_intermediate():
     _, y, ref, _ = run(segments, {s: ALL16 for s in range(4)}, rows=4, dtype=torch.bfloat16)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_a_prefill_segment_runs_alone_while_the_decode_rows_around_it_are_grouped():
+    segments = [(0, 0, 1), (1, 1, 2), (2, 2, 40), (3, 40, 41), (4, 41, 42)]
+    batch, y, ref, _ = run(segments, {s: ALL16 for s in range(5)}, rows=43)
+    (loop, group), = batch.passes
+    assert loop == [(2, 2, 40)] and group.slots == [0, 1, 3, 4] and not group.dense
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_empty_segments_between_one_row_segments_do_not_break_the_dense_view():
+    segments = [(0, 0, 1), (1, 1, 1), (2, 1, 2)]
+    batch, y, ref, _ = run(segments, {s: ALL16 for s in range(3)}, rows=2)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
