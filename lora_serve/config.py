@@ -70,6 +70,10 @@ class LoRAConfig(_Config):
     max_lora_rank: int = Field(64, ge=1, le=1024)
     """Largest adapter rank accepted."""
 
+    lora_backend: Literal["auto", "torch", "triton"] = "auto"
+    """Mixed-adapter LoRA ops. auto: fused Triton kernels on CUDA when triton imports, else plain torch
+    (logged at start). triton needs CUDA (or TRITON_INTERPRET=1 with CPU tensors, for tests)."""
+
     adapter_dir: Path | None = None
     """Folder of adapters: every sub-folder is a PEFT adapter named after the folder, registered at start.
     Uploads are stored here. Default: <cache>/adapters (cache: $LORA_SERVE_CACHE, else under $HF_HOME or ~/.cache)."""

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,20 @@ class LoRAModel:
             num_bytes=len(data),
             sha256=hashlib.sha256(data).hexdigest(),
         )
+
+    def pinned(self) -> "LoRAModel":
+        """The same adapter with every A and B in one page-locked buffer (CUDA copies from it are asynchronous)."""
+        if all(w.A.is_pinned() and w.B.is_pinned() for w in self.weights.values()):
+            return self
+        flat = torch.empty(self.num_params, dtype=torch.float32, pin_memory=True)
+        weights, offset = {}, 0
+        for key, w in self.weights.items():
+            A = flat[offset : offset + w.A.numel()].view_as(w.A).copy_(w.A)
+            offset += w.A.numel()
+            B = flat[offset : offset + w.B.numel()].view_as(w.B).copy_(w.B)
+            offset += w.B.numel()
+            weights[key] = replace(w, A=A, B=B)
+        return replace(self, weights=weights)
 
     def size_vs_base(self, base_params: int) -> dict[str, Any]:
         if base_params <= 0:

@@ -34,6 +34,7 @@ from .merge import MergedWeights, negated
 from .registry import AdapterRecord, AdapterRegistry, check_name
 from .slots import ProjectionSlots
 from .backend import lora_batch_class
+from .slot_writes import SlotWriter
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class LoRAManager:
         self.load_seconds = 0.0
         self.merged = MergedWeights(model)
         self.base_params = sum(p.numel() for p in model.parameters())
-        self.batch_cls = lora_batch_class(model.device)
+        self.batch_cls = lora_batch_class(model.device, config.lora_backend)
+        self.slot_writer = SlotWriter(model.device)  # side-stream copies from pinned memory on CUDA
         self.unmerge_slot = config.max_loras  # one extra slot: the merged adapter, negated (see merge.py)
         # [(layer, slice names, slots)] for every projection; slots are filled per adapter.
         self._projections: list[tuple[int, tuple[str, ...], ProjectionSlots]] = []
@@ -73,6 +75,7 @@ class LoRAManager:
         # Before validation: a folder replaced after this stat is caught (and read again) on its next use.
         folder_id = _folder_id(path) if self._in_adapter_dir(path) else None
         record, loaded = self.registry.add(name, path, origin, model, folder_id)
+        loaded = self.slot_writer.host_copy(loaded)
         log.info(
             "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
             name, origin, "/".join(map(str, record.ranks)), ",".join(record.targets),
@@ -217,7 +220,7 @@ class LoRAManager:
                 return
         start = time.perf_counter()
         try:
-            loaded = LoRAModel.load(name, record.path, self.registry.arch, self.config.max_lora_rank)
+            loaded = self.slot_writer.host_copy(LoRAModel.load(name, record.path, self.registry.arch, self.config.max_lora_rank))
         except Exception:
             self.release(name)
             raise
@@ -285,15 +288,19 @@ class LoRAManager:
     def _fill_slot(self, slot: int, name: str, weights: dict[tuple[int, str], LoRAWeights]) -> None:
         if slot < self.max_loras and self._slot_names[slot] is not None:
             self.num_evictions += 1
-        for layer, names, slots in self._projections:
-            slots.fill(slot, [weights.get((layer, n)) for n in names])
+        with self.slot_writer.writing():
+            for layer, names, slots in self._projections:
+                slots.fill(slot, [weights.get((layer, n)) for n in names])
+                self.slot_writer.mark_written(slots)
         if slot < self.max_loras:
             self._slot_names[slot] = name
         log.info("adapter %s -> device slot %d", name, slot)
 
     def _clear_slot(self, slot: int) -> None:
-        for _, _, slots in self._projections:
-            slots.clear(slot)
+        with self.slot_writer.writing():
+            for _, _, slots in self._projections:
+                slots.clear(slot)
+                self.slot_writer.mark_written(slots)
         if slot < self.max_loras:
             self._slot_names[slot] = None
 

@@ -30,6 +30,12 @@ class ProjectionSlots:
         self.total_rank = [0] * max_loras
         self.A_used: list[torch.Tensor | None] = [None] * max_loras
         self.layout: list[list[tuple[slice, int, int, torch.Tensor]]] = [[] for _ in range(max_loras)]
+        # The same layout for the fused kernels (triton_ops.py), on the device: int32 [slot, 2, n],
+        # [:, 0] each slice's rank (0: not targeted), [:, 1] its first row in A.
+        self.kernel_meta = torch.zeros(max_loras, 2, n, dtype=torch.int32, device=device)
+        # On CUDA, slots are written on a side stream (slot_writes.py); the step waits on this event
+        # before it reads them.
+        self.written: torch.cuda.Event | None = None
         # Per slot, ((slice index, first column, last column), ...): slots with equal signatures
         # pack A and B alike, so one batched matmul over them is exact (torch_ops.py).
         self.signature: list[tuple[tuple[int, int, int], ...]] = [()] * max_loras
@@ -38,17 +44,21 @@ class ProjectionSlots:
         """Copy one adapter's weights for this projection (one entry per slice, None = not targeted)."""
         self.clear(slot)
         row = 0
+        meta = [[0] * len(weights), [0] * len(weights)]  # kernel_meta[slot]: ranks, first rows
         for s, w in enumerate(weights):
             if w is None:
                 continue
             r = w.A.shape[0]
-            self.A[slot, row : row + r].copy_(w.A)
-            self.B[s][slot, :, :r].copy_(w.B * w.scale)
+            # non_blocking + scaling on the device: from pinned memory a CUDA fill does not hold up the host.
+            self.A[slot, row : row + r].copy_(w.A, non_blocking=True)
+            self.B[s][slot, :, :r].copy_(w.B, non_blocking=True).mul_(w.scale)
+            meta[0][s], meta[1][s] = r, row
             self.layout[slot].append((self.out_slices[s], row, row + r, self.B[s][slot, :, :r].t()))
             self.signature[slot] += ((s, row, row + r),)
             row += r
         self.total_rank[slot] = row
         self.A_used[slot] = self.A[slot, :row].t() if row else None  # [in, total_rank]
+        self._set_kernel_meta(slot, meta)
 
     def clear(self, slot: int) -> None:
         # Zeroing is not needed for correctness (only layout rows are read) but keeps dumps honest.
@@ -59,3 +69,14 @@ class ProjectionSlots:
         self.A_used[slot] = None
         self.layout[slot] = []
         self.signature[slot] = ()
+        self._set_kernel_meta(slot, [[0] * len(self.B)] * 2)
+
+    def _set_kernel_meta(self, slot: int, meta: list[list[int]]) -> None:
+        # non_blocking: a blocking copy would wait for every weight copy queued before it.
+        self.kernel_meta[slot].copy_(torch.tensor(meta, dtype=torch.int32), non_blocking=True)
+
+    def wait_written(self) -> None:
+        """Make the current CUDA stream wait for the last slot write (no-op on CPU or when none is pending)."""
+        event, self.written = self.written, None
+        if event is not None:
+            torch.cuda.current_stream(self.A.device).wait_event(event)

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .segments import Segment, split_passes
 from .slots import ProjectionSlots
-
-Segment = tuple[int, int, int]  # (slot, lo, hi): rows lo..hi-1 of the packed batch use `slot`
 
 # Grouping pads every segment of a pass to the longest one, over every slot of its range. It is
 # chosen while segments are short and that block has at most MAX_PADDING times the real rows.
@@ -74,19 +73,9 @@ class _Group:
 class SegmentedLoRABatch:
     def __init__(self, segments: list[Segment]):
         self.segments = segments
-        # Segments may overlap (the merged adapter's negation covers rows of other adapters,
-        # lora/merge.py): split into passes of disjoint segments, applied one after another.
-        passes: list[list[Segment]] = []
-        for seg in sorted((s for s in segments if s[2] > s[1]), key=lambda s: s[1]):  # empty ones dropped
-            for p in passes:
-                if p[-1][2] <= seg[1]:
-                    p.append(seg)
-                    break
-            else:
-                passes.append([seg])
         # Per pass: the short segments as one group when they fit, the rest one by one.
         self.passes: list[tuple[list[Segment], _Group | None]] = []
-        for p in passes:
+        for p in split_passes([s for s in segments if s[2] > s[1]]):  # empty ones dropped
             short = [seg for seg in p if seg[2] - seg[1] <= MAX_SEGMENT_ROWS]
             if _Group.fits(short):
                 self.passes.append(([seg for seg in p if seg[2] - seg[1] > MAX_SEGMENT_ROWS], _Group(short)))

@@ -48,5 +48,6 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # [T, out]
         if lora is not None and self.lora_slots is not None:
+            self.lora_slots.wait_written()  # CUDA: a slot fill still copying on its side stream
             lora.apply(self.lora_slots, x, y)
         return y

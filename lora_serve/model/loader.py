@@ -1,4 +1,5 @@
-"""Load HF safetensors checkpoints into `LlamaModel`, fusing q/k/v and gate/up on the way."""
+"""Load HF safetensors checkpoints into `LlamaModel`, fusing q/k/v and gate/up on the way
+(or, for benchmarks of a shape alone, fill one with random weights: `random_model`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from .arch import ModelArch, UnsupportedModelError
-from .llama import LlamaModel
+from .llama import LlamaModel, RMSNorm
 
 # HF name (after "model.layers.N.") -> (our module path, slice name or None)
 _LAYER_NAMES = {
@@ -87,4 +88,17 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_len: in
     missing = sorted(expected - filled)
     if missing:
         raise UnsupportedModelError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return model.eval()
+
+
+@torch.no_grad()
+def random_model(arch: ModelArch, dtype: torch.dtype, device: torch.device, max_len: int, seed: int = 0) -> LlamaModel:
+    """A model of `arch`'s shape with random weights drawn on the device: no checkpoint is written or read,
+    so an 8B shape costs seconds. Norms are ones; matrices N(0, 1/fan_in), so activations stay O(1)."""
+    model = LlamaModel(arch, max_len, dtype, device)
+    g = torch.Generator(device).manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    for param in model.parameters():
+        if id(param) not in norms:
+            param.normal_(0.0, param.shape[-1] ** -0.5, generator=g)
     return model.eval()

@@ -1,0 +1,74 @@
+"""Mixed-adapter LoRA on CUDA with the fused Triton kernels (triton_kernels.py): the CUDA backend.
+
+Per projection, one shrink launch (x·Aᵀ into a float32 buffer) and one expand launch (buffer·Bᵀ
+added into the output) cover every adapter of the batch and every slice, where the torch
+backend runs a few small matmuls per adapter. The step's segments reach the device once, on the
+first projection, and every projection of the step reuses them.
+
+Overlapping segments (segments.py) go to separate passes, each a shrink and an expand, so no
+two programs of one launch add into the same output rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import triton_kernels as kernels
+from .segments import Segment, split_passes
+from .slots import ProjectionSlots
+
+
+class TritonLoRABatch:
+    def __init__(self, segments: list[Segment]):
+        self.segments = segments
+        self.passes = split_passes(segments)
+        self.max_rows = [max((hi - lo for _, lo, hi in p), default=0) for p in self.passes]
+        self._segs: torch.Tensor | None = None  # int32 [passes, 3, most segments]: slot, first row, rows
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
+        # x: [T, in], y: [T, out] (base output, updated in place)
+        segs = self._device_segments(x.device)
+        width = slots.A.shape[1]
+        for p, (group, rows) in enumerate(zip(self.passes, self.max_rows)):
+            if rows == 0:
+                continue
+            split_k = self._split_k(x, len(group), len(slots.B), rows)
+            buf = self._buffer(split_k, x.shape[0], width, x.device)
+            kernels.shrink(x, slots.A, slots.kernel_meta, segs[p], len(group), rows, buf, split_k)
+            kernels.expand(buf, slots.B, slots.out_slices, y, slots.kernel_meta, segs[p], len(group), rows)
+
+    def _device_segments(self, device: torch.device) -> torch.Tensor:
+        if self._segs is None:
+            most = max(len(p) for p in self.passes)
+            rows = []
+            for group in self.passes:
+                pad = [(0, 0, 0)] * (most - len(group))  # zero rows: the kernels return at once
+                rows.append([[s for s, _, _ in group + pad], [lo for _, lo, _ in group + pad], [hi - lo for _, lo, hi in group + pad]])
+            self._segs = torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
+        return self._segs
+
+    def _buffer(self, split_k: int, num_rows: int, width: int, device: torch.device) -> torch.Tensor:
+        # Uninitialised: the shrink writes every (row, column) the expand reads.
+        key = (split_k, num_rows, width)
+        if key not in self._bufs:
+            self._bufs[key] = torch.empty(split_k, num_rows, width, dtype=torch.float32, device=device)
+        return self._bufs[key]
+
+    @staticmethod
+    def _split_k(x: torch.Tensor, num_segs: int, num_slices: int, max_rows: int) -> int:
+        """Split the shrink's reduction when segments x slices alone would leave most SMs idle (decode)."""
+        if x.device.type != "cuda":
+            return 1
+        programs = num_segs * num_slices * -(-max_rows // kernels.block_m(max_rows))
+        split = 1
+        while programs * split < 2 * _num_sms(x.device) and x.shape[1] >= 8 * kernels.BLOCK_K * split and split < 8:
+            split *= 2
+        return split
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

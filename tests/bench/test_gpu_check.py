@@ -1,0 +1,60 @@
+"""`lora-serve bench gpu-check --device cpu --tiny`: the GPU check's whole code path on a 2-layer shape, so it cannot rot."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic_settings import CliApp
+
+from lora_serve.bench import gpu_check
+from lora_serve.bench.commands import BenchGPUCheck
+from lora_serve.cli import LoraServe
+
+CONFIGURATIONS = ["base", "1 adapter merged", "1 adapter unmerged", "2 adapters", "4 adapters"]
+
+
+def tiny_plan(*args: str) -> BenchGPUCheck:
+    root = CliApp.run(LoraServe, cli_args=["bench", "gpu-check", "--tiny", "--device", "cpu", *args], cli_cmd_method_name="model_dump")
+    return root.bench.gpu_check.plan()
+
+
+def test_plan_defaults_and_explicit_fields():
+    plan = tiny_plan("--num-seqs", "6")
+    assert plan.shapes == ["tiny"] and plan.num_adapters_list == [2, 4] and plan.num_seqs == 6
+    full = BenchGPUCheck().plan()
+    assert full.shapes == ["llama-3.2-1b", "llama-3-8b"] and full.num_adapters_list == [8, 32, 64] and full.num_seqs == 64
+    with pytest.raises(ValueError, match="num-seqs"):
+        BenchGPUCheck(num_seqs=8).plan()
+
+
+def test_tiny_cpu_run_checks_and_measures_every_configuration(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    gpu_check.run(tiny_plan())
+    out = capsys.readouterr().out
+    assert "| q_proj/k_proj/v_proj |" in out and "| down_proj " in out
+    for label in CONFIGURATIONS:
+        assert f"| lora-serve {label} " in out
+    assert "memory-bound ceiling" in out
+    assert out.rstrip().endswith("all checks passed")
+
+
+def test_tiny_cpu_run_checks_the_triton_kernels_under_the_interpreter(monkeypatch, capsys):
+    pytest.importorskip("triton", reason="triton is not installed (it is only installable on Linux x86_64)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gpu_check.run(tiny_plan("--num-adapters-list", "3", "--repeats", "1", "--decode-steps", "1"))
+    out = capsys.readouterr().out
+    assert "triton err / max delta" in out
+    assert "end to end, logits: max |triton - torch|" in out and "(ok)" in out
+    assert out.rstrip().endswith("all checks passed")
+
+
+def test_a_failing_part_is_reported_and_the_rest_still_runs(monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("kernel launch failed")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(gpu_check, "check_projections", broken)
+    gpu_check.run(tiny_plan())
+    out = capsys.readouterr().out
+    assert "kernel check FAILED" in out and "RuntimeError: kernel launch failed" in out
+    assert "| lora-serve 4 adapters " in out
+    assert out.rstrip().endswith("SOME CHECKS FAILED")

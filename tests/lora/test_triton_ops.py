@@ -1,0 +1,179 @@
+"""The fused Triton LoRA kernels, run by triton's interpreter on CPU tensors, against a float64 reference.
+
+The reference is computed here, row by row, from the adapters' own A, B and scale (not from the
+slots). Cases: random segment layouts with ranks 1-64 mixed in one call, targets that skip
+slices, empty segments, base-only rows, the merged adapter's negation overlapping other
+segments, decode-sized and prefill-sized segments, split-K; float32 and float16 (the interpreter
+computes bfloat16 dot products wrongly, so bfloat16 is left to lora_serve/bench/gpu_check.py on a GPU).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed (it is only installable on Linux x86_64)")
+
+from lora_serve.lora.lora_model import LoRAWeights  # noqa: E402
+from lora_serve.lora.slots import ProjectionSlots  # noqa: E402
+from lora_serve.lora.segments import split_passes  # noqa: E402
+from lora_serve.lora.triton_ops import TritonLoRABatch  # noqa: E402
+from lora_serve.model.linear import Linear  # noqa: E402
+
+FEATURES = 40  # not a multiple of the 64-wide reduction tile: the masks are exercised
+OUTS = {"q_proj": 48, "k_proj": 24, "v_proj": 24}  # a fused q/k/v with GQA-like slice sizes
+MAX_RANK = 64
+SLOTS = 10  # the last one plays the merged adapter's negation
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    # Triton picks the interpreter when a kernel is wrapped; triton_kernels wraps once per mode, on first use.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def fill(ranks: dict[int, dict[str, int]], seed: int):
+    """ranks: slot -> {slice: rank}. The slots, and per slot the (output columns, weights) it adds."""
+    g = torch.Generator().manual_seed(seed)
+    linear = Linear(FEATURES, OUTS, bias=False, dtype=torch.float32, device=torch.device("cpu"))
+    slots = ProjectionSlots(linear, SLOTS, MAX_RANK, torch.device("cpu"))
+    terms = {}
+    for slot, by_slice in ranks.items():
+        ws = [
+            LoRAWeights(torch.randn(by_slice[n], FEATURES, generator=g), torch.randn(OUTS[n], by_slice[n], generator=g) / 8, (-1) ** slot * 0.25 * (slot + 1))
+            if n in by_slice else None
+            for n in OUTS
+        ]  # fmt: skip
+        slots.fill(slot, ws)
+        terms[slot] = [(linear.slice_of(n), w) for n, w in zip(OUTS, ws) if w is not None]
+    return slots, terms
+
+
+def expected(x, y0, segments, terms) -> torch.Tensor:
+    y = y0.to(torch.float64)
+    for slot, lo, hi in segments:
+        for cols, w in terms[slot]:
+            for t in range(lo, hi):
+                y[t, cols] += w.scale * (w.B.double() @ (w.A.double() @ x[t].double()))
+    return y
+
+
+def check(segments, ranks, num_rows, dtype, seed=0, tolerance=None):
+    slots, terms = fill(ranks, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(num_rows, FEATURES, generator=g).to(dtype)
+    y0 = torch.randn(num_rows, sum(OUTS.values()), generator=g).to(dtype)
+    y = y0.clone()
+    TritonLoRABatch(segments).apply(slots, x, y)
+    ref = expected(x, y0, segments, terms)
+    delta = (ref - y0.double()).abs().max().item()
+    err = (y.double() - ref).abs().max().item()
+    assert err <= (tolerance or {torch.float32: 1e-5, torch.float16: 4e-3}[dtype]) * max(delta, 1.0)
+    covered = torch.zeros(num_rows, dtype=torch.bool)
+    for slot, lo, hi in segments:
+        if terms[slot]:
+            covered[lo:hi] = True
+    assert torch.equal(y[~covered], y0[~covered])  # rows of no adapter (or of one that skips this projection): bit for bit
+
+
+def random_case(seed: int):
+    rng = random.Random(seed)
+    ranks = {}
+    for slot in range(SLOTS):
+        targeted = [n for n in OUTS if rng.random() < 0.75]
+        ranks[slot] = {n: rng.choice([1, 2, 7, 16, 17, 33, 64]) for n in targeted}
+    segments, row = [], 0
+    for slot in rng.sample(range(SLOTS - 1), rng.randint(3, SLOTS - 1)):
+        n = rng.choice([0, 1, 1, 2, 5, 19])
+        segments.append((slot, row, row + n))
+        row += n
+    if row:
+        segments.append((SLOTS - 1, 0, row))  # overlaps every adapter row, as while an adapter is merged
+    return segments, ranks, row + rng.randint(0, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("seed", range(3))
+def test_random_layouts_match_float64(seed, dtype):
+    segments, ranks, num_rows = random_case(seed)
+    check(segments, ranks, max(num_rows, 1), dtype, seed)
+
+
+def test_every_rank_from_1_to_64_in_one_call():
+    ranks = {slot: {"q_proj": r, "k_proj": max(1, 64 - r), "v_proj": (r * 7) % 64 + 1} for slot, r in enumerate([1, 15, 16, 31, 48, 63, 64, 3, 9])}
+    segments = [(slot, slot, slot + 1) for slot in range(9)]  # decode: one row per adapter
+    check(segments, ranks, 11, torch.float32)
+
+
+def test_prefill_segments_span_several_row_tiles():
+    check([(2, 0, 70), (5, 70, 150)], {2: {"q_proj": 8, "v_proj": 64}, 5: {"k_proj": 33}}, 153, torch.float16)
+
+
+def test_empty_segments_and_untargeted_projections_add_nothing():
+    ranks = {0: {"q_proj": 4}, 1: {}, 2: {"v_proj": 12}}
+    check([(0, 0, 0), (1, 0, 3), (2, 3, 3), (0, 3, 5)], ranks, 6, torch.float32)
+
+
+def test_split_k_partial_sums_add_up(monkeypatch):
+    monkeypatch.setattr(TritonLoRABatch, "_split_k", staticmethod(lambda *args: 2))
+    segments, ranks, num_rows = random_case(7)
+    check(segments, ranks, max(num_rows, 1), torch.float32, seed=7)
+
+
+def test_shrink_writes_only_the_rank_columns_of_each_rows_adapter():
+    # The interpreter runs programs one after another, which would hide a write past an adapter's rank
+    # that a later program overwrites; on a GPU that is a race. So: nothing else in the buffer may change.
+    from lora_serve.lora import triton_kernels
+
+    segments = [(0, 0, 3), (1, 3, 4), (2, 4, 4), (3, 4, 9)]
+    slots, _ = fill({0: {"q_proj": 5, "v_proj": 17}, 1: {"k_proj": 1}, 2: {"q_proj": 64}, 3: {"q_proj": 33, "k_proj": 2, "v_proj": 30}}, 0)
+    segs = torch.tensor([[slot for slot, _, _ in segments], [lo for _, lo, _ in segments], [hi - lo for _, lo, hi in segments]], dtype=torch.int32)
+    buf = torch.full((1, 10, slots.A.shape[1]), float("nan"))
+    triton_kernels.shrink(torch.randn(10, FEATURES), slots.A, slots.kernel_meta, segs, len(segments), 5, buf, 1)
+    written = ~buf[0].isnan()
+    for slot, lo, hi in segments:
+        used = torch.zeros(slots.A.shape[1], dtype=torch.bool)
+        used[: slots.total_rank[slot]] = True
+        assert (written[lo:hi] == used).all(), slot
+    assert not written[9].any()  # a base-only row
+
+
+def test_overlapping_segments_go_to_separate_passes():
+    segments = [(0, 0, 2), (1, 2, 5), (9, 0, 5), (3, 5, 5)]
+    passes = split_passes(segments)
+    assert len(passes) == 2
+    for group in passes:
+        spans = sorted((lo, hi) for _, lo, hi in group if hi > lo)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert sorted(s for p in passes for s in p) == sorted(segments)
+
+
+def test_slot_metadata_follows_fill_and_clear():
+    slots, _ = fill({4: {"q_proj": 5, "v_proj": 3}}, seed=0)
+    assert slots.kernel_meta[4].tolist() == [[5, 0, 3], [0, 0, 5]]  # ranks; first row of each slice in A
+    slots.clear(4)
+    assert not slots.kernel_meta[4].any()
+
+
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
+def test_kernels_compile_for_a_gpu(arch, monkeypatch, tmp_path):
+    # The interpreter runs the kernels as Python; compiling them (to a cubin, no GPU needed) checks what only
+    # the compiler sees: types, supported constructs, resources. bfloat16 activations, split-K.
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    from lora_serve.lora import triton_kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default, said out loud (it warns otherwise)
+    pointers = {"x_ptr": "*bf16", "y_ptr": "*bf16", "seg_ptr": "*i32", "meta_ptr": "*i32"}
+    tiles = dict(SPLIT_K=2, BLOCK_M=16, BLOCK_R=16, FP32=False, NUM_SLICES=3)
+    for fn, extra in [(triton_kernels._shrink_kernel, dict(BLOCK_K=64)), (triton_kernels._expand_kernel, dict(BLOCK_N=64))]:
+        kernel = triton.jit(fn)
+        constexprs = {**tiles, **extra}
+        signature = {a: "constexpr" if a in constexprs else pointers.get(a, "*fp32" if a.endswith("_ptr") else "i32") for a in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))
+        assert compiled.asm["cubin"]
