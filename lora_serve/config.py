@@ -74,6 +74,11 @@ class LoRAConfig(_Config):
     """Mixed-adapter LoRA ops. auto: fused Triton kernels on CUDA when triton imports, else plain torch
     (logged at start). triton needs CUDA (or TRITON_INTERPRET=1 with CPU tensors, for tests)."""
 
+    lora_dtype: Dtype = "auto"
+    """Adapter weight dtype in the device slots. auto: float32 on CPU (small bfloat16 matmuls are slower
+    there), the base model's dtype on CUDA (a decode step reads every adapter of the batch; float32 doubles
+    those bytes). The low-rank intermediate x·Aᵀ stays float32 either way."""
+
     adapter_dir: Path | None = None
     """Folder of adapters: every sub-folder is a PEFT adapter named after the folder, registered at start.
     Uploads are stored here. Default: <cache>/adapters (cache: $LORA_SERVE_CACHE, else under $HF_HOME or ~/.cache)."""

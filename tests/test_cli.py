@@ -32,7 +32,7 @@ def test_defaults_are_the_configs_defaults() -> None:
 def test_flags_reach_every_sub_config() -> None:
     cmd = parse([
         "/models/llama", "--dtype", "bfloat16", "--device", "cpu", "--block-size", "32", "--max-num-seqs", "4",
-        "--max-model-len", "1024", "--max-loras", "2", "--lora-modules", "sql=/a/sql", "chat=/a/chat",
+        "--max-model-len", "1024", "--max-loras", "2", "--lora-dtype", "float16", "--lora-modules", "sql=/a/sql", "chat=/a/chat",
         "--allowed-lora-dir", "/a", "/b", "--host", "0.0.0.0", "--port", "9001", "--served-model-name", "base",
         "--api-key", "k1", "--admin-api-key", "k2",
     ])
@@ -40,7 +40,7 @@ def test_flags_reach_every_sub_config() -> None:
     assert (engine.model.model, engine.model.dtype, engine.model.device) == ("/models/llama", "bfloat16", "cpu")
     assert engine.cache.block_size == 32
     assert (engine.scheduler.max_num_seqs, engine.scheduler.max_model_len) == (4, 1024)
-    assert engine.lora.max_loras == 2
+    assert (engine.lora.max_loras, engine.lora.lora_dtype) == (2, "float16")
     assert engine.lora.lora_modules == ["sql=/a/sql", "chat=/a/chat"]
     assert engine.lora.allowed_lora_dir == [Path("/a"), Path("/b")]
     assert server == ServerConfig(host="0.0.0.0", port=9001, served_model_name="base", api_key="k1", admin_api_key="k2")
@@ -79,6 +79,7 @@ def test_help_documents_every_config_field(capsys: pytest.CaptureFixture[str]) -
         (["serve", "--port", "abc"], "--port"),
         (["serve", "--max-num-seqs", "0"], "--max-num-seqs"),
         (["serve", "--dtype", "float8"], "--dtype"),
+        (["serve", "--lora-dtype", "float8"], "--lora-dtype"),
         (["serve", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
         (["serve", "--lora-modules", "no-equals-sign"], "name=path"),
     ],

@@ -154,6 +154,9 @@ class BenchGPUCheck(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Base dtype. auto: bfloat16 on CUDA, float32 on CPU."""
 
+    lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Adapter weight dtype in the slots (serve's --lora-dtype). auto: the base dtype on CUDA, float32 on CPU."""
+
     backend: Literal["auto", "torch", "triton"] = "auto"
     """LoRA ops of the throughput runs (the kernel checks run every backend available)."""
 

@@ -5,7 +5,8 @@
 
 Per shape (random weights at the shape of the model's config.json: nothing is downloaded or read):
 1. kernels: each backend against a float64 reference on every projection (kernel_check.py), in the
-   run's dtype (bfloat16 on CUDA);
+   run's dtype (bfloat16 on CUDA), with slots in the run's slot dtype (--lora-dtype; auto: the base's
+   dtype on CUDA, float32 on CPU);
 2. end to end: one batch of base rows, several adapters and one merged adapter through the whole
    model with each backend: the largest logit difference between backends, next to how far the
    adapters move the logits;
@@ -29,6 +30,7 @@ from ..config import LoRAConfig
 from ..engine.llm_engine import resolve_device
 from ..engine.sampling_params import SamplingParams
 from ..lora.backend import triton_batch_class, triton_interpreted
+from ..lora.slots import resolve_lora_dtype
 from ..lora.torch_ops import SegmentedLoRABatch
 from ..model.loader import resolve_dtype
 from .kernel_check import check_projections
@@ -46,7 +48,8 @@ def run(plan) -> None:
     """plan: a BenchGPUCheck (commands.py). Prints markdown as it goes."""
     device = resolve_device(plan.device)
     dtype = resolve_dtype(plan.dtype, device)
-    print(f"# {_hardware(device)}, torch {torch.__version__}, {_triton_version()}, {dtype}")
+    slot_dtype = resolve_lora_dtype(plan.lora_dtype, device, dtype)
+    print(f"# {_hardware(device)}, torch {torch.__version__}, {_triton_version()}, {dtype}, LoRA slots in {slot_dtype}")
     backends = {"torch": SegmentedLoRABatch}
     triton_cls, why = triton_batch_class()
     if device.type == "cuda" or triton_interpreted():
@@ -56,7 +59,7 @@ def run(plan) -> None:
             backends["triton"] = triton_cls
     ok, start = True, time.perf_counter()
     for shape in plan.shapes:
-        ok &= check_shape(plan, shape, backends, device, dtype)
+        ok &= check_shape(plan, shape, backends, device, dtype, slot_dtype)
         print(f"\n({shape} done at {time.perf_counter() - start:.0f} s)")
         gc.collect()
         if device.type == "cuda":
@@ -64,10 +67,10 @@ def run(plan) -> None:
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
 
 
-def check_shape(plan, shape: str, backends: dict[str, type], device: torch.device, dtype: torch.dtype) -> bool:
+def check_shape(plan, shape: str, backends: dict[str, type], device: torch.device, dtype: torch.dtype, slot_dtype: torch.dtype) -> bool:
     arch = arch_of(shape)
     print(f"\n## {shape}: {arch.num_layers} layers, hidden {arch.hidden_size}, intermediate {arch.intermediate_size}\n")
-    rows = _guarded("kernel check", check_projections, arch, backends, dtype, device, KERNEL_CHECK_MAX_RANK, plan.seed)
+    rows = _guarded("kernel check", check_projections, arch, backends, dtype, slot_dtype, device, KERNEL_CHECK_MAX_RANK, plan.seed)
     if rows is None:
         backends = {"torch": SegmentedLoRABatch}  # what follows runs on the torch path alone
         lora_backend = "torch"
@@ -76,7 +79,7 @@ def check_shape(plan, shape: str, backends: dict[str, type], device: torch.devic
         lora_backend = plan.backend
     num_adapters = max(plan.num_adapters_list)
     max_len = plan.prompt_len + plan.decode_steps + 8
-    lora = LoRAConfig(max_loras=num_adapters, max_cpu_loras=num_adapters, max_lora_rank=plan.rank, lora_backend=lora_backend)
+    lora = LoRAConfig(max_loras=num_adapters, max_cpu_loras=num_adapters, max_lora_rank=plan.rank, lora_backend=lora_backend, lora_dtype=plan.lora_dtype)
     engine = RandomEngine(arch, lora, device, dtype, plan.num_seqs, max_len, plan.seed)
     print(f"\nengine: LoRA ops {engine.lora.batch_cls.__name__}, {num_adapters} slots of rank {plan.rank}")
     names = _add_adapters(engine, num_adapters, plan.rank, plan.seed)
@@ -89,7 +92,7 @@ def check_shape(plan, shape: str, backends: dict[str, type], device: torch.devic
     print()
     table = _guarded("throughput", throughput, engine, plan, names)
     print(table or "")
-    adapter_bytes = engine.lora.registry.get(names[0]).num_params * 4  # float32 slots
+    adapter_bytes = engine.lora.registry.get(names[0]).num_params * engine.lora.slot_dtype.itemsize
     base_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     for n in plan.num_adapters_list:
         print(f"decode reads the base ({base_bytes / 1e9:.3g} GB) and {n} adapters ({n * adapter_bytes / 1e9:.3g} GB): "

@@ -32,7 +32,7 @@ from .errors import AdapterError, AdapterExistsError, AdapterNotFoundError
 from .lora_model import CONFIG_FILE, LoRAModel, LoRAWeights
 from .merge import MergedWeights, negated
 from .registry import AdapterRecord, AdapterRegistry, check_name
-from .slots import ProjectionSlots
+from .slots import ProjectionSlots, resolve_lora_dtype
 from .backend import lora_batch_class
 from .slot_writes import SlotWriter
 
@@ -61,11 +61,13 @@ class LoRAManager:
         self.batch_cls = lora_batch_class(model.device, config.lora_backend)
         self.slot_writer = SlotWriter(model.device)  # side-stream copies from pinned memory on CUDA
         self.unmerge_slot = config.max_loras  # one extra slot: the merged adapter, negated (see merge.py)
+        self.slot_dtype = resolve_lora_dtype(config.lora_dtype, model.device, model.dtype)
+        log.info("LoRA slots: %d of rank %d in %s", config.max_loras, config.max_lora_rank, self.slot_dtype)
         # [(layer, slice names, slots)] for every projection; slots are filled per adapter.
         self._projections: list[tuple[int, tuple[str, ...], ProjectionSlots]] = []
         for i, layer in enumerate(model.layers):
             for linear in layer.linears():
-                slots = ProjectionSlots(linear, config.max_loras + 1, config.max_lora_rank, model.device)
+                slots = ProjectionSlots(linear, config.max_loras + 1, config.max_lora_rank, model.device, self.slot_dtype)
                 linear.lora_slots = slots
                 self._projections.append((i, linear.slice_names, slots))
 

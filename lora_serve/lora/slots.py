@@ -6,8 +6,12 @@ Layout per projection with slices s = 1..n (q/k/v, gate/up, or one):
   B: n tensors [max_loras, out_s, max_rank]  the nn.Linear layout; used as B.t(), which MKL
      multiplies about 3x faster than a contiguous [r, out] (shared/RESEARCH.md). The
      adapter's scale (alpha/r or alpha/sqrt(r)) is folded into B when the slot is filled.
-Both stay float32 whatever the base dtype: small bf16 matmuls cost more than fp32 on CPU,
-and the low-rank intermediate needs the precision.
+Their dtype is LoRAConfig.lora_dtype (`resolve_lora_dtype`): by default float32 on CPU, where small
+bf16 matmuls cost more than fp32, and the base's dtype on CUDA, as vLLM does: a decode step reads
+every adapter of the batch, and float32 slots double those bytes (64 rank-16 adapters on all seven
+projections of Llama-3-8B: 10.7 GB in float32, 5.4 GB in bfloat16, next to the base's 16.1 GB).
+In a bf16/fp16 slot the scale is still applied in float32, before the one rounding to the slot
+dtype; the backends keep the low-rank intermediate x·Aᵀ in float32, which needs the precision.
 """
 
 from __future__ import annotations
@@ -18,12 +22,19 @@ from ..model.linear import Linear
 from .lora_model import LoRAWeights
 
 
+def resolve_lora_dtype(name: str, device: torch.device, base_dtype: torch.dtype) -> torch.dtype:
+    """The slots' dtype for LoRAConfig.lora_dtype `name` (auto: float32 on CPU, the base's dtype on CUDA)."""
+    if name == "auto":
+        return base_dtype if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 class ProjectionSlots:
-    def __init__(self, linear: Linear, max_loras: int, max_rank: int, device: torch.device):
+    def __init__(self, linear: Linear, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.out_slices = [linear.slice_of(name) for name in linear.slice_names]
         n = len(self.out_slices)
-        self.A = torch.zeros(max_loras, n * max_rank, linear.in_features, device=device)
-        self.B = [torch.zeros(max_loras, s.stop - s.start, max_rank, device=device) for s in self.out_slices]
+        self.A = torch.zeros(max_loras, n * max_rank, linear.in_features, dtype=dtype, device=device)
+        self.B = [torch.zeros(max_loras, s.stop - s.start, max_rank, dtype=dtype, device=device) for s in self.out_slices]
         # Per slot, views made once when the slot is filled (the step loop then does no view
         # arithmetic): A rows in use [total_rank, in], and per targeted slice
         # (output columns, first column of x·Aᵀ, last column, Bᵀ view [r, out_s]).
@@ -49,9 +60,13 @@ class ProjectionSlots:
             if w is None:
                 continue
             r = w.A.shape[0]
-            # non_blocking + scaling on the device: from pinned memory a CUDA fill does not hold up the host.
+            # non_blocking + scaling on the device: from pinned memory a CUDA fill does not hold up the host
+            # (a non_blocking copy_ to another dtype converts on the device too).
             self.A[slot, row : row + r].copy_(w.A, non_blocking=True)
-            self.B[s][slot, :, :r].copy_(w.B, non_blocking=True).mul_(w.scale)
+            if self.A.dtype == torch.float32:
+                self.B[s][slot, :, :r].copy_(w.B, non_blocking=True).mul_(w.scale)
+            else:  # scaled in float32, then rounded once
+                self.B[s][slot, :, :r].copy_(w.B.to(self.A.device, torch.float32, non_blocking=True) * w.scale)
             meta[0][s], meta[1][s] = r, row
             self.layout[slot].append((self.out_slices[s], row, row + r, self.B[s][slot, :, :r].t()))
             self.signature[slot] += ((s, row, row + r),)

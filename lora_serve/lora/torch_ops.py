@@ -10,7 +10,9 @@ contiguous run of rows (a segment, as in Punica's SGMV). Two ways to apply a ste
 - per segment: one shrink x[lo:hi]·Aᵀ over all of the adapter's slices at once, then one
   `addmm_` per slice straight into the output view (long segments: prefill, or one adapter).
 
-Rows with no adapter are in no segment and receive nothing.
+Rows with no adapter are in no segment and receive nothing. Both compute in float32: bf16/fp16
+slots (LoRAConfig.lora_dtype) are upcast per step, only the slot rows and rank columns used;
+float32 slots (the CPU default) are read in place.
 """
 
 from __future__ import annotations
@@ -118,10 +120,13 @@ def _apply_group(slots: ProjectionSlots, g: _Group, signature, x: torch.Tensor, 
         src, dst = g.indices(x.device)
         xp = xs.new_zeros(span * g.m, xs.shape[1]).index_copy_(0, dst, xs.index_select(0, src))
         xp = xp.view(span, g.m, -1)  # [span, m, in]
-    xa = torch.bmm(xp, slots.A[g.s0 : g.s1, :total_rank].transpose(1, 2))  # [span, m, total_rank]
+    upcast = slots.A.dtype != torch.float32
+    a = slots.A[g.s0 : g.s1, :total_rank]
+    xa = torch.bmm(xp, (a.float() if upcast else a).transpose(1, 2))  # [span, m, total_rank]
     for s, r0, r1 in signature:
         out = slots.out_slices[s]
-        bt = slots.B[s][g.s0 : g.s1, :, : r1 - r0].transpose(1, 2)  # [span, r, out_s], scale folded in
+        b = slots.B[s][g.s0 : g.s1, :, : r1 - r0]
+        bt = (b.float() if upcast else b).transpose(1, 2)  # [span, r, out_s], scale folded in
         d = torch.bmm(xa[:, :, r0:r1], bt).to(y.dtype)  # [span, m, out_s]
         if g.dense:
             y[g.lo : g.hi, out] += d.squeeze(1)
@@ -131,14 +136,17 @@ def _apply_group(slots: ProjectionSlots, g: _Group, signature, x: torch.Tensor, 
 
 def _apply_segments(slots: ProjectionSlots, segments: list[Segment], x: torch.Tensor, y: torch.Tensor) -> None:
     fp32 = y.dtype == torch.float32
+    upcast = slots.A.dtype != torch.float32
     for slot, lo, hi in segments:
         a = slots.A_used[slot]
         if a is None:
             continue  # this adapter does not target this projection
         xs = x[lo:hi] if fp32 else x[lo:hi].float()
-        xa = xs @ a  # [n, sum of the slices' ranks]
+        xa = xs @ (a.float() if upcast else a)  # [n, sum of the slices' ranks]
         ys = y[lo:hi]
         for out, r0, r1, bt in slots.layout[slot]:  # bt: Bᵀ [r, out_s], scale folded in
+            if upcast:
+                bt = bt.float()
             if fp32:
                 ys[:, out].addmm_(xa[:, r0:r1], bt)
             else:

@@ -3,6 +3,10 @@
     shrink:  buf[k, t, A-row j]  = x[t] · A[slot(t), j]ᵀ          (float32, partial sum k of SPLIT_K)
     expand:  y[t, slice s]      += Σ_k buf[k, t, rows of s] · B_s[slot(t)]ᵀ
 
+A and B may be float32, bfloat16 or float16 (LoRAConfig.lora_dtype), whatever x and y are: each
+tile is converted to the dot's input dtype (x's in the shrink, y's in the expand; float32 dots run
+in IEEE precision) and accumulated in float32.
+
 Both cover every segment (rows sharing an adapter, Punica's SGMV) and every slice of a fused
 projection (q/k/v, gate/up) in one launch. Grid: (row blocks of the longest segment x [split-K |
 output blocks], slices x [rank blocks], segments). A program whose rows lie past its segment's
@@ -66,7 +70,7 @@ def _shrink_kernel(
         xk = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         ak = tl.load(a_rows + offs_k[:, None], mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
         if FP32:
-            acc += tl.dot(xk, ak, input_precision="ieee")
+            acc += tl.dot(xk, ak.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(xk, ak.to(xk.dtype))
     out = buf_ptr + pid_k * stride_bk + (start + offs_m).to(tl.int64)[:, None] * stride_bm + (a_row + offs_r)[None, :]
@@ -80,7 +84,7 @@ def _expand_kernel(
     NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, FP32: tl.constexpr,
 ):  # fmt: skip
-    # B_s: float32 [slots, size_s, max_rank] (scale folded in); y: [T, sum of size_s], slice s at column out_s
+    # B_s: [slots, size_s, max_rank] (scale folded in); y: [T, sum of size_s], slice s at column out_s
     pid_m = tl.program_id(0) // n_blocks
     n0 = (tl.program_id(0) % n_blocks) * BLOCK_N
     s = tl.program_id(1)
@@ -119,7 +123,7 @@ def _expand_kernel(
             h += tl.load(h_rows + k * stride_bk + (a_row + offs_r)[None, :], mask=h_mask, other=0.0)
         bt = tl.load(b_cols + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # Bᵀ [BLOCK_R, BLOCK_N]
         if FP32:
-            acc += tl.dot(h, bt, input_precision="ieee")
+            acc += tl.dot(h, bt.to(tl.float32), input_precision="ieee")
         else:
             dt = y_ptr.dtype.element_ty
             acc += tl.dot(h.to(dt), bt.to(dt))
@@ -162,7 +166,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, meta: torch.Tensor, segs: torch.Ten
 
 def expand(buf: torch.Tensor, B: list[torch.Tensor], out_slices: list[slice], y: torch.Tensor, meta: torch.Tensor,
            segs: torch.Tensor, num_segs: int, max_rows: int) -> None:  # fmt: skip
-    """y[t, slice s] += (Σ_k buf[k, t, rows of s]) · B_s[slot]ᵀ. B_s: float32 [slots, out_s, max_rank], contiguous."""
+    """y[t, slice s] += (Σ_k buf[k, t, rows of s]) · B_s[slot]ᵀ. B_s: [slots, out_s, max_rank], contiguous."""
     n = len(B)
     if n > MAX_SLICES:
         raise ValueError(f"the Triton LoRA kernels take at most {MAX_SLICES} slices per projection, got {n}")

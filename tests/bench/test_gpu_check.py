@@ -58,3 +58,17 @@ def test_a_failing_part_is_reported_and_the_rest_still_runs(monkeypatch, capsys)
     assert "kernel check FAILED" in out and "RuntimeError: kernel launch failed" in out
     assert "| lora-serve 4 adapters " in out
     assert out.rstrip().endswith("SOME CHECKS FAILED")
+
+
+def test_slot_dtype_reaches_the_kernel_check_the_engine_and_the_bandwidth_ceiling(monkeypatch, capsys):
+    from lora_serve.bench.llama_shapes import arch_of
+    from lora_serve.bench.random_adapters import random_lora_model
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    plan = tiny_plan("--lora-dtype", "float16", "--num-adapters-list", "2", "--repeats", "1", "--decode-steps", "1")
+    gpu_check.run(plan)
+    out = capsys.readouterr().out
+    assert "LoRA slots in torch.float16" in out.splitlines()[0]
+    adapter_bytes = random_lora_model("x", arch_of("tiny"), plan.rank, 0).num_params * 2  # float16
+    assert f"and 2 adapters ({2 * adapter_bytes / 1e9:.3g} GB)" in out
+    assert out.rstrip().endswith("all checks passed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora_serve.bench.random_adapters import write_random_adapter
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
@@ -26,11 +27,12 @@ def adapter_paths(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     return {n: write_random_adapter(out / n, arch, rank=4 + 2 * i, seed=i, alpha=64.0) for i, n in enumerate(NAMES)}
 
 
-def make(tiny_llama_dir, adapter_paths, max_loras: int, max_cpu_loras: int, **sched) -> LLMEngine:
+def make(tiny_llama_dir, adapter_paths, max_loras: int, max_cpu_loras: int, lora_dtype: str = "auto", **sched) -> LLMEngine:
+    modules = [f"{n}={p}" for n, p in adapter_paths.items()]
     config = EngineConfig(
         cache=CacheConfig(kv_cache_memory_gb=0.02),
         scheduler=SchedulerConfig(max_model_len=256, **sched),
-        lora=LoRAConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=16, lora_modules=[f"{n}={p}" for n, p in adapter_paths.items()]),
+        lora=LoRAConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=16, lora_modules=modules, lora_dtype=lora_dtype),
     )
     return LLMEngine(config, tiny_llama_dir)
 
@@ -112,3 +114,11 @@ def test_unregister_lets_running_request_finish_then_drops_weights(tiny_llama_di
             tokens += out.new_token_ids
     assert tokens == alone["a2"]
     assert engine.lora.location("a2") == "disk" and not engine.lora.registry.contains("a2")
+
+
+@pytest.mark.parametrize(("lora_dtype", "expected"), [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_lora_dtype_reaches_the_slots_of_every_projection(tiny_llama_dir, adapter_paths, lora_dtype, expected):
+    engine = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=6, lora_dtype=lora_dtype)  # CPU: auto is float32
+    slots = [linear.lora_slots for layer in engine.model.layers for linear in layer.linears()]
+    assert {s.A.dtype for s in slots} | {b.dtype for s in slots for b in s.B} == {expected}
+    assert len(run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": "a3"})["r"]["tokens"]) == 12

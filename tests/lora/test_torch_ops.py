@@ -3,7 +3,8 @@
 Each case fills ProjectionSlots for a fused q/k/v-shaped projection with random adapters and
 checks y = base + Σ over a row's segments of scale·(x·Aᵀ)·Bᵀ, computed here row by row from
 the adapters' own tensors (not from the slots), for both ways the op can run: grouped
-(batched matmuls over a slot range) and per segment.
+(batched matmuls over a slot range) and per segment, with float32 slots and with bfloat16 and
+float16 ones (LoRAConfig.lora_dtype; still a float32 intermediate).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from lora_serve.model.linear import Linear
 IN, SLICES, MAX_RANK, NUM_SLOTS = 48, {"q_proj": 32, "k_proj": 16, "v_proj": 16}, 16, 9
 
 
-def make_slots(layouts: dict[int, dict[str, int]], seed: int):
+def make_slots(layouts: dict[int, dict[str, int]], seed: int, slot_dtype=torch.float32):
     """layouts: slot -> {slice name: rank}. Returns the slots and, per slot, the weights per slice."""
     g = torch.Generator().manual_seed(seed)
     linear = Linear(IN, SLICES, bias=False, dtype=torch.float32, device=torch.device("cpu"))
-    slots = ProjectionSlots(linear, NUM_SLOTS, MAX_RANK, torch.device("cpu"))
+    slots = ProjectionSlots(linear, NUM_SLOTS, MAX_RANK, torch.device("cpu"), slot_dtype)
     weights = {}
     for slot, ranks in layouts.items():
         per_slice = []
@@ -52,8 +53,8 @@ def reference(x: torch.Tensor, y0: torch.Tensor, segments, weights) -> torch.Ten
     return y
 
 
-def run(segments, layouts, rows: int, seed: int = 0, dtype=torch.float32):
-    slots, weights = make_slots(layouts, seed)
+def run(segments, layouts, rows: int, seed: int = 0, dtype=torch.float32, slot_dtype=torch.float32):
+    slots, weights = make_slots(layouts, seed, slot_dtype)
     x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     y0 = torch.randn(rows, sum(SLICES.values()), generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
     y = y0.clone()
@@ -135,3 +136,25 @@ def test_empty_segments_between_one_row_segments_do_not_break_the_dense_view():
     segments = [(0, 0, 1), (1, 1, 1), (2, 1, 2)]
     batch, y, ref, _ = run(segments, {s: ALL16 for s in range(3)}, rows=2)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-x", "bf16-x"])
+@pytest.mark.parametrize("slot_dtype", [torch.bfloat16, torch.float16], ids=["bf16-slots", "fp16-slots"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-segment"])
+def test_half_precision_slots_match_float64(grouped, slot_dtype, dtype):
+    # Grouped: decode rows of one shared layout; per segment: prefill-sized segments of mixed ranks and
+    # targets, and the merged adapter's negation over them (slot 8).
+    if grouped:
+        segments, layouts = [(s, s, s + 1) for s in range(5)], {s: ALL16 for s in range(5)}
+    else:
+        segments = [(0, 0, 9), (2, 9, 14), (3, 14, 20), (5, 20, 20), (8, 0, 20)]
+        layouts = {0: {"q_proj": 5, "v_proj": 16}, 2: {"k_proj": 1}, 3: ALL16, 5: {"q_proj": 7}, 8: {"q_proj": 3, "v_proj": 7}}
+    adapter_rows = segments[-1][2]
+    batch, y, ref, y0 = run(segments, layouts, rows=adapter_rows + 2, dtype=dtype, slot_dtype=slot_dtype)
+    assert all((group is not None) == grouped for _, group in batch.passes)
+    assert y.dtype == dtype
+    # Error relative to the largest delta: the slots' rounding (2^-9 bf16, 2^-12 fp16) and, for bf16 x and y, y's.
+    delta = (ref - y0.double()).abs().max().item()
+    tolerance = 2e-2 if torch.bfloat16 in (dtype, slot_dtype) else 2e-3
+    assert (y.double() - ref).abs().max().item() <= tolerance * delta
+    assert torch.equal(y[adapter_rows:], y0[adapter_rows:])

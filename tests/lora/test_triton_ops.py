@@ -3,8 +3,9 @@
 The reference is computed here, row by row, from the adapters' own A, B and scale (not from the
 slots). Cases: random segment layouts with ranks 1-64 mixed in one call, targets that skip
 slices, empty segments, base-only rows, the merged adapter's negation overlapping other
-segments, decode-sized and prefill-sized segments, split-K; float32 and float16 (the interpreter
-computes bfloat16 dot products wrongly, so bfloat16 is left to lora_serve/bench/gpu_check.py on a GPU).
+segments, decode-sized and prefill-sized segments, split-K; float32 and float16 activations, float32
+and float16 slots (LoRAConfig.lora_dtype; the interpreter computes bfloat16 dot products wrongly, so
+bfloat16 is left to lora_serve/bench/gpu_check.py on a GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ FEATURES = 40  # not a multiple of the 64-wide reduction tile: the masks are exe
 OUTS = {"q_proj": 48, "k_proj": 24, "v_proj": 24}  # a fused q/k/v with GQA-like slice sizes
 MAX_RANK = 64
 SLOTS = 10  # the last one plays the merged adapter's negation
+# Largest error relative to max(|delta|, 1) per dtype of activations or slots, the coarser of the two.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3}
 
 
 @pytest.fixture(autouse=True)
@@ -34,11 +37,11 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def fill(ranks: dict[int, dict[str, int]], seed: int):
+def fill(ranks: dict[int, dict[str, int]], seed: int, slot_dtype=torch.float32):
     """ranks: slot -> {slice: rank}. The slots, and per slot the (output columns, weights) it adds."""
     g = torch.Generator().manual_seed(seed)
     linear = Linear(FEATURES, OUTS, bias=False, dtype=torch.float32, device=torch.device("cpu"))
-    slots = ProjectionSlots(linear, SLOTS, MAX_RANK, torch.device("cpu"))
+    slots = ProjectionSlots(linear, SLOTS, MAX_RANK, torch.device("cpu"), slot_dtype)
     terms = {}
     for slot, by_slice in ranks.items():
         ws = [
@@ -60,8 +63,8 @@ def expected(x, y0, segments, terms) -> torch.Tensor:
     return y
 
 
-def check(segments, ranks, num_rows, dtype, seed=0, tolerance=None):
-    slots, terms = fill(ranks, seed)
+def check(segments, ranks, num_rows, dtype, seed=0, slot_dtype=torch.float32):
+    slots, terms = fill(ranks, seed, slot_dtype)
     g = torch.Generator().manual_seed(seed + 100)
     x = torch.randn(num_rows, FEATURES, generator=g).to(dtype)
     y0 = torch.randn(num_rows, sum(OUTS.values()), generator=g).to(dtype)
@@ -70,7 +73,7 @@ def check(segments, ranks, num_rows, dtype, seed=0, tolerance=None):
     ref = expected(x, y0, segments, terms)
     delta = (ref - y0.double()).abs().max().item()
     err = (y.double() - ref).abs().max().item()
-    assert err <= (tolerance or {torch.float32: 1e-5, torch.float16: 4e-3}[dtype]) * max(delta, 1.0)
+    assert err <= max(TOLERANCE[dtype], TOLERANCE[slot_dtype]) * max(delta, 1.0)
     covered = torch.zeros(num_rows, dtype=torch.bool)
     for slot, lo, hi in segments:
         if terms[slot]:
@@ -99,6 +102,13 @@ def random_case(seed: int):
 def test_random_layouts_match_float64(seed, dtype):
     segments, ranks, num_rows = random_case(seed)
     check(segments, ranks, max(num_rows, 1), dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16-x", "fp32-x"])
+@pytest.mark.parametrize("seed", range(2))
+def test_float16_slots_match_float64(seed, dtype):
+    segments, ranks, num_rows = random_case(seed)
+    check(segments, ranks, max(num_rows, 1), dtype, seed, slot_dtype=torch.float16)
 
 
 def test_every_rank_from_1_to_64_in_one_call():
@@ -157,10 +167,12 @@ def test_slot_metadata_follows_fill_and_clear():
     assert not slots.kernel_meta[4].any()
 
 
+@pytest.mark.parametrize("slots", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
-def test_kernels_compile_for_a_gpu(arch, monkeypatch, tmp_path):
+def test_kernels_compile_for_a_gpu(arch, slots, monkeypatch, tmp_path):
     # The interpreter runs the kernels as Python; compiling them (to a cubin, no GPU needed) checks what only
-    # the compiler sees: types, supported constructs, resources. bfloat16 activations, split-K.
+    # the compiler sees: types, supported constructs, resources. bfloat16 activations, split-K, float32 or
+    # bfloat16 slots (bf16 is what lora_dtype auto gives a bf16 base on CUDA).
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
 
@@ -169,11 +181,11 @@ def test_kernels_compile_for_a_gpu(arch, monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default, said out loud (it warns otherwise)
-    pointers = {"x_ptr": "*bf16", "y_ptr": "*bf16", "seg_ptr": "*i32", "meta_ptr": "*i32"}
+    pointers = {"x_ptr": "*bf16", "y_ptr": "*bf16", "seg_ptr": "*i32", "meta_ptr": "*i32", "buf_ptr": "*fp32"}
     tiles = dict(SPLIT_K=2, BLOCK_M=16, BLOCK_R=16, FP32=False, NUM_SLICES=3)
     for fn, extra in [(triton_kernels._shrink_kernel, dict(BLOCK_K=64)), (triton_kernels._expand_kernel, dict(BLOCK_N=64))]:
         kernel = triton.jit(fn)
         constexprs = {**tiles, **extra}
-        signature = {a: "constexpr" if a in constexprs else pointers.get(a, "*fp32" if a.endswith("_ptr") else "i32") for a in kernel.arg_names}
+        signature = {a: "constexpr" if a in constexprs else pointers.get(a, f"*{slots}" if a.endswith("_ptr") else "i32") for a in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))
         assert compiled.asm["cubin"]
