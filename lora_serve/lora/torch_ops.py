@@ -24,8 +24,8 @@ from .slots import ProjectionSlots
 
 # Grouping pads every segment of a pass to the longest one, over every slot of its range. It is
 # chosen while segments are short and that block has at most MAX_PADDING times the real rows.
-# Measured on a 2-core AMD EPYC (SmolLM2-135M shapes, 32 adapters, r=16): grouped LoRA time
-# vs per segment 0.31x at 1 row per segment, 0.59x at 2, 1.09x at 8, 3.3x at 64.
+# On a 2-core AMD EPYC (SmolLM2-135M shapes, 32 adapters, r=16) grouping won clearly at one and
+# two rows per segment, broke even around eight and lost by several times at 64 (prefill).
 MAX_SEGMENT_ROWS = 4
 MAX_PADDING = 4
 
