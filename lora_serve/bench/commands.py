@@ -73,12 +73,15 @@ class BenchLoRA(_BenchBase):
     peft: bool = True
     """Also run the workload through HF PEFT."""
 
+    max_lora_rank: int | None = Field(None, ge=1)
+    """The engine's --max-lora-rank (slot width; default: --rank). `lora-serve serve` defaults to 64."""
+
     def cli_cmd(self) -> None:
         from lora_serve.bench import mixed_lora
 
         result = mixed_lora.run(
             self._setup(), self.num_seqs, self.num_adapters, self.rank, self.prompt_len, self.decode_steps,
-            self.repeats, self.peft, self.seed,
+            self.repeats, self.peft, self.seed, self.max_lora_rank,
         )
         print(mixed_lora.report(result, self.num_adapters))
 

@@ -34,9 +34,12 @@ def run(
     repeats: int = 3,
     with_peft: bool = True,
     seed: int = 0,
+    max_lora_rank: int | None = None,
 ) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        engine = build_engine(model_path, Path(tmp), num_adapters, rank, num_seqs, prompt_len + decode_steps + 8)
+        engine = build_engine(
+            model_path, Path(tmp), num_adapters, rank, num_seqs, prompt_len + decode_steps + 8, max_lora_rank=max_lora_rank
+        )
         names = [f"bench-{i}" for i in range(num_adapters)]
         loras = [names[i % num_adapters] for i in range(num_seqs)]
         prompts = random_prompts(engine.arch.vocab_size, [prompt_len] * num_seqs, seed)
@@ -79,6 +82,7 @@ def interleave(
 def build_engine(
     model_path: Path, tmp: Path, num_adapters: int, rank: int, num_seqs: int, max_len: int,
     max_loras: int | None = None, targets: tuple[str, ...] = ALL_LINEAR, kv_cache_gb: float = 1.0,
+    max_lora_rank: int | None = None,
 ) -> LLMEngine:  # fmt: skip
     """An engine whose batch of num_seqs prompts fits one step, with adapters bench-0.. written to tmp and registered
     (max_loras default: one slot per adapter)."""
@@ -87,7 +91,7 @@ def build_engine(
         EngineConfig(
             scheduler=SchedulerConfig(max_num_seqs=max(num_seqs, 1), max_model_len=max(max_len, 64), max_num_batched_tokens=max(2048, num_seqs * max_len)),
             cache=CacheConfig(kv_cache_memory_gb=kv_cache_gb),
-            lora=LoRAConfig(max_loras=slots, max_cpu_loras=max(num_adapters, slots), max_lora_rank=rank),
+            lora=LoRAConfig(max_loras=slots, max_cpu_loras=max(num_adapters, slots), max_lora_rank=max_lora_rank or rank),
         ),
         model_path,
     )
