@@ -342,11 +342,13 @@ class LoRAManager:
         return self.batch_cls(segments) if segments else None  # merged-only batches run the bare base path
 
 
-def _folder_id(path) -> tuple[int, int] | None:
-    """(device, inode) of a folder, None when it is gone: renaming another folder into its place
-    (how an upload lands, see store.py) gives it another inode."""
+def _folder_id(path) -> tuple[int, int, int] | None:
+    """(device, inode, change time in ns) of a folder, None when it is gone. A folder renamed into
+    its place (how an upload lands, see store.py) is another folder even where the file system
+    hands the deleted one's inode number out again (ext4 does, at once): its change time differs.
+    A stored adapter's folder is never written to after that rename, so its ctime stays put."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns

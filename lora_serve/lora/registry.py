@@ -35,7 +35,7 @@ class AdapterRecord:
     created: int = field(default_factory=lambda: int(time.time()))
     requests_served: int = 0
     deleting: bool = False  # unlisted and refused to new requests; purged when in-flight ones end
-    folder_id: tuple[int, int] | None = None  # (st_dev, st_ino) of its adapter_dir folder when registered; None elsewhere
+    folder_id: tuple[int, int, int] | None = None  # (st_dev, st_ino, st_ctime_ns) of its adapter_dir folder when registered; None elsewhere
 
 
 def check_name(name: str, base_name: str) -> None:
@@ -64,7 +64,7 @@ class AdapterRegistry:
         path: Path,
         origin: str,
         model: LoRAModel | None = None,
-        folder_id: tuple[int, int] | None = None,
+        folder_id: tuple[int, int, int] | None = None,
     ) -> tuple[AdapterRecord, LoRAModel]:
         model = model or self.validate(name, path)
         ranks = sorted({w.A.shape[0] for w in model.weights.values()})
