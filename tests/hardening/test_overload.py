@@ -32,7 +32,10 @@ def test_burst_past_max_queue_gets_429_with_retry_after(engine: AsyncEngine) -> 
         responses = asyncio.run(_burst(live.base_url, BURST, BODY))
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 429}
-        assert statuses.count(429) >= 1 and statuses.count(200) >= MAX_QUEUE + 1
+        # Every place in the queue is served. More may be (requests the engine moved to its running
+        # batch free their places), but a burst that arrives within one engine step counts at once
+        # (api/admission.py), so how many more depends on timing.
+        assert statuses.count(429) >= 1 and statuses.count(200) >= MAX_QUEUE
         refused = next(r for r in responses if r.status_code == 429)
         assert refused.headers["retry-after"] == "3"
         error = refused.json()["error"]
