@@ -1,8 +1,8 @@
 """The torch backend's segmented LoRA against a float64 reference built from the raw weights.
 
 Each case fills ProjectionSlots for a fused q/k/v-shaped projection with random adapters and
-checks y = base + Σ over a row's segments of scale·(x·Aᵀ)·Bᵀ, computed here row by row from
-the adapters' own tensors (not from the slots), for both ways the op can run: grouped
+checks y = base + Σ over a row's segments of scale·(x·Aᵀ)·Bᵀ, computed in float64 from the
+adapters' own tensors (random_slots.py), for both ways the op can run: grouped
 (batched matmuls over a slot range) and per segment, with float32 slots and with bfloat16 and
 float16 ones (LoRAConfig.lora_dtype; still a float32 intermediate).
 """
@@ -14,53 +14,21 @@ import random
 import pytest
 import torch
 
-from lora_serve.lora.lora_model import LoRAWeights
-from lora_serve.lora.slots import ProjectionSlots
 from lora_serve.lora.torch_ops import SegmentedLoRABatch
-from lora_serve.model.linear import Linear
+
+from .random_slots import random_slots, reference
 
 IN, SLICES, MAX_RANK, NUM_SLOTS = 48, {"q_proj": 32, "k_proj": 16, "v_proj": 16}, 16, 9
 
 
-def make_slots(layouts: dict[int, dict[str, int]], seed: int, slot_dtype=torch.float32):
-    """layouts: slot -> {slice name: rank}. Returns the slots and, per slot, the weights per slice."""
-    g = torch.Generator().manual_seed(seed)
-    linear = Linear(IN, SLICES, bias=False, dtype=torch.float32, device=torch.device("cpu"))
-    slots = ProjectionSlots(linear, NUM_SLOTS, MAX_RANK, torch.device("cpu"), slot_dtype)
-    weights = {}
-    for slot, ranks in layouts.items():
-        per_slice = []
-        for name, out in SLICES.items():
-            r = ranks.get(name)
-            per_slice.append(
-                None if r is None else LoRAWeights(torch.randn(r, IN, generator=g), torch.randn(out, r, generator=g), 0.5 + slot)
-            )
-        slots.fill(slot, per_slice)
-        weights[slot] = per_slice
-    return slots, weights
-
-
-def reference(x: torch.Tensor, y0: torch.Tensor, segments, weights) -> torch.Tensor:
-    y = y0.double().clone()
-    offsets = [0]
-    for out in SLICES.values():
-        offsets.append(offsets[-1] + out)
-    for slot, lo, hi in segments:
-        for s, w in enumerate(weights[slot]):
-            if w is not None:
-                delta = x[lo:hi].double() @ w.A.double().T @ w.B.double().T * w.scale
-                y[lo:hi, offsets[s] : offsets[s + 1]] += delta
-    return y
-
-
 def run(segments, layouts, rows: int, seed: int = 0, dtype=torch.float32, slot_dtype=torch.float32):
-    slots, weights = make_slots(layouts, seed, slot_dtype)
+    slots, terms = random_slots(IN, SLICES, MAX_RANK, NUM_SLOTS, layouts, seed, lambda slot: 0.5 + slot, slot_dtype=slot_dtype)
     x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     y0 = torch.randn(rows, sum(SLICES.values()), generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
     y = y0.clone()
     batch = SegmentedLoRABatch(segments)
     batch.apply(slots, x, y)
-    return batch, y, reference(x, y0, segments, weights), y0
+    return batch, y, reference(x, y0, segments, terms), y0
 
 
 ALL16 = {"q_proj": 16, "k_proj": 16, "v_proj": 16}

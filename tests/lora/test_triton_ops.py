@@ -1,7 +1,7 @@
 """The fused Triton LoRA kernels, run by triton's interpreter on CPU tensors, against a float64 reference.
 
-The reference is computed here, row by row, from the adapters' own A, B and scale (not from the
-slots). Cases: random segment layouts with ranks 1-64 mixed in one call, targets that skip
+The float64 reference is computed from the adapters' own A, B and scale, not from the slots
+(random_slots.py). Cases: random segment layouts with ranks 1-64 mixed in one call, targets that skip
 slices, empty segments, base-only rows, the merged adapter's negation overlapping other
 segments, decode-sized and prefill-sized segments, split-K; float32 and float16 activations, float32
 and float16 slots (LoRAConfig.lora_dtype; the interpreter computes bfloat16 dot products wrongly, so
@@ -17,11 +17,10 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (it is only installable on Linux x86_64)")
 
-from lora_serve.lora.lora_model import LoRAWeights  # noqa: E402
-from lora_serve.lora.slots import ProjectionSlots  # noqa: E402
 from lora_serve.lora.segments import split_passes  # noqa: E402
 from lora_serve.lora.triton_ops import TritonLoRABatch  # noqa: E402
-from lora_serve.model.linear import Linear  # noqa: E402
+
+from .random_slots import random_slots, reference  # noqa: E402
 
 FEATURES = 40  # not a multiple of the 64-wide reduction tile: the masks are exercised
 OUTS = {"q_proj": 48, "k_proj": 24, "v_proj": 24}  # a fused q/k/v with GQA-like slice sizes
@@ -38,29 +37,8 @@ def interpreter(monkeypatch):
 
 
 def fill(ranks: dict[int, dict[str, int]], seed: int, slot_dtype=torch.float32):
-    """ranks: slot -> {slice: rank}. The slots, and per slot the (output columns, weights) it adds."""
-    g = torch.Generator().manual_seed(seed)
-    linear = Linear(FEATURES, OUTS, bias=False, dtype=torch.float32, device=torch.device("cpu"))
-    slots = ProjectionSlots(linear, SLOTS, MAX_RANK, torch.device("cpu"), slot_dtype)
-    terms = {}
-    for slot, by_slice in ranks.items():
-        ws = [
-            LoRAWeights(torch.randn(by_slice[n], FEATURES, generator=g), torch.randn(OUTS[n], by_slice[n], generator=g) / 8, (-1) ** slot * 0.25 * (slot + 1))
-            if n in by_slice else None
-            for n in OUTS
-        ]  # fmt: skip
-        slots.fill(slot, ws)
-        terms[slot] = [(linear.slice_of(n), w) for n, w in zip(OUTS, ws) if w is not None]
-    return slots, terms
-
-
-def expected(x, y0, segments, terms) -> torch.Tensor:
-    y = y0.to(torch.float64)
-    for slot, lo, hi in segments:
-        for cols, w in terms[slot]:
-            for t in range(lo, hi):
-                y[t, cols] += w.scale * (w.B.double() @ (w.A.double() @ x[t].double()))
-    return y
+    """ranks: slot -> {slice: rank}. Scales alternate in sign so that deltas can cancel."""
+    return random_slots(FEATURES, OUTS, MAX_RANK, SLOTS, ranks, seed, lambda slot: (-1) ** slot * 0.25 * (slot + 1), 1 / 8, slot_dtype)
 
 
 def check(segments, ranks, num_rows, dtype, seed=0, slot_dtype=torch.float32):
@@ -70,7 +48,7 @@ def check(segments, ranks, num_rows, dtype, seed=0, slot_dtype=torch.float32):
     y0 = torch.randn(num_rows, sum(OUTS.values()), generator=g).to(dtype)
     y = y0.clone()
     TritonLoRABatch(segments).apply(slots, x, y)
-    ref = expected(x, y0, segments, terms)
+    ref = reference(x, y0, segments, terms)
     delta = (ref - y0.double()).abs().max().item()
     err = (y.double() - ref).abs().max().item()
     assert err <= max(TOLERANCE[dtype], TOLERANCE[slot_dtype]) * max(delta, 1.0)
