@@ -84,7 +84,7 @@ class LLMEngine:
         log.info(
             "engine: %s (%s) on %s, %s, max_model_len=%d, KV cache %d blocks x %d tokens",
             self.model_path, self.arch.architecture, self.device, self.dtype, self.max_model_len,
-            self.kv_cache.num_blocks, self.kv_cache.block_size,
+            self.kv_cache.num_usable_blocks, self.kv_cache.block_size,
         )
 
     # --- requests -------------------------------------------------------------------------------
@@ -145,13 +145,13 @@ class LLMEngine:
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after a failed step) and free what they held."""
-        outputs = []
-        for request_id, seq in list(self._seqs.items()):
-            out = self.abort_request(request_id)
-            out.finish_reason = seq.finish_reason = "error"
-            out.error = message
-            outputs.append(out)
-        return outputs
+        return [self._fail(seq, message) for seq in list(self._seqs.values())]
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        self._finish(seq, "error")
+        out = self._delta(seq)
+        out.error = message
+        return out
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -176,11 +176,32 @@ class LLMEngine:
             return []
         lora = self.lora.prepare(batch.seqs, batch.num_new_tokens)
         logits = self.runner.run(batch.seqs, lora)
+        failed, batch, logits = self.fail_non_finite(batch, logits)
         tokens, logprobs = sample(logits, batch.seqs)
-        outputs = self.postprocess(batch, tokens, logprobs)
+        outputs = failed + self.postprocess(batch, tokens, logprobs)
         if self.merge_policy is not None:
             self.apply_merge_policy(batch)
         return outputs
+
+    def fail_non_finite(
+        self, batch: ScheduledBatch, logits: torch.Tensor
+    ) -> tuple[list[RequestOutput], ScheduledBatch, torch.Tensor]:
+        """Fail the sequences whose logits hold NaN or Inf; the rest of the batch, and its logits, go on.
+
+        Rows never mix (projections are row-wise, attention reads only a sequence's own KV blocks,
+        see kv_cache.py), so non-finite values stay in the request that produced them: e.g. one whose
+        adapter's delta overflows the dtype on this prompt. Its blocks are cleared when freed."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # logits: [B, vocab]
+        if all(finite):
+            return [], batch, logits
+        failed = []
+        for seq in (s for s, ok in zip(batch.seqs, finite) if not ok):
+            adapter = f"adapter {seq.lora_name!r}" if seq.lora_name else "the base model"
+            log.warning("request %s: non-finite logits with %s; failing it", seq.request_id, adapter)
+            failed.append(self._fail(seq, f"the model's output for this request is not finite (NaN or Inf) with {adapter}"))
+        keep = [i for i, ok in enumerate(finite) if ok]
+        kept = ScheduledBatch([batch.seqs[i] for i in keep], [batch.num_new_tokens[i] for i in keep])
+        return failed, kept, logits[keep]
 
     # --- merged mode (between steps) ------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import torch
 from ..model.attention import AttentionMetadata
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
-from .kv_cache import KVCache
+from .kv_cache import PAD_BLOCK, KVCache
 from .sequence import Sequence
 
 
@@ -39,7 +39,9 @@ class ModelRunner:
         dev = self.device
         max_blocks = -(-max(context_lens) // bs)
         L = max_blocks * bs  # keys are gathered whole blocks at a time: fewer, larger copies
-        context_blocks = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table)) for s in seqs])
+        # Shorter contexts are padded with the all-zero PAD_BLOCK, never with another sequence's block.
+        pad = lambda table: table[:max_blocks] + [PAD_BLOCK] * (max_blocks - len(table))  # noqa: E731
+        context_blocks = torch.tensor([pad(s.block_table) for s in seqs])
         j = torch.arange(L)
         q_lens = torch.tensor(query_lens)
         ctx = torch.tensor(context_lens)

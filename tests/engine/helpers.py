@@ -7,13 +7,17 @@ from lora_serve.engine.sampling_params import SamplingParams
 
 
 def run_to_completion(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], lora: dict[str, str | None] | None = None) -> dict[str, dict]:
-    """Submit all requests at once, step until done; per request: token ids, text, finish reason, logprobs."""
-    results = {rid: {"tokens": [], "text": "", "finish_reason": None, "logprobs": []} for rid in requests}
+    """Submit all requests at once, step until done; per request: token ids, text, finish reason, logprobs
+    (also for requests that were already in the engine)."""
+    def new() -> dict:
+        return {"tokens": [], "text": "", "finish_reason": None, "logprobs": []}
+
+    results = {rid: new() for rid in requests}
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params, (lora or {}).get(rid))
     while engine.has_unfinished():
         for out in engine.step():
-            r = results[out.request_id]
+            r = results.setdefault(out.request_id, new())
             r["tokens"] += out.new_token_ids
             r["text"] += out.new_text
             r["logprobs"] += out.new_logprobs

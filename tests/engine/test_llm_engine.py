@@ -77,9 +77,10 @@ def test_preemption_when_kv_cache_is_small_gives_same_tokens(tiny_llama_dir):
     prompts = {f"p{i}": [(11 * i + j) % 3000 + 5 for j in range(20 + 9 * i)] for i in range(8)}
     reqs = {k: (p, greedy(40)) for k, p in prompts.items()}
     roomy = run_to_completion(make_engine(tiny_llama_dir), reqs)
-    # 128 tokens of cache for 8 sequences needing up to 123 each: forces waiting and preemption.
-    tight_engine = make_engine(tiny_llama_dir, kv_gb=128 * 512 / 2**30, max_num_seqs=8, block_size=8, max_model_len=128)
-    assert tight_engine.kv_cache.num_blocks * 8 < sum(len(p) + 40 for p in prompts.values())
+    # 128 usable tokens of cache (+ the padding block) for 8 sequences needing up to 123 each:
+    # forces waiting and preemption.
+    tight_engine = make_engine(tiny_llama_dir, kv_gb=136 * 512 / 2**30, max_num_seqs=8, block_size=8, max_model_len=128)
+    assert tight_engine.kv_cache.num_usable_blocks * 8 == 128 < sum(len(p) + 40 for p in prompts.values())
     tight = run_to_completion(tight_engine, reqs)
     for rid in prompts:
         assert tight[rid]["tokens"] == roomy[rid]["tokens"], rid
