@@ -23,6 +23,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
+
 from ..config import LoRAConfig
 from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
@@ -43,7 +45,6 @@ class LoRAManager:
     def __init__(self, model: LlamaModel, config: LoRAConfig, base_name: str):
         self.config = config
         self.max_loras = config.max_loras
-        self.registry = AdapterRegistry(model.arch, config.max_lora_rank, base_name)
         # Where uploads are stored and which folder is scanned at start.
         self.adapter_dir = config.adapter_dir or cache_root() / "adapters"
         self._lock = threading.RLock()
@@ -62,6 +63,9 @@ class LoRAManager:
         self.slot_writer = SlotWriter(model.device)  # side-stream copies from pinned memory on CUDA
         self.unmerge_slot = config.max_loras  # one extra slot: the merged adapter, negated (see merge.py)
         self.slot_dtype = resolve_lora_dtype(config.lora_dtype, model.device, model.dtype)
+        # An adapter's update is checked against the narrower of the base's and the slots' dtypes.
+        narrowest = min((model.dtype, self.slot_dtype), key=lambda d: torch.finfo(d).max)
+        self.registry = AdapterRegistry(model.arch, config.max_lora_rank, base_name, narrowest)
         log.info("LoRA slots: %d of rank %d in %s", config.max_loras, config.max_lora_rank, self.slot_dtype)
         # [(layer, slice names, slots)] for every projection; slots are filled per adapter.
         self._projections: list[tuple[int, tuple[str, ...], ProjectionSlots]] = []
@@ -222,7 +226,7 @@ class LoRAManager:
                 return
         start = time.perf_counter()
         try:
-            loaded = self.slot_writer.host_copy(LoRAModel.load(name, record.path, self.registry.arch, self.config.max_lora_rank))
+            loaded = self.slot_writer.host_copy(self.registry.validate(name, record.path))
         except Exception:
             self.release(name)
             raise

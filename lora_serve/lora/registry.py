@@ -14,9 +14,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..model.arch import ModelArch
 from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
 from .lora_model import LoRAModel
+from .overflow import check_gain
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -46,17 +49,20 @@ def check_name(name: str, base_name: str) -> None:
 
 
 class AdapterRegistry:
-    def __init__(self, arch: ModelArch, max_rank: int, base_name: str):
+    def __init__(self, arch: ModelArch, max_rank: int, base_name: str, dtype: torch.dtype = torch.float32):
         self.arch = arch
         self.max_rank = max_rank
+        self.dtype = dtype  # the narrowest dtype an adapter's update runs in (see overflow.py)
         self.base_name = base_name
         self._records: dict[str, AdapterRecord] = {}
         self._lock = threading.Lock()
 
     def validate(self, name: str, path: Path) -> LoRAModel:
-        """Load and check an adapter folder without registering it."""
+        """Load and check an adapter folder without registering it (also how a registered one is reloaded)."""
         check_name(name, self.base_name)
-        return LoRAModel.load(name, Path(path), self.arch, self.max_rank)
+        model = LoRAModel.load(name, Path(path), self.arch, self.max_rank)
+        check_gain(model, self.dtype)
+        return model
 
     def add(
         self,
