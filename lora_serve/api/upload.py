@@ -23,6 +23,7 @@ from lora_serve.lora.lora_model import PICKLE_SUFFIXES
 MULTIPART_OVERHEAD = 16 * 1024  # boundaries, part headers and the name field, on top of the files
 PICKLE_PROTO = b"\x80"  # first byte of every pickle since protocol 2 (torch.save writes one inside a zip, too)
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container around its pickle
+SAFETENSORS_HEAD = 9  # u64 header length + the header's opening "{"
 
 
 @dataclass
@@ -81,9 +82,12 @@ def parse_upload(form: FormData, max_adapter_bytes: int) -> AdapterUpload:
 
 def _refuse_pickle(model: UploadFile) -> None:
     filename = (model.filename or "").lower()
-    head = model.file.read(len(ZIP_MAGIC))
+    head = model.file.read(SAFETENSORS_HEAD)
     model.file.seek(0)
-    if filename.endswith(PICKLE_SUFFIXES) or head.startswith((PICKLE_PROTO, ZIP_MAGIC)):
+    # A safetensors file starts with its header's length (8 bytes, little-endian), then "{": that length's
+    # low byte is 0x80, pickle's first byte, for one header size in 256, so the JSON's "{" decides.
+    safetensors = head[8:9] == b"{"
+    if filename.endswith(PICKLE_SUFFIXES) or (not safetensors and head.startswith((PICKLE_PROTO, ZIP_MAGIC))):
         raise UnsupportedMediaError(
             "adapter_model must be a safetensors file; pickled weights (.bin/.pt/.pth/.pkl) are refused",
             param="adapter_model",

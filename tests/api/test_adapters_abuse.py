@@ -160,6 +160,18 @@ def test_chunked_body_over_the_limit_is_cut_off(
     _check_unharmed(server, adapter_dir, stored_state)
 
 
+def test_safetensors_whose_first_byte_is_pickles_is_accepted(server: LiveServer, good_files: Files) -> None:
+    """A header of 0x80 bytes mod 256 starts the file with b"\\x80", pickle's first byte: still safetensors."""
+    tensors = load(good_files["adapter_model"])
+    for pad in range(256):
+        data = save(tensors, metadata={"pad": "x" * pad})
+        if data[0] == 0x80:
+            break
+    resp = upload(server.base_url, "first-byte-0x80", {**good_files, "adapter_model": data})
+    assert resp.status_code == 201, resp.text
+    assert httpx.delete(f"{server.base_url}/v1/adapters/first-byte-0x80", headers=admin_headers()).status_code == 200
+
+
 def test_not_multipart_is_415(server: LiveServer) -> None:
     resp = httpx.post(f"{server.base_url}/v1/adapters", json={"name": "x"}, headers=admin_headers())
     assert resp.status_code == 415
