@@ -8,6 +8,8 @@ Two kinds of series, on a registry of the app's own (no process-wide state):
   loads, evictions, load time, merges);
 - recorded per finished request (`RequestMetrics`): requests, tokens, time to first token
   and time per output token, each labelled with the adapter ("" for the base model).
+Once any key is configured, the route needs the metrics key or an admin key (auth.py): the
+labels name every tenant's adapters.
 """
 
 from __future__ import annotations
