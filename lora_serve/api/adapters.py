@@ -12,6 +12,7 @@
 Upload, list, describe and delete take any tenant's key; an upload belongs to its tenant, and
 another tenant's adapter answers 404 like an unknown name (tenants.py). Merge, unmerge and
 load/unload by path change what everyone is served, so they need an admin (`admin_router`).
+AdapterInfo.path is the full server path for admins, only the folder's name for anyone else.
 Refusals are lora.errors.AdapterError (status and param included), answered by errors.py.
 Reading and validating weights is blocking, so it runs on a worker thread.
 """
@@ -49,7 +50,7 @@ class AdapterInfo(BaseModel):
     object: str = "adapter"
     name: str
     origin: str  # "upload" | "load-api" | "adapter-dir" | "lora-modules"
-    path: str
+    path: str  # its folder; only the folder's name for non-admins (Principal.shown_path)
     created: int
     ranks: list[int]  # every rank in use (rank_pattern may mix several)
     alpha: float
@@ -89,12 +90,12 @@ class AdapterAdmin:
         self.store = AdapterStore(engine.lora.adapter_dir)  # removes crashed uploads' leftovers
         self.base_params = engine.lora.base_params
 
-    def info(self, record: AdapterRecord) -> AdapterInfo:
+    def info(self, record: AdapterRecord, viewer: Principal) -> AdapterInfo:
         return AdapterInfo(
             id=record.name,
             name=record.name,
             origin=record.origin,
-            path=str(record.path),
+            path=viewer.shown_path(record.path),
             created=record.created,
             ranks=record.ranks,
             alpha=record.alpha,
@@ -179,7 +180,7 @@ async def upload_adapter(request: Request, admin: AdapterAdmin = Depends(get_adm
         record = await asyncio.to_thread(admin.store_upload, upload, principal_of(request).tenant)
     finally:
         await form.close()
-    return admin.info(record)
+    return admin.info(record, principal_of(request))
 
 
 @router.get("/adapters")
@@ -187,13 +188,14 @@ async def list_adapters(request: Request, admin: AdapterAdmin = Depends(get_admi
     viewer = principal_of(request)
     await asyncio.to_thread(admin.lora.drop_removed)  # what other replicas deleted from --adapter-dir
     records = sorted(admin.lora.registry.list(), key=lambda r: r.name)
-    return AdapterList(data=[admin.info(r) for r in records if viewer.can_see(admin.store.owner(r.path))])
+    return AdapterList(data=[admin.info(r, viewer) for r in records if viewer.can_see(admin.store.owner(r.path))])
 
 
 @router.get("/adapters/{name}")
 async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     await asyncio.to_thread(admin.lora.sync_with_adapter_dir, name)
-    return admin.info(admin.record(name, "name", principal_of(request)))
+    viewer = principal_of(request)
+    return admin.info(admin.record(name, "name", viewer), viewer)
 
 
 @router.delete("/adapters/{name}")
@@ -216,15 +218,16 @@ async def merge_adapter(name: str, request: Request, admin: AdapterAdmin = Depen
         await admin.engine.call(lambda: admin.lora.merge(name))
     finally:
         admin.lora.release(name)
-    return admin.info(admin.record(name, "name", viewer))
+    return admin.info(admin.record(name, "name", viewer), viewer)
 
 
 @admin_router.post("/adapters/{name}/unmerge")
 async def unmerge_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     """Restore the base weights bit for bit if this adapter is the merged one (else nothing changes)."""
-    record = admin.record(name, "name", principal_of(request))
+    viewer = principal_of(request)
+    record = admin.record(name, "name", viewer)
     await unmerge_if_merged(admin, name)
-    return admin.info(record)
+    return admin.info(record, viewer)
 
 
 async def unmerge_if_merged(admin: AdapterAdmin, name: str) -> None:
@@ -232,11 +235,13 @@ async def unmerge_if_merged(admin: AdapterAdmin, name: str) -> None:
 
 
 @admin_router.post("/load_lora_adapter")
-async def load_lora_adapter(req: LoadLoRARequest, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+async def load_lora_adapter(
+    req: LoadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)
+) -> AdapterInfo:
     path = admin.allowed_path(req.lora_path)
     admin.check_new_name(req.lora_name, "lora_name")
     record = await asyncio.to_thread(admin.lora.register, req.lora_name, path, "load-api")
-    return admin.info(record)
+    return admin.info(record, principal_of(request))
 
 
 @admin_router.post("/unload_lora_adapter")

@@ -8,7 +8,7 @@ Three kinds of route, and the keys each takes:
 With no key configured a route is open; /health and /version always are, and /metrics is with
 --disable-metrics-auth (its labels name every tenant's adapters, so it is not open by default).
 Each check leaves the caller's `Principal` on `request.state.principal`, which decides which
-tenants' adapters it sees (tenants.py).
+tenants' adapters it sees and whether it sees server paths (tenants.py).
 """
 
 from __future__ import annotations

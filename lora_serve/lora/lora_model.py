@@ -58,8 +58,8 @@ class LoRAModel:
     @classmethod
     def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int) -> "LoRAModel":
         path = Path(path)
-        if not path.is_dir():
-            raise AdapterNotFoundError(f"adapter folder {str(path)!r} does not exist", param="lora_path")
+        if not path.is_dir():  # the folder's name only: a request on an adapter whose folder went may see this
+            raise AdapterNotFoundError(f"adapter folder {path.name!r} does not exist", param="lora_path")
         config = LoRAAdapterConfig.from_file(path / CONFIG_FILE, arch, max_rank)
         data = _read_weights_file(path)  # read once: hashed and parsed from the same bytes
         check_safetensors_header(data)
