@@ -140,7 +140,7 @@ class AdapterAdmin:
         files = {CONFIG_FILE: upload.adapter_config.file, WEIGHTS_FILE: upload.adapter_model.file}
         if tenant is not None:
             files[OWNER_FILE] = io.BytesIO(tenant.encode())
-        validate = lambda tmp: self.lora.registry.validate(upload.name, tmp)  # noqa: E731
+        validate = lambda tmp: self.lora.read(upload.name, tmp, "upload")  # noqa: E731
         path, model = self.store.save(upload.name, files, validate)
         try:
             return self.lora.register(upload.name, path, "upload", model)

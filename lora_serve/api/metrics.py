@@ -57,8 +57,12 @@ class EngineCollector:
         if lora.merged.name is not None:
             merged.add_metric([lora.merged.name], 1)
         yield merged
-        yield CounterMetricFamily("lora_serve_adapter_loads", "Adapters read from disk into CPU memory.", value=lora.num_loads)
-        yield CounterMetricFamily("lora_serve_adapter_load_seconds", "Time spent reading adapters from disk.", value=lora.load_seconds)
+        loads = (
+            "Adapter folders read from disk into CPU memory and validated: one per registration (start-up, upload, "
+            "load API, a folder another replica stored) and one per re-read after eviction from the CPU cache."
+        )
+        yield CounterMetricFamily("lora_serve_adapter_loads", loads, value=lora.num_loads)
+        yield CounterMetricFamily("lora_serve_adapter_load_seconds", "Time spent in those loads.", value=lora.load_seconds)
         yield CounterMetricFamily("lora_serve_adapter_evictions", "Adapters evicted from a device slot or the CPU cache.", value=lora.num_evictions)
         yield CounterMetricFamily("lora_serve_adapter_merges", "Adapters merged into the base weights.", value=lora.num_merges)
         policy = e.engine.merge_policy

@@ -52,7 +52,7 @@ class LoRAManager:
         self._slot_names: list[str | None] = [None] * config.max_loras
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(config.max_loras))
         self._pins = [0] * config.max_loras
-        self.num_loads = 0
+        self.num_loads = 0  # adapters read from disk into CPU memory: at registration, and again after eviction
         self.num_evictions = 0
         self.num_merges = 0
         self.load_seconds = 0.0
@@ -76,7 +76,7 @@ class LoRAManager:
     def register(self, name: str, path, origin: str, model: LoRAModel | None = None) -> AdapterRecord:
         # Before validation: a folder replaced after this stat is caught (and read again) on its next use.
         folder_id = _folder_id(path) if self._in_adapter_dir(path) else None
-        record, loaded = self.registry.add(name, path, origin, model, folder_id)
+        record, loaded = self.registry.add(name, path, origin, model or self.read(name, path, origin), folder_id)
         loaded = self.slot_writer.host_copy(loaded)
         log.info(
             "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
@@ -220,17 +220,24 @@ class LoRAManager:
             if name in self._cpu:
                 self._cpu.move_to_end(name)
                 return
-        start = time.perf_counter()
         try:
-            loaded = self.slot_writer.host_copy(LoRAModel.load(name, record.path, self.registry.arch, self.config.max_lora_rank))
+            loaded = self.slot_writer.host_copy(self.read(name, record.path, record.origin))
         except Exception:
             self.release(name)
             raise
         with self._lock:
             self._cpu[name] = loaded
+            self._evict_cpu()
+
+    def read(self, name: str, path, origin: str) -> LoRAModel:
+        """Read and validate an adapter folder (disk -> CPU), counted in num_loads and load_seconds;
+        uploads call it on their staged folder. Blocking."""
+        start = time.perf_counter()
+        model = self.registry.validate(name, path)
+        with self._lock:
             self.num_loads += 1
             self.load_seconds += time.perf_counter() - start
-            self._evict_cpu()
+        return model
 
     def release(self, name: str) -> None:
         with self._lock:
