@@ -33,7 +33,13 @@ from pydantic import BaseModel
 from lora_serve.api.auth import principal_of
 from lora_serve.api.tenants import Principal
 from lora_serve.api.upload import AdapterUpload, parse_upload, read_form
-from lora_serve.lora.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, ForbiddenPathError
+from lora_serve.lora.errors import (
+    AdapterError,
+    AdapterExistsError,
+    AdapterNotFoundError,
+    ForbiddenPathError,
+    InvalidAdapterError,
+)
 from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
 from lora_serve.lora.registry import AdapterRecord, check_name
 from lora_serve.lora.store import OWNER_FILE, AdapterStore
@@ -154,6 +160,8 @@ class AdapterAdmin:
             raise ForbiddenPathError(
                 "loading adapters by path is disabled; start the server with --allowed-lora-dir", param="lora_path"
             )
+        if "\x00" in lora_path:  # no file system path holds one (os.path would raise ValueError)
+            raise InvalidAdapterError("lora_path must not contain a NUL character", param="lora_path")
         real = Path(os.path.realpath(lora_path))
         if any(real == d or d in real.parents for d in self.allowed_dirs):
             return real

@@ -65,6 +65,8 @@ def _error(resp: httpx.Response) -> tuple[int, str, str | None]:
         ("x", "{allowed}/../outside/r4-attn", 403, "lora_path"),
         ("x", "/etc", 403, "lora_path"),
         ("x", "{allowed}/missing", 404, "lora_path"),
+        ("x", "{allowed}/r4-attn\x00", 400, "lora_path"),
+        ("x", "{allowed}/r4\x00/../r4-attn", 400, "lora_path"),
         ("../x", "{allowed}/r4-attn", 400, "lora_name"),
         ("tiny", "{allowed}/r4-attn", 400, "lora_name"),
     ],
