@@ -40,6 +40,7 @@ from lora_serve.lora.errors import (
     ForbiddenPathError,
     InvalidAdapterError,
 )
+from lora_serve.lora.files import inside
 from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
 from lora_serve.lora.registry import AdapterRecord, check_name
 from lora_serve.lora.store import OWNER_FILE, AdapterStore
@@ -87,11 +88,10 @@ class UnloadLoRARequest(BaseModel):
 class AdapterAdmin:
     """What the admin routes work on; held on `app.state.adapter_admin`."""
 
-    def __init__(self, engine: "AsyncEngine", base_name: str, allowed_dirs: list[Path]):
+    def __init__(self, engine: "AsyncEngine", base_name: str):
         self.engine = engine
         self.lora = engine.lora
         self.base_name = base_name  # the API's base id, which no adapter may take
-        self.allowed_dirs = [Path(os.path.realpath(d)) for d in allowed_dirs]
         self.max_adapter_bytes = engine.lora.config.max_adapter_bytes
         self.store = AdapterStore(engine.lora.adapter_dir)  # removes crashed uploads' leftovers
         self.base_params = engine.lora.base_params
@@ -155,15 +155,16 @@ class AdapterAdmin:
             raise
 
     def allowed_path(self, lora_path: str) -> Path:
-        """The real path (symlinks and `..` resolved) if it lies inside an allowed directory; else 403."""
-        if not self.allowed_dirs:
+        """The real path (symlinks and `..` resolved) if it lies inside an allowed directory; else 403.
+        The files in it are checked the same way each time they are read (lora/files.py)."""
+        if not self.lora.allowed_dirs:
             raise ForbiddenPathError(
                 "loading adapters by path is disabled; start the server with --allowed-lora-dir", param="lora_path"
             )
         if "\x00" in lora_path:  # no file system path holds one (os.path would raise ValueError)
             raise InvalidAdapterError("lora_path must not contain a NUL character", param="lora_path")
         real = Path(os.path.realpath(lora_path))
-        if any(real == d or d in real.parents for d in self.allowed_dirs):
+        if inside(real, self.lora.allowed_dirs):
             return real
         raise ForbiddenPathError("lora_path is outside the directories adapters may be loaded from", param="lora_path")
 

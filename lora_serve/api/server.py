@@ -38,7 +38,7 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,  # app.openapi() still builds the schema
     )
     base_name = config.served_model_name or engine.base_name
-    admin = adapters.AdapterAdmin(engine, base_name, engine.lora.config.allowed_lora_dir)
+    admin = adapters.AdapterAdmin(engine, base_name)
     app.state.adapter_admin = admin
     app.state.lora_serve = ServerState.create(engine, config, admin.owner_of)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])

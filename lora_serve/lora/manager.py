@@ -46,6 +46,8 @@ class LoRAManager:
         self.registry = AdapterRegistry(model.arch, config.max_lora_rank, base_name)
         # Where uploads are stored and which folder is scanned at start.
         self.adapter_dir = config.adapter_dir or cache_root() / "adapters"
+        # Where the load API may read from: the adapter's folder and, on every read, each of its files.
+        self.allowed_dirs = tuple(Path(os.path.realpath(d)) for d in config.allowed_lora_dir)
         self._lock = threading.RLock()
         self._cpu: OrderedDict[str, LoRAModel] = OrderedDict()  # LRU order, oldest first
         self._refs: dict[str, int] = {}  # in-flight requests per adapter
@@ -231,9 +233,9 @@ class LoRAManager:
 
     def read(self, name: str, path, origin: str) -> LoRAModel:
         """Read and validate an adapter folder (disk -> CPU), counted in num_loads and load_seconds;
-        uploads call it on their staged folder. Blocking."""
+        uploads call it on their staged folder. A load-API adapter's files must lie in allowed_dirs. Blocking."""
         start = time.perf_counter()
-        model = self.registry.validate(name, path)
+        model = self.registry.validate(name, path, self.allowed_dirs if origin == "load-api" else None)
         with self._lock:
             self.num_loads += 1
             self.load_seconds += time.perf_counter() - start

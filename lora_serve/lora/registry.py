@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..model.arch import ModelArch
 from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
+from .files import Roots
 from .lora_model import LoRAModel
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -53,10 +54,10 @@ class AdapterRegistry:
         self._records: dict[str, AdapterRecord] = {}
         self._lock = threading.Lock()
 
-    def validate(self, name: str, path: Path) -> LoRAModel:
-        """Load and check an adapter folder without registering it."""
+    def validate(self, name: str, path: Path, roots: Roots = None) -> LoRAModel:
+        """Load and check an adapter folder without registering it (roots: see files.py)."""
         check_name(name, self.base_name)
-        return LoRAModel.load(name, Path(path), self.arch, self.max_rank)
+        return LoRAModel.load(name, Path(path), self.arch, self.max_rank, roots)
 
     def add(
         self,
