@@ -7,7 +7,7 @@
     POST   /v1/adapters/{name}/merge   fold into the base weights (between two engine steps) -> AdapterInfo
     POST   /v1/adapters/{name}/unmerge restore the base bit for bit -> AdapterInfo
     POST   /v1/load_lora_adapter       {"lora_name", "lora_path"} (inside --allowed-lora-dir)
-    POST   /v1/unload_lora_adapter     {"lora_name"}
+    POST   /v1/unload_lora_adapter     {"lora_name"} (one in --adapter-dir comes back on its next request)
 
 Upload, list, describe and delete take any tenant's key; an upload belongs to its tenant, and
 another tenant's adapter answers 404 like an unknown name (tenants.py). Merge, unmerge and
@@ -257,6 +257,13 @@ async def load_lora_adapter(
 async def unload_lora_adapter(
     req: UnloadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)
 ) -> JSONResponse:
+    """Unregister an adapter from this server (requests running on it finish first); its files stay.
+
+    An adapter whose folder is in --adapter-dir comes back on the next request that names it, as
+    with vLLM's filesystem resolver: that folder is what every replica sharing the directory
+    serves, so one replica refusing a name the others serve would make answers depend on routing.
+    Unloading frees this server's copy; DELETE /v1/adapters/{name} removes the folder for all.
+    """
     admin.record(req.lora_name, "lora_name", principal_of(request))
     await unmerge_if_merged(admin, req.lora_name)
     admin.lora.unregister(req.lora_name)

@@ -167,3 +167,20 @@ def test_a_file_linked_out_after_loading_is_refused_when_read_again(tiny_llama_d
             timeout=30,
         )
     assert _error(resp) == (403, "invalid_request_error", "lora_path")
+
+
+def test_unloading_an_adapter_dir_adapter_lasts_until_it_is_next_named(server: LiveServer, dirs) -> None:
+    """--adapter-dir is shared by replicas, so its folders are served whenever named; unload frees this
+    server's copy (and unlists it), DELETE removes the folder for good."""
+    _, allowed, _ = dirs
+    shutil.copytree(allowed / "r4-attn", server.engine.lora.adapter_dir / "in-dir")
+    client = server.client(api_key=USER)
+    assert client.chat.completions.create(model="in-dir", messages=MESSAGES, max_tokens=2).model == "in-dir"
+    assert _post(server, "unload_lora_adapter", {"lora_name": "in-dir"}).status_code == 200
+    assert "in-dir" not in [m.id for m in client.models.list().data]
+    assert client.chat.completions.create(model="in-dir", messages=MESSAGES, max_tokens=2).model == "in-dir"
+    assert "in-dir" in [m.id for m in client.models.list().data]
+    assert httpx.delete(f"{server.base_url}/v1/adapters/in-dir", headers=admin_headers()).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="in-dir", messages=MESSAGES, max_tokens=2)
+    assert not (server.engine.lora.adapter_dir / "in-dir").exists()
