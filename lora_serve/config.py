@@ -145,7 +145,7 @@ class ServerConfig(_Config):
     """Name of the base model in the API (default: the model directory's name)."""
 
     api_key: str | None = None
-    """If set, every /v1 request needs `Authorization: Bearer <key>` (/health stays open)."""
+    """If set, every /v1 request needs `Authorization: Bearer <key>` (/health and /version stay open)."""
 
     admin_api_key: str | None = None
     """If set, adapter management endpoints need this key instead of api_key."""
@@ -154,6 +154,19 @@ class ServerConfig(_Config):
     """JSON or TOML file of API keys, each with a tenant and a role (admin or user): {"keys": [{"key",
     "tenant", "role"}]}. A tenant's uploads are seen and run only by that tenant and admins. Works beside
     api_key and admin_api_key."""
+
+    metrics_api_key: str | None = None
+    """Key for GET /metrics (a Prometheus scraper's), accepted beside the admin keys. Once any key is
+    configured, /metrics needs this key or an admin key: it names every tenant's adapters and their use."""
+
+    disable_metrics_auth: bool = False
+    """Serve GET /metrics without a key even when keys are configured (as vLLM does), for a scraper that
+    cannot send one. Only where the network already keeps the port private."""
+
+    api_docs: Literal["auto", "on", "off"] = "auto"
+    """Serve /docs, /redoc and /openapi.json. auto: only when no key is configured. The schema maps
+    every management route, so a server with keys (a production one) does not hand it to anonymous
+    callers unless asked; a keyless development server shows it as before."""
 
     max_queue: int = Field(256, ge=0)
     """Most generation requests admitted but not yet in the running batch. Past it a request
@@ -192,3 +205,19 @@ class ServerConfig(_Config):
     access_log: bool = True
     """Log one JSON line per request (method, path, status, duration, model, adapter, tokens) to
     the lora_serve.access logger. Never the API key or the prompt."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServerConfig":
+        if self.disable_metrics_auth and self.metrics_api_key is not None:
+            raise ValueError("metrics_api_key has no effect with disable_metrics_auth; give one or the other")
+        return self
+
+    @property
+    def has_keys(self) -> bool:
+        """Some key or key file is configured: /metrics and the API docs are closed by default."""
+        keys = (self.api_key, self.admin_api_key, self.auth_file, self.metrics_api_key)
+        return any(k is not None for k in keys)
+
+    @property
+    def serves_docs(self) -> bool:
+        return self.api_docs == "on" or (self.api_docs == "auto" and not self.has_keys)

@@ -7,11 +7,12 @@
     POST   /v1/adapters/{name}/merge   fold into the base weights (between two engine steps) -> AdapterInfo
     POST   /v1/adapters/{name}/unmerge restore the base bit for bit -> AdapterInfo
     POST   /v1/load_lora_adapter       {"lora_name", "lora_path"} (inside --allowed-lora-dir)
-    POST   /v1/unload_lora_adapter     {"lora_name"}
+    POST   /v1/unload_lora_adapter     {"lora_name"} (one in --adapter-dir comes back on its next request)
 
 Upload, list, describe and delete take any tenant's key; an upload belongs to its tenant, and
 another tenant's adapter answers 404 like an unknown name (tenants.py). Merge, unmerge and
 load/unload by path change what everyone is served, so they need an admin (`admin_router`).
+AdapterInfo.path is the full server path for admins, only the folder's name for anyone else.
 Refusals are lora.errors.AdapterError (status and param included), answered by errors.py.
 Reading and validating weights is blocking, so it runs on a worker thread.
 """
@@ -32,7 +33,14 @@ from pydantic import BaseModel
 from lora_serve.api.auth import principal_of
 from lora_serve.api.tenants import Principal
 from lora_serve.api.upload import AdapterUpload, parse_upload, read_form
-from lora_serve.lora.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, ForbiddenPathError
+from lora_serve.lora.errors import (
+    AdapterError,
+    AdapterExistsError,
+    AdapterNotFoundError,
+    ForbiddenPathError,
+    InvalidAdapterError,
+)
+from lora_serve.lora.files import inside
 from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
 from lora_serve.lora.registry import AdapterRecord, check_name
 from lora_serve.lora.store import OWNER_FILE, AdapterStore
@@ -49,7 +57,7 @@ class AdapterInfo(BaseModel):
     object: str = "adapter"
     name: str
     origin: str  # "upload" | "load-api" | "adapter-dir" | "lora-modules"
-    path: str
+    path: str  # its folder; only the folder's name for non-admins (Principal.shown_path)
     created: int
     ranks: list[int]  # every rank in use (rank_pattern may mix several)
     alpha: float
@@ -80,21 +88,20 @@ class UnloadLoRARequest(BaseModel):
 class AdapterAdmin:
     """What the admin routes work on; held on `app.state.adapter_admin`."""
 
-    def __init__(self, engine: "AsyncEngine", base_name: str, allowed_dirs: list[Path]):
+    def __init__(self, engine: "AsyncEngine", base_name: str):
         self.engine = engine
         self.lora = engine.lora
         self.base_name = base_name  # the API's base id, which no adapter may take
-        self.allowed_dirs = [Path(os.path.realpath(d)) for d in allowed_dirs]
         self.max_adapter_bytes = engine.lora.config.max_adapter_bytes
         self.store = AdapterStore(engine.lora.adapter_dir)  # removes crashed uploads' leftovers
         self.base_params = engine.lora.base_params
 
-    def info(self, record: AdapterRecord) -> AdapterInfo:
+    def info(self, record: AdapterRecord, viewer: Principal) -> AdapterInfo:
         return AdapterInfo(
             id=record.name,
             name=record.name,
             origin=record.origin,
-            path=str(record.path),
+            path=viewer.shown_path(record.path),
             created=record.created,
             ranks=record.ranks,
             alpha=record.alpha,
@@ -139,7 +146,7 @@ class AdapterAdmin:
         files = {CONFIG_FILE: upload.adapter_config.file, WEIGHTS_FILE: upload.adapter_model.file}
         if tenant is not None:
             files[OWNER_FILE] = io.BytesIO(tenant.encode())
-        validate = lambda tmp: self.lora.registry.validate(upload.name, tmp)  # noqa: E731
+        validate = lambda tmp: self.lora.read(upload.name, tmp, "upload")  # noqa: E731
         path, model = self.store.save(upload.name, files, validate)
         try:
             return self.lora.register(upload.name, path, "upload", model)
@@ -148,13 +155,16 @@ class AdapterAdmin:
             raise
 
     def allowed_path(self, lora_path: str) -> Path:
-        """The real path (symlinks and `..` resolved) if it lies inside an allowed directory; else 403."""
-        if not self.allowed_dirs:
+        """The real path (symlinks and `..` resolved) if it lies inside an allowed directory; else 403.
+        The files in it are checked the same way each time they are read (lora/files.py)."""
+        if not self.lora.allowed_dirs:
             raise ForbiddenPathError(
                 "loading adapters by path is disabled; start the server with --allowed-lora-dir", param="lora_path"
             )
+        if "\x00" in lora_path:  # no file system path holds one (os.path would raise ValueError)
+            raise InvalidAdapterError("lora_path must not contain a NUL character", param="lora_path")
         real = Path(os.path.realpath(lora_path))
-        if any(real == d or d in real.parents for d in self.allowed_dirs):
+        if inside(real, self.lora.allowed_dirs):
             return real
         raise ForbiddenPathError("lora_path is outside the directories adapters may be loaded from", param="lora_path")
 
@@ -179,7 +189,7 @@ async def upload_adapter(request: Request, admin: AdapterAdmin = Depends(get_adm
         record = await asyncio.to_thread(admin.store_upload, upload, principal_of(request).tenant)
     finally:
         await form.close()
-    return admin.info(record)
+    return admin.info(record, principal_of(request))
 
 
 @router.get("/adapters")
@@ -187,13 +197,14 @@ async def list_adapters(request: Request, admin: AdapterAdmin = Depends(get_admi
     viewer = principal_of(request)
     await asyncio.to_thread(admin.lora.drop_removed)  # what other replicas deleted from --adapter-dir
     records = sorted(admin.lora.registry.list(), key=lambda r: r.name)
-    return AdapterList(data=[admin.info(r) for r in records if viewer.can_see(admin.store.owner(r.path))])
+    return AdapterList(data=[admin.info(r, viewer) for r in records if viewer.can_see(admin.store.owner(r.path))])
 
 
 @router.get("/adapters/{name}")
 async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     await asyncio.to_thread(admin.lora.sync_with_adapter_dir, name)
-    return admin.info(admin.record(name, "name", principal_of(request)))
+    viewer = principal_of(request)
+    return admin.info(admin.record(name, "name", viewer), viewer)
 
 
 @router.delete("/adapters/{name}")
@@ -216,15 +227,16 @@ async def merge_adapter(name: str, request: Request, admin: AdapterAdmin = Depen
         await admin.engine.call(lambda: admin.lora.merge(name))
     finally:
         admin.lora.release(name)
-    return admin.info(admin.record(name, "name", viewer))
+    return admin.info(admin.record(name, "name", viewer), viewer)
 
 
 @admin_router.post("/adapters/{name}/unmerge")
 async def unmerge_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     """Restore the base weights bit for bit if this adapter is the merged one (else nothing changes)."""
-    record = admin.record(name, "name", principal_of(request))
+    viewer = principal_of(request)
+    record = admin.record(name, "name", viewer)
     await unmerge_if_merged(admin, name)
-    return admin.info(record)
+    return admin.info(record, viewer)
 
 
 async def unmerge_if_merged(admin: AdapterAdmin, name: str) -> None:
@@ -232,17 +244,26 @@ async def unmerge_if_merged(admin: AdapterAdmin, name: str) -> None:
 
 
 @admin_router.post("/load_lora_adapter")
-async def load_lora_adapter(req: LoadLoRARequest, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+async def load_lora_adapter(
+    req: LoadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)
+) -> AdapterInfo:
     path = admin.allowed_path(req.lora_path)
     admin.check_new_name(req.lora_name, "lora_name")
     record = await asyncio.to_thread(admin.lora.register, req.lora_name, path, "load-api")
-    return admin.info(record)
+    return admin.info(record, principal_of(request))
 
 
 @admin_router.post("/unload_lora_adapter")
 async def unload_lora_adapter(
     req: UnloadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)
 ) -> JSONResponse:
+    """Unregister an adapter from this server (requests running on it finish first); its files stay.
+
+    An adapter whose folder is in --adapter-dir comes back on the next request that names it, as
+    with vLLM's filesystem resolver: that folder is what every replica sharing the directory
+    serves, so one replica refusing a name the others serve would make answers depend on routing.
+    Unloading frees this server's copy; DELETE /v1/adapters/{name} removes the folder for all.
+    """
     admin.record(req.lora_name, "lora_name", principal_of(request))
     await unmerge_if_merged(admin, req.lora_name)
     admin.lora.unregister(req.lora_name)

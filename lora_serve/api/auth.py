@@ -4,8 +4,11 @@ Three kinds of route, and the keys each takes:
     OpenAI routes                         --api-key, or any --auth-file key
     adapter upload, list, describe, delete --admin-api-key (else --api-key), or any --auth-file key
     merge, unmerge, load/unload by path   --admin-api-key (else --api-key), or an --auth-file admin key
-With no key configured a route is open. Each check leaves the caller's `Principal` on
-`request.state.principal`, which decides which tenants' adapters it sees (tenants.py).
+    GET /metrics                          --metrics-api-key, or any key the previous row takes
+With no key configured a route is open; /health and /version always are, and /metrics is with
+--disable-metrics-auth (its labels name every tenant's adapters, so it is not open by default).
+Each check leaves the caller's `Principal` on `request.state.principal`, which decides which
+tenants' adapters it sees and whether it sees server paths (tenants.py).
 """
 
 from __future__ import annotations
@@ -72,6 +75,16 @@ def require_tenant_key(request: Request, state: ServerState = Depends(get_state)
 def require_admin_key(request: Request, state: ServerState = Depends(get_state)) -> None:
     config = state.config
     _authenticate(request, state, config.admin_api_key or config.api_key, OPEN, admin_only=True)
+
+
+def require_metrics_key(request: Request, state: ServerState = Depends(get_state)) -> None:
+    """/metrics: the metrics key or an admin key; open with disable_metrics_auth or when no key is configured."""
+    config, metrics_key = state.config, state.config.metrics_api_key
+    if config.disable_metrics_auth or (metrics_key is not None and _matches(_bearer(request), metrics_key)):
+        return
+    if metrics_key is not None and config.api_key is None and config.admin_api_key is None and state.keys is None:
+        raise _unauthorized()  # the metrics key is the only one configured
+    require_admin_key(request, state)
 
 
 def principal_of(request: Request) -> Principal:

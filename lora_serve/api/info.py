@@ -1,4 +1,4 @@
-"""GET /v1/models, /health, /version, /metrics (Prometheus text format; open, as health is)."""
+"""GET /v1/models, /health, /version (open), /metrics (Prometheus text format; its own key, see auth.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from lora_serve.api.state import ServerState, get_state
 
 v1_router = APIRouter()
 open_router = APIRouter()
+metrics_router = APIRouter()
 
 
 @v1_router.get("/models")
@@ -30,7 +31,7 @@ async def health(state: ServerState = Depends(get_state)) -> JSONResponse:
     return JSONResponse({"status": "unhealthy"}, status_code=503)
 
 
-@open_router.get("/metrics")
+@metrics_router.get("/metrics")
 async def metrics(state: ServerState = Depends(get_state)) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

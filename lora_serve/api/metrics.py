@@ -8,6 +8,8 @@ Two kinds of series, on a registry of the app's own (no process-wide state):
   loads, evictions, load time, merges);
 - recorded per finished request (`RequestMetrics`): requests, tokens, time to first token
   and time per output token, each labelled with the adapter ("" for the base model).
+Once any key is configured, the route needs the metrics key or an admin key (auth.py): the
+labels name every tenant's adapters.
 """
 
 from __future__ import annotations
@@ -55,8 +57,12 @@ class EngineCollector:
         if lora.merged.name is not None:
             merged.add_metric([lora.merged.name], 1)
         yield merged
-        yield CounterMetricFamily("lora_serve_adapter_loads", "Adapters read from disk into CPU memory.", value=lora.num_loads)
-        yield CounterMetricFamily("lora_serve_adapter_load_seconds", "Time spent reading adapters from disk.", value=lora.load_seconds)
+        loads = (
+            "Adapter folders read from disk into CPU memory and validated: one per registration (start-up, upload, "
+            "load API, a folder another replica stored) and one per re-read after eviction from the CPU cache."
+        )
+        yield CounterMetricFamily("lora_serve_adapter_loads", loads, value=lora.num_loads)
+        yield CounterMetricFamily("lora_serve_adapter_load_seconds", "Time spent in those loads.", value=lora.load_seconds)
         yield CounterMetricFamily("lora_serve_adapter_evictions", "Adapters evicted from a device slot or the CPU cache.", value=lora.num_evictions)
         yield CounterMetricFamily("lora_serve_adapter_merges", "Adapters merged into the base weights.", value=lora.num_merges)
         policy = e.engine.merge_policy

@@ -29,7 +29,7 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "lora-serve"
-    root: str
+    root: str  # the model's folder; only its name for non-admins (Principal.shown_path)
     parent: str | None = None
     max_model_len: int
     merged: bool | None = None  # adapters: folded into the base weights now (served at base cost)
@@ -85,14 +85,17 @@ class ModelRegistry:
 
     def model_list(self, viewer: Principal = OPEN) -> ModelList:
         base = ModelCard(
-            id=self.base_name, created=self.created, root=str(self.model_path), max_model_len=self.max_model_len
+            id=self.base_name,
+            created=self.created,
+            root=viewer.shown_path(self.model_path),
+            max_model_len=self.max_model_len,
         )
         merged = self.merged_name()
         adapters = [
             ModelCard(
                 id=record.name,
                 created=record.created,
-                root=str(record.path),
+                root=viewer.shown_path(record.path),
                 parent=self.base_name,
                 max_model_len=self.max_model_len,
                 merged=record.name == merged,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -15,7 +16,7 @@ from lora_serve import __version__
 from lora_serve.api import adapters, chat, completions, info
 from lora_serve.api.access_log import AccessLog
 from lora_serve.api.body_limit import BodyLimit
-from lora_serve.api.auth import require_admin_key, require_api_key, require_tenant_key
+from lora_serve.api.auth import require_admin_key, require_api_key, require_metrics_key, require_tenant_key
 from lora_serve.api.errors import install_error_handlers
 from lora_serve.api.state import ServerState
 from lora_serve.config import ServerConfig
@@ -23,11 +24,21 @@ from lora_serve.config import ServerConfig
 if TYPE_CHECKING:
     from lora_serve.engine.async_engine import AsyncEngine
 
+log = logging.getLogger(__name__)
+
 
 def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="lora-serve", version=__version__)
+    docs = config.serves_docs
+    log.info("API docs (/docs, /redoc, /openapi.json): %s", "served" if docs else "off")
+    app = FastAPI(
+        title="lora-serve",
+        version=__version__,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,  # app.openapi() still builds the schema
+    )
     base_name = config.served_model_name or engine.base_name
-    admin = adapters.AdapterAdmin(engine, base_name, engine.lora.config.allowed_lora_dir)
+    admin = adapters.AdapterAdmin(engine, base_name)
     app.state.adapter_admin = admin
     app.state.lora_serve = ServerState.create(engine, config, admin.owner_of)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
@@ -44,6 +55,7 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     admin_only.include_router(adapters.admin_router)
     app.include_router(admin_only)
     app.include_router(info.open_router)
+    app.include_router(info.metrics_router, dependencies=[Depends(require_metrics_key)])
     install_error_handlers(app)
     # Uploads stream under their own, larger limit (max_adapter_bytes); every other body is small JSON.
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, exempt={("POST", "/v1/adapters")})

@@ -7,6 +7,7 @@
 An adapter uploaded with a tenant's key belongs to that tenant: only that tenant and admins
 see it or run it; to everyone else it does not exist (the same 404 as an unknown name).
 Adapters from --adapter-dir, --lora-modules or the load API belong to no tenant: all see them.
+Server paths (an adapter's folder, the base model's) are shown in full to admins only.
 Keys are compared in constant time, every key every time, and never logged.
 """
 
@@ -33,6 +34,11 @@ class Principal:
 
     def can_see(self, owner: str | None) -> bool:
         return owner is None or self.is_admin or owner == self.tenant
+
+    def shown_path(self, path: Path | str) -> str:
+        """A server path as this caller may see it: in full for admins, else only its last part
+        (where the server keeps its files is not a user's business)."""
+        return str(path) if self.is_admin else Path(path).name
 
 
 OPEN = Principal(tenant=None, is_admin=True)  # no key configured: everything is visible, as before tenants

@@ -24,6 +24,7 @@ from safetensors.torch import load as load_safetensors
 
 from ..model.arch import ModelArch
 from .errors import AdapterNotFoundError, InvalidAdapterError, UnsupportedMediaError
+from .files import Roots, read_bytes
 from .peft_config import PROJECTIONS, LoRAAdapterConfig, module_path
 
 CONFIG_FILE = "adapter_config.json"
@@ -56,12 +57,13 @@ class LoRAModel:
     sha256: str  # of adapter_model.safetensors
 
     @classmethod
-    def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int) -> "LoRAModel":
+    def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> "LoRAModel":
+        """roots: directories every file read must lie in (files.py); None: anywhere."""
         path = Path(path)
-        if not path.is_dir():
-            raise AdapterNotFoundError(f"adapter folder {str(path)!r} does not exist", param="lora_path")
-        config = LoRAAdapterConfig.from_file(path / CONFIG_FILE, arch, max_rank)
-        data = _read_weights_file(path)  # read once: hashed and parsed from the same bytes
+        if not path.is_dir():  # the folder's name only: a request on an adapter whose folder went may see this
+            raise AdapterNotFoundError(f"adapter folder {path.name!r} does not exist", param="lora_path")
+        config = LoRAAdapterConfig.from_file(path / CONFIG_FILE, arch, max_rank, roots)
+        data = _read_weights_file(path, roots)  # read once: hashed and parsed from the same bytes
         check_safetensors_header(data)
         try:
             tensors = load_safetensors(data)
@@ -162,10 +164,10 @@ def _is_entry(entry: Any) -> bool:
     )
 
 
-def _read_weights_file(folder: Path) -> bytes:
+def _read_weights_file(folder: Path, roots: Roots) -> bytes:
     weights_file = folder / WEIGHTS_FILE
     if weights_file.is_file():
-        return weights_file.read_bytes()
+        return read_bytes(weights_file, roots)
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
         msg = f"only {WEIGHTS_FILE} is accepted; pickled weights ({', '.join(pickled)}) are refused"

@@ -47,13 +47,15 @@ class LoRAManager:
         self.max_loras = config.max_loras
         # Where uploads are stored and which folder is scanned at start.
         self.adapter_dir = config.adapter_dir or cache_root() / "adapters"
+        # Where the load API may read from: the adapter's folder and, on every read, each of its files.
+        self.allowed_dirs = tuple(Path(os.path.realpath(d)) for d in config.allowed_lora_dir)
         self._lock = threading.RLock()
         self._cpu: OrderedDict[str, LoRAModel] = OrderedDict()  # LRU order, oldest first
         self._refs: dict[str, int] = {}  # in-flight requests per adapter
         self._slot_names: list[str | None] = [None] * config.max_loras
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(config.max_loras))
         self._pins = [0] * config.max_loras
-        self.num_loads = 0
+        self.num_loads = 0  # adapters read from disk into CPU memory: at registration, and again after eviction
         self.num_evictions = 0
         self.num_merges = 0
         self.load_seconds = 0.0
@@ -80,7 +82,7 @@ class LoRAManager:
     def register(self, name: str, path, origin: str, model: LoRAModel | None = None) -> AdapterRecord:
         # Before validation: a folder replaced after this stat is caught (and read again) on its next use.
         folder_id = _folder_id(path) if self._in_adapter_dir(path) else None
-        record, loaded = self.registry.add(name, path, origin, model, folder_id)
+        record, loaded = self.registry.add(name, path, origin, model or self.read(name, path, origin), folder_id)
         loaded = self.slot_writer.host_copy(loaded)
         log.info(
             "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
@@ -224,17 +226,24 @@ class LoRAManager:
             if name in self._cpu:
                 self._cpu.move_to_end(name)
                 return
-        start = time.perf_counter()
         try:
-            loaded = self.slot_writer.host_copy(self.registry.validate(name, record.path))
+            loaded = self.slot_writer.host_copy(self.read(name, record.path, record.origin))
         except Exception:
             self.release(name)
             raise
         with self._lock:
             self._cpu[name] = loaded
+            self._evict_cpu()
+
+    def read(self, name: str, path, origin: str) -> LoRAModel:
+        """Read and validate an adapter folder (disk -> CPU), counted in num_loads and load_seconds;
+        uploads call it on their staged folder. A load-API adapter's files must lie in allowed_dirs. Blocking."""
+        start = time.perf_counter()
+        model = self.registry.validate(name, path, self.allowed_dirs if origin == "load-api" else None)
+        with self._lock:
             self.num_loads += 1
             self.load_seconds += time.perf_counter() - start
-            self._evict_cpu()
+        return model
 
     def release(self, name: str) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ import regex  # the stdlib re's syntax plus a timeout: patterns come from untrus
 
 from ..model.arch import ModelArch
 from .errors import InvalidAdapterError, UnsupportedAdapterError
+from .files import Roots, read_bytes
 
 # The seven projections of a Llama decoder layer and the submodule that holds each.
 PROJECTIONS = {
@@ -82,14 +83,16 @@ class LoRAAdapterConfig:
     base_model_name_or_path: str | None = None
 
     @classmethod
-    def from_file(cls, path: Path, arch: ModelArch, max_rank: int) -> "LoRAAdapterConfig":
+    def from_file(cls, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> "LoRAAdapterConfig":
+        """roots: directories the file must lie in (files.py); None: anywhere."""
         path = Path(path)
         if not path.is_file():
             raise InvalidAdapterError(f"{path.name} not found in the adapter folder", param="adapter_config")
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise InvalidAdapterError(f"{path.name} is larger than {MAX_CONFIG_BYTES} bytes", param="adapter_config")
+        raw = read_bytes(path, roots)  # outside the try: a ForbiddenPathError is a ValueError too
         try:
-            data = json.loads(path.read_bytes())
+            data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             raise InvalidAdapterError(f"{path.name} is not valid JSON: {e}", param="adapter_config") from None
         return cls.from_dict(data, arch, max_rank)

@@ -18,6 +18,7 @@ import torch
 
 from ..model.arch import ModelArch
 from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
+from .files import Roots
 from .lora_model import LoRAModel
 from .overflow import check_gain
 
@@ -57,10 +58,11 @@ class AdapterRegistry:
         self._records: dict[str, AdapterRecord] = {}
         self._lock = threading.Lock()
 
-    def validate(self, name: str, path: Path) -> LoRAModel:
-        """Load and check an adapter folder without registering it (also how a registered one is reloaded)."""
+    def validate(self, name: str, path: Path, roots: Roots = None) -> LoRAModel:
+        """Load and check an adapter folder without registering it (also how a registered one is
+        reloaded; roots: see files.py)."""
         check_name(name, self.base_name)
-        model = LoRAModel.load(name, Path(path), self.arch, self.max_rank)
+        model = LoRAModel.load(name, Path(path), self.arch, self.max_rank, roots)
         check_gain(model, self.dtype)
         return model
 

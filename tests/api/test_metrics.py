@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lora_serve.config import ServerConfig
-from tests.api.adapter_helpers import make_tiny_adapters, tiny_engine_with
+from tests.api.adapter_helpers import adapter_files, make_tiny_adapters, tiny_engine_with, upload
 from tests.api.live_server import LiveServer, live_server
 
 
@@ -106,3 +106,35 @@ def test_running_and_waiting_adapters_show_while_streams_run(server: LiveServer)
     assert m["vllm:num_requests_running"].samples[0].value == 1.0
     assert m["vllm:num_requests_waiting"].samples[0].value == 1.0
     assert 0 < m["vllm:kv_cache_usage_perc"].samples[0].value < 1
+
+
+def test_adapter_loads_count_every_read_from_disk(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """One CPU copy at most, so registering one adapter evicts the other and a request reads it again."""
+    _, paths = make_tiny_adapters(tiny_llama_dir, tmp_path / "peft")
+    lora = {
+        "lora_modules": [f"r4-attn={paths['r4-attn']}"],
+        "allowed_lora_dir": [tmp_path / "peft"],
+        "max_loras": 1,
+        "max_cpu_loras": 1,
+    }
+
+    def loads() -> tuple[float, float]:
+        m = scrape(live)
+        return m["lora_serve_adapter_loads"].samples[0].value, m["lora_serve_adapter_load_seconds"].samples[0].value
+
+    def complete(model: str) -> None:
+        body = {"model": model, "prompt": "hi", "max_tokens": 1}
+        assert httpx.post(f"{live.base_url}/v1/completions", json=body, timeout=30).status_code == 200
+
+    with tiny_engine_with(tiny_llama_dir, tmp_path / "store", **lora) as engine, live_server(engine, ServerConfig()) as live:
+        assert loads()[0] == 1  # --lora-modules, at start
+        assert upload(live.base_url, "uploaded", adapter_files(paths["r8-all"])).status_code == 201
+        assert loads()[0] == 2
+        body = {"lora_name": "by-path", "lora_path": str(paths["r2-mlp"])}
+        assert httpx.post(f"{live.base_url}/v1/load_lora_adapter", json=body, timeout=30).status_code == 200
+        assert loads()[0] == 3
+        complete("r4-attn")  # evicted from CPU by the two registrations: read again
+        assert loads()[0] == 4
+        complete("r4-attn")  # still in CPU memory
+        count, seconds = loads()
+    assert count == 4 and seconds > 0

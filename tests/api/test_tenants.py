@@ -142,3 +142,29 @@ def test_bad_key_files_are_refused_without_echoing_keys(tmp_path: Path, content:
     with pytest.raises(ValueError, match=reason) as caught:
         KeyTable.load(path)
     assert "sk-long-enough" not in str(caught.value) and "short" not in str(caught.value)
+
+
+
+@pytest.mark.parametrize(("key", "admin"), [(ACME, False), (GLOBEX, False), (LEGACY_USER, False), (OPS, True)])
+def test_models_show_server_paths_only_to_admins(server: LiveServer, tenants_root: Path, key: str, admin: bool) -> None:
+    resp = httpx.get(server.base_url + "/v1/models", headers=_auth(key))
+    roots = {m["id"]: m["root"] for m in resp.json()["data"]}
+    model_path, folder = server.engine.model_path, server.engine.lora.registry.get(PRIVATE).path
+    if admin:
+        assert roots == {"tiny": str(model_path), PRIVATE: str(folder)}
+    else:
+        assert roots["tiny"] == model_path.name and roots.get(PRIVATE, PRIVATE) == PRIVATE
+        assert str(model_path.parent) not in resp.text and str(tenants_root) not in resp.text
+
+
+@pytest.mark.parametrize(("key", "admin"), [(ACME, False), (OPS, True), (LEGACY_ADMIN, True)])
+def test_adapter_descriptions_show_server_paths_only_to_admins(
+    server: LiveServer, tenants_root: Path, key: str, admin: bool
+) -> None:
+    described = httpx.get(f"{server.base_url}/v1/adapters/{PRIVATE}", headers=_auth(key))
+    listed = httpx.get(server.base_url + "/v1/adapters", headers=_auth(key))
+    folder = server.engine.lora.registry.get(PRIVATE).path
+    paths = [described.json()["path"], *(a["path"] for a in listed.json()["data"])]
+    assert paths == [str(folder) if admin else PRIVATE] * 2
+    if not admin:
+        assert str(tenants_root) not in described.text + listed.text

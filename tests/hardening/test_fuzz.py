@@ -24,8 +24,8 @@ from tests.api.live_server import LiveServer, live_server
 from tests.hardening.conftest import ADAPTER
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
-# Short generations keep the run fast; the timeout turns a hang into a failing 504.
-FUZZ_CONFIG = ServerConfig(max_tokens_limit=4, request_timeout_s=20)
+# Short generations keep the run fast; the timeout turns a hang into a failing 504; the schema is fetched over HTTP.
+FUZZ_CONFIG = ServerConfig(max_tokens_limit=4, request_timeout_s=20, api_docs="on")
 
 
 @pytest.fixture(scope="module")
