@@ -33,6 +33,7 @@ from .lora_model import CONFIG_FILE, LoRAModel, LoRAWeights
 from .merge import MergedWeights, negated
 from .registry import AdapterRecord, AdapterRegistry, check_name
 from .slots import ProjectionSlots, resolve_lora_dtype
+from .store import read_owner
 from .backend import lora_batch_class
 from .slot_writes import SlotWriter
 
@@ -74,9 +75,14 @@ class LoRAManager:
     # --- registry ------------------------------------------------------------------------------
 
     def register(self, name: str, path, origin: str, model: LoRAModel | None = None) -> AdapterRecord:
+        """auto_merge (may --merge-policy auto merge it) is set for an adapter of no tenant: from
+        --lora-modules, the load API, or an adapter_dir folder without a .tenant file; a tenant's
+        upload gets it only from an admin (registry.set_auto_merge): no tenant changes the base for all."""
+        in_store = self._in_adapter_dir(path)
         # Before validation: a folder replaced after this stat is caught (and read again) on its next use.
-        folder_id = _folder_id(path) if self._in_adapter_dir(path) else None
-        record, loaded = self.registry.add(name, path, origin, model, folder_id)
+        folder_id = _folder_id(path) if in_store else None
+        auto_merge = not in_store or read_owner(path) is None
+        record, loaded = self.registry.add(name, path, origin, model, folder_id, auto_merge)
         loaded = self.slot_writer.host_copy(loaded)
         log.info(
             "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
@@ -176,15 +182,18 @@ class LoRAManager:
 
     # --- merged mode (engine thread, between steps) ----------------------------------------------
 
-    def merge(self, name: str) -> None:
+    def merge(self, name: str, auto: bool = False) -> None:
         """Fold `name` into the base weights (unmerging any other first). It must be CPU-resident:
-        call acquire(name) first; the merge holds its own reference until unmerge()."""
+        call acquire(name) first; the merge holds its own reference until unmerge(). auto: the merge
+        policy's choice, refused unless the adapter is marked auto_merge."""
         with self._lock:
             if self.merged.name == name:
                 return
             model = self._cpu.get(name)
             if model is None or not self.registry.contains(name):
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param="name")
+            if auto and not self.registry.get(name).auto_merge:
+                raise AdapterError(f"adapter {name!r} is not marked auto_merge", param="auto_merge")
             self.unmerge()
             self._refs[name] = self._refs.get(name, 0) + 1
             self.merged.merge(model)
