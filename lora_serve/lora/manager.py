@@ -28,7 +28,7 @@ from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
-from .errors import AdapterError, AdapterExistsError, AdapterNotFoundError
+from .errors import AdapterError, AdapterExistsError, AdapterMergedError, AdapterNotFoundError
 from .lora_model import CONFIG_FILE, LoRAModel, LoRAWeights
 from .merge import MergedWeights, negated
 from .registry import AdapterRecord, AdapterRegistry, check_name
@@ -141,9 +141,11 @@ class LoRAManager:
             if self.registry.get(record.name) is not record:
                 return  # registered again meanwhile, from the new folder
             log.info("adapter %s: %s was removed or replaced; unregistering it", record.name, record.path)
-            self.unregister(record.name)
+            self.unregister(record.name, record=record)
         except AdapterNotFoundError:
             pass  # a concurrent request unregistered it first
+        except AdapterMergedError:  # only the engine thread may unmerge; served as merged until then
+            log.warning("adapter %s stays registered while it is merged; unmerge it to drop it", record.name)
 
     def _in_adapter_dir(self, path) -> bool:
         return Path(os.path.realpath(path)).parent == Path(os.path.realpath(self.adapter_dir))
@@ -171,12 +173,21 @@ class LoRAManager:
             return False
         return True
 
-    def unregister(self, name: str) -> None:
+    def unregister(self, name: str, unmerge: bool = False, record: AdapterRecord | None = None) -> None:
         """Refuse new requests at once; drop the weights when the in-flight ones have finished.
-        A merged adapter stays merged until then (call from the engine thread to unmerge first)."""
-        record = self.registry.get(name)
-        record.deleting = True
+        A merged adapter is unmerged first with unmerge=True (engine thread only: it writes the base
+        weights), else refused (AdapterMergedError). Checked and done under the lock merge() holds, so
+        after a merge and an unregister of one adapter, in any order, either it is gone and the base
+        unmerged, or it is merged and registered. record: only that registration of the name."""
         with self._lock:
+            current = self.registry.find(name)
+            if current is None or (record is not None and current is not record):
+                raise AdapterNotFoundError(f"adapter {name!r} does not exist", param="name")
+            if self.merged.name == name:
+                if not unmerge:
+                    raise AdapterMergedError(f"adapter {name!r} is merged into the base weights; unmerge it first", param="name")
+                self.unmerge()
+            current.deleting = True
             if self._refs.get(name, 0) == 0:
                 self._purge(name)
 

@@ -1,8 +1,10 @@
 """Who may change the base for everyone: the auto policy merges only adapters marked auto_merge
-(no tenant's upload unless an admin marks it)."""
+(no tenant's upload unless an admin marks it), and a merge and an unregister of one adapter
+never interleave (either it is gone and the base unmerged, or it is merged and registered)."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from lora_serve.bench.random_adapters import write_random_adapter
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.engine.sampling_params import SamplingParams
-from lora_serve.lora.errors import AdapterError
+from lora_serve.lora.errors import AdapterError, AdapterMergedError, AdapterNotFoundError
 from lora_serve.lora.merge_policy import MergePolicy
 from lora_serve.lora.store import OWNER_FILE
 from lora_serve.model.arch import ModelArch
@@ -121,3 +123,63 @@ def test_policy_picks_only_eligible_adapters(tokens: dict, eligible: set, expect
     policy = MergePolicy(merge_threshold=0.5, unmerge_threshold=0.2, window=1, min_interval=1)
     decisions = [policy.observe(Counter(tokens), None, eligible.__contains__) for _ in range(5)]
     assert {d.adapter if d else None for d in decisions} == {expected}
+
+
+def test_unregister_refuses_a_merged_adapter_unless_it_may_unmerge_it(tiny_llama_dir, tmp_path):
+    engine = make_engine(tiny_llama_dir, tmp_path)
+    before = weights(engine)
+    engine.merge_adapter(SHARED)
+    with pytest.raises(AdapterMergedError) as refused:
+        engine.lora.unregister(SHARED)
+    assert (refused.value.status, refused.value.code) == (409, "adapter_merged")
+    assert engine.lora.merged.name == SHARED and engine.lora.registry.contains(SHARED)
+    engine.lora.unregister(SHARED, unmerge=True)  # the engine thread's way: unmerge, then unregister
+    assert engine.lora.merged.name is None and same_weights(engine, before)
+    assert not engine.lora.registry.contains(SHARED)
+    engine.lora.register(SHARED, tmp_path / "adapters" / SHARED, "upload")  # the name is free again
+
+
+def test_merge_after_unregister_is_404_even_while_requests_hold_it(tiny_llama_dir, tmp_path):
+    engine = make_engine(tiny_llama_dir, tmp_path)
+    before = weights(engine)
+    engine.lora.acquire(SHARED)  # an in-flight request: the weights stay on CPU until it ends
+    engine.lora.unregister(SHARED)
+    with pytest.raises(AdapterNotFoundError):
+        engine.lora.merge(SHARED)
+    engine.lora.release(SHARED)
+    assert engine.lora.merged.name is None and same_weights(engine, before)
+    engine.lora.register(SHARED, tmp_path / "adapters" / SHARED, "upload")
+
+
+def test_merge_racing_unregister_leaves_one_consistent_state(tiny_llama_dir, tmp_path):
+    engine = make_engine(tiny_llama_dir, tmp_path)
+    before = weights(engine)
+    path = tmp_path / "adapters" / SHARED
+    for _ in range(30):
+        engine.lora.acquire(SHARED)  # what the merge route holds around its merge
+        start = threading.Barrier(2)
+        errors: dict[str, Exception] = {}
+
+        def attempt(what: str, fn) -> None:
+            start.wait()
+            try:
+                fn()
+            except AdapterError as exc:
+                errors[what] = exc
+
+        threads = [
+            threading.Thread(target=attempt, args=("merge", lambda: engine.lora.merge(SHARED))),
+            threading.Thread(target=attempt, args=("unregister", lambda: engine.lora.unregister(SHARED))),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        engine.lora.release(SHARED)
+        if engine.lora.registry.contains(SHARED):  # the merge came first: merged, still registered
+            assert engine.lora.merged.name == SHARED and isinstance(errors["unregister"], AdapterMergedError)
+            engine.lora.unregister(SHARED, unmerge=True)
+        else:  # the unregister came first: the merge was refused, nothing merged
+            assert engine.lora.merged.name is None and isinstance(errors["merge"], AdapterNotFoundError)
+        assert engine.lora.merged.name is None and same_weights(engine, before)
+        engine.lora.register(SHARED, path, "adapter-dir")  # never stuck half-deleted: the name is free
