@@ -4,14 +4,16 @@
     GET    /v1/adapters                -> {"object": "list", "data": [AdapterInfo]}
     GET    /v1/adapters/{name}         -> AdapterInfo
     DELETE /v1/adapters/{name}         unmerge if merged, then delete -> {"id", "object": "adapter", "deleted": true}
+    PATCH  /v1/adapters/{name}         {"auto_merge": bool}: may --merge-policy auto merge it -> AdapterInfo
     POST   /v1/adapters/{name}/merge   fold into the base weights (between two engine steps) -> AdapterInfo
     POST   /v1/adapters/{name}/unmerge restore the base bit for bit -> AdapterInfo
     POST   /v1/load_lora_adapter       {"lora_name", "lora_path"} (inside --allowed-lora-dir)
     POST   /v1/unload_lora_adapter     {"lora_name"}
 
 Upload, list, describe and delete take any tenant's key; an upload belongs to its tenant, and
-another tenant's adapter answers 404 like an unknown name (tenants.py). Merge, unmerge and
-load/unload by path change what everyone is served, so they need an admin (`admin_router`).
+another tenant's adapter answers 404 like an unknown name (tenants.py). Merge, unmerge, the
+auto_merge mark and load/unload by path change what everyone is served, so they need an admin
+(`admin_router`); a tenant's upload starts without auto_merge, so its traffic merges nothing.
 Merging and unregistering one adapter both run on the engine thread under the LoRA manager's
 lock: a merge racing a delete ends either merged and registered, or deleted and unmerged.
 Refusals are lora.errors.AdapterError (status and param included), answered by errors.py.
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from lora_serve.api.auth import principal_of
 from lora_serve.api.tenants import Principal
@@ -62,6 +64,7 @@ class AdapterInfo(BaseModel):
     sha256: str  # of adapter_model.safetensors
     location: str  # "disk" | "cpu" | "device"
     merged: bool  # folded into the base weights (POST /v1/adapters/{name}/merge)
+    auto_merge: bool  # --merge-policy auto may merge it: set for adapters of no tenant, or by an admin (PATCH)
     requests_served: int
 
 
@@ -77,6 +80,11 @@ class LoadLoRARequest(BaseModel):
 
 class UnloadLoRARequest(BaseModel):
     lora_name: str
+
+
+class AdapterUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    auto_merge: StrictBool
 
 
 class AdapterAdmin:
@@ -107,6 +115,7 @@ class AdapterAdmin:
             sha256=record.sha256,
             location=self.lora.location(record.name),
             merged=self.lora.merged.name == record.name,
+            auto_merge=record.auto_merge,
             requests_served=record.requests_served,
         )
 
@@ -205,6 +214,15 @@ async def delete_adapter(name: str, request: Request, admin: AdapterAdmin = Depe
     if admin.store.is_managed(record.path):
         await asyncio.to_thread(admin.store.remove, record.path)
     return JSONResponse({"id": name, "object": "adapter", "deleted": True})
+
+
+@admin_router.patch("/adapters/{name}")
+async def update_adapter(
+    name: str, req: AdapterUpdate, request: Request, admin: AdapterAdmin = Depends(get_admin)
+) -> AdapterInfo:
+    """Mark an adapter for --merge-policy auto, or unmark it (a merged one stays merged until unmerged)."""
+    admin.record(name, "name", principal_of(request))
+    return admin.info(admin.lora.registry.set_auto_merge(name, req.auto_merge))
 
 
 @admin_router.post("/adapters/{name}/merge")

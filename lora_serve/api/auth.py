@@ -3,7 +3,8 @@
 Three kinds of route, and the keys each takes:
     OpenAI routes                         --api-key, or any --auth-file key
     adapter upload, list, describe, delete --admin-api-key (else --api-key), or any --auth-file key
-    merge, unmerge, load/unload by path   --admin-api-key (else --api-key), or an --auth-file admin key
+    merge, unmerge, auto_merge (PATCH),   --admin-api-key (else --api-key), or an --auth-file admin key
+    load/unload by path
 With no key configured a route is open. Each check leaves the caller's `Principal` on
 `request.state.principal`, which decides which tenants' adapters it sees (tenants.py).
 """
