@@ -3,15 +3,19 @@
     POST   /v1/adapters                multipart: name, adapter_config, adapter_model  -> 201 AdapterInfo
     GET    /v1/adapters                -> {"object": "list", "data": [AdapterInfo]}
     GET    /v1/adapters/{name}         -> AdapterInfo
-    DELETE /v1/adapters/{name}         -> {"id", "object": "adapter", "deleted": true}
+    DELETE /v1/adapters/{name}         unmerge if merged, then delete -> {"id", "object": "adapter", "deleted": true}
+    PATCH  /v1/adapters/{name}         {"auto_merge": bool}: may --merge-policy auto merge it -> AdapterInfo
     POST   /v1/adapters/{name}/merge   fold into the base weights (between two engine steps) -> AdapterInfo
     POST   /v1/adapters/{name}/unmerge restore the base bit for bit -> AdapterInfo
     POST   /v1/load_lora_adapter       {"lora_name", "lora_path"} (inside --allowed-lora-dir)
     POST   /v1/unload_lora_adapter     {"lora_name"} (one in --adapter-dir comes back on its next request)
 
 Upload, list, describe and delete take any tenant's key; an upload belongs to its tenant, and
-another tenant's adapter answers 404 like an unknown name (tenants.py). Merge, unmerge and
-load/unload by path change what everyone is served, so they need an admin (`admin_router`).
+another tenant's adapter answers 404 like an unknown name (tenants.py). Merge, unmerge, the
+auto_merge mark and load/unload by path change what everyone is served, so they need an admin
+(`admin_router`); a tenant's upload starts without auto_merge, so its traffic merges nothing.
+Merging and unregistering one adapter both run on the engine thread under the LoRA manager's
+lock: a merge racing a delete ends either merged and registered, or deleted and unmerged.
 AdapterInfo.path is the full server path for admins, only the folder's name for anyone else.
 Refusals are lora.errors.AdapterError (status and param included), answered by errors.py.
 Reading and validating weights is blocking, so it runs on a worker thread.
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from lora_serve.api.auth import principal_of
 from lora_serve.api.tenants import Principal
@@ -68,6 +72,7 @@ class AdapterInfo(BaseModel):
     sha256: str  # of adapter_model.safetensors
     location: str  # "disk" | "cpu" | "device"
     merged: bool  # folded into the base weights (POST /v1/adapters/{name}/merge)
+    auto_merge: bool  # --merge-policy auto may merge it: set for adapters of no tenant, or by an admin (PATCH)
     requests_served: int
 
 
@@ -83,6 +88,11 @@ class LoadLoRARequest(BaseModel):
 
 class UnloadLoRARequest(BaseModel):
     lora_name: str
+
+
+class AdapterUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    auto_merge: StrictBool
 
 
 class AdapterAdmin:
@@ -112,6 +122,7 @@ class AdapterAdmin:
             sha256=record.sha256,
             location=self.lora.location(record.name),
             merged=self.lora.merged.name == record.name,
+            auto_merge=record.auto_merge,
             requests_served=record.requests_served,
         )
 
@@ -168,12 +179,10 @@ class AdapterAdmin:
             return real
         raise ForbiddenPathError("lora_path is outside the directories adapters may be loaded from", param="lora_path")
 
-    def delete(self, name: str, viewer: Principal) -> None:
-        """Unregister (running requests finish first), then delete the folder if the store owns it. Blocking."""
-        record = self.record(name, "name", viewer)
-        self.lora.unregister(name)
-        if self.store.is_managed(record.path):
-            self.store.remove(record.path)
+    async def unregister(self, record: AdapterRecord) -> None:
+        """Unmerge it if merged and unregister it in one engine-thread command, so that no merge
+        slips in between (running requests finish first). 404 if the name was registered anew."""
+        await self.engine.call(lambda: self.lora.unregister(record.name, unmerge=True, record=record))
 
 
 def get_admin(request: Request) -> AdapterAdmin:
@@ -211,23 +220,37 @@ async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends
 async def delete_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
     viewer = principal_of(request)
     await asyncio.to_thread(admin.lora.sync_with_adapter_dir, name)  # stored by another replica: deleted here too
-    admin.record(name, "name", viewer)
-    await unmerge_if_merged(admin, name)
-    await asyncio.to_thread(admin.delete, name, viewer)
+    record = admin.record(name, "name", viewer)
+    await admin.unregister(record)
+    if admin.store.is_managed(record.path):
+        await asyncio.to_thread(admin.store.remove, record.path)
     return JSONResponse({"id": name, "object": "adapter", "deleted": True})
+
+
+@admin_router.patch("/adapters/{name}")
+async def update_adapter(
+    name: str, req: AdapterUpdate, request: Request, admin: AdapterAdmin = Depends(get_admin)
+) -> AdapterInfo:
+    """Mark an adapter for --merge-policy auto, or unmark it (a merged one stays merged until unmerged)."""
+    admin.record(name, "name", principal_of(request))
+    return admin.info(admin.lora.registry.set_auto_merge(name, req.auto_merge), principal_of(request))
 
 
 @admin_router.post("/adapters/{name}/merge")
 async def merge_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     """Fold the adapter into the base weights (unmerging any other first), between two engine steps."""
     viewer = principal_of(request)
-    admin.record(name, "name", viewer)
+    record = admin.record(name, "name", viewer)
+
+    def merge() -> AdapterInfo:  # described right after the merge, before any later engine command
+        admin.lora.merge(name)
+        return admin.info(record, viewer)
+
     await asyncio.to_thread(admin.lora.acquire, name)  # disk -> CPU off the engine thread
     try:
-        await admin.engine.call(lambda: admin.lora.merge(name))
+        return await admin.engine.call(merge)
     finally:
         admin.lora.release(name)
-    return admin.info(admin.record(name, "name", viewer), viewer)
 
 
 @admin_router.post("/adapters/{name}/unmerge")
@@ -264,7 +287,5 @@ async def unload_lora_adapter(
     serves, so one replica refusing a name the others serve would make answers depend on routing.
     Unloading frees this server's copy; DELETE /v1/adapters/{name} removes the folder for all.
     """
-    admin.record(req.lora_name, "lora_name", principal_of(request))
-    await unmerge_if_merged(admin, req.lora_name)
-    admin.lora.unregister(req.lora_name)
+    await admin.unregister(admin.record(req.lora_name, "lora_name", principal_of(request)))
     return JSONResponse({"id": req.lora_name, "object": "adapter", "unloaded": True})

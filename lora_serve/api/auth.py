@@ -3,7 +3,8 @@
 Three kinds of route, and the keys each takes:
     OpenAI routes                         --api-key, or any --auth-file key
     adapter upload, list, describe, delete --admin-api-key (else --api-key), or any --auth-file key
-    merge, unmerge, load/unload by path   --admin-api-key (else --api-key), or an --auth-file admin key
+    merge, unmerge, auto_merge (PATCH),   --admin-api-key (else --api-key), or an --auth-file admin key
+    load/unload by path
     GET /metrics                          --metrics-api-key, or any key the previous row takes
 With no key configured a route is open; /health and /version always are, and /metrics is with
 --disable-metrics-auth (its labels name every tenant's adapters, so it is not open by default).

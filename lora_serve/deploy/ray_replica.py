@@ -30,6 +30,7 @@ from lora_serve.api.protocol import ChatCompletionRequest, SamplingRequest
 from lora_serve.api.state import ServerState
 from lora_serve.config import EngineConfig, ServerConfig
 from lora_serve.engine.async_engine import AsyncEngine
+from lora_serve.lora.errors import AdapterError
 from lora_serve.lora.manager import LoRAManager
 
 
@@ -47,7 +48,7 @@ class AdapterReplica:
         self.lora = self.engine.lora
         # Registered here = loaded by the multiplexer: undo the engine's start-up scan of adapter_dir.
         for record in self.lora.registry.list():
-            if record.origin == "adapter-dir":
+            if record.origin == "adapter-dir" and record.name != self.lora.merged.name:  # --merge keeps its own
                 self.lora.unregister(record.name)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.num_requests: Counter[str] = Counter()  # per adapter ("" = base), served by this replica
@@ -120,5 +121,8 @@ class _Registered:
     def __del__(self) -> None:
         # Once only: the garbage collector calls it again later, maybe after the adapter was reloaded.
         if not self.unloaded and self.lora.registry.contains(self.name):
-            self.lora.unregister(self.name)  # requests still running on it finish first
+            try:
+                self.lora.unregister(self.name)  # requests still running on it finish first
+            except AdapterError:  # merged (it stays, part of the base weights now), or gone meanwhile
+                pass
         self.unloaded = True

@@ -220,16 +220,16 @@ class LLMEngine:
         tokens: Counter = Counter()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             tokens[seq.lora_name] += n
-        decision = self.merge_policy.observe(tokens, self.lora.merged.name)
+        decision = self.merge_policy.observe(tokens, self.lora.merged.name, self.lora.registry.may_auto_merge)
         if decision is None:
             return
         log.info("merge policy: %s %s (%s)", decision.action, decision.adapter, decision.reason)
         try:
             if decision.action == "merge":
-                self.lora.merge(decision.adapter)  # CPU-resident while requests on it run
+                self.lora.merge(decision.adapter, auto=True)  # CPU-resident while requests on it run
             else:
                 self.lora.unmerge()
-        except AdapterError as exc:  # e.g. deleted meanwhile: serving goes on unmerged
+        except AdapterError as exc:  # e.g. deleted or unmarked meanwhile: serving goes on unmerged
             log.warning("merge policy: %s", exc)
 
     def postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list) -> list[RequestOutput]:

@@ -1,7 +1,8 @@
 """Why an adapter was refused, with the HTTP status the API answers with.
 
 Every error is a `ValueError` carrying `message`, `param` (the config field, tensor or
-request field at fault, or None) and `status`; the API layer only translates them.
+request field at fault, or None), `status` and `code` (OpenAI's machine-readable reason, or
+None); the API layer only translates them.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 class AdapterError(ValueError):
     status: int = 400
+    code: str | None = None
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -40,6 +42,13 @@ class AdapterNotFoundError(AdapterError):
 
 class AdapterExistsError(AdapterError):
     status = 409
+
+
+class AdapterMergedError(AdapterError):
+    """The adapter is folded into the base weights: it cannot be unregistered until it is unmerged."""
+
+    status = 409
+    code = "adapter_merged"
 
 
 class AdapterTooLargeError(AdapterError):

@@ -30,11 +30,12 @@ from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
-from .errors import AdapterError, AdapterExistsError, AdapterNotFoundError
+from .errors import AdapterError, AdapterExistsError, AdapterMergedError, AdapterNotFoundError
 from .lora_model import CONFIG_FILE, LoRAModel, LoRAWeights
 from .merge import MergedWeights, negated
 from .registry import AdapterRecord, AdapterRegistry, check_name
 from .slots import ProjectionSlots, resolve_lora_dtype
+from .store import read_owner
 from .backend import lora_batch_class
 from .slot_writes import SlotWriter
 
@@ -80,9 +81,14 @@ class LoRAManager:
     # --- registry ------------------------------------------------------------------------------
 
     def register(self, name: str, path, origin: str, model: LoRAModel | None = None) -> AdapterRecord:
+        """auto_merge (may --merge-policy auto merge it) is set for an adapter of no tenant: from
+        --lora-modules, the load API, or an adapter_dir folder without a .tenant file; a tenant's
+        upload gets it only from an admin (registry.set_auto_merge): no tenant changes the base for all."""
+        in_store = self._in_adapter_dir(path)
         # Before validation: a folder replaced after this stat is caught (and read again) on its next use.
-        folder_id = _folder_id(path) if self._in_adapter_dir(path) else None
-        record, loaded = self.registry.add(name, path, origin, model or self.read(name, path, origin), folder_id)
+        folder_id = _folder_id(path) if in_store else None
+        auto_merge = not in_store or read_owner(path) is None
+        record, loaded = self.registry.add(name, path, origin, model or self.read(name, path, origin), folder_id, auto_merge)
         loaded = self.slot_writer.host_copy(loaded)
         log.info(
             "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
@@ -141,9 +147,11 @@ class LoRAManager:
             if self.registry.get(record.name) is not record:
                 return  # registered again meanwhile, from the new folder
             log.info("adapter %s: %s was removed or replaced; unregistering it", record.name, record.path)
-            self.unregister(record.name)
+            self.unregister(record.name, record=record)
         except AdapterNotFoundError:
             pass  # a concurrent request unregistered it first
+        except AdapterMergedError:  # only the engine thread may unmerge; served as merged until then
+            log.warning("adapter %s stays registered while it is merged; unmerge it to drop it", record.name)
 
     def _in_adapter_dir(self, path) -> bool:
         return Path(os.path.realpath(path)).parent == Path(os.path.realpath(self.adapter_dir))
@@ -171,26 +179,38 @@ class LoRAManager:
             return False
         return True
 
-    def unregister(self, name: str) -> None:
+    def unregister(self, name: str, unmerge: bool = False, record: AdapterRecord | None = None) -> None:
         """Refuse new requests at once; drop the weights when the in-flight ones have finished.
-        A merged adapter stays merged until then (call from the engine thread to unmerge first)."""
-        record = self.registry.get(name)
-        record.deleting = True
+        A merged adapter is unmerged first with unmerge=True (engine thread only: it writes the base
+        weights), else refused (AdapterMergedError). Checked and done under the lock merge() holds, so
+        after a merge and an unregister of one adapter, in any order, either it is gone and the base
+        unmerged, or it is merged and registered. record: only that registration of the name."""
         with self._lock:
+            current = self.registry.find(name)
+            if current is None or (record is not None and current is not record):
+                raise AdapterNotFoundError(f"adapter {name!r} does not exist", param="name")
+            if self.merged.name == name:
+                if not unmerge:
+                    raise AdapterMergedError(f"adapter {name!r} is merged into the base weights; unmerge it first", param="name")
+                self.unmerge()
+            current.deleting = True
             if self._refs.get(name, 0) == 0:
                 self._purge(name)
 
     # --- merged mode (engine thread, between steps) ----------------------------------------------
 
-    def merge(self, name: str) -> None:
+    def merge(self, name: str, auto: bool = False) -> None:
         """Fold `name` into the base weights (unmerging any other first). It must be CPU-resident:
-        call acquire(name) first; the merge holds its own reference until unmerge()."""
+        call acquire(name) first; the merge holds its own reference until unmerge(). auto: the merge
+        policy's choice, refused unless the adapter is marked auto_merge."""
         with self._lock:
             if self.merged.name == name:
                 return
             model = self._cpu.get(name)
             if model is None or not self.registry.contains(name):
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param="name")
+            if auto and not self.registry.get(name).auto_merge:
+                raise AdapterError(f"adapter {name!r} is not marked auto_merge", param="auto_merge")
             self.unmerge()
             self._refs[name] = self._refs.get(name, 0) + 1
             self.merged.merge(model)

@@ -5,11 +5,16 @@ whose share reaches `merge_threshold`; unmerge when the merged adapter's share f
 `unmerge_threshold` (lower, so a share hovering near the threshold does not flap). At most
 one switch per `min_interval` steps. Counted in steps, not seconds, so a test can drive it
 step by step and get the same decisions every time.
+
+Only adapters `eligible` says yes to are merge candidates (the engine asks the adapter's
+auto_merge mark: an admin's choice, never a tenant's). The others' tokens still count in the
+total, so flooding an ineligible adapter merges nothing and only lowers every other share.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -34,8 +39,9 @@ class MergePolicy:
         self.decisions: Counter = Counter()  # action -> count, for metrics
         self.last: MergeDecision | None = None
 
-    def observe(self, tokens: Counter, merged: str | None) -> MergeDecision | None:
-        """Record one step's tokens per adapter (None = base) and return a switch to make, if any."""
+    def observe(self, tokens: Counter, merged: str | None, eligible: Callable[[str], bool]) -> MergeDecision | None:
+        """Record one step's tokens per adapter (None = base) and return a switch to make, if any.
+        eligible(name): whether the policy may merge that adapter."""
         if len(self._steps) == self.window:
             self._totals.subtract(self._steps[0])
         self._steps.append(tokens)
@@ -51,7 +57,7 @@ class MergePolicy:
             if share < self.unmerge_threshold:
                 return self._decide("unmerge", merged, f"share {share:.2f} < {self.unmerge_threshold}")
             return None
-        adapters = [(n, c) for n, c in self._totals.items() if n is not None and c > 0]
+        adapters = [(n, c) for n, c in self._totals.items() if n is not None and c > 0 and eligible(n)]
         if not adapters:
             return None
         name, count = max(adapters, key=lambda nc: nc[1])

@@ -40,6 +40,7 @@ class AdapterRecord:
     requests_served: int = 0
     deleting: bool = False  # unlisted and refused to new requests; purged when in-flight ones end
     folder_id: tuple[int, int, int] | None = None  # (st_dev, st_ino, st_ctime_ns) of its adapter_dir folder when registered; None elsewhere
+    auto_merge: bool = False  # --merge-policy auto may merge it (see LoRAManager.register)
 
 
 def check_name(name: str, base_name: str) -> None:
@@ -73,6 +74,7 @@ class AdapterRegistry:
         origin: str,
         model: LoRAModel | None = None,
         folder_id: tuple[int, int, int] | None = None,
+        auto_merge: bool = False,
     ) -> tuple[AdapterRecord, LoRAModel]:
         model = model or self.validate(name, path)
         ranks = sorted({w.A.shape[0] for w in model.weights.values()})
@@ -87,6 +89,7 @@ class AdapterRegistry:
             num_bytes=model.num_bytes,
             sha256=model.sha256,
             folder_id=folder_id,
+            auto_merge=auto_merge,
         )
         with self._lock:
             if name in self._records:
@@ -102,9 +105,22 @@ class AdapterRegistry:
         return record
 
     def contains(self, name: str) -> bool:
+        return self.find(name) is not None
+
+    def find(self, name: str) -> AdapterRecord | None:
         with self._lock:
             record = self._records.get(name)
-        return record is not None and not record.deleting
+        return None if record is None or record.deleting else record
+
+    def may_auto_merge(self, name: str) -> bool:
+        record = self.find(name)
+        return record is not None and record.auto_merge
+
+    def set_auto_merge(self, name: str, enabled: bool) -> AdapterRecord:
+        """Let --merge-policy auto merge `name`, or not (an admin's choice, kept until it is unregistered)."""
+        record = self.get(name)
+        record.auto_merge = enabled
+        return record
 
     def remove(self, name: str) -> AdapterRecord | None:
         with self._lock:

@@ -84,10 +84,7 @@ class AdapterStore:
 
     def owner(self, path: Path) -> str | None:
         """The tenant a stored adapter was uploaded by; None outside the store or without one."""
-        owner_file = Path(os.path.realpath(path)) / OWNER_FILE
-        if not self.is_managed(path) or not owner_file.is_file():
-            return None
-        return owner_file.read_text().strip() or None
+        return read_owner(path) if self.is_managed(path) else None
 
     def save(
         self, name: str, files: Mapping[str, BinaryIO], validate: Callable[[Path], LoRAModel]
@@ -129,6 +126,14 @@ class AdapterStore:
             except FileNotFoundError:
                 return False
         return True
+
+
+def read_owner(folder: Path) -> str | None:
+    """The tenant named by folder/.tenant; None without one (an adapter that belongs to no tenant)."""
+    owner_file = Path(os.path.realpath(folder)) / OWNER_FILE
+    if not owner_file.is_file():
+        return None
+    return owner_file.read_text().strip() or None
 
 
 @contextmanager
