@@ -73,9 +73,10 @@ class AdapterStore:
         return removed
 
     def folder(self, name: str) -> Path:
-        """adapter_dir/<name>, refused unless it is a direct child of adapter_dir (check_name comes first)."""
+        """adapter_dir/<name>, refused unless it is a direct child of adapter_dir that is not a dot-folder
+        (those are the store's own, and the start-up scan never registers them; check_name comes first)."""
         path = Path(os.path.realpath(self.root / name))
-        if path.parent != self.root or path.name != name:
+        if name.startswith(".") or path.parent != self.root or path.name != name:
             raise InvalidAdapterError(f"adapter name {name!r} names no folder in the adapter store", param="name")
         return path
 

@@ -11,7 +11,7 @@ from lora_serve.bench.random_adapters import write_random_adapter
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.engine.sampling_params import SamplingParams
-from lora_serve.lora.errors import AdapterNotFoundError
+from lora_serve.lora.errors import AdapterNotFoundError, InvalidAdapterError
 from lora_serve.model.arch import ModelArch
 
 from ..engine.helpers import run_to_completion
@@ -114,6 +114,12 @@ def test_unregister_lets_running_request_finish_then_drops_weights(tiny_llama_di
             tokens += out.new_token_ids
     assert tokens == alone["a2"]
     assert engine.lora.location("a2") == "disk" and not engine.lora.registry.contains("a2")
+
+
+@pytest.mark.parametrize("name", [".upload-a0", "-a0"])
+def test_lora_modules_with_a_bad_name_stop_the_start(tiny_llama_dir, adapter_paths, name):
+    with pytest.raises(InvalidAdapterError, match="adapter name"):
+        make(tiny_llama_dir, {name: adapter_paths["a0"]}, max_loras=1, max_cpu_loras=1)
 
 
 @pytest.mark.parametrize(("lora_dtype", "expected"), [("auto", torch.float32), ("bfloat16", torch.bfloat16)])

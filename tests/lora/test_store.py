@@ -151,6 +151,14 @@ def test_names_never_leave_the_store(tmp_path: Path, name: str) -> None:
     assert _entries(root) == ["link"]
 
 
+@pytest.mark.parametrize("name", [".upload-x", ".deleted-x", ".lock", ".tenant", ".hidden"])
+def test_the_stores_own_dot_names_are_never_adapters(tmp_path: Path, name: str) -> None:
+    store = AdapterStore(tmp_path)
+    with pytest.raises(InvalidAdapterError):
+        store.save(name, _streams(), _accept)
+    assert _entries(tmp_path) == []
+
+
 def test_remove_deletes_only_managed_folders(tmp_path: Path) -> None:
     root, outside = tmp_path / "store", tmp_path / "outside"
     (outside / "theirs").mkdir(parents=True)
