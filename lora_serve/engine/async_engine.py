@@ -115,7 +115,7 @@ class AsyncEngine:
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
         if lora_name is not None:
             try:  # disk -> CPU here, on a worker thread, never on the engine loop
-                await asyncio.to_thread(self.engine.lora.acquire, lora_name)
+                await self._acquire(lora_name)
             except BaseException:
                 with self._lock:
                     self._streams.pop(request_id, None)
@@ -133,6 +133,20 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    async def _acquire(self, lora_name: str) -> None:
+        """lora.acquire on a worker thread, waiting as long as it takes for a CPU place. Cancelled (the
+        client left, or the deadline passed), the wait is given up; an adapter the thread got anyway
+        (it was reading the weights) is released, so no reference outlives the request."""
+        lora = self.engine.lora
+        abandoned = threading.Event()
+        acquiring = asyncio.ensure_future(asyncio.to_thread(lora.acquire, lora_name, None, abandoned))
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            lora.abandon(abandoned)
+            acquiring.add_done_callback(lambda done: done.cancelled() or done.exception() or lora.release(lora_name))
+            raise
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread between two steps (e.g. a merge) and return its result."""

@@ -42,6 +42,12 @@ class AdapterExistsError(AdapterError):
     status = 409
 
 
+class AdapterBusyError(AdapterError):
+    """Every CPU place (max_cpu_loras) holds an adapter in use, and the caller would not wait for one."""
+
+    status = 503
+
+
 class AdapterTooLargeError(AdapterError):
     status = 413
 
