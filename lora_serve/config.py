@@ -155,6 +155,15 @@ class ServerConfig(_Config):
     "tenant", "role"}]}. A tenant's uploads are seen and run only by that tenant and admins. Works beside
     api_key and admin_api_key."""
 
+    max_adapters_per_tenant: int | None = Field(None, ge=0)
+    """Most adapters one --auth-file tenant may store by uploading (admin keys are not limited). An upload
+    past it is refused before it is stored: 403, code "quota_exceeded". None: no limit."""
+
+    max_adapter_bytes_per_tenant: int | None = Field(None, ge=0)
+    """Most bytes of adapter files (adapter_config.json + adapter_model.safetensors) one --auth-file tenant
+    may store; an upload that would pass it is refused before it is stored: 403, code "quota_exceeded".
+    Admin keys are not limited. None: no limit."""
+
     max_queue: int = Field(256, ge=0)
     """Most generation requests admitted but not yet in the running batch. Past it a request
     gets 429 (type "rate_limit_error") with a Retry-After header instead of waiting."""

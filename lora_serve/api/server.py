@@ -17,6 +17,7 @@ from lora_serve.api.access_log import AccessLog
 from lora_serve.api.body_limit import BodyLimit
 from lora_serve.api.auth import require_admin_key, require_api_key, require_tenant_key
 from lora_serve.api.errors import install_error_handlers
+from lora_serve.api.quota import UploadQuota
 from lora_serve.api.state import ServerState
 from lora_serve.config import ServerConfig
 
@@ -29,6 +30,7 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     base_name = config.served_model_name or engine.base_name
     admin = adapters.AdapterAdmin(engine, base_name, engine.lora.config.allowed_lora_dir)
     app.state.adapter_admin = admin
+    app.state.upload_quota = UploadQuota(admin.store, config.max_adapters_per_tenant, config.max_adapter_bytes_per_tenant)
     app.state.lora_serve = ServerState.create(engine, config, admin.owner_of)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
     v1.include_router(chat.router)

@@ -90,6 +90,20 @@ class AdapterStore:
             return None
         return owner_file.read_text().strip() or None
 
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(adapters, bytes of their files) stored by `tenant`: what its quota counts. Reads adapter_dir
+        itself, so uploads through other replicas sharing it count too."""
+        count = size = 0
+        for path in self.root.iterdir():
+            try:
+                if path.name.startswith(".") or path.is_symlink() or not path.is_dir() or self.owner(path) != tenant:
+                    continue
+                files = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != OWNER_FILE)
+            except FileNotFoundError:  # deleted meanwhile (here or by another replica)
+                continue
+            count, size = count + 1, size + files
+        return count, size
+
     def save(
         self, name: str, files: Mapping[str, BinaryIO], validate: Callable[[Path], LoRAModel]
     ) -> tuple[Path, LoRAModel]:

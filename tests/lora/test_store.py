@@ -159,6 +159,16 @@ def test_the_stores_own_dot_names_are_never_adapters(tmp_path: Path, name: str) 
     assert _entries(tmp_path) == []
 
 
+def test_usage_counts_a_tenants_stored_files(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    for name, tenant in [("a", "acme"), ("b", "acme"), ("g", "globex"), ("nobody", None)]:
+        owner = {} if tenant is None else {".tenant": io.BytesIO(tenant.encode())}
+        store.save(name, {**_streams(), **owner}, lambda path: "model")
+    (tmp_path / ".upload-crashed").mkdir()
+    size = sum(map(len, FILES.values()))  # the .tenant file is not counted
+    assert (store.usage("acme"), store.usage("globex"), store.usage("initech")) == ((2, 2 * size), (1, size), (0, 0))
+
+
 def test_remove_deletes_only_managed_folders(tmp_path: Path) -> None:
     root, outside = tmp_path / "store", tmp_path / "outside"
     (outside / "theirs").mkdir(parents=True)
