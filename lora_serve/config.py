@@ -194,6 +194,15 @@ class ServerConfig(_Config):
     """Seconds a generation request may take, queueing included. On expiry it is aborted: 504
     (code "request_timeout"), or for a stream already started an error event then [DONE]. None: no limit."""
 
+    header_timeout_s: float | None = Field(20.0, gt=0)
+    """Seconds a client may take to send a request line and headers, counted from the connection (or, on a
+    kept-alive connection, from the request's first byte). Past it the connection is closed, with a 408 if
+    part of a request came (slowloris defence). None: no limit."""
+
+    body_timeout_s: float | None = Field(30.0, gt=0)
+    """Seconds the server waits for the next piece of a request body (JSON or adapter upload). Past it:
+    408, code "body_timeout", and the connection is closed. None: no limit."""
+
     shutdown_grace_s: float = Field(30.0, ge=0)
     """On SIGTERM/SIGINT: stop accepting, then let running requests finish for up to this many
     seconds before they are cancelled; the process then exits with code 0."""
