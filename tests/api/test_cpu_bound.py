@@ -104,3 +104,33 @@ def test_a_request_that_leaves_while_waiting_for_a_cpu_place_holds_nothing(serve
     resp = server.client().completions.create(model="t19", prompt=PROMPT, max_tokens=2)
     assert resp.choices[0].finish_reason == "length"
     assert lora._refs == {}
+
+
+def test_requests_waiting_for_a_cpu_place_hold_up_no_one_else(server: LiveServer) -> None:
+    lora = server.engine.lora
+    held = list(ADAPTERS)[:MAX_CPU_LORAS]
+    num_waiting = 40  # more than asyncio's default thread pool has threads (at most 32)
+
+    def body(model: str) -> dict:
+        return {"model": model, "prompt": PROMPT, "max_tokens": 2}
+
+    async def run() -> tuple[httpx.Response, list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
+            waiting = [asyncio.create_task(client.post("/v1/completions", json=body("t19"))) for _ in range(num_waiting)]
+            try:
+                deadline = time.monotonic() + 60
+                while lora._refs.get("t19", 0) < num_waiting:  # every one of them inside acquire, waiting
+                    assert time.monotonic() < deadline, "the requests did not all reach acquire"
+                    await asyncio.sleep(0.01)
+                resident = await client.post("/v1/completions", json=body(held[0]), timeout=30)  # served meanwhile
+            finally:
+                for name in held:
+                    lora.release(name)
+            return resident, await asyncio.gather(*waiting)
+
+    for name in held:  # every CPU place in use
+        lora.acquire(name)
+    resident, waited = asyncio.run(run())
+    assert resident.status_code == 200, resident.text
+    assert [r.status_code for r in waited] == [200] * num_waiting
+    assert lora._refs == {}
