@@ -168,6 +168,15 @@ class ServerConfig(_Config):
     every management route, so a server with keys (a production one) does not hand it to anonymous
     callers unless asked; a keyless development server shows it as before."""
 
+    max_adapters_per_tenant: int | None = Field(None, ge=0)
+    """Most adapters one --auth-file tenant may store by uploading (admin keys are not limited). An upload
+    past it is refused before it is stored: 403, code "quota_exceeded". None: no limit."""
+
+    max_adapter_bytes_per_tenant: int | None = Field(None, ge=0)
+    """Most bytes of adapter files (adapter_config.json + adapter_model.safetensors) one --auth-file tenant
+    may store; an upload that would pass it is refused before it is stored: 403, code "quota_exceeded".
+    Admin keys are not limited. None: no limit."""
+
     max_queue: int = Field(256, ge=0)
     """Most generation requests admitted but not yet in the running batch. Past it a request
     gets 429 (type "rate_limit_error") with a Retry-After header instead of waiting."""
@@ -197,6 +206,15 @@ class ServerConfig(_Config):
     request_timeout_s: float | None = Field(600.0, gt=0)
     """Seconds a generation request may take, queueing included. On expiry it is aborted: 504
     (code "request_timeout"), or for a stream already started an error event then [DONE]. None: no limit."""
+
+    header_timeout_s: float | None = Field(20.0, gt=0)
+    """Seconds a client may take to send a request line and headers, counted from the connection (or, on a
+    kept-alive connection, from the request's first byte). Past it the connection is closed, with a 408 if
+    part of a request came (slowloris defence). None: no limit."""
+
+    body_timeout_s: float | None = Field(30.0, gt=0)
+    """Seconds the server waits for the next piece of a request body (JSON or adapter upload). Past it:
+    408, code "body_timeout", and the connection is closed. None: no limit."""
 
     shutdown_grace_s: float = Field(30.0, ge=0)
     """On SIGTERM/SIGINT: stop accepting, then let running requests finish for up to this many

@@ -11,12 +11,13 @@
     POST   /v1/unload_lora_adapter     {"lora_name"} (one in --adapter-dir comes back on its next request)
 
 Upload, list, describe and delete take any tenant's key; an upload belongs to its tenant, and
-another tenant's adapter answers 404 like an unknown name (tenants.py). Merge, unmerge, the
-auto_merge mark and load/unload by path change what everyone is served, so they need an admin
-(`admin_router`); a tenant's upload starts without auto_merge, so its traffic merges nothing.
-Merging and unregistering one adapter both run on the engine thread under the LoRA manager's
-lock: a merge racing a delete ends either merged and registered, or deleted and unmerged.
-AdapterInfo.path is the full server path for admins, only the folder's name for anyone else.
+another tenant's adapter answers 404 like an unknown name (tenants.py). An upload that would take
+its tenant past --max-adapters-per-tenant or --max-adapter-bytes-per-tenant is 403 (quota.py).
+Merge, unmerge, the auto_merge mark and load/unload by path change what everyone is served, so
+they need an admin (`admin_router`); a tenant's upload starts without auto_merge, so its traffic
+merges nothing. Merging and unregistering one adapter both run on the engine thread under the
+LoRA manager's lock: a merge racing a delete ends either merged and registered, or deleted and
+unmerged. AdapterInfo.path is the full server path for admins, only the folder's name for anyone else.
 Refusals are lora.errors.AdapterError (status and param included), answered by errors.py.
 Reading and validating weights is blocking, so it runs on a worker thread.
 """
@@ -36,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool
 
 from lora_serve.api.auth import principal_of
 from lora_serve.api.tenants import Principal
-from lora_serve.api.upload import AdapterUpload, parse_upload, read_form
+from lora_serve.api.quota import UploadQuota, get_quota
+from lora_serve.api.upload import AdapterUpload, declared_file_bytes, parse_upload, read_form
 from lora_serve.lora.errors import (
     AdapterError,
     AdapterExistsError,
@@ -190,12 +192,21 @@ def get_admin(request: Request) -> AdapterAdmin:
 
 
 @router.post("/adapters", status_code=HTTPStatus.CREATED)
-async def upload_adapter(request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
+async def upload_adapter(
+    request: Request, admin: AdapterAdmin = Depends(get_admin), quota: UploadQuota = Depends(get_quota)
+) -> AdapterInfo:
+    uploader = principal_of(request)
+    await asyncio.to_thread(quota.check, uploader, declared_file_bytes(request))  # over quota: before the body
     form = await read_form(request, admin.max_adapter_bytes)
     try:
         upload = parse_upload(form, admin.max_adapter_bytes)
         admin.check_new_name(upload.name, "name")
-        record = await asyncio.to_thread(admin.store_upload, upload, principal_of(request).tenant)
+
+        def store() -> AdapterRecord:
+            with quota.reserve(uploader, upload.num_bytes):  # concurrent uploads of one tenant count together
+                return admin.store_upload(upload, uploader.tenant)
+
+        record = await asyncio.to_thread(store)
     finally:
         await form.close()
     return admin.info(record, principal_of(request))

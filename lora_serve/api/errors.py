@@ -62,7 +62,7 @@ def invalid_param(param: str | None, message: str, code: str | None = None) -> A
 def from_adapter_error(exc: AdapterError) -> APIError:
     # A request's `model` naming no adapter gets the same code as an unknown model id.
     code = "model_not_found" if isinstance(exc, AdapterNotFoundError) and exc.param == "model" else exc.code
-    return APIError(exc.status, exc.message, INVALID_REQUEST, exc.param, code)
+    return APIError(exc.status, exc.message, SERVER_ERROR if exc.status >= 500 else INVALID_REQUEST, exc.param, code)
 
 
 def param_from_loc(loc: Sequence[str | int]) -> str | None:

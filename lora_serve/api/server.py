@@ -18,6 +18,8 @@ from lora_serve.api.access_log import AccessLog
 from lora_serve.api.body_limit import BodyLimit
 from lora_serve.api.auth import require_admin_key, require_api_key, require_metrics_key, require_tenant_key
 from lora_serve.api.errors import install_error_handlers
+from lora_serve.api.header_timeout import HeaderTimeoutProtocol
+from lora_serve.api.quota import UploadQuota
 from lora_serve.api.state import ServerState
 from lora_serve.config import ServerConfig
 
@@ -40,6 +42,7 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     base_name = config.served_model_name or engine.base_name
     admin = adapters.AdapterAdmin(engine, base_name)
     app.state.adapter_admin = admin
+    app.state.upload_quota = UploadQuota(admin.store, config.max_adapters_per_tenant, config.max_adapter_bytes_per_tenant)
     app.state.lora_serve = ServerState.create(engine, config, admin.owner_of)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
     v1.include_router(chat.router)
@@ -58,7 +61,9 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     app.include_router(info.metrics_router, dependencies=[Depends(require_metrics_key)])
     install_error_handlers(app)
     # Uploads stream under their own, larger limit (max_adapter_bytes); every other body is small JSON.
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, exempt={("POST", "/v1/adapters")})
+    app.add_middleware(
+        BodyLimit, max_bytes=config.max_body_bytes, exempt={("POST", "/v1/adapters")}, timeout_s=config.body_timeout_s
+    )
     if config.access_log:
         app.add_middleware(AccessLog)  # outermost: it sees the 413s too
     return app
@@ -68,14 +73,18 @@ def build_server(engine: "AsyncEngine", config: ServerConfig) -> uvicorn.Server:
     """A uvicorn server for the app; `.run()` blocks, tests run it on a thread and set `.should_exit`.
 
     On SIGTERM/SIGINT (or `.should_exit`) uvicorn stops accepting, lets open responses finish
-    for up to shutdown_grace_s, then cancels them (which aborts their sequences).
+    for up to shutdown_grace_s, then cancels them (which aborts their sequences). Slow clients:
+    header_timeout_s here (uvicorn has no such timer), body_timeout_s in BodyLimit; uvicorn's own
+    timeout_keep_alive (5 s) closes idle kept-alive connections.
     """
     app = build_app(engine, config)
+    http = "auto" if config.header_timeout_s is None else HeaderTimeoutProtocol.with_timeout(config.header_timeout_s)
     # log_config=None keeps the caller's logging setup; access_log=False: ours (access_log.py) replaces uvicorn's.
     uv_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
+        http=http,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=config.shutdown_grace_s,

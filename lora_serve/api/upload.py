@@ -32,6 +32,11 @@ class AdapterUpload:
     adapter_config: UploadFile  # adapter_config.json
     adapter_model: UploadFile  # adapter_model.safetensors
 
+    @property
+    def num_bytes(self) -> int:
+        """Both files together, as stored (what max_adapter_bytes and the tenant's byte quota count)."""
+        return (self.adapter_config.size or 0) + (self.adapter_model.size or 0)
+
 
 def _too_large(limit: int) -> AdapterTooLargeError:
     return AdapterTooLargeError(f"the upload is larger than the server's max_adapter_bytes ({limit} bytes)")
@@ -44,6 +49,13 @@ async def _limited_body(request: Request, max_body: int, limit: int) -> AsyncIte
         if seen > max_body:
             raise _too_large(limit)
         yield chunk
+
+
+def declared_file_bytes(request: Request) -> int:
+    """At least how many bytes of files the body declares (its Content-Length less the multipart
+    overhead); 0 without one."""
+    declared = request.headers.get("content-length", "")
+    return max(0, int(declared) - MULTIPART_OVERHEAD) if declared.isdigit() else 0
 
 
 async def read_form(request: Request, max_adapter_bytes: int) -> FormData:
@@ -74,10 +86,11 @@ def parse_upload(form: FormData, max_adapter_bytes: int) -> AdapterUpload:
     for field, value in (("adapter_config", config), ("adapter_model", model)):
         if not isinstance(value, UploadFile):
             raise invalid_param(field, f"{field} must be a file")
-    if (config.size or 0) + (model.size or 0) > max_adapter_bytes:
+    upload = AdapterUpload(name, config, model)
+    if upload.num_bytes > max_adapter_bytes:
         raise _too_large(max_adapter_bytes)
     _refuse_pickle(model)
-    return AdapterUpload(name, config, model)
+    return upload
 
 
 def _refuse_pickle(model: UploadFile) -> None:

@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import EngineConfig
@@ -31,6 +32,11 @@ from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# Threads for lora.acquire, apart from asyncio's default pool: a request waiting there for a CPU place
+# must not hold up the short blocking calls every adapter request and upload makes in the default pool.
+# Created as needed; past this many waiting at once, further acquires queue until one is done.
+MAX_ACQUIRE_THREADS = 256
 
 
 class AsyncEngine:
@@ -43,6 +49,7 @@ class AsyncEngine:
         self._pending: dict[str, str | None] = {}  # submitted, not yet added by the loop: request id -> adapter
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self._acquirers = ThreadPoolExecutor(MAX_ACQUIRE_THREADS, thread_name_prefix="lora-serve-acquire")
         self._thread = threading.Thread(target=self._loop, name="lora-serve-engine", daemon=True)
         self._thread.start()
 
@@ -115,7 +122,7 @@ class AsyncEngine:
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
         if lora_name is not None:
             try:  # disk -> CPU here, on a worker thread, never on the engine loop
-                await asyncio.to_thread(self.engine.lora.acquire, lora_name)
+                await self._acquire(lora_name)
             except BaseException:
                 with self._lock:
                     self._streams.pop(request_id, None)
@@ -133,6 +140,21 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    async def _acquire(self, lora_name: str) -> None:
+        """lora.acquire on an acquire thread, waiting as long as it takes for a CPU place. Cancelled (the
+        client left, or the deadline passed), the wait is given up; an adapter the thread got anyway
+        (it was reading the weights) is released, so no reference outlives the request."""
+        lora = self.engine.lora
+        abandoned = threading.Event()
+        loop = asyncio.get_running_loop()
+        acquiring = loop.run_in_executor(self._acquirers, lora.acquire, lora_name, None, abandoned)
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            lora.abandon(abandoned)
+            acquiring.add_done_callback(lambda done: done.cancelled() or done.exception() or lora.release(lora_name))
+            raise
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread between two steps (e.g. a merge) and return its result."""
@@ -162,6 +184,7 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        self._acquirers.shutdown(wait=False, cancel_futures=True)
 
     # --- the loop thread ------------------------------------------------------------------------
 

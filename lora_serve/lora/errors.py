@@ -51,6 +51,12 @@ class AdapterMergedError(AdapterError):
     code = "adapter_merged"
 
 
+class AdapterBusyError(AdapterError):
+    """Every CPU place (max_cpu_loras) holds an adapter in use, and the caller would not wait for one."""
+
+    status = 503
+
+
 class AdapterTooLargeError(AdapterError):
     status = 413
 

@@ -5,7 +5,13 @@ CPU              --try_admit(), engine thread, a copy-->  device slots (LRU, max
 
 A request holds a reference on its adapter's CPU copy from `acquire` to `release`
 (the API does both around the request), so an adapter in use is never dropped from
-CPU. A running sequence pins its device slot; pinned slots are never evicted. When
+CPU. max_cpu_loras is a hard bound on the copies held (and being read) at once: when
+they are all in use, `acquire` for another adapter waits until a request releases
+one. That always comes: max_cpu_loras >= max_loras, so the requests holding copies
+run (or wait for a device slot that running ones free) and finish. The merged
+adapter's copy is counted apart, as its negated copy has a slot of its own; at most
+one copy more is resident meanwhile, and it is not held by a request that could wait.
+A running sequence pins its device slot; pinned slots are never evicted. When
 every slot is pinned, a sequence for another adapter waits in the queue (the
 scheduler lets later requests whose adapter is resident go ahead, and retries the
 waiting one first at every step, so it gets the next slot that frees up).
@@ -30,7 +36,7 @@ from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
-from .errors import AdapterError, AdapterExistsError, AdapterMergedError, AdapterNotFoundError
+from .errors import AdapterBusyError, AdapterError, AdapterExistsError, AdapterMergedError, AdapterNotFoundError
 from .lora_model import CONFIG_FILE, LoRAModel, LoRAWeights
 from .merge import MergedWeights, negated
 from .registry import AdapterRecord, AdapterRegistry, check_name
@@ -51,8 +57,11 @@ class LoRAManager:
         # Where the load API may read from: the adapter's folder and, on every read, each of its files.
         self.allowed_dirs = tuple(Path(os.path.realpath(d)) for d in config.allowed_lora_dir)
         self._lock = threading.RLock()
+        self._cpu_freed = threading.Condition(self._lock)  # notified when a CPU copy may have become evictable
         self._cpu: OrderedDict[str, LoRAModel] = OrderedDict()  # LRU order, oldest first
-        self._refs: dict[str, int] = {}  # in-flight requests per adapter
+        self._loading: set[str] = set()  # being read from disk by acquire(): each holds a place in the CPU tier
+        self._refs: dict[str, int] = {}  # in-flight requests per adapter (those waiting for a CPU place too)
+        self.peak_cpu_loras = 0  # most CPU places taken at once (copies + reads), for tests and metrics
         self._slot_names: list[str | None] = [None] * config.max_loras
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(config.max_loras))
         self._pins = [0] * config.max_loras
@@ -237,23 +246,49 @@ class LoRAManager:
 
     # --- disk -> CPU (request threads) -----------------------------------------------------------
 
-    def acquire(self, name: str) -> None:
-        """Make `name` CPU-resident and hold it there until `release(name)`. Blocking I/O."""
+    def acquire(self, name: str, wait_s: float | None = 0.0, abandoned: threading.Event | None = None) -> None:
+        """Make `name` CPU-resident and hold it there until `release(name)`. Blocking I/O.
+
+        While every CPU place is held by adapters in use, wait up to wait_s seconds (None: no limit)
+        for a request to release one, or until `abandoned` is set (then call `abandon` to wake the
+        wait); past that, AdapterBusyError (503). The engine thread must pass 0, as it is what releases.
+        """
         record = self.registry.get(name)
-        with self._lock:
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        with self._cpu_freed:
             self._refs[name] = self._refs.get(name, 0) + 1
             record.requests_served += 1
+            try:
+                while not self._take_cpu_place(name):
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if (remaining is not None and remaining <= 0) or (abandoned is not None and abandoned.is_set()):
+                        raise AdapterBusyError(
+                            f"adapter {name!r} cannot be loaded now: every CPU place (max_cpu_loras "
+                            f"{self.config.cpu_capacity}) holds an adapter in use",
+                            param="model",
+                        )
+                    self._cpu_freed.wait(remaining)
+                    if not self.registry.contains(name):
+                        raise AdapterNotFoundError(f"adapter {name!r} does not exist", param="model")
+            except BaseException:
+                self.release(name)
+                raise
             if name in self._cpu:
-                self._cpu.move_to_end(name)
                 return
+            self._loading.add(name)
+            self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_places_taken())
         try:
             loaded = self.slot_writer.host_copy(self.read(name, record.path, record.origin))
-        except Exception:
-            self.release(name)
+        except BaseException:
+            with self._cpu_freed:
+                self._loading.discard(name)
+                self._cpu_freed.notify_all()
+                self.release(name)
             raise
-        with self._lock:
+        with self._cpu_freed:
+            self._loading.discard(name)
             self._cpu[name] = loaded
-            self._evict_cpu()
+            self._cpu_freed.notify_all()  # those waiting for this very adapter
 
     def read(self, name: str, path, origin: str) -> LoRAModel:
         """Read and validate an adapter folder (disk -> CPU), counted in num_loads and load_seconds;
@@ -265,24 +300,53 @@ class LoRAManager:
             self.load_seconds += time.perf_counter() - start
         return model
 
+    def abandon(self, abandoned: threading.Event) -> None:
+        """Set `abandoned` and wake the acquire() waiting with it, which then gives up (its request is gone)."""
+        with self._cpu_freed:
+            abandoned.set()
+            self._cpu_freed.notify_all()
+
     def release(self, name: str) -> None:
-        with self._lock:
+        with self._cpu_freed:
             self._refs[name] -= 1
             if self._refs[name] == 0:
                 del self._refs[name]
                 if not self.registry.contains(name):
                     self._purge(name)
                 else:
-                    self._evict_cpu()  # back under max_cpu_loras once the overflow is no longer in use
+                    self._evict_cpu()  # back under max_cpu_loras if a copy was registered over it
+                self._cpu_freed.notify_all()
+
+    def _take_cpu_place(self, name: str) -> bool:
+        """True when `name` is resident (now most recently used) or a place was freed for reading it;
+        False while another thread reads it, or every place is held by adapters in use. Lock held."""
+        if name in self._cpu:
+            self._cpu.move_to_end(name)
+            return True
+        if name in self._loading:
+            return False
+        if self._cpu_places_taken() < self.config.cpu_capacity:
+            return True
+        victim = next((n for n in self._cpu if self._refs.get(n, 0) == 0), None)
+        if victim is None:
+            return False
+        del self._cpu[victim]
+        self.num_evictions += 1
+        return True
+
+    def _cpu_places_taken(self) -> int:
+        merged = self.merged.name is not None and self.merged.name in self._cpu  # held by merge(): never evicted
+        return len(self._cpu) + len(self._loading) - int(merged)
 
     def _evict_cpu(self) -> None:
-        # Evict least recently used adapters no request holds; those in use may exceed the cap.
+        # Evict least recently used copies no request holds (a copy just registered included) down to the bound.
         for name in list(self._cpu):
-            if len(self._cpu) <= self.config.cpu_capacity:
+            if self._cpu_places_taken() <= self.config.cpu_capacity:
                 break
             if self._refs.get(name, 0) == 0:
                 del self._cpu[name]
                 self.num_evictions += 1
+        self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_places_taken())
 
     def _purge(self, name: str) -> None:
         self._cpu.pop(name, None)

@@ -22,7 +22,13 @@ from .files import Roots
 from .lora_model import LoRAModel
 from .overflow import check_gain
 
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# One grammar for every way a name arrives (upload, load API, --lora-modules, adapter_dir). It starts with
+# a letter or digit, so no name is ".", ".." or a dot-folder of the store (".upload-*", ".deleted-*",
+# ".lock"): those are skipped by the start-up scan and removed by its clean-up. No "/" or ":" either, so a
+# name is one path segment and never reads as "base:adapter". vLLM-style names ("sql-lora",
+# "my_adapter.v2") fit.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+NAME_RE = re.compile(NAME_PATTERN)
 
 
 @dataclass
@@ -44,8 +50,12 @@ class AdapterRecord:
 
 
 def check_name(name: str, base_name: str) -> None:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise InvalidAdapterError(f"adapter name {name!r} must match [A-Za-z0-9._-]{{1,64}}", param="name")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InvalidAdapterError(
+            f"adapter name {name!r} must be 1 to 64 characters of letters, digits, '.', '_' and '-', "
+            f"starting with a letter or digit ({NAME_PATTERN})",
+            param="name",
+        )
     if name == base_name:
         raise InvalidAdapterError(f"adapter name {name!r} is the base model's id", param="name")
 
@@ -76,6 +86,7 @@ class AdapterRegistry:
         folder_id: tuple[int, int, int] | None = None,
         auto_merge: bool = False,
     ) -> tuple[AdapterRecord, LoRAModel]:
+        check_name(name, self.base_name)  # also when the caller validated the weights itself
         model = model or self.validate(name, path)
         ranks = sorted({w.A.shape[0] for w in model.weights.values()})
         record = AdapterRecord(

@@ -73,9 +73,10 @@ class AdapterStore:
         return removed
 
     def folder(self, name: str) -> Path:
-        """adapter_dir/<name>, refused unless it is a direct child of adapter_dir (check_name comes first)."""
+        """adapter_dir/<name>, refused unless it is a direct child of adapter_dir that is not a dot-folder
+        (those are the store's own, and the start-up scan never registers them; check_name comes first)."""
         path = Path(os.path.realpath(self.root / name))
-        if path.parent != self.root or path.name != name:
+        if name.startswith(".") or path.parent != self.root or path.name != name:
             raise InvalidAdapterError(f"adapter name {name!r} names no folder in the adapter store", param="name")
         return path
 
@@ -85,6 +86,20 @@ class AdapterStore:
     def owner(self, path: Path) -> str | None:
         """The tenant a stored adapter was uploaded by; None outside the store or without one."""
         return read_owner(path) if self.is_managed(path) else None
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(adapters, bytes of their files) stored by `tenant`: what its quota counts. Reads adapter_dir
+        itself, so uploads through other replicas sharing it count too."""
+        count = size = 0
+        for path in self.root.iterdir():
+            try:
+                if path.name.startswith(".") or path.is_symlink() or not path.is_dir() or self.owner(path) != tenant:
+                    continue
+                files = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != OWNER_FILE)
+            except FileNotFoundError:  # deleted meanwhile (here or by another replica)
+                continue
+            count, size = count + 1, size + files
+        return count, size
 
     def save(
         self, name: str, files: Mapping[str, BinaryIO], validate: Callable[[Path], LoRAModel]

@@ -26,6 +26,27 @@ TINY_ADAPTERS: dict[str, dict] = {
     "r2-mlp": dict(r=2, lora_alpha=4, target_modules=MLP),
 }
 ADMIN = "sk-admin"
+# Names every route refuses (400 naming the name field). A leading dot would be the store's own
+# dot-folders (.upload-*, .deleted-*), which the start-up scan skips and its clean-up removes.
+BAD_NAMES: dict[str, str] = {
+    "escapes": "../x",
+    "has-slash": "a/b",
+    "65-chars": "x" * 65,
+    "empty": "",
+    "dot": ".",
+    "dotdot": "..",
+    "upload-prefix": ".upload-x",
+    "deleted-prefix": ".deleted-x",
+    "leading-dot": ".hidden",
+    "leading-dash": "-x",
+    "leading-underscore": "_x",
+    "has-space": "a b",
+    "has-colon": "tiny:x",  # reads as "base:adapter"
+    "non-ascii": "café",
+    "trailing-newline": "x\n",
+}
+# Names every route accepts, vLLM's usual ones among them; all come back after a restart.
+GOOD_NAMES = ["sql-lora", "my_adapter.v2", "9", "A.b-c_d", "x" * 64, "a..b", "lock"]
 
 
 def make_tiny_adapters(tiny_dir: Path, out: Path, configs: dict[str, dict] = TINY_ADAPTERS, seed: int = 0):

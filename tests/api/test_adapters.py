@@ -15,6 +15,7 @@ from lora_serve.engine.async_engine import AsyncEngine
 from lora_serve.lora.lora_model import WEIGHTS_FILE
 from tests.api.adapter_helpers import (
     ADMIN,
+    GOOD_NAMES,
     adapter_files,
     admin_headers,
     chat_prompt_ids,
@@ -151,6 +152,19 @@ def test_adapter_survives_a_restart(server: LiveServer, tiny_llama_dir: Path, ad
         assert (info["origin"], info["sha256"]) == ("adapter-dir", sha)
         assert _greedy_chat(again, "r8-all") == before
     assert not (adapter_dir / ".upload-crashed").exists()
+
+
+def test_every_accepted_name_survives_a_restart(server: LiveServer, peft, tiny_llama_dir: Path, adapter_dir: Path) -> None:
+    _, paths = peft
+    for name in GOOD_NAMES:
+        resp = upload(server.base_url, name, adapter_files(paths["r2-mlp"]))
+        assert resp.status_code == 201, resp.text
+    # A new store and manager on the same folder: the start-up clean-up, then the scan.
+    with tiny_engine_with(tiny_llama_dir, adapter_dir) as engine, live_server(engine, _config()) as again:
+        listed = httpx.get(f"{again.base_url}/v1/adapters", headers=admin_headers()).json()["data"]
+        assert {a["name"]: a["origin"] for a in listed if a["name"] in GOOD_NAMES} == dict.fromkeys(GOOD_NAMES, "adapter-dir")
+    for name in GOOD_NAMES:
+        assert httpx.delete(f"{server.base_url}/v1/adapters/{name}", headers=admin_headers()).status_code == 200
 
 
 def test_delete_while_streaming(server: LiveServer, adapter_dir: Path) -> None:

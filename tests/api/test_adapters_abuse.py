@@ -21,6 +21,7 @@ from lora_serve.config import ServerConfig
 from lora_serve.engine.async_engine import AsyncEngine
 from tests.api.adapter_helpers import (
     ADMIN,
+    BAD_NAMES,
     TINY_ADAPTERS,
     adapter_files,
     admin_headers,
@@ -98,11 +99,7 @@ def _nan(tensors: dict[str, torch.Tensor]) -> None:
 
 # id -> (name, files from the good ones, upload file names, status, error param)
 CASES: dict[str, tuple] = {
-    "name-escapes": ("../x", lambda g: g, None, 400, "name"),
-    "name-has-slash": ("a/b", lambda g: g, None, 400, "name"),
-    "name-65-chars": ("x" * 65, lambda g: g, None, 400, "name"),
-    "name-empty": ("", lambda g: g, None, 400, "name"),
-    "name-dotdot": ("..", lambda g: g, None, 400, "name"),
+    **{f"name-{case}": (name, lambda g: g, None, 400, "name") for case, name in BAD_NAMES.items()},
     "name-is-base-id": ("tiny", lambda g: g, None, 400, "name"),
     "name-duplicate": (STORED, lambda g: g, None, 409, "name"),
     "missing-name": (None, lambda g: g, None, 400, "name"),

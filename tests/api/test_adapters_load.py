@@ -15,6 +15,7 @@ from lora_serve.config import ServerConfig
 from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
 from tests.api.adapter_helpers import (
     ADMIN,
+    BAD_NAMES,
     TINY_ADAPTERS,
     admin_headers,
     chat_prompt_ids,
@@ -96,6 +97,14 @@ def test_load_refused(server: LiveServer, dirs, lora_name: str, lora_path: str, 
     body = {"lora_name": lora_name, "lora_path": lora_path.format(allowed=allowed, outside=outside)}
     resp = _post(server, "load_lora_adapter", body)
     assert _error(resp) == (status, "invalid_request_error", param)
+    assert [m.id for m in server.client(api_key=USER).models.list().data] == ["tiny"]
+
+
+@pytest.mark.parametrize("lora_name", list(BAD_NAMES.values()), ids=list(BAD_NAMES))
+def test_load_refuses_a_bad_name(server: LiveServer, dirs, lora_name: str) -> None:
+    _, allowed, _ = dirs
+    resp = _post(server, "load_lora_adapter", {"lora_name": lora_name, "lora_path": str(allowed / "r4-attn")})
+    assert _error(resp) == (400, "invalid_request_error", "lora_name")
     assert [m.id for m in server.client(api_key=USER).models.list().data] == ["tiny"]
 
 

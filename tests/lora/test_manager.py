@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from lora_serve.bench.random_adapters import write_random_adapter
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.engine.sampling_params import SamplingParams
-from lora_serve.lora.errors import AdapterNotFoundError
+from lora_serve.lora.errors import AdapterBusyError, AdapterNotFoundError, InvalidAdapterError
 from lora_serve.model.arch import ModelArch
 
 from ..engine.helpers import run_to_completion
@@ -114,6 +116,56 @@ def test_unregister_lets_running_request_finish_then_drops_weights(tiny_llama_di
             tokens += out.new_token_ids
     assert tokens == alone["a2"]
     assert engine.lora.location("a2") == "disk" and not engine.lora.registry.contains("a2")
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_cpu_tier_is_a_hard_bound_a_full_tier_makes_acquire_wait(tiny_llama_dir, adapter_paths):
+    lora = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=3).lora
+    for name in ("a0", "a1", "a2"):  # three requests hold every CPU place
+        lora.acquire(name)
+    with pytest.raises(AdapterBusyError):  # the engine thread's way: no wait
+        lora.acquire("a3")
+    assert "a3" not in lora._refs
+
+    results: dict[str, object] = {}
+
+    def request(name: str, abandoned: threading.Event | None = None) -> None:
+        try:
+            lora.acquire(name, None, abandoned)
+            results[name] = "acquired"
+        except AdapterBusyError as exc:
+            results[name] = exc
+
+    waiter = threading.Thread(target=request, args=("a3",))
+    waiter.start()
+    _until(lambda: lora._refs.get("a3") == 1, "the waiter took its reference")
+    assert "a3" not in lora._cpu and "a3" not in lora._loading  # waiting, not reading past the bound
+    lora.release("a0")
+    waiter.join()
+    assert results["a3"] == "acquired" and list(lora._cpu) == ["a1", "a2", "a3"]
+
+    gone = threading.Event()  # a request whose client left while it waited
+    waiter = threading.Thread(target=request, args=("a4", gone))
+    waiter.start()
+    _until(lambda: lora._refs.get("a4") == 1, "the second waiter took its reference")
+    lora.abandon(gone)
+    waiter.join()
+    assert isinstance(results["a4"], AdapterBusyError) and "a4" not in lora._refs
+    for name in ("a1", "a2", "a3"):
+        lora.release(name)
+    assert lora._refs == {} and lora.peak_cpu_loras == 3
+
+
+@pytest.mark.parametrize("name", [".upload-a0", "-a0"])
+def test_lora_modules_with_a_bad_name_stop_the_start(tiny_llama_dir, adapter_paths, name):
+    with pytest.raises(InvalidAdapterError, match="adapter name"):
+        make(tiny_llama_dir, {name: adapter_paths["a0"]}, max_loras=1, max_cpu_loras=1)
 
 
 @pytest.mark.parametrize(("lora_dtype", "expected"), [("auto", torch.float32), ("bfloat16", torch.bfloat16)])

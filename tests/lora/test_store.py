@@ -151,6 +151,24 @@ def test_names_never_leave_the_store(tmp_path: Path, name: str) -> None:
     assert _entries(root) == ["link"]
 
 
+@pytest.mark.parametrize("name", [".upload-x", ".deleted-x", ".lock", ".tenant", ".hidden"])
+def test_the_stores_own_dot_names_are_never_adapters(tmp_path: Path, name: str) -> None:
+    store = AdapterStore(tmp_path)
+    with pytest.raises(InvalidAdapterError):
+        store.save(name, _streams(), _accept)
+    assert _entries(tmp_path) == []
+
+
+def test_usage_counts_a_tenants_stored_files(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    for name, tenant in [("a", "acme"), ("b", "acme"), ("g", "globex"), ("nobody", None)]:
+        owner = {} if tenant is None else {".tenant": io.BytesIO(tenant.encode())}
+        store.save(name, {**_streams(), **owner}, lambda path: "model")
+    (tmp_path / ".upload-crashed").mkdir()
+    size = sum(map(len, FILES.values()))  # the .tenant file is not counted
+    assert (store.usage("acme"), store.usage("globex"), store.usage("initech")) == ((2, 2 * size), (1, size), (0, 0))
+
+
 def test_remove_deletes_only_managed_folders(tmp_path: Path) -> None:
     root, outside = tmp_path / "store", tmp_path / "outside"
     (outside / "theirs").mkdir(parents=True)
