@@ -211,7 +211,7 @@ async def merge_adapter(name: str, request: Request, admin: AdapterAdmin = Depen
     """Fold the adapter into the base weights (unmerging any other first), between two engine steps."""
     viewer = principal_of(request)
     admin.record(name, "name", viewer)
-    await asyncio.to_thread(admin.lora.acquire, name)  # disk -> CPU off the engine thread
+    await admin.engine.acquire_lora(name)  # disk -> CPU off the engine thread
     try:
         await admin.engine.call(lambda: admin.lora.merge(name))
     finally:

@@ -6,6 +6,7 @@ The HTTP layer calls only this class:
     async for out in engine.generate(request_id, prompt_token_ids, SamplingParams(...), lora_name=None):
         ...  # out is a RequestOutput delta; the last one has finish_reason set
     engine.abort(request_id)        # also happens when the consumer stops iterating
+    await engine.acquire_lora(name); ...; engine.lora.release(name)   # hold an adapter on CPU (to merge it)
     engine.num_running(), engine.num_waiting(), engine.is_healthy, engine.shutdown()
     engine.tokenizer, engine.model_path, engine.max_model_len
 
@@ -114,12 +115,13 @@ class AsyncEngine:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
         if lora_name is not None:
-            try:  # disk -> CPU here, on a worker thread, never on the engine loop
-                await asyncio.to_thread(self.engine.lora.acquire, lora_name)
+            try:
+                await self.acquire_lora(lora_name)
             except BaseException:
                 with self._lock:
                     self._streams.pop(request_id, None)
                 raise
+        # The reference is the engine's from here: add_request releases it if it refuses the request.
         self._pending[request_id] = lora_name
         self._submit(lambda: self._add(request_id, prompt_token_ids, params, lora_name))
         finished = False
@@ -133,6 +135,21 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    async def acquire_lora(self, lora_name: str) -> None:
+        """lora.acquire (disk -> CPU) on a worker thread, never on the engine loop. That thread cannot
+        be interrupted: if the caller is cancelled meanwhile (client gone, deadline passed), the
+        reference the thread takes is released as soon as it is taken."""
+        acquiring = asyncio.ensure_future(asyncio.to_thread(self.engine.lora.acquire, lora_name))
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            acquiring.add_done_callback(lambda done: self._release_if_acquired(done, lora_name))
+            raise
+
+    def _release_if_acquired(self, acquiring: asyncio.Future, lora_name: str) -> None:
+        if not acquiring.cancelled() and acquiring.exception() is None:
+            self.engine.lora.release(lora_name)
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread between two steps (e.g. a merge) and return its result."""

@@ -232,6 +232,11 @@ class LoRAManager:
             self.load_seconds += time.perf_counter() - start
             self._evict_cpu()
 
+    def num_refs(self, name: str) -> int:
+        """References held on `name`: requests in flight on it, plus one while it is merged."""
+        with self._lock:
+            return self._refs.get(name, 0)
+
     def release(self, name: str) -> None:
         with self._lock:
             self._refs[name] -= 1
