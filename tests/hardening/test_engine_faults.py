@@ -90,7 +90,9 @@ def test_a_request_refused_after_its_adapter_is_acquired_releases_it(
     assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=30).status_code == 200
 
 
-def test_a_request_cancelled_while_its_adapter_loads_releases_it(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_request_cancelled_while_its_adapter_loads_releases_it(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The loading thread cannot be interrupted: the reference it takes after the cancel is released."""
     lora, real_acquire = engine.lora, engine.lora.acquire
     loading, may_load, loaded = threading.Event(), threading.Event(), threading.Event()
