@@ -197,6 +197,15 @@ class ServerConfig(_Config):
     max_stop_chars: int = Field(256, ge=1)
     """Longest stop string, in characters."""
 
+    max_stop_token_ids: int = Field(256, ge=0)
+    """Most stop_token_ids in one request (a set, looked up once per generated token): enough for
+    every special token of a Llama 3 vocabulary."""
+
+    max_prompt_chars_per_token: int = Field(32, ge=1)
+    """A prompt is refused before it is tokenized (400, code "limit_exceeded") when its text has more
+    characters than this times its token limit (max_prompt_tokens, else max_model_len), and a chat
+    when it has more messages than that token limit. Text averages 3-5 characters per token."""
+
     max_top_logprobs: int = Field(20, ge=0, le=20)
     """Most alternatives per token a request may ask for (top_logprobs; logprobs on /v1/completions)."""
 

@@ -257,7 +257,7 @@ async def merge_adapter(name: str, request: Request, admin: AdapterAdmin = Depen
         admin.lora.merge(name)
         return admin.info(record, viewer)
 
-    await asyncio.to_thread(admin.lora.acquire, name)  # disk -> CPU off the engine thread
+    await admin.engine.acquire_lora(name)  # disk -> CPU off the engine thread
     try:
         return await admin.engine.call(merge)
     finally:

@@ -8,7 +8,7 @@ from jinja2 import TemplateError
 
 from lora_serve.api.auth import principal_of
 from lora_serve.api.errors import invalid_param
-from lora_serve.api.exchange import Completion, Exchange, PreparedRequest, prepare
+from lora_serve.api.exchange import Completion, Exchange, RequestFields
 from lora_serve.api.generation import respond
 from lora_serve.api.logprobs import chat_logprobs
 from lora_serve.api.protocol import (
@@ -23,7 +23,6 @@ from lora_serve.api.protocol import (
     UsageInfo,
 )
 from lora_serve.api.state import ServerState, get_state
-from lora_serve.api.tenants import Principal
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 
 router = APIRouter()
@@ -32,22 +31,21 @@ router = APIRouter()
 class ChatExchange(Exchange):
     req: ChatCompletionRequest
 
-    def prepare(self, viewer: Principal) -> PreparedRequest:
+    def fields(self) -> RequestFields:
         max_tokens, max_tokens_param = self.req.max_tokens_param
-        return prepare(
-            self.state,
-            self.req,
+        return RequestFields(
             id_prefix="chatcmpl",
-            prompt_token_ids=self._prompt_token_ids(),
             prompt_param="messages",
             max_tokens=max_tokens,
             max_tokens_param=max_tokens_param,
             logprobs=self.req.logprobs,
             top_logprobs=self.req.top_logprobs or 0,
-            viewer=viewer,
         )
 
-    def _prompt_token_ids(self) -> list[int]:
+    def prompt_size(self) -> tuple[int, int]:
+        return sum(m.num_chars for m in self.req.messages), len(self.req.messages)
+
+    def prompt_token_ids(self) -> list[int]:
         tokenizer = self.state.engine.tokenizer
         messages = [m.for_template() for m in self.req.messages]
         try:

@@ -6,12 +6,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from lora_serve.api.auth import principal_of
-from lora_serve.api.exchange import Completion, Exchange, PreparedRequest, prepare
+from lora_serve.api.exchange import Completion, Exchange, RequestFields
 from lora_serve.api.generation import respond
 from lora_serve.api.logprobs import completion_logprobs
 from lora_serve.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
 from lora_serve.api.state import ServerState, get_state
-from lora_serve.api.tenants import OPEN, Principal
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 
 router = APIRouter()
@@ -20,26 +19,28 @@ router = APIRouter()
 class CompletionExchange(Exchange):
     req: CompletionRequest
 
-    def __init__(self, state: ServerState, req: CompletionRequest, viewer: Principal = OPEN):
-        super().__init__(state, req, viewer)
+    def __init__(self, state: ServerState, req: CompletionRequest):
+        super().__init__(state, req)
         self.text_offset = 0  # streamed: where the next token's text starts in the completion
 
-    def prepare(self, viewer: Principal) -> PreparedRequest:
-        prompt = self.req.prompt
-        token_ids = prompt if isinstance(prompt, list) else self.state.engine.tokenizer.encode(prompt)
-        return prepare(
-            self.state,
-            self.req,
+    def fields(self) -> RequestFields:
+        return RequestFields(
             id_prefix="cmpl",
-            prompt_token_ids=list(token_ids),
             prompt_param="prompt",
             max_tokens=self.req.max_tokens,
             max_tokens_param="max_tokens",
             logprobs=self.req.logprobs is not None,
             top_logprobs=self.req.logprobs or 0,
             top_logprobs_param="logprobs",
-            viewer=viewer,
         )
+
+    def prompt_size(self) -> tuple[int, int]:
+        prompt = self.req.prompt
+        return (0 if isinstance(prompt, list) else len(prompt)), 0  # token ids: counted after, before the vocab scan
+
+    def prompt_token_ids(self) -> list[int]:
+        prompt = self.req.prompt
+        return list(prompt) if isinstance(prompt, list) else self.state.engine.tokenizer.encode(prompt)
 
     def _logprobs(self, logprobs: list[TokenLogprob], text_offset: int) -> CompletionLogprobs | None:
         if self.req.logprobs is None:

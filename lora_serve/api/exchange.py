@@ -20,7 +20,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from lora_serve.api.errors import SERVER_ERROR, APIError, invalid_param
-from lora_serve.api.limits import check_limits
+from lora_serve.api.limits import check_limits, check_prompt_size, check_prompt_tokens
 from lora_serve.api.protocol import SamplingRequest, UsageInfo
 from lora_serve.api.state import ServerState
 from lora_serve.api.tenants import OPEN, Principal
@@ -53,31 +53,64 @@ class Completion:
     num_output_tokens: int = 0
 
 
-def prepare(
+@dataclass(frozen=True)
+class RequestFields:
+    """What the shared checks read from a route's request, and the param names its errors give."""
+
+    id_prefix: str  # of the response id
+    prompt_param: str
+    max_tokens: int | None
+    max_tokens_param: str
+    logprobs: bool
+    top_logprobs: int
+    top_logprobs_param: str = "top_logprobs"
+
+
+def check_before_tokenizing(
     state: ServerState,
     req: SamplingRequest,
-    *,
-    id_prefix: str,
-    prompt_token_ids: list[int],
-    prompt_param: str,
-    max_tokens: int | None,
-    max_tokens_param: str,
-    logprobs: bool,
-    top_logprobs: int,
-    top_logprobs_param: str = "top_logprobs",
-    viewer: Principal = OPEN,
-) -> PreparedRequest:
-    """Resolve the model and check lengths; raises APIError naming the param at fault."""
+    viewer: Principal,
+    fields: RequestFields,
+    num_chars: int,
+    num_messages: int,
+) -> str | None:
+    """Every check that needs no tokenizer, so that a refused request costs no tokenizer time: the
+    engine's health, the model (404), the limits, the prompt's size in characters and messages,
+    stop_token_ids. Returns the adapter's name (None: the base); raises APIError naming the param."""
     if not state.engine.is_healthy:  # checked here, before a stream's 200 goes out
         raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "the engine is not healthy", SERVER_ERROR)
     lora_name = state.models.resolve(req.model, viewer)
+    check_limits(
+        state.config,
+        max_tokens=fields.max_tokens,
+        max_tokens_param=fields.max_tokens_param,
+        stops=req.stop_list,
+        num_stop_token_ids=len(req.stop_token_ids),
+        top_logprobs=fields.top_logprobs,
+        top_logprobs_param=fields.top_logprobs_param,
+    )
+    vocab_size = len(state.engine.tokenizer)
+    if any(not 0 <= t < vocab_size for t in req.stop_token_ids):
+        raise invalid_param("stop_token_ids", f"token ids must be in [0, {vocab_size})")
+    check_prompt_size(
+        state.config,
+        state.engine.max_model_len,
+        prompt_param=fields.prompt_param,
+        num_chars=num_chars,
+        num_messages=num_messages,
+    )
+    return lora_name
+
+
+def prepare(
+    state: ServerState, req: SamplingRequest, fields: RequestFields, lora_name: str | None, prompt_token_ids: list[int]
+) -> PreparedRequest:
+    """Check the prompt's tokens against the context and limits, then build what the engine runs."""
+    prompt_param, max_tokens, max_tokens_param = fields.prompt_param, fields.max_tokens, fields.max_tokens_param
     max_len = state.engine.max_model_len
     num_prompt = len(prompt_token_ids)
     if num_prompt == 0:
         raise invalid_param(prompt_param, "the prompt is empty")
-    vocab_size = len(state.engine.tokenizer)
-    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
-        raise invalid_param(prompt_param, f"token ids must be in [0, {vocab_size})")
     if num_prompt >= max_len:
         raise invalid_param(
             prompt_param,
@@ -85,16 +118,10 @@ def prepare(
             f"{num_prompt} tokens, leaving no room for a completion.",
             code="context_length_exceeded",
         )
-    check_limits(
-        state.config,
-        num_prompt=num_prompt,
-        prompt_param=prompt_param,
-        max_tokens=max_tokens,
-        max_tokens_param=max_tokens_param,
-        stops=req.stop_list,
-        top_logprobs=top_logprobs,
-        top_logprobs_param=top_logprobs_param,
-    )
+    check_prompt_tokens(state.config, num_prompt=num_prompt, prompt_param=prompt_param)
+    vocab_size = len(state.engine.tokenizer)  # scanned once the length is known to be bounded
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise invalid_param(prompt_param, f"token ids must be in [0, {vocab_size})")
     if max_tokens is None:
         max_tokens = min(max_len - num_prompt, state.config.max_tokens_limit or max_len)
     elif num_prompt + max_tokens > max_len:
@@ -114,13 +141,13 @@ def prepare(
         top_k=max(req.top_k, 0),
         seed=req.seed,
         stop=req.stop_list,
-        stop_token_ids=list(req.stop_token_ids),
+        stop_token_ids=req.stop_token_ids,
         ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
+        logprobs=fields.logprobs,
+        top_logprobs=fields.top_logprobs,
     )
     return PreparedRequest(
-        request_id=f"{id_prefix}-{uuid.uuid4().hex}",
+        request_id=f"{fields.id_prefix}-{uuid.uuid4().hex}",
         model=req.model or state.models.base_name,
         lora_name=lora_name,
         prompt_token_ids=prompt_token_ids,
@@ -132,22 +159,38 @@ class Exchange(ABC):
     """A validated request, checked against the model and turned into `prep`; subclasses build
     the replies (a whole response, or stream chunks) from the engine's outputs."""
 
-    def __init__(self, state: ServerState, req: SamplingRequest, viewer: Principal = OPEN):
+    prep: PreparedRequest  # set by open()
+
+    def __init__(self, state: ServerState, req: SamplingRequest):
         self.state = state
         self.req = req
-        self.prep = self.prepare(viewer)
 
     @classmethod
     async def open(cls: type[E], state: ServerState, req: SamplingRequest, viewer: Principal = OPEN) -> E:
         """Sync the named adapter with --adapter-dir (another replica may have added, replaced or
-        removed its folder; a stat, on a worker thread), then check the request (APIError if bad)."""
+        removed its folder; a stat, on a worker thread), check what needs no tokenizer, then template
+        and tokenize the prompt on a worker thread (never on the event loop) and check its tokens.
+        APIError if the request is bad."""
         name = state.models.adapter_name(req.model)
         if name is not None:
             await asyncio.to_thread(state.engine.lora.sync_with_adapter_dir, name)
-        return cls(state, req, viewer)
+        exchange = cls(state, req)
+        fields = exchange.fields()
+        lora_name = check_before_tokenizing(state, req, viewer, fields, *exchange.prompt_size())
+        prompt_token_ids = await asyncio.to_thread(exchange.prompt_token_ids)
+        exchange.prep = prepare(state, req, fields, lora_name, prompt_token_ids)
+        return exchange
 
     @abstractmethod
-    def prepare(self, viewer: Principal) -> PreparedRequest: ...
+    def fields(self) -> RequestFields: ...
+
+    @abstractmethod
+    def prompt_size(self) -> tuple[int, int]:
+        """(characters, chat messages) of the prompt, measured without the tokenizer."""
+
+    @abstractmethod
+    def prompt_token_ids(self) -> list[int]:
+        """The prompt as the engine runs it. Blocking (chat template, tokenizer): open() runs it on a worker thread."""
 
     @abstractmethod
     def response(self, done: Completion) -> BaseModel:

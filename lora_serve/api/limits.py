@@ -1,7 +1,9 @@
 """The server's per-request limits (ServerConfig) checked before a request reaches the engine.
 
 Each refusal is a 400 naming the param at fault, with code "limit_exceeded", so a client can
-tell a server policy from a malformed request. Context-length checks stay in generation.py.
+tell a server policy from a malformed request. `check_limits` and `check_prompt_size` need no
+tokenizer and run before the prompt is tokenized, so an oversized request costs no tokenizer
+time; `check_prompt_tokens` runs after. Context-length checks stay in exchange.py.
 """
 
 from __future__ import annotations
@@ -19,17 +21,14 @@ def _over(param: str, message: str) -> APIError:
 def check_limits(
     config: ServerConfig,
     *,
-    num_prompt: int,
-    prompt_param: str,
     max_tokens: int | None,
     max_tokens_param: str,
     stops: list[str],
+    num_stop_token_ids: int,
     top_logprobs: int,
     top_logprobs_param: str,
 ) -> None:
     c = config
-    if c.max_prompt_tokens is not None and num_prompt > c.max_prompt_tokens:
-        raise _over(prompt_param, f"the {prompt_param} has {num_prompt} tokens; the limit is {c.max_prompt_tokens}")
     if c.max_tokens_limit is not None and max_tokens is not None and max_tokens > c.max_tokens_limit:
         raise _over(max_tokens_param, f"{max_tokens_param} is {max_tokens}; the limit is {c.max_tokens_limit}")
     if len(stops) > c.max_stop_strings:
@@ -37,5 +36,36 @@ def check_limits(
     longest = max((len(s) for s in stops), default=0)
     if longest > c.max_stop_chars:
         raise _over("stop", f"a stop string has {longest} characters; the limit is {c.max_stop_chars}")
+    if num_stop_token_ids > c.max_stop_token_ids:
+        msg = f"{num_stop_token_ids} stop_token_ids given; the limit is {c.max_stop_token_ids}"
+        raise _over("stop_token_ids", msg)
     if top_logprobs > c.max_top_logprobs:
         raise _over(top_logprobs_param, f"{top_logprobs_param} is {top_logprobs}; the limit is {c.max_top_logprobs}")
+
+
+def prompt_token_limit(config: ServerConfig, max_model_len: int) -> int:
+    """Most tokens a prompt may have."""
+    return min(config.max_prompt_tokens or max_model_len, max_model_len)
+
+
+def check_prompt_size(
+    config: ServerConfig, max_model_len: int, *, prompt_param: str, num_chars: int, num_messages: int = 0
+) -> None:
+    """Before tokenizing: text far longer than the token limit could fill, or more chat messages
+    than it has tokens (every chat template gives each message at least one)."""
+    tokens = prompt_token_limit(config, max_model_len)
+    if num_messages > tokens:
+        raise _over(prompt_param, f"{num_messages} messages given; the limit is {tokens}, the prompt's token limit")
+    chars = tokens * config.max_prompt_chars_per_token
+    if num_chars > chars:
+        msg = (
+            f"the {prompt_param} has {num_chars} characters; the limit is {chars} "
+            f"({config.max_prompt_chars_per_token} per token of the prompt's {tokens}-token limit)"
+        )
+        raise _over(prompt_param, msg)
+
+
+def check_prompt_tokens(config: ServerConfig, *, num_prompt: int, prompt_param: str) -> None:
+    if config.max_prompt_tokens is not None and num_prompt > config.max_prompt_tokens:
+        msg = f"the {prompt_param} has {num_prompt} tokens; the limit is {config.max_prompt_tokens}"
+        raise _over(prompt_param, msg)

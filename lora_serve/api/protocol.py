@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI chat and completions APIs (the subset we serve).
 
-Field-level checks live here so that pydantic names the offending param; checks that
-need the tokenizer (prompt length against max_model_len) happen in generation.py.
+Field-level checks live here so that pydantic names the offending param; the server's
+configurable limits (limits.py) and checks that need the tokenizer happen in exchange.py.
 Unknown fields are ignored, as OpenAI clients send fields we have no use for.
 """
 
@@ -11,6 +11,13 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from lora_serve.engine.sampling_params import SEED_MAX, SEED_MIN
+
+# Pydantic builds a model per message and per content part (~10-30 us each), so a 4 MiB body of
+# empty ones would hold the event loop for seconds: both are counted on the raw JSON first.
+MAX_MESSAGES = 2048  # OpenAI's own limit on `messages`
+MAX_CONTENT_PARTS = 2048  # text parts in all messages together
 
 
 class _Request(BaseModel):
@@ -49,14 +56,16 @@ class SamplingRequest(_Request):
 
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    """A 64-bit signed integer, as in OpenAI's API and vLLM."""
+
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
-    """Extension (vLLM): token ids that end generation."""
+    """Extension (vLLM): token ids that end generation (at most max_stop_token_ids, each in the vocabulary)."""
 
     ignore_eos: bool = False
     """Extension (vLLM): keep generating past the end-of-sequence token."""
@@ -103,6 +112,13 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_call_id: str | None = None
 
+    @property
+    def num_chars(self) -> int:
+        """Characters of text this message brings to the prompt, before the chat template."""
+        content = self.content or ""
+        text = len(content) if isinstance(content, str) else sum(len(part.text) for part in content)
+        return text + len(self.name or "") + len(self.tool_call_id or "")
+
     def for_template(self) -> dict:
         """The message as chat templates expect it: content as one string."""
         content = self.content
@@ -117,12 +133,24 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     """Newer name of max_tokens; wins when both are given."""
 
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _count_before_parsing(cls, messages: Any) -> Any:
+        if not isinstance(messages, list):
+            return messages
+        if len(messages) > MAX_MESSAGES:
+            raise ValueError(f"{len(messages)} messages given; at most {MAX_MESSAGES} are accepted")
+        parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > MAX_CONTENT_PARTS:
+            raise ValueError(f"{parts} content parts given; at most {MAX_CONTENT_PARTS} in all messages together")
+        return messages
 
     @field_validator("top_logprobs")
     @classmethod

@@ -6,6 +6,7 @@ The HTTP layer calls only this class:
     async for out in engine.generate(request_id, prompt_token_ids, SamplingParams(...), lora_name=None):
         ...  # out is a RequestOutput delta; the last one has finish_reason set
     engine.abort(request_id)        # also happens when the consumer stops iterating
+    await engine.acquire_lora(name); ...; engine.lora.release(name)   # hold an adapter on CPU (to merge it)
     engine.num_running(), engine.num_waiting(), engine.is_healthy, engine.shutdown()
     engine.tokenizer, engine.model_path, engine.max_model_len
 
@@ -122,11 +123,12 @@ class AsyncEngine:
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
         if lora_name is not None:
             try:  # disk -> CPU here, on a worker thread, never on the engine loop
-                await self._acquire(lora_name)
+                await self.acquire_lora(lora_name)
             except BaseException:
                 with self._lock:
                     self._streams.pop(request_id, None)
                 raise
+        # The reference is the engine's from here: add_request releases it if it refuses the request.
         self._pending[request_id] = lora_name
         self._submit(lambda: self._add(request_id, prompt_token_ids, params, lora_name))
         finished = False
@@ -141,7 +143,7 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    async def _acquire(self, lora_name: str) -> None:
+    async def acquire_lora(self, lora_name: str) -> None:
         """lora.acquire on an acquire thread, waiting as long as it takes for a CPU place. Cancelled (the
         client left, or the deadline passed), the wait is given up; an adapter the thread got anyway
         (it was reading the weights) is released, so no reference outlives the request."""

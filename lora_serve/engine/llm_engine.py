@@ -111,7 +111,8 @@ class LLMEngine:
         lora_acquired: bool = False,
     ) -> None:
         """Queue a request. With lora_acquired the caller already ran `lora.acquire(lora_name)`
-        (off this thread, as AsyncEngine does); the engine releases it when the request ends."""
+        (off this thread, as AsyncEngine does). The reference is the engine's from here: released
+        at once if the request is refused or anything fails before it is queued, else when it ends."""
         try:
             if request_id in self._seqs:
                 raise ValueError(f"request id {request_id!r} is already running")
@@ -119,15 +120,15 @@ class LLMEngine:
             if lora_name is not None and not lora_acquired:
                 self.lora.acquire(lora_name)  # AdapterNotFoundError for an unknown name
                 lora_acquired = True
-        except Exception:
-            if lora_acquired:
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            gen = torch.Generator().manual_seed(seed)
+            seq = Sequence(request_id, list(prompt_token_ids), params, gen, lora_name)
+            self.scheduler.add(seq)
+        except BaseException:
+            if lora_acquired and lora_name is not None:
                 self.lora.release(lora_name)
             raise
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        gen = torch.Generator().manual_seed(seed)
-        seq = Sequence(request_id, list(prompt_token_ids), params, gen, lora_name)
         self._seqs[request_id] = seq
-        self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request now; returns its last delta (finish_reason "abort"), None if it was not running."""

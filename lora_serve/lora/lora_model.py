@@ -5,7 +5,8 @@ tensor names `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B
 (PEFT drops the adapter name on save; `.lora_A.{adapter}.weight` is accepted too).
   lora_A: [r, in]    lora_B: [out, r]    (nn.Linear layout: delta(x) = scale · (x·Aᵀ)·Bᵀ)
 The files are untrusted: the safetensors header is checked by hand before safetensors
-parses it, and pickled weights (.bin/.pt) are refused rather than unpickled.
+parses it, its size bounded by what an adapter for this base can list (max_header_bytes)
+before it is parsed, and pickled weights (.bin/.pt) are refused rather than unpickled.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtype -> bytes per element
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+# A header entry is ~130 bytes (name ~70, dtype, shape, offsets); 512 leaves room for an adapter-name infix.
+HEADER_BYTES_PER_TENSOR = 512
+HEADER_BASE_BYTES = 64 * 1024  # __metadata__ (PEFT writes {"format": "pt"}) and alignment padding
 TENSOR_NAME = re.compile(
     r"base_model\.model\.(?:model\.)?layers\.(?P<layer>\d+)\.(?P<group>self_attn|mlp)\."
     r"(?P<module>\w+)\.lora_(?P<half>[AB])(?:\.[\w-]+)?\.weight"
@@ -64,7 +67,7 @@ class LoRAModel:
             raise AdapterNotFoundError(f"adapter folder {path.name!r} does not exist", param="lora_path")
         config = LoRAAdapterConfig.from_file(path / CONFIG_FILE, arch, max_rank, roots)
         data = _read_weights_file(path, roots)  # read once: hashed and parsed from the same bytes
-        check_safetensors_header(data)
+        check_safetensors_header(data, max_tensors(arch))
         try:
             tensors = load_safetensors(data)
         except (SafetensorError, ValueError, RuntimeError) as e:
@@ -118,8 +121,18 @@ def projection_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
     }
 
 
-def check_safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
-    """Check the layout [u64 LE n][n bytes of JSON header][tensor data]; returns name -> entry."""
+def max_tensors(arch: ModelArch) -> int:
+    """Most tensors an adapter for this base can hold: lora_A and lora_B of every projection of every layer."""
+    return 2 * len(PROJECTIONS) * arch.num_layers
+
+
+def max_header_bytes(num_tensors: int) -> int:
+    return HEADER_BASE_BYTES + HEADER_BYTES_PER_TENSOR * num_tensors
+
+
+def check_safetensors_header(data: bytes, num_tensors: int) -> dict[str, dict[str, Any]]:
+    """Check the layout [u64 LE n][n bytes of JSON header][tensor data] of a file that may hold at most
+    num_tensors tensors; returns name -> entry. n is bounded before the header is parsed."""
 
     def malformed(why: str) -> InvalidAdapterError:
         return InvalidAdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {why}", param="adapter_model")
@@ -127,15 +140,22 @@ def check_safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
     if len(data) < 8:
         raise malformed(f"{len(data)} bytes, shorter than the 8-byte header length")
     n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8 or n > MAX_HEADER_BYTES:
+    if n > len(data) - 8:
         raise malformed(f"header length {n} is larger than the file ({len(data)} bytes)")
+    limit = max_header_bytes(num_tensors)
+    if n > limit:
+        raise malformed(f"the header has {n} bytes; an adapter for this base model has at most {limit}")
     try:
         header = json.loads(data[8 : 8 + n])
     except (ValueError, UnicodeDecodeError):
         raise malformed("the header is not valid JSON") from None
+    except RecursionError:
+        raise malformed("the header is nested too deeply") from None
     if not isinstance(header, dict):
         raise malformed("the header is not a JSON object")
     header.pop("__metadata__", None)
+    if len(header) > num_tensors:
+        raise malformed(f"the header lists {len(header)} tensors; an adapter for this base has at most {num_tensors}")
     data_size = len(data) - 8 - n
     for name, entry in header.items():
         if not _is_entry(entry):

@@ -306,6 +306,11 @@ class LoRAManager:
             abandoned.set()
             self._cpu_freed.notify_all()
 
+    def num_refs(self, name: str) -> int:
+        """References held on `name`: requests in flight on it, plus one while it is merged."""
+        with self._lock:
+            return self._refs.get(name, 0)
+
     def release(self, name: str) -> None:
         with self._cpu_freed:
             self._refs[name] -= 1

@@ -8,22 +8,23 @@ names relative to the `*ForCausalLM`, e.g. `model.layers.3.self_attn.q_proj`.
 Fields that change the forward pass in ways lora-serve does not implement (DoRA, extra
 trained modules, LoRA bias, ...) are refused with `UnsupportedAdapterError` naming the
 field; training-only fields (dropout, init schemes that leave the base untouched) are ignored.
+The file is untrusted: its size and nesting are bounded before it is used, every list and
+pattern object to max_entries before any regex is compiled, and regexes run on RE2 (patterns.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import reprlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import regex  # the stdlib re's syntax plus a timeout: patterns come from untrusted configs
 
 from ..model.arch import ModelArch
 from .errors import InvalidAdapterError, UnsupportedAdapterError
 from .files import Roots, read_bytes
+from .patterns import DEFAULT_LAYER_INDEX, compile_pattern, layer_index_regex, pattern_key_regex
 
 # The seven projections of a Llama decoder layer and the submodule that holds each.
 PROJECTIONS = {
@@ -38,7 +39,7 @@ PROJECTIONS = {
 UNSUPPORTED_TARGETS = ("model.embed_tokens", "lm_head")
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every nn.Linear but the output layer
 MAX_CONFIG_BYTES = 1 << 20
-REGEX_TIMEOUT_S = 0.1  # per match; names are ~40 characters, so only catastrophic backtracking gets near it
+MIN_MAX_ENTRIES = 64  # see max_entries
 
 # Truthy values of these fields change the adapter's math (or need weights we do not load).
 UNSUPPORTED_FIELDS = {
@@ -64,6 +65,13 @@ def module_path(layer: int, module: str) -> str:
     return f"model.layers.{layer}.{PROJECTIONS[module]}.{module}"
 
 
+def max_entries(arch: ModelArch) -> int:
+    """Most entries in any list or pattern object of adapter_config.json (target_modules, rank_pattern, ...):
+    one per projection of the base (a name or pattern each), at least MIN_MAX_ENTRIES. Checked before any
+    regex is compiled, so a config cannot buy CPU with thousands of patterns."""
+    return max(MIN_MAX_ENTRIES, len(PROJECTIONS) * arch.num_layers)
+
+
 @dataclass(frozen=True)
 class LoRAAdapterConfig:
     r: int
@@ -81,6 +89,22 @@ class LoRAAdapterConfig:
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | str | None = None
     base_model_name_or_path: str | None = None
+    _regexes: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Every regex the matching uses, as matched (PEFT's wrapping included) -> its RE2 program."""
+
+    def __post_init__(self) -> None:
+        # Compiled once here (InvalidAdapterError naming the field for one RE2 refuses), not per match.
+        wanted = [("layers_pattern", DEFAULT_LAYER_INDEX, DEFAULT_LAYER_INDEX)]
+        wanted += [("layers_pattern", p, layer_index_regex(p)) for p in self.layers_pattern or ()]
+        for param in ("target_modules", "exclude_modules"):
+            value = getattr(self, param)
+            if isinstance(value, str):
+                wanted.append((param, value, value))
+        wanted += [("rank_pattern", p, pattern_key_regex(p)) for p, _ in self.rank_pattern]
+        wanted += [("alpha_pattern", p, pattern_key_regex(p)) for p, _ in self.alpha_pattern]
+        for param, pattern, wrapped in wanted:
+            if wrapped not in self._regexes:
+                self._regexes[wrapped] = compile_pattern(pattern, param, wrapped)
 
     @classmethod
     def from_file(cls, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> "LoRAAdapterConfig":
@@ -95,6 +119,8 @@ class LoRAAdapterConfig:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             raise InvalidAdapterError(f"{path.name} is not valid JSON: {e}", param="adapter_config") from None
+        except RecursionError:  # json's C parser recurses once per [ or {: deeper than Python's stack allows
+            raise InvalidAdapterError(f"{path.name} is nested too deeply", param="adapter_config") from None
         return cls.from_dict(data, arch, max_rank)
 
     @classmethod
@@ -105,13 +131,12 @@ class LoRAAdapterConfig:
         for key in ("r", "lora_alpha", "target_modules"):
             if d.get(key) is None:
                 raise InvalidAdapterError(f"adapter_config.json has no {key!r}", param=key)
+        limit = max_entries(arch)
         r = _parse_rank(d["r"], max_rank, "r")
         lora_alpha = _parse_alpha(d["lora_alpha"], "lora_alpha")
-        target_modules = _parse_targets(d["target_modules"])
-        layers_to_transform = _parse_layers(d.get("layers_to_transform"), arch.num_layers)
-        layers_pattern = _parse_str_list(d.get("layers_pattern"), "layers_pattern") or None
-        for p in layers_pattern or ():
-            _parse_regex(p, "layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
+        target_modules = _parse_targets(d["target_modules"], limit)
+        layers_to_transform = _parse_layers(d.get("layers_to_transform"), arch.num_layers, limit)
+        layers_pattern = _parse_str_list(d.get("layers_pattern"), "layers_pattern", limit) or None
         if isinstance(target_modules, str) and (layers_to_transform is not None or layers_pattern is not None):
             field = "layers_to_transform" if layers_to_transform is not None else "layers_pattern"
             raise InvalidAdapterError(f"{field} cannot be used when target_modules is a regex", param=field)
@@ -123,16 +148,16 @@ class LoRAAdapterConfig:
             lora_alpha=lora_alpha,
             target_modules=target_modules,
             use_rslora=bool(d.get("use_rslora", False)),
-            rank_pattern=_parse_pattern(d, "rank_pattern", lambda v: _parse_rank(v, max_rank, "rank_pattern")),
-            alpha_pattern=_parse_pattern(d, "alpha_pattern", lambda v: _parse_alpha(v, "alpha_pattern")),
+            rank_pattern=_parse_pattern(d, "rank_pattern", limit, lambda v: _parse_rank(v, max_rank, "rank_pattern")),
+            alpha_pattern=_parse_pattern(d, "alpha_pattern", limit, lambda v: _parse_alpha(v, "alpha_pattern")),
             layers_to_transform=layers_to_transform,
             layers_pattern=layers_pattern,
-            exclude_modules=_parse_names_or_regex(d.get("exclude_modules"), "exclude_modules"),
+            exclude_modules=_parse_names_or_regex(d.get("exclude_modules"), "exclude_modules", limit),
             base_model_name_or_path=base_name if isinstance(base_name, str) else None,
         )
         config._check_unsupported_targets()
         if not config.targets(arch.num_layers):
-            msg = f"target_modules {d['target_modules']!r} matches none of the base model's projections"
+            msg = f"target_modules {reprlib.repr(d['target_modules'])} matches none of the base model's projections"
             raise InvalidAdapterError(msg, param="target_modules")
         return config
 
@@ -144,27 +169,37 @@ class LoRAAdapterConfig:
                 key = module_path(layer, module)
                 if not self._is_target(key):
                     continue
-                r = _pattern_value(self.rank_pattern, key, self.r, "rank_pattern")
-                alpha = _pattern_value(self.alpha_pattern, key, self.lora_alpha, "alpha_pattern")
+                r = self._pattern_value(self.rank_pattern, key, self.r)
+                alpha = self._pattern_value(self.alpha_pattern, key, self.lora_alpha)
                 out[(layer, module)] = (r, alpha / math.sqrt(r) if self.use_rslora else alpha / r)
         return out
 
     def _is_target(self, key: str) -> bool:
         # Mirrors peft check_target_module_exists (modules_to_save and target_parameters are refused in from_dict).
         if isinstance(self.exclude_modules, str):
-            if _regex(regex.fullmatch, self.exclude_modules, key, "exclude_modules"):
+            if self._regexes[self.exclude_modules].fullmatch(key):
                 return False
         elif self.exclude_modules and _matches_name(self.exclude_modules, key):
             return False
         if isinstance(self.target_modules, str):
-            return _regex(regex.fullmatch, self.target_modules, key, "target_modules") is not None
+            return self._regexes[self.target_modules].fullmatch(key) is not None
         if key in self.target_modules:
             return True  # an exact name bypasses layers_to_transform, as in PEFT
         if not _matches_name(self.target_modules, key):
             return False
         if self.layers_to_transform is None:
             return True
-        return _layer_index(key, self.layers_pattern) in self.layers_to_transform
+        return self._layer_index(key) in self.layers_to_transform
+
+    def _pattern_value(self, pattern: tuple[tuple[str, Any], ...], key: str, default: Any) -> Any:
+        # peft get_pattern_key: the first pattern p with re.match(r"(.*\.)?(p)$", key) wins.
+        return next((v for p, v in pattern if self._regexes[pattern_key_regex(p)].match(key)), default)
+
+    def _layer_index(self, key: str) -> int | None:
+        # Lazy .*? takes the first numbered segment, as PEFT does.
+        regexes = [layer_index_regex(p) for p in self.layers_pattern or ()] or [DEFAULT_LAYER_INDEX]
+        match = next((m for r in regexes if (m := self._regexes[r].match(key))), None)
+        return int(match["idx"]) if match else None
 
     def _check_unsupported_targets(self) -> None:
         for key in UNSUPPORTED_TARGETS:
@@ -192,10 +227,10 @@ def _check_supported(d: dict[str, Any]) -> None:
         )
 
 
-def _parse_targets(value: Any) -> tuple[str, ...] | str:
+def _parse_targets(value: Any, limit: int) -> tuple[str, ...] | str:
     if value == ALL_LINEAR:
         return tuple(PROJECTIONS)
-    names = _parse_names_or_regex(value, "target_modules")
+    names = _parse_names_or_regex(value, "target_modules", limit)
     for name in () if isinstance(names, str) else names:
         last = name.rsplit(".", 1)[-1]
         if last in ("embed_tokens", "lm_head"):
@@ -209,7 +244,7 @@ def _parse_targets(value: Any) -> tuple[str, ...] | str:
 
 def _parse_rank(value: Any, max_rank: int, param: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidAdapterError(f"{param} must be a positive integer, got {value!r}", param=param)
+        raise InvalidAdapterError(f"{param} must be a positive integer, got {reprlib.repr(value)}", param=param)
     if value > max_rank:
         raise InvalidAdapterError(f"{param}={value} is larger than the server's max_lora_rank={max_rank}", param=param)
     return value
@@ -217,25 +252,35 @@ def _parse_rank(value: Any, max_rank: int, param: str) -> int:
 
 def _parse_alpha(value: Any, param: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidAdapterError(f"{param} must be a finite number, got {value!r}", param=param)
+        raise InvalidAdapterError(f"{param} must be a finite number, got {reprlib.repr(value)}", param=param)
     return value
 
 
-def _parse_pattern(d: dict[str, Any], param: str, parse_value) -> tuple[tuple[str, Any], ...]:
+def _check_count(value: list | dict, param: str, limit: int) -> None:
+    if len(value) > limit:
+        msg = f"{param} has {len(value)} entries; the limit for this base model is {limit}"
+        raise InvalidAdapterError(msg, param=param)
+
+
+def _parse_pattern(d: dict[str, Any], param: str, limit: int, parse_value) -> tuple[tuple[str, Any], ...]:
+    """Compiled with the config (__post_init__), after this count check."""
     value = d.get(param)
     if value is None:
         return ()
     if not isinstance(value, dict):
         raise InvalidAdapterError(f"{param} must be an object of pattern -> value", param=param)
-    return tuple((_parse_regex(k, param, rf"(.*\.)?({k})$"), parse_value(v)) for k, v in value.items())
+    _check_count(value, param, limit)
+    return tuple((k, parse_value(v)) for k, v in value.items())
 
 
-def _parse_layers(value: Any, num_layers: int) -> tuple[int, ...] | None:
+def _parse_layers(value: Any, num_layers: int, limit: int) -> tuple[int, ...] | None:
     if value is None or value == []:  # PEFT: an empty list means every layer
         return None
     layers = [value] if isinstance(value, int) else value
+    if isinstance(layers, list):
+        _check_count(layers, "layers_to_transform", limit)
     if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        msg = f"layers_to_transform must be an int or a list of ints, got {value!r}"
+        msg = f"layers_to_transform must be an int or a list of ints, got {reprlib.repr(value)}"
         raise InvalidAdapterError(msg, param="layers_to_transform")
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
@@ -244,51 +289,25 @@ def _parse_layers(value: Any, num_layers: int) -> tuple[int, ...] | None:
     return tuple(layers)
 
 
-def _parse_names_or_regex(value: Any, param: str) -> tuple[str, ...] | str | None:
-    """A regex string (PEFT full-matches it) or a list of module names."""
+def _parse_names_or_regex(value: Any, param: str, limit: int) -> tuple[str, ...] | str | None:
+    """A regex string (PEFT full-matches it; compiled with the config) or a list of module names."""
     if isinstance(value, str):
-        return _parse_regex(value, param)
-    return _parse_str_list(value, param)
+        return value
+    return _parse_str_list(value, param, limit)
 
 
-def _parse_str_list(value: Any, param: str) -> tuple[str, ...] | None:
+def _parse_str_list(value: Any, param: str, limit: int) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
         return (value,)
+    if isinstance(value, list):
+        _check_count(value, param, limit)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidAdapterError(f"{param} must be a string or a list of strings, got {value!r}", param=param)
+        msg = f"{param} must be a string or a list of strings, got {reprlib.repr(value)}"
+        raise InvalidAdapterError(msg, param=param)
     return tuple(value)
-
-
-def _parse_regex(pattern: Any, param: str, wrapped: str | None = None) -> str:
-    if not isinstance(pattern, str):
-        raise InvalidAdapterError(f"{param} patterns must be strings, got {pattern!r}", param=param)
-    try:
-        regex.compile(wrapped or pattern)
-    except regex.error as e:
-        raise InvalidAdapterError(f"{param}: {pattern!r} is not a valid regex ({e})", param=param) from None
-    return pattern
 
 
 def _matches_name(names: tuple[str, ...], key: str) -> bool:
     return key in names or any(key.endswith(f".{name}") for name in names)
-
-
-def _pattern_value(pattern: tuple[tuple[str, Any], ...], key: str, default: Any, param: str) -> Any:
-    # peft get_pattern_key: the first pattern p with re.match(r"(.*\.)?(p)$", key) wins.
-    return next((v for p, v in pattern if _regex(regex.match, rf"(.*\.)?({p})$", key, param)), default)
-
-
-def _layer_index(key: str, layers_pattern: tuple[str, ...] | None) -> int | None:
-    # Lazy .*? takes the first numbered segment, as PEFT does.
-    patterns = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in layers_pattern or ()] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
-    match = next((m for p in patterns if (m := _regex(regex.match, p, key, "layers_pattern"))), None)
-    return int(match["idx"]) if match else None
-
-
-def _regex(fn: Callable, pattern: str, key: str, param: str) -> regex.Match | None:
-    try:
-        return fn(pattern, key, timeout=REGEX_TIMEOUT_S)
-    except TimeoutError:
-        raise InvalidAdapterError(f"{param}: regex {pattern!r} takes too long to match", param=param) from None

@@ -97,6 +97,19 @@ def _nan(tensors: dict[str, torch.Tensor]) -> None:
     tensors[Q_A][0, 0] = float("nan")
 
 
+def _header_only(header: bytes) -> bytes:
+    """A safetensors file of just [u64 length][header]."""
+    return len(header).to_bytes(8, "little") + header
+
+
+NESTED = b"[" * 5_000 + b"]" * 5_000  # past Python's recursion limit, well under the upload limit
+NESTED_CONFIG = b'{"r": ' + NESTED + b"}"
+NESTED_HEADER = _header_only(b'{"__metadata__": ' + NESTED + b"}")
+EMPTY_TENSOR = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+# 100 tensors: more than the 28 an adapter for the tiny base can hold (2 halves x 7 projections x 2 layers)
+HEADER_100 = _header_only(json.dumps({f"t{i}": EMPTY_TENSOR for i in range(100)}).encode())
+
+
 # id -> (name, files from the good ones, upload file names, status, error param)
 CASES: dict[str, tuple] = {
     **{f"name-{case}": (name, lambda g: g, None, 400, "name") for case, name in BAD_NAMES.items()},
@@ -122,6 +135,11 @@ CASES: dict[str, tuple] = {
     "B-missing": ("x", lambda g: _tensors(g, lambda t: t.pop(Q_B)), None, 400, Q_B),
     "nan": ("x", lambda g: _tensors(g, _nan), None, 400, Q_A),
     "int-dtype": ("x", lambda g: _tensors(g, _set(Q_A, torch.ones(4, 64, dtype=torch.int32))), None, 400, Q_A),
+    "config-nested-5k": ("x", lambda g: {**g, "adapter_config": NESTED_CONFIG}, None, 400, "adapter_config"),
+    "rank-pattern-1000": ("x", lambda g: _config(g, rank_pattern=dict.fromkeys(map(str, range(1000)), 4)), None, 400,
+                          "rank_pattern"),
+    "header-100-entries": ("x", lambda g: {**g, "adapter_model": HEADER_100}, None, 400, "adapter_model"),
+    "header-nested-5k": ("x", lambda g: {**g, "adapter_model": NESTED_HEADER}, None, 400, "adapter_model"),
 }
 
 

@@ -16,6 +16,7 @@ CHAT_BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "
 COMPLETION_BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
 LONG_TEXT = "word " * (2 * TINY_MAX_MODEL_LEN)
 BAD = "invalid_request_error"
+EMPTY_PARTS = [{"type": "text", "text": ""}] * 1025  # twice: one past the 2048 parts of all messages together
 
 # (id, route, changes to the valid body (None deletes the key), status, error.type, error.param, error.code)
 CASES = [
@@ -27,6 +28,11 @@ CASES = [
     ("max-tokens-negative", COMPLETIONS, {"max_tokens": -3}, 400, BAD, "max_tokens", None),
     ("max-completion-tokens-zero", CHAT, {"max_completion_tokens": 0}, 400, BAD, "max_completion_tokens", None),
     ("empty-messages", CHAT, {"messages": []}, 400, BAD, "messages", None),
+    # Counted on the raw JSON, before pydantic builds a model for each (seconds for 4 MiB of them).
+    ("messages-over-2048", CHAT, {"messages": [{"role": "user"}] * 2049}, 400, BAD, "messages", None),
+    ("content-parts-over-2048", CHAT, {"messages": [{"role": "user", "content": EMPTY_PARTS}] * 2}, 400, BAD,
+     "messages", None),
+    ("seed-past-int64", COMPLETIONS, {"seed": 2**63}, 400, BAD, "seed", None),
     ("missing-messages", CHAT, {"messages": None}, 400, BAD, "messages", None),
     ("unknown-role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, BAD, "messages[0].role", None),
     ("image-part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},

@@ -22,7 +22,7 @@ from lora_serve.lora.errors import (
     UnsupportedAdapterError,
     UnsupportedMediaError,
 )
-from lora_serve.lora.lora_model import LoRAModel
+from lora_serve.lora.lora_model import LoRAModel, max_header_bytes, max_tensors
 
 from .test_peft_config import ARCH, GOOD_CONFIGS, MAX_RANK, tiny_llama
 
@@ -198,6 +198,34 @@ def test_bad_folder(edit: Callable[[Path], None], error: type, param: str | None
     assert type(info.value) is error
     if param is not None:
         assert info.value.param == param
+
+
+def with_header(header: bytes) -> Callable[[Path], None]:
+    """Make the weights file [u64 length][header] with no tensor data after it."""
+    return lambda folder: (folder / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+ENTRY = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}  # ~55 bytes of header each
+NUM_TENSORS = max_tensors(ARCH)  # 28 on the tiny base: lora_A and lora_B of 7 projections x 2 layers
+# id -> (weights file header, what the refusal says)
+HOSTILE_HEADERS = {
+    "past the size bound": (b"{}" + b" " * max_header_bytes(NUM_TENSORS), "an adapter for this base model has at most"),
+    "100k entries": (json.dumps({f"t{i}": ENTRY for i in range(100_000)}).encode(), "has at most"),
+    "more entries than tensors": (
+        json.dumps({f"t{i}": ENTRY for i in range(NUM_TENSORS + 1)}).encode(),
+        f"lists {NUM_TENSORS + 1} tensors; an adapter for this base has at most {NUM_TENSORS}",
+    ),
+    "nested 30k deep": (b'{"__metadata__": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("header, message", HOSTILE_HEADERS.values(), ids=HOSTILE_HEADERS.keys())
+def test_hostile_header_is_refused_by_its_bound(header: bytes, message: str, good_adapter: Path, tmp_path: Path):
+    folder = shutil.copytree(good_adapter, tmp_path / "adapter")
+    with_header(header)(folder)
+    with pytest.raises(InvalidAdapterError, match=message) as info:
+        LoRAModel.load("bad", folder, ARCH, MAX_RANK)
+    assert info.value.param == "adapter_model"
 
 
 def test_pickle_only_is_415(good_adapter: Path, tmp_path: Path):

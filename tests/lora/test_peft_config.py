@@ -139,7 +139,17 @@ BAD_CONFIGS = {
     "regex matches nothing": ({"target_modules": r".*\.attn\.c_attn"}, InvalidAdapterError, "target_modules"),
     "invalid regex": ({"target_modules": "(q_proj"}, InvalidAdapterError, "target_modules"),
     "catastrophic regex": ({"target_modules": r"(?:(?:.|..)+)+y"}, InvalidAdapterError, "target_modules"),
-    "catastrophic rank_pattern": ({"rank_pattern": {r"(?:(?:.|..)+)+y": 4}}, InvalidAdapterError, "rank_pattern"),
+    # RE2 refuses what it cannot match in linear time; the field and pattern are named.
+    "backreference rank_pattern": ({"rank_pattern": {r"(q)_\1": 4}}, InvalidAdapterError, "rank_pattern"),
+    "lookahead target_modules": ({"target_modules": r".*(?=q_proj).*"}, InvalidAdapterError, "target_modules"),
+    "lookbehind exclude_modules": ({"exclude_modules": r".*(?<!k)_proj"}, InvalidAdapterError, "exclude_modules"),
+    "backreference alpha_pattern": ({"alpha_pattern": {r"(v)\1": 2}}, InvalidAdapterError, "alpha_pattern"),
+    "backreference layers_pattern": (
+        {"layers_to_transform": [0], "layers_pattern": r"(l)\1ayers"},
+        InvalidAdapterError,
+        "layers_pattern",
+    ),
+    "pattern over 512 characters": ({"rank_pattern": {"q" * 513: 4}}, InvalidAdapterError, "rank_pattern"),
     "lm_head target": ({"target_modules": ["q_proj", "lm_head"]}, UnsupportedAdapterError, "target_modules"),
     "embed_tokens target": ({"target_modules": ["embed_tokens"]}, UnsupportedAdapterError, "target_modules"),
     "regex covers lm_head": ({"target_modules": r".*(q_proj|lm_head)"}, UnsupportedAdapterError, "target_modules"),
@@ -183,6 +193,49 @@ def test_bad_config(changes: dict, error: type, param: str):
     assert type(info.value) is error
     assert info.value.param == param
     assert info.value.status == 400
+
+
+# field -> a value with one entry more than max_entries (64 on this 2-layer base). The entries are
+# patterns RE2 refuses: had any been compiled first, the error would name the pattern, not the count.
+TOO_MANY = {
+    "target_modules": ["q_proj"] * 65,
+    "exclude_modules": [f"(a)\\1{i}" for i in range(65)],
+    "rank_pattern": {f"(a)\\1{i}": 4 for i in range(4000)},
+    "alpha_pattern": {f"(a)\\1{i}": 4 for i in range(65)},
+    "layers_to_transform": [0] * 65,
+    "layers_pattern": [f"(a)\\1{i}" for i in range(65)],
+}
+
+
+@pytest.mark.parametrize("param", TOO_MANY)
+def test_too_many_entries_are_refused_before_any_regex_is_compiled(param: str):
+    d = {**BASE, "layers_to_transform": [0], param: TOO_MANY[param]}
+    with pytest.raises(InvalidAdapterError) as info:
+        LoRAAdapterConfig.from_dict(d, ARCH, MAX_RANK)
+    assert info.value.param == param
+    assert info.value.message == f"{param} has {len(TOO_MANY[param])} entries; the limit for this base model is 64"
+
+
+def test_catastrophic_patterns_are_matched_in_linear_time_without_a_timer():
+    """A backtracking engine takes ~2^len(name) steps on these (the old matcher refused them after a
+    0.1 s timer, and so refused valid patterns on a busy machine); RE2 matches them like any other."""
+    catastrophic = r"(?:(?:.|..)+)+y"
+    d = {**BASE, "rank_pattern": {catastrophic: 4, "v_proj": 2}, "exclude_modules": catastrophic}
+    config = LoRAAdapterConfig.from_dict(d, ARCH, MAX_RANK)
+    assert config.targets(ARCH.num_layers) == {
+        (layer, module): (rank, 16 / rank) for layer in (0, 1) for module, rank in (("q_proj", 8), ("v_proj", 2))
+    }
+
+
+@pytest.mark.parametrize("depth", [100_000, 200], ids=["past the recursion limit", "under it"])
+def test_deeply_nested_config_is_refused(depth: int, tmp_path: Path):
+    path = tmp_path / "adapter_config.json"
+    nested = "[" * depth + "]" * depth
+    path.write_text(json.dumps(BASE)[:-1] + f', "target_modules": {nested}}}')
+    with pytest.raises(InvalidAdapterError) as info:
+        LoRAAdapterConfig.from_file(path, ARCH, MAX_RANK)
+    assert info.value.param == ("adapter_config" if depth > 1000 else "target_modules")
+    assert len(info.value.message) < 200  # the nested value is not echoed in full
 
 
 @pytest.mark.parametrize(
