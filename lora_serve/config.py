@@ -57,7 +57,12 @@ class SchedulerConfig(_Config):
     """Longest prompt + completion in tokens (default: the model's context length)."""
 
     max_num_batched_tokens: int | None = Field(None, ge=16)
-    """Most tokens one engine step processes (prefill + decode). Default: max(2048, max_model_len)."""
+    """Most tokens one engine step processes: every running decode, then prefill chunks (a longer prompt
+    is prefilled over several steps). Default: 2048. Must be >= max_num_seqs."""
+
+    long_prefill_token_threshold: int | None = Field(None, ge=1)
+    """Most prompt tokens one sequence prefills in a step (None: up to max_num_batched_tokens). Lower
+    keeps a long prompt from lengthening the running streams' inter-token latency, at some prefill cost."""
 
 
 class LoRAConfig(_Config):

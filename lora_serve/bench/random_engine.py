@@ -56,15 +56,16 @@ class RandomEngine:
         if not batch.seqs:
             return {}
         lora = self.lora.prepare(batch.seqs, batch.num_new_tokens)
-        logits = self.runner.run(batch.seqs, lora)  # [B, vocab]
-        for seq, token in zip(batch.seqs, logits.argmax(-1).tolist()):
+        logits = self.runner.run(batch.seqs, batch.num_new_tokens, lora)  # [ready, vocab]
+        ready = [seq for seq in batch.seqs if seq.num_new_tokens == 0]
+        for seq, token in zip(ready, logits.argmax(-1).tolist()):
             seq.output_token_ids.append(token)
             if len(seq.output_token_ids) >= seq.params.max_tokens:
                 self.scheduler.finish(seq, "length")
                 del self._seqs[seq.request_id]
                 if seq.lora_name is not None:
                     self.lora.release(seq.lora_name)
-        return {seq.request_id: row for seq, row in zip(batch.seqs, logits)}
+        return {seq.request_id: row for seq, row in zip(ready, logits)}
 
     # The engine's own: they only touch self.lora.
     merge_adapter = LLMEngine.merge_adapter

@@ -28,6 +28,8 @@ from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default with chunked prefill
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -60,9 +62,12 @@ class LLMEngine:
         self.dtype = resolve_dtype(mc.dtype, self.device)
         arch = ModelArch.from_dir(self.model_path)
         self.max_model_len = sc.max_model_len or arch.max_position_embeddings
-        self.max_num_batched_tokens = sc.max_num_batched_tokens or max(2048, self.max_model_len)
-        if self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError("max_num_batched_tokens must be >= max_model_len (prompts are prefilled in one step)")
+        self.max_num_batched_tokens = sc.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+        if self.max_num_batched_tokens < sc.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({sc.max_num_seqs}): "
+                "every running sequence decodes a token each step"
+            )
         self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
         self.arch = self.model.arch
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -77,7 +82,10 @@ class LLMEngine:
             self.merge_policy = MergePolicy(lc.merge_threshold, lc.unmerge_threshold, lc.merge_window_steps, lc.merge_interval_steps)
         if lc.merge:
             self.merge_adapter(lc.merge)
-        self.scheduler = Scheduler(self.kv_cache, sc.max_num_seqs, self.max_num_batched_tokens, self.lora)
+        self.scheduler = Scheduler(
+            self.kv_cache, sc.max_num_seqs, self.max_num_batched_tokens, self.lora,
+            long_prefill_token_threshold=sc.long_prefill_token_threshold,
+        )
         self.detokenizer = Detokenizer(self.tokenizer)
         self._rng = random.Random(mc.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -176,33 +184,33 @@ class LLMEngine:
         if not batch.seqs:
             return []
         lora = self.lora.prepare(batch.seqs, batch.num_new_tokens)
-        logits = self.runner.run(batch.seqs, lora)
-        failed, batch, logits = self.fail_non_finite(batch, logits)
-        tokens, logprobs = sample(logits, batch.seqs)
-        outputs = failed + self.postprocess(batch, tokens, logprobs)
+        logits = self.runner.run(batch.seqs, batch.num_new_tokens, lora)
+        ready = [seq for seq in batch.seqs if seq.num_new_tokens == 0]  # the rest are mid-prefill
+        failed, ready, logits = self.fail_non_finite(ready, logits)
+        tokens, logprobs = sample(logits, ready)
+        outputs = failed + self.postprocess(ready, tokens, logprobs)
         if self.merge_policy is not None:
             self.apply_merge_policy(batch)
         return outputs
 
     def fail_non_finite(
-        self, batch: ScheduledBatch, logits: torch.Tensor
-    ) -> tuple[list[RequestOutput], ScheduledBatch, torch.Tensor]:
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[RequestOutput], list[Sequence], torch.Tensor]:
         """Fail the sequences whose logits hold NaN or Inf; the rest of the batch, and its logits, go on.
 
         Rows never mix (projections are row-wise, attention reads only a sequence's own KV blocks,
         see kv_cache.py), so non-finite values stay in the request that produced them: e.g. one whose
         adapter's delta overflows the dtype on this prompt. Its blocks are cleared when freed."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # logits: [B, vocab]
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # logits: [len(seqs), vocab]
         if all(finite):
-            return [], batch, logits
+            return [], seqs, logits
         failed = []
-        for seq in (s for s, ok in zip(batch.seqs, finite) if not ok):
+        for seq in (s for s, ok in zip(seqs, finite) if not ok):
             adapter = f"adapter {seq.lora_name!r}" if seq.lora_name else "the base model"
             log.warning("request %s: non-finite logits with %s; failing it", seq.request_id, adapter)
             failed.append(self._fail(seq, f"the model's output for this request is not finite (NaN or Inf) with {adapter}"))
         keep = [i for i, ok in enumerate(finite) if ok]
-        kept = ScheduledBatch([batch.seqs[i] for i in keep], [batch.num_new_tokens[i] for i in keep])
-        return failed, kept, logits[keep]
+        return failed, [seqs[i] for i in keep], logits[keep]
 
     # --- merged mode (between steps) ------------------------------------------------------------
 
@@ -233,9 +241,9 @@ class LLMEngine:
         except AdapterError as exc:  # e.g. deleted or unmarked meanwhile: serving goes on unmerged
             log.warning("merge policy: %s", exc)
 
-    def postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list) -> list[RequestOutput]:
+    def postprocess(self, seqs: list[Sequence], tokens: list[int], logprobs: list) -> list[RequestOutput]:
         outputs = []
-        for seq, token, lp in zip(batch.seqs, tokens, logprobs):
+        for seq, token, lp in zip(seqs, tokens, logprobs):
             seq.output_token_ids.append(token)
             if lp is not None:
                 seq.logprobs.append(lp)

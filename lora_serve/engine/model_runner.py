@@ -1,4 +1,6 @@
-"""Turns a scheduled batch into model inputs, runs the forward pass, returns last-token logits."""
+"""Turns a scheduled batch into model inputs, runs the forward pass, returns the logits of the
+sequences whose prompt is complete after it (a prefill chunk that leaves some of its prompt for
+later steps has nothing to sample)."""
 
 from __future__ import annotations
 
@@ -19,15 +21,15 @@ class ModelRunner:
         for attn, k, v in zip(model.attention_layers(), kv_cache.k, kv_cache.v):
             attn.k_cache, attn.v_cache = k, v
 
-    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
+    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_lens: list[int] = []
         context_lens: list[int] = []
-        for seq in seqs:
-            start, end = seq.num_cached_tokens, seq.num_tokens
+        for seq, n in zip(seqs, num_new_tokens):
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + n
             input_ids += seq.token_ids(start, end)
             table = seq.block_table
             for p in range(start, end):
@@ -61,15 +63,16 @@ class ModelRunner:
             query_index=query_index,
             batch_size=B,
             max_query_len=Q,
-            logits_index=(torch.cumsum(q_lens, 0) - 1).to(dev),
+            logits_index=(torch.cumsum(q_lens, 0) - 1)[ctx == torch.tensor([s.num_tokens for s in seqs])].to(dev),
         )
         return torch.tensor(input_ids, device=dev), meta
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], lora: LoRABatch | None = None) -> torch.Tensor:
-        """Logits of each sequence's last token, [B, vocab] float32; caches the K/V of every new token."""
-        input_ids, meta = self.prepare(seqs)
+    def run(self, seqs: list[Sequence], num_new_tokens: list[int], lora: LoRABatch | None = None) -> torch.Tensor:
+        """Runs num_new_tokens[i] tokens of seqs[i] and caches their K/V. Returns the last-token logits
+        [R, vocab] float32 of the R sequences left with no uncached token, in batch order."""
+        input_ids, meta = self.prepare(seqs, num_new_tokens)
         logits = self.model(input_ids, meta, lora)
-        for seq in seqs:
-            seq.num_cached_tokens = seq.num_tokens
+        for seq, n in zip(seqs, num_new_tokens):
+            seq.num_cached_tokens += n
         return logits

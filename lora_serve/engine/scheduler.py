@@ -1,10 +1,12 @@
-"""Continuous batching: decides, every step, which sequences run and how many tokens each.
+"""Continuous batching with chunked prefill: decides, every step, which sequences run and how many tokens each.
 
-Running sequences decode one token each; waiting sequences are admitted first come,
-first served, and their whole uncached prompt is prefilled in the same step, as long
-as the step's token budget, the batch size and the KV cache allow. When the cache
-cannot hold the next token of a running sequence, the newest running sequence is
-preempted (its blocks freed, to be recomputed later) rather than failing anyone.
+A step holds at most `max_num_batched_tokens` tokens. Running sequences come first, decodes
+(one token each) before prompts still being prefilled, so a long prompt never stalls the
+streams; then waiting sequences are admitted first come, first served, while the batch size
+and the KV cache allow. A prompt is prefilled in chunks of what the step's budget has left, at
+most `long_prefill_token_threshold` tokens a step, and samples its first token only in the step
+that completes it. When the cache cannot hold the next chunk of a running sequence, the newest
+running sequence is preempted (its blocks freed, to be recomputed later) rather than failing anyone.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ class AdapterAdmission(Protocol):
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence]  # decodes, then newly admitted prefills
-    num_new_tokens: list[int]
+    seqs: list[Sequence]  # decodes, then prefill chunks of running sequences, then newly admitted ones
+    num_new_tokens: list[int]  # tokens each runs this step: 1 for a decode, the chunk for a prefill
 
     @property
     def num_tokens(self) -> int:
@@ -43,14 +45,17 @@ class Scheduler:
         max_num_batched_tokens: int,
         admission: AdapterAdmission | None = None,
         max_slot_wait_steps: int = 32,
+        long_prefill_token_threshold: int | None = None,
     ):
         self.kv = kv_cache
+        self.max_chunk = long_prefill_token_threshold or max_num_batched_tokens
         self.max_slot_wait_steps = max_slot_wait_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.admission = admission
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -60,35 +65,44 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
-        decodes = self._schedule_decodes()
-        budget -= len(decodes)
-        prefills = self._admit(budget)
-        seqs = decodes + prefills
-        return ScheduledBatch(seqs, [s.num_new_tokens for s in seqs])
+        seqs, chunks = self._schedule_running(budget)
+        admitted, admitted_chunks = self._admit(budget - sum(chunks))
+        return ScheduledBatch(seqs + admitted, chunks + admitted_chunks)
 
-    def _schedule_decodes(self) -> list[Sequence]:
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        return min(seq.num_new_tokens, self.max_chunk, budget)
+
+    def _schedule_running(self, budget: int) -> tuple[list[Sequence], list[int]]:
         scheduled: list[Sequence] = []
-        queue = list(self.running)
+        chunks: list[int] = []
+        queue = sorted(self.running, key=lambda s: s.num_new_tokens > 1)  # decodes first, oldest first
         while queue:
             seq = queue.pop(0)
-            while not self.kv.can_allocate(seq, seq.num_tokens):
+            n = self._chunk(seq, budget)
+            if n == 0:
+                continue  # the budget is spent: it keeps its blocks and goes on next step
+            while not self.kv.can_allocate(seq, seq.num_cached_tokens + n):
                 if not queue:  # seq itself is the newest: preempt it
                     self._preempt(seq)
                     break
                 self._preempt(queue.pop())
             else:
-                self.kv.allocate(seq, seq.num_tokens)
+                self.kv.allocate(seq, seq.num_cached_tokens + n)
                 scheduled.append(seq)
-        return scheduled
+                chunks.append(n)
+                budget -= n
+        return scheduled, chunks
 
-    def _admit(self, budget: int) -> list[Sequence]:
+    def _admit(self, budget: int) -> tuple[list[Sequence], list[int]]:
         admitted: list[Sequence] = []
+        chunks: list[int] = []
         skipped: list[Sequence] = []
         hold_adapters = False  # set once a request has waited too long for a slot
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if seq.num_new_tokens > budget or not self.kv.can_allocate(seq, seq.num_tokens):
-                break  # FCFS: nobody jumps the queue for tokens or memory
+            n = self._chunk(seq, budget)
+            if not self.kv.can_allocate(seq, seq.num_cached_tokens + n):
+                break  # FCFS: nobody jumps the queue for memory
             self.waiting.popleft()
             if hold_adapters and seq.lora_name is not None:
                 skipped.append(seq)  # let the pinned slots drain for the request that waited longest
@@ -100,15 +114,17 @@ class Scheduler:
                 hold_adapters = seq.slot_wait_steps > self.max_slot_wait_steps
                 skipped.append(seq)
                 continue
-            self.kv.allocate(seq, seq.num_tokens)
+            self.kv.allocate(seq, seq.num_cached_tokens + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             admitted.append(seq)
-            budget -= seq.num_new_tokens
+            chunks.append(n)
+            budget -= n
         self.waiting.extendleft(reversed(skipped))
-        return admitted
+        return admitted, chunks
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.kv.free(seq)
         if self.admission is not None:
