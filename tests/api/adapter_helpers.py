@@ -12,8 +12,9 @@ from pathlib import Path
 
 import httpx
 
-from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig
 from lora_serve.engine.async_engine import AsyncEngine
+from tests.api.live_server import LiveServer, live_server
 from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
 from tests.lora.conftest import ATTN, MLP, make_peft_adapters
 from tests.lora.test_peft_parity import reference
@@ -67,6 +68,15 @@ def tiny_engine_with(tiny_dir: Path, adapter_dir: Path, **lora: object) -> Itera
         yield engine
     finally:
         engine.shutdown()
+
+
+@contextmanager
+def modules_server(tiny_dir: Path, paths: dict[str, Path], store: Path, **lora: object) -> Iterator[LiveServer]:
+    """A live server ("tiny") on its own engine, with `paths` registered as --lora-modules."""
+    modules = [f"{name}={path}" for name, path in paths.items()]
+    with tiny_engine_with(tiny_dir, store, lora_modules=modules, **lora) as engine:
+        with live_server(engine, ServerConfig(served_model_name="tiny")) as live:
+            yield live
 
 
 def adapter_files(folder: Path) -> dict[str, bytes]:

@@ -13,9 +13,8 @@ import httpx
 import openai
 import pytest
 
-from lora_serve.config import ServerConfig
-from tests.api.adapter_helpers import make_tiny_adapters, peft_greedy, tiny_engine_with, token_texts
-from tests.api.live_server import LiveServer, live_server
+from tests.api.adapter_helpers import make_tiny_adapters, modules_server, peft_greedy, token_texts
+from tests.api.live_server import LiveServer
 from tests.lora.conftest import ATTN, MLP
 
 MAX_LORAS, MAX_CPU_LORAS = 2, 4
@@ -32,13 +31,9 @@ def peft(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path, peft, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     _, paths = peft
-    modules = [f"{name}={path}" for name, path in paths.items()]
     store = tmp_path_factory.mktemp("store")
-    with tiny_engine_with(
-        tiny_llama_dir, store, max_loras=MAX_LORAS, max_cpu_loras=MAX_CPU_LORAS, lora_modules=modules
-    ) as engine:
-        with live_server(engine, ServerConfig(served_model_name="tiny")) as live:
-            yield live
+    with modules_server(tiny_llama_dir, paths, store, max_loras=MAX_LORAS, max_cpu_loras=MAX_CPU_LORAS) as live:
+        yield live
 
 
 def test_twenty_adapters_at_once_never_hold_more_than_max_cpu_loras(server: LiveServer, peft) -> None:
