@@ -8,7 +8,8 @@ merged into the base; sequences spread round-robin over N adapters, unmerged. Th
 alternate `repeats` times after a warm-up round. With N > max_loras the scheduler rotates
 adapters through the slots, so some prefill and decode steps run part of the batch only;
 the whole-run throughput shows that cost. Every ratio is to the base of the same round.
-PEFT (optional) runs the same prompts as one padded batch with adapter_names.
+PEFT (optional) runs the same prompts as one padded batch with adapter_names. Beside each decode
+ratio, the ceiling that reading min(N, max_loras) adapters' slots allows here (roofline.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from .mixed_lora import build_engine, interleave, peft_rounds, summarise
 from .random_adapters import ALL_LINEAR
+from .roofline import decode_ceiling, read_bandwidth
 from .runners import engine_run_phases, random_prompts
 from .table import markdown_table
 
@@ -46,6 +48,7 @@ def sweep(
     from tqdm import tqdm
 
     rows = []
+    bandwidth = read_bandwidth()
     bar = tqdm(total=len(num_adapters_list) * (repeats + 1), desc="bench engine", unit="round", disable=not progress)
     for n in num_adapters_list:
         slots = max_loras or min(n, DEFAULT_SLOT_CAP)
@@ -58,7 +61,12 @@ def sweep(
             rounds = interleave(
                 engine, configs, repeats, lambda loras, warm_up: engine_run_phases(engine, prompts, 2 if warm_up else decode_steps, loras), bar.update
             )
-            rows += _rows(n, slots, rounds)
+            new = {row["config"]: row for row in _rows(n, slots, rounds)}
+            base_step_s = num_seqs / new["base"]["decode_tok_s"]
+            for label, row in new.items():  # a full decode step holds min(N, slots) distinct adapters
+                k = min(n, slots, num_seqs) if label == UNMERGED else 0
+                row["decode_ceiling"] = decode_ceiling(base_step_s, k, engine.lora.slot_bytes(), bandwidth)
+            rows += new.values()
             if with_peft:
                 peft = peft_rounds(model_path, Path(tmp), names, spread, prompts, decode_steps, repeats)
                 peft[f"peft {UNMERGED}"] = peft.pop(f"peft {n} adapters")
@@ -98,9 +106,14 @@ def report(rows: list[dict]) -> str:
             str(r["num_adapters"]), str(r["max_loras"]), r["config"] if r["config"].startswith("peft") else f"lora-serve {r['config']}",
             f"{r['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.2f}",
             f"{r['decode_tok_s']:.1f}", f"{r['decode_ratio']:.2f}",
+            f"{r['decode_ceiling']:.2f}" if "decode_ceiling" in r else "-",
+            f"{r['decode_ratio'] / r['decode_ceiling']:.2f}" if "decode_ceiling" in r else "-",
             f"{r['run_tok_s']:.1f}" if "run_tok_s" in r else "-", f"{r['run_ratio']:.2f}" if "run_ratio" in r else "-",
         ]
         for r in rows
     ]  # fmt: skip
-    header = ["adapters", "slots", "configuration", "prefill tok/s", "/ base", "decode tok/s", "/ base", "whole run out tok/s", "/ base"]
+    header = [
+        "adapters", "slots", "configuration", "prefill tok/s", "/ base", "decode tok/s", "/ base", "decode ceiling",
+        "of the ceiling", "whole run out tok/s", "/ base",
+    ]
     return markdown_table(header, table)

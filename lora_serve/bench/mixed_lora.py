@@ -8,6 +8,7 @@ merged into the base; N sequences over `num_adapters` distinct adapters. Prefill
 step that prefills every prompt (median over repeats); decode = the median of the
 following full-batch steps. The configurations alternate `repeats` times. PEFT runs the same prompts through
 `generate` (single adapter, and `adapter_names=...` for the mixed batch) on one padded batch.
+Beside each decode ratio: the ceiling the bytes its adapters add allow on this machine (roofline.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from ..config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from ..engine.llm_engine import LLMEngine
 from .random_adapters import ALL_LINEAR, write_random_adapter
+from .roofline import decode_ceiling, read_bandwidth
 from .runners import engine_phases, hf_phases, random_prompts
 from .table import markdown_table
 
@@ -51,8 +53,14 @@ def run(
             "1 adapter merged": (one, names[0]),
             f"{num_adapters} adapters": (loras, None),
         }
+        bandwidth = read_bandwidth()
         rounds = interleave(engine, configs, repeats, lambda loras, warm_up: engine_phases(engine, prompts, 2 if warm_up else decode_steps, loras))
         result = summarise(rounds, "base")
+        base_step_s = num_seqs / result["base"]["decode_tok_s"]
+        for label, (seq_loras, merged) in configs.items():  # a merged adapter's rows run the bare base
+            k = len({name for name in seq_loras if name is not None and name != merged})
+            result[label]["decode_ceiling"] = decode_ceiling(base_step_s, k, engine.lora.slot_bytes(), bandwidth)
+        result["base"].update(read_bandwidth=bandwidth, slot_bytes=engine.lora.slot_bytes())
         if with_peft:
             result.update(peft_rounds(model_path, Path(tmp), names, loras, prompts, decode_steps, repeats))
     return result
@@ -152,13 +160,24 @@ def report(result: dict, num_adapters: int) -> str:
     rows = []
     for name, r in result.items():
         lo, hi = r["decode_ratio_range"]
+        ceiling = r.get("decode_ceiling")
         rows.append([
             name if name.startswith("peft") else f"lora-serve {name}",
             f"{r['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.2f}",
             f"{r['decode_tok_s']:.1f}", f"{r['decode_ratio']:.2f} ({lo:.2f}-{hi:.2f})",
+            "" if ceiling is None else f"{ceiling:.2f}",
+            "" if ceiling is None else f"{r['decode_ratio'] / ceiling:.2f}",
         ])
-    header = ["configuration", "prefill tok/s", "vs its base", "decode tok/s", "vs its base (range over rounds)"]
+    header = [
+        "configuration", "prefill tok/s", "vs its base", "decode tok/s", "vs its base (range over rounds)",
+        "decode ceiling", "of the ceiling",
+    ]
     text = markdown_table(header, rows)
+    base = result["base"]
+    text += (
+        f"\n\ndecode ceiling = base step / (base step + distinct adapters x {base['slot_bytes'] / 1e6:.1f} MB per "
+        f"device slot / {base['read_bandwidth'] / 1e9:.1f} GB/s read bandwidth measured here); see bench/roofline.py"
+    )
     peft_mixed = result.get(f"peft {mixed}")
     if peft_mixed:
         text += (

@@ -238,6 +238,11 @@ class LoRAManager:
             self.release(name)
         log.info("unmerged adapter %s", name)
 
+    def slot_bytes(self) -> int:
+        """Bytes one device slot holds over every projection (A and B, padded to max_lora_rank): what a
+        decode step reads for each distinct adapter in its batch."""
+        return sum(s.A[0].nbytes + sum(b[0].nbytes for b in s.B) for _, _, s in self._projections)
+
     def location(self, name: str) -> str:
         with self._lock:
             if name in self._slot_names:

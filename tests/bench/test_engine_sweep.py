@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lora_serve.bench import engine_sweep, mixed_lora
+import pytest
+
+from lora_serve.bench import engine_sweep, mixed_lora, roofline
 from lora_serve.bench.mixed_lora import build_engine
 from lora_serve.bench.runners import engine_run_phases, random_prompts
 
@@ -29,6 +31,8 @@ def test_sweep_rows_and_plot(tiny_llama_dir: Path, tmp_path: Path):
     assert all(r["max_loras"] == 2 for r in rows)
     assert all(r["run_ratio"] == 1.0 and r["decode_ratio"] == 1.0 for r in rows if r["config"] == "base")
     assert all(math.isfinite(r[k]) and r[k] > 0 for r in rows for k in ("prefill_ratio", "decode_ratio", "run_ratio"))
+    assert all((r["decode_ceiling"] == 1.0) == (r["config"] != "N adapters unmerged") for r in rows)
+    assert all(0 < r["decode_ceiling"] <= 1.0 for r in rows)
     assert "N adapters unmerged" in engine_sweep.report(rows)
     paths = engine_sweep.write(rows, tmp_path, "s")
     assert all(p.stat().st_size > 0 for p in paths)
@@ -38,6 +42,11 @@ def test_bench_lora_still_runs(tiny_llama_dir: Path):
     result = mixed_lora.run(tiny_llama_dir, num_seqs=4, num_adapters=2, rank=4, prompt_len=6, decode_steps=2, repeats=1, with_peft=False)
     assert set(result) == {"base", "1 adapter unmerged", "1 adapter merged", "2 adapters"}
     assert "2 adapters" in mixed_lora.report(result, 2)
+    # The roofline: no adapter bytes for the base and the merged adapter, fewer with more adapters.
+    ceilings = {k: r["decode_ceiling"] for k, r in result.items()}
+    assert ceilings["base"] == ceilings["1 adapter merged"] == 1.0
+    assert 0 < ceilings["2 adapters"] < ceilings["1 adapter unmerged"] < 1.0
+    assert result["base"]["read_bandwidth"] > 0 and result["base"]["slot_bytes"] > 0
 
 
 def test_sweep_with_peft_side_by_side(tiny_llama_dir: Path):
@@ -46,3 +55,10 @@ def test_sweep_with_peft_side_by_side(tiny_llama_dir: Path):
         "base", "1 adapter merged", "N adapters unmerged", "peft base", "peft 1 adapter unmerged", "peft N adapters unmerged",
     ]  # fmt: skip
     assert "peft N adapters unmerged" in engine_sweep.report(rows)
+
+
+def test_roofline_arithmetic():
+    # A 100 ms base step and 4 adapters of 25 MB at 10 GB/s: 10 ms more, so at best 100/110 of the base.
+    assert roofline.decode_ceiling(0.1, 4, 25_000_000, 10e9) == pytest.approx(0.1 / 0.11)
+    assert roofline.decode_ceiling(0.1, 0, 25_000_000, 10e9) == 1.0
+    assert roofline.read_bandwidth(nbytes=8 * 2**20, repeats=2) > 1e8  # any machine streams > 100 MB/s

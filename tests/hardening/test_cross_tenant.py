@@ -10,7 +10,8 @@ model's near-ties), and when it is over no KV block, adapter reference or queue 
 memory is back.
 
 The soak runs for LORA_SERVE_SOAK_S seconds (default 15 in the suite; the 10-minute run in
-docs/reliability.md is `LORA_SERVE_SOAK_S=600 pytest tests/hardening/test_cross_tenant.py -k soak`).
+docs/reliability.md is
+`LORA_SERVE_SOAK_S=600 pytest --timeout 1800 -s tests/hardening/test_cross_tenant.py -k soak`).
 """
 
 from __future__ import annotations
