@@ -86,6 +86,30 @@ class BenchLoRA(_BenchBase):
         print(mixed_lora.report(result, self.num_adapters))
 
 
+class BenchPrefillStall(_BenchBase):
+    """What a long prompt arriving mid-stream does to the inter-token latency of the streams decoding, per prefill chunk size."""
+
+    num_streams: int = Field(16, ge=1)
+    """Sequences decoding when the long prompt arrives."""
+
+    long_prompt_len: int = Field(4000, ge=1)
+    """Tokens of the prompt that arrives."""
+
+    chunks: CliVariadicArg[list[int]] = [0, 2048, 512, 128]
+    """--long-prefill-token-threshold values to compare (0: the whole prompt in one step)."""
+
+    warm_steps: int = Field(16, ge=2)
+    """Decode steps timed before the long prompt arrives."""
+
+    def cli_cmd(self) -> None:
+        from lora_serve.bench import prefill_stall
+
+        rows = prefill_stall.run(
+            self._setup(), self.num_streams, self.long_prompt_len, tuple(self.chunks), warm_steps=self.warm_steps, seed=self.seed
+        )
+        print(prefill_stall.report(rows, self.long_prompt_len))
+
+
 class BenchEngine(_BenchBase):
     """Offline: prefill, decode and whole-run throughput vs the number of distinct adapters (base / merged / unmerged, interleaved)."""
 
@@ -267,6 +291,9 @@ class BenchCommand(BaseModel):
 
     engine: CliSubCommand[BenchEngine]
     """Offline: the number of distinct adapters swept, base / merged / unmerged, vs base (and PEFT)."""
+
+    prefill_stall: CliSubCommand[BenchPrefillStall]
+    """Streams' inter-token latency while a long prompt is prefilled, per prefill chunk size."""
 
     serve: CliSubCommand[BenchServe]
     """Online: a running server under a seeded multi-adapter trace."""

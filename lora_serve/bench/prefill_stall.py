@@ -1,0 +1,101 @@
+"""What a long prompt arriving mid-stream costs the streams already decoding, per prefill chunk size.
+
+    lora-serve bench prefill-stall --num-streams 16 --long-prompt-len 4000 --chunks 0 2048 512 128
+
+For each chunk size (0: the whole prompt in one step, as without chunked prefill; otherwise
+--long-prefill-token-threshold, with the default 2048-token step budget): `num_streams` sequences
+are brought to decoding, `warm_steps` decode steps are timed alone ("before"), then the long prompt
+arrives and every step until it has its first token is timed ("during"). Each step gives every
+stream one token, so a step's time is each stream's inter-token latency (ITL) for that token.
+Reported per chunk size: ITL p50 and p99 before and during, during p99 / before p99 (the ratio the
+streams feel), and the long prompt's time to first token. The same engine runs every chunk size,
+in turn, so the ratios are measured side by side.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from ..config import CacheConfig, EngineConfig, SchedulerConfig
+from ..engine.llm_engine import LLMEngine
+from ..engine.outputs import RequestOutput
+from ..engine.sampling_params import SamplingParams
+from .runners import random_prompts
+from .table import markdown_table
+
+WHOLE_PROMPT_BUDGET = 16384  # chunk size 0: a step budget that fits the long prompt whole
+
+
+def run(
+    model_path: Path, num_streams: int = 16, long_prompt_len: int = 4000, chunks: tuple[int, ...] = (0, 2048, 512, 128),
+    stream_prompt_len: int = 32, warm_steps: int = 16, seed: int = 0,
+) -> list[dict]:  # fmt: skip
+    rows = []
+    for chunk in chunks:
+        # The server's defaults but for the chunk size; chunk 0 gets a step budget the long prompt fits in whole.
+        scheduler = SchedulerConfig(
+            max_num_seqs=num_streams + 1,
+            max_model_len=max(long_prompt_len + 8, stream_prompt_len + 512),
+            max_num_batched_tokens=WHOLE_PROMPT_BUDGET if chunk == 0 else None,
+            long_prefill_token_threshold=chunk or None,
+        )
+        engine = LLMEngine(EngineConfig(scheduler=scheduler, cache=CacheConfig(kv_cache_memory_gb=1.0)), model_path)
+        vocab = engine.arch.vocab_size
+        long_prompt = random_prompts(vocab, [long_prompt_len], seed + 1)[0]
+        stream_prompts = random_prompts(vocab, [stream_prompt_len] * num_streams, seed)
+        rows.append({"chunk": chunk, **_measure(engine, stream_prompts, long_prompt, warm_steps)})
+        del engine
+    return rows
+
+
+def _measure(engine: LLMEngine, stream_prompts: list[list[int]], long_prompt: list[int], warm_steps: int) -> dict:
+    for i, prompt in enumerate(stream_prompts):  # streams that run until aborted below
+        params = SamplingParams(max_tokens=engine.max_model_len - len(prompt), temperature=0.0, ignore_eos=True)
+        engine.add_request(f"s{i}", prompt, params)
+    while any(s.num_new_tokens > 1 for s in [*engine.scheduler.running, *engine.scheduler.waiting]):
+        engine.step()  # the streams' prefills, not timed
+    before = [_timed_step(engine)[0] for _ in range(warm_steps)]
+    engine.add_request("long", long_prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    arrived, during, first_token = time.perf_counter(), [], False
+    while not first_token:
+        seconds, outputs = _timed_step(engine)
+        during.append(seconds)
+        first_token = any(out.request_id == "long" for out in outputs)
+    ttft = time.perf_counter() - arrived
+    for i in range(len(stream_prompts)):
+        engine.abort_request(f"s{i}")
+    return {
+        "itl_p50_before": statistics.median(before), "itl_p99_before": _p99(before),
+        "itl_p50_during": statistics.median(during), "itl_p99_during": _p99(during),
+        "p99_ratio": _p99(during) / _p99(before), "long_ttft_s": ttft, "steps_during": len(during),
+    }  # fmt: skip
+
+
+def _timed_step(engine: LLMEngine) -> tuple[float, list[RequestOutput]]:
+    start = time.perf_counter()
+    outputs = engine.step()
+    return time.perf_counter() - start, outputs
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+def report(rows: list[dict], long_prompt_len: int) -> str:
+    table = [
+        [
+            "whole prompt" if r["chunk"] == 0 else str(r["chunk"]),
+            f"{1e3 * r['itl_p50_before']:.0f}", f"{1e3 * r['itl_p99_before']:.0f}",
+            f"{1e3 * r['itl_p50_during']:.0f}", f"{1e3 * r['itl_p99_during']:.0f}",
+            f"{r['p99_ratio']:.2f}", str(r["steps_during"]), f"{r['long_ttft_s']:.1f}",
+        ]
+        for r in rows
+    ]  # fmt: skip
+    header = [
+        "prefill chunk (tokens)", "ITL p50 before (ms)", "ITL p99 before (ms)", "ITL p50 during (ms)",
+        "ITL p99 during (ms)", "p99 during / before", "steps until its first token", f"{long_prompt_len}-token prompt TTFT (s)",
+    ]
+    return markdown_table(header, table)

@@ -1,0 +1,30 @@
+"""`bench prefill-stall` on the tiny model: every chunk size measured, and chunking spreads the long prompt over steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_serve.bench import prefill_stall
+
+
+def test_chunk_sizes_measured_side_by_side(tiny_llama_dir: Path):
+    rows = prefill_stall.run(tiny_llama_dir, num_streams=3, long_prompt_len=300, chunks=(0, 64), stream_prompt_len=5, warm_steps=4)
+    assert [r["chunk"] for r in rows] == [0, 64]
+    whole, chunked = rows
+    assert whole["steps_during"] == 1  # the whole prompt in the step it arrives in
+    assert chunked["steps_during"] == -(-300 // 64)  # 64 prompt tokens a step, the streams decoding in each
+    assert all(r[k] > 0 for r in rows for k in ("itl_p50_before", "itl_p99_before", "itl_p99_during", "p99_ratio", "long_ttft_s"))
+    text = prefill_stall.report(rows, 300)
+    assert "whole prompt" in text and "300-token prompt TTFT" in text
+
+
+def test_bench_prefill_stall_flags():
+    from pydantic_settings import CliApp
+
+    from lora_serve.cli import LoraServe
+
+    root = CliApp.run(
+        LoraServe, cli_args=["bench", "prefill-stall", "--chunks", "0", "256", "--num-streams", "4"], cli_cmd_method_name="model_dump"
+    )
+    cmd = root.bench.prefill_stall
+    assert cmd.chunks == [0, 256] and cmd.num_streams == 4 and cmd.long_prompt_len == 4000
