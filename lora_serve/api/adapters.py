@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,6 +108,7 @@ class AdapterAdmin:
         self.max_adapter_bytes = engine.lora.config.max_adapter_bytes
         self.store = AdapterStore(engine.lora.adapter_dir)  # removes crashed uploads' leftovers
         self.base_params = engine.lora.base_params
+        self.forget: Callable[[str], None] = lambda name: None  # what else drops an unregistered adapter's state
 
     def info(self, record: AdapterRecord, viewer: Principal) -> AdapterInfo:
         return AdapterInfo(
@@ -183,8 +185,10 @@ class AdapterAdmin:
 
     async def unregister(self, record: AdapterRecord) -> None:
         """Unmerge it if merged and unregister it in one engine-thread command, so that no merge
-        slips in between (running requests finish first). 404 if the name was registered anew."""
+        slips in between (running requests finish first). 404 if the name was registered anew.
+        Its per-adapter metric series go with it (`forget`, set by the app to RequestMetrics.forget)."""
         await self.engine.call(lambda: self.lora.unregister(record.name, unmerge=True, record=record))
+        self.forget(record.name)
 
 
 def get_admin(request: Request) -> AdapterAdmin:

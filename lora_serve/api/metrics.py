@@ -97,5 +97,11 @@ class RequestMetrics:
         if last.num_output_tokens > 1:
             self.tpot.labels(name).observe((end - first) / (last.num_output_tokens - 1))
 
+    def forget(self, adapter: str) -> None:
+        """Drop an unregistered adapter's series: names come and go under traffic (uploads, deletions),
+        and a series kept for each would grow the registry, and every scrape, without bound."""
+        for metric in (self.requests, self.tokens, self.ttft, self.tpot):
+            metric.remove_by_labels({"adapter": adapter})
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -44,6 +44,7 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     app.state.adapter_admin = admin
     app.state.upload_quota = UploadQuota(admin.store, config.max_adapters_per_tenant, config.max_adapter_bytes_per_tenant)
     app.state.lora_serve = ServerState.create(engine, config, admin.owner_of)
+    admin.forget = app.state.lora_serve.metrics.forget
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
     v1.include_router(chat.router)
     v1.include_router(completions.router)

@@ -138,3 +138,23 @@ def test_adapter_loads_count_every_read_from_disk(tiny_llama_dir: Path, tmp_path
         complete("r4-attn")  # still in CPU memory
         count, seconds = loads()
     assert count == 4 and seconds > 0
+
+
+def test_a_deleted_adapters_series_go_with_it(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Adapters uploaded and deleted under traffic leave no per-adapter series behind (they would pile up)."""
+    _, paths = make_tiny_adapters(tiny_llama_dir, tmp_path / "peft")
+
+    def adapters_in_series() -> set[str]:
+        families = scrape(live)
+        return {s.labels["adapter"] for f in families.values() for s in f.samples if s.labels.get("adapter")}
+
+    with tiny_engine_with(tiny_llama_dir, tmp_path / "store") as engine, live_server(engine, ServerConfig()) as live:
+        for name in ("kept", "churn-1", "churn-2"):
+            assert upload(live.base_url, name, adapter_files(paths["r4-attn"])).status_code == 201
+            body = {"model": name, "prompt": "hi", "max_tokens": 2}
+            assert httpx.post(f"{live.base_url}/v1/completions", json=body, timeout=30).status_code == 200
+        assert adapters_in_series() == {"kept", "churn-1", "churn-2"}
+        for name in ("churn-1", "churn-2"):
+            assert httpx.delete(f"{live.base_url}/v1/adapters/{name}", timeout=30).status_code == 200
+        assert adapters_in_series() == {"kept"}
+        assert scrape(live)["lora_serve_requests"].samples  # the base's and kept's series stay
