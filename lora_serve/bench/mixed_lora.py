@@ -174,10 +174,11 @@ def report(result: dict, num_adapters: int) -> str:
     ]
     text = markdown_table(header, rows)
     base = result["base"]
-    text += (
-        f"\n\ndecode ceiling = base step / (base step + distinct adapters x {base['slot_bytes'] / 1e6:.1f} MB per "
-        f"device slot / {base['read_bandwidth'] / 1e9:.1f} GB/s read bandwidth measured here); see bench/roofline.py"
-    )
+    if "read_bandwidth" in base:  # run() measured it (gpu_check prints its own memory-bound ceiling)
+        text += (
+            f"\n\ndecode ceiling = base step / (base step + distinct adapters x {base['slot_bytes'] / 1e6:.1f} MB per "
+            f"device slot / {base['read_bandwidth'] / 1e9:.1f} GB/s read bandwidth measured here); see bench/roofline.py"
+        )
     peft_mixed = result.get(f"peft {mixed}")
     if peft_mixed:
         text += (
