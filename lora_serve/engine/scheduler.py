@@ -1,8 +1,8 @@
 """Continuous batching with chunked prefill: decides, every step, which sequences run and how many tokens each.
 
 A step holds at most `max_num_batched_tokens` tokens. Running sequences come first, decodes
-(one token each) before prompts still being prefilled, so a long prompt never stalls the
-streams; then waiting sequences are admitted first come, first served, while the batch size
+(one token each) before prompts still being prefilled, so a long prompt never keeps a stream
+out of a step (the step itself still grows with the chunk: see bench/prefill_stall.py); then waiting sequences are admitted first come, first served, while the batch size
 and the KV cache allow. A prompt is prefilled in chunks of what the step's budget has left, at
 most `long_prefill_token_threshold` tokens a step, and samples its first token only in the step
 that completes it. When the cache cannot hold the next chunk of a running sequence, the newest
