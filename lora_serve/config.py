@@ -66,11 +66,17 @@ class SchedulerConfig(_Config):
 
 
 class LoRAConfig(_Config):
-    max_loras: int = Field(8, ge=1)
-    """Adapters resident in device slots at once (one forward pass mixes up to this many)."""
+    lora_memory_gb: float | None = Field(None, gt=0)
+    """Memory for resident adapters, in GiB: each takes exactly its own rank's bytes, and as many as fit
+    are mixed in one batch (least recently used unpinned ones are evicted for others). Default: 10% of
+    the GPU's memory on CUDA; 4 GiB on CPU, where it bounds the CPU copies the matmuls read in place."""
+
+    max_loras: int | None = Field(None, ge=1)
+    """Optional cap on adapters resident at once, so one batch mixes at most this many (vLLM's flag).
+    Default: no cap (lora_memory_gb decides)."""
 
     max_cpu_loras: int | None = Field(None, ge=1)
-    """Adapters kept in CPU memory (LRU). Default: 4 x max_loras. Must be >= max_loras."""
+    """Optional cap on adapters kept in CPU memory (LRU) beside their byte bound. Must be >= max_loras."""
 
     max_lora_rank: int = Field(64, ge=1, le=1024)
     """Largest adapter rank accepted."""
@@ -119,17 +125,13 @@ class LoRAConfig(_Config):
     def _check(self) -> "LoRAConfig":
         if self.unmerge_threshold >= self.merge_threshold:
             raise ValueError("unmerge_threshold must be below merge_threshold")
-        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+        if self.max_cpu_loras is not None and self.max_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         for spec in self.lora_modules:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise ValueError(f"lora_modules entry {spec!r} must look like name=path")
         return self
-
-    @property
-    def cpu_capacity(self) -> int:
-        return self.max_cpu_loras if self.max_cpu_loras is not None else 4 * self.max_loras
 
 
 class EngineConfig(_Config):

@@ -45,7 +45,7 @@ class EngineCollector:
             "Adapters of running and waiting requests (value: the time of the scrape).",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        info.add_metric([",".join(sorted(running)), ",".join(sorted(waiting)), str(lora.max_loras)], time.time())
+        info.add_metric([",".join(sorted(running)), ",".join(sorted(waiting)), str(lora.max_loras or 0)], time.time())
         yield info
         residency = GaugeMetricFamily(
             "lora_serve_adapter_residency", "1 for the tier each adapter is in now.", labels=["adapter", "tier"]

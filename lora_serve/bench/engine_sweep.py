@@ -65,7 +65,7 @@ def sweep(
             base_step_s = num_seqs / new["base"]["decode_tok_s"]
             for label, row in new.items():  # a full decode step holds min(N, slots) distinct adapters
                 k = min(n, slots, num_seqs) if label == UNMERGED else 0
-                row["decode_ceiling"] = decode_ceiling(base_step_s, k, engine.lora.slot_bytes(), bandwidth)
+                row["decode_ceiling"] = decode_ceiling(base_step_s, k, engine.lora.adapter_bytes(names[0]), bandwidth)
             rows += new.values()
             if with_peft:
                 peft = peft_rounds(model_path, Path(tmp), names, spread, prompts, decode_steps, repeats)

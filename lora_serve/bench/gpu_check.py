@@ -111,7 +111,7 @@ def _guarded(what: str, fn, *args):
 
 def _add_adapters(engine: RandomEngine, n: int, rank: int, seed: int) -> list[str]:
     drawn = random_lora_model("gpu-check-0", engine.arch, rank, seed)
-    drawn = engine.lora.slot_writer.host_copy(drawn)  # pinned once on CUDA; the others share its tensors
+    drawn = engine.lora.slot_writer.host_copy(drawn, engine.lora.residency.layout)  # packed once; the others share its tensors
     names = []
     for i in range(n):
         factor = 1.0 + i / n

@@ -35,7 +35,7 @@ def _case(arch: ModelArch, modules: tuple[str, ...], max_rank: int, dtype: torch
     shapes = projection_shapes(arch)
     fan_in = shapes[modules[0]][0]
     linear = Linear(fan_in, {m: shapes[m][1] for m in modules}, False, dtype, device)
-    slots = ProjectionSlots(linear, NUM_SLOTS, max_rank, device, slot_dtype)
+    slots = ProjectionSlots(linear, device, slot_dtype)
     weights: dict[int, list[LoRAWeights | None]] = {}
     for slot in range(NUM_SLOTS):
         per_slice = []

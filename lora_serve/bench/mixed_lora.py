@@ -59,8 +59,8 @@ def run(
         base_step_s = num_seqs / result["base"]["decode_tok_s"]
         for label, (seq_loras, merged) in configs.items():  # a merged adapter's rows run the bare base
             k = len({name for name in seq_loras if name is not None and name != merged})
-            result[label]["decode_ceiling"] = decode_ceiling(base_step_s, k, engine.lora.slot_bytes(), bandwidth)
-        result["base"].update(read_bandwidth=bandwidth, slot_bytes=engine.lora.slot_bytes())
+            result[label]["decode_ceiling"] = decode_ceiling(base_step_s, k, engine.lora.adapter_bytes(names[0]), bandwidth)
+        result["base"].update(read_bandwidth=bandwidth, adapter_bytes=engine.lora.adapter_bytes(names[0]))
         if with_peft:
             result.update(peft_rounds(model_path, Path(tmp), names, loras, prompts, decode_steps, repeats))
     return result
@@ -176,8 +176,8 @@ def report(result: dict, num_adapters: int) -> str:
     base = result["base"]
     if "read_bandwidth" in base:  # run() measured it (gpu_check prints its own memory-bound ceiling)
         text += (
-            f"\n\ndecode ceiling = base step / (base step + distinct adapters x {base['slot_bytes'] / 1e6:.1f} MB per "
-            f"device slot / {base['read_bandwidth'] / 1e9:.1f} GB/s read bandwidth measured here); see bench/roofline.py"
+            f"\n\ndecode ceiling = base step / (base step + distinct adapters x {base['adapter_bytes'] / 1e6:.1f} MB per "
+            f"adapter / {base['read_bandwidth'] / 1e9:.1f} GB/s read bandwidth measured here); see bench/roofline.py"
         )
     peft_mixed = result.get(f"peft {mixed}")
     if peft_mixed:

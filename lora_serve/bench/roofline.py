@@ -1,15 +1,14 @@
 """The ceiling a mixed-adapter decode step can reach on this machine, printed beside what it reaches.
 
-A decode step with k distinct adapters reads the base's weights and, on top, each adapter's device
-slot: its A and B for every projection, padded to max_lora_rank (one row per adapter, so no reuse
-of those bytes within the step). With the base's decode step time T and the machine's read
+A decode step with k distinct adapters reads the base's weights and, on top, each adapter's A and B
+for every projection it targets, at its own rank (one row per adapter, so no reuse of those bytes
+within the step). With the base's decode step time T and the machine's read
 bandwidth W, both measured in the same run:
 
-    ceiling(k) = T / (T + k · slot_bytes / W)      (decode throughput, as a ratio to the base's)
+    ceiling(k) = T / (T + k · adapter_bytes / W)      (decode throughput, as a ratio to the base's)
 
 measured/ceiling near 1 means the adapters cost what reading their bytes costs: the ratio rises only
-with fewer bytes per adapter row (16-bit slots, exact ranks instead of max_lora_rank, rows sharing an
-adapter). Well under 1 means time goes elsewhere (dispatch, gathers, uneven segments).
+with fewer bytes per adapter row (16-bit slots, rows sharing an adapter). Well under 1 means time goes elsewhere (dispatch, gathers, uneven segments).
 """
 
 from __future__ import annotations
@@ -33,6 +32,6 @@ def read_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
     return nbytes / best
 
 
-def decode_ceiling(base_step_s: float, num_adapters: int, slot_bytes: int, bandwidth: float) -> float:
+def decode_ceiling(base_step_s: float, num_adapters: int, adapter_bytes: int, bandwidth: float) -> float:
     """The best decode throughput ratio to the base a step with `num_adapters` distinct adapters can have."""
-    return base_step_s / (base_step_s + num_adapters * slot_bytes / bandwidth)
+    return base_step_s / (base_step_s + num_adapters * adapter_bytes / bandwidth)

@@ -24,7 +24,7 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator
     lora_name: str | None = None
-    lora_slot: int | None = None  # device slot pinned while running (see lora/manager.py)
+    lora_slot: int | None = None  # its adapter's slot, pinned while running (see lora/residency.py)
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)

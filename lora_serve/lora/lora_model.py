@@ -58,6 +58,7 @@ class LoRAModel:
     num_params: int  # elements of all A and B
     num_bytes: int  # size of adapter_model.safetensors
     sha256: str  # of adapter_model.safetensors
+    flat: torch.Tensor | None = None  # [num_params] float32 holding every A and B once packed (see packed())
 
     @classmethod
     def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> "LoRAModel":
@@ -82,19 +83,33 @@ class LoRAModel:
             sha256=hashlib.sha256(data).hexdigest(),
         )
 
-    def pinned(self) -> "LoRAModel":
-        """The same adapter with every A and B in one page-locked buffer (CUDA copies from it are asynchronous)."""
-        if all(w.A.is_pinned() and w.B.is_pinned() for w in self.weights.values()):
+    def packed(self, projections: list[tuple[int, tuple[str, ...]]], pin: bool = False) -> "LoRAModel":
+        """The same adapter with every A and B in one float32 buffer (`flat`), laid out projection by
+        projection ((layer, slice names) in the base's order) as [A of each targeted slice][B of each]:
+        the A rows of a fused projection's slices are then one [sum of ranks, in] view (one shrink covers
+        them), and a device copy of the adapter is one copy of `flat` (residency.py). pin: page-locked
+        memory, from which CUDA copies are asynchronous. Returns self when already packed that way."""
+        if self.flat is not None and self.flat.is_pinned() == pin:
             return self
-        flat = torch.empty(self.num_params, dtype=torch.float32, pin_memory=True)
+        flat = torch.empty(self.num_params, dtype=torch.float32, pin_memory=pin)
         weights, offset = {}, 0
-        for key, w in self.weights.items():
-            A = flat[offset : offset + w.A.numel()].view_as(w.A).copy_(w.A)
-            offset += w.A.numel()
-            B = flat[offset : offset + w.B.numel()].view_as(w.B).copy_(w.B)
-            offset += w.B.numel()
-            weights[key] = replace(w, A=A, B=B)
-        return replace(self, weights=weights)
+        for layer, names in projections:
+            keys = [(layer, n) for n in names if (layer, n) in self.weights]
+            views: dict[tuple[int, str], dict[str, torch.Tensor]] = {k: {} for k in keys}
+            for half in ("A", "B"):
+                for key in keys:
+                    src = getattr(self.weights[key], half)
+                    views[key][half] = flat[offset : offset + src.numel()].view_as(src).copy_(src)
+                    offset += src.numel()
+            weights.update({k: replace(self.weights[k], **v) for k, v in views.items()})
+        if weights.keys() != self.weights.keys():
+            raise ValueError(f"adapter {self.name!r} targets projections the base does not have")
+        return replace(self, weights=weights, flat=flat)
+
+    def flat_offset(self, t: torch.Tensor) -> int:
+        """Where tensor `t` (a view of `flat`) starts in `flat`, in elements."""
+        assert self.flat is not None
+        return t.storage_offset() - self.flat.storage_offset()
 
     def size_vs_base(self, base_params: int) -> dict[str, Any]:
         if base_params <= 0:

@@ -1,20 +1,21 @@
 """The two cache tiers of adapters and the per-step LoRA batch.
 
-disk (registry)  --acquire(), any thread, blocking I/O-->  CPU (LRU, max_cpu_loras)
-CPU              --try_admit(), engine thread, a copy-->  device slots (LRU, max_loras)
+disk (registry)  --acquire(), any thread, blocking I/O-->  CPU (LRU, max_cpu_loras, bytes)
+CPU              --try_admit(), engine thread-->  device (residency.py: LRU in a byte budget)
 
 A request holds a reference on its adapter's CPU copy from `acquire` to `release`
 (the API does both around the request), so an adapter in use is never dropped from
 CPU. max_cpu_loras is a hard bound on the copies held (and being read) at once: when
 they are all in use, `acquire` for another adapter waits until a request releases
-one. That always comes: max_cpu_loras >= max_loras, so the requests holding copies
-run (or wait for a device slot that running ones free) and finish. The merged
+one. That always comes: the CPU tier holds at least as many adapters as the device, so the
+requests holding copies run (or wait for device room that running ones free) and finish. Serving
+on CPU, the CPU tier is the device memory (residency.py): lora_memory_gb bounds its bytes. The merged
 adapter's copy is counted apart, as its negated copy has a slot of its own; at most
 one copy more is resident meanwhile, and it is not held by a request that could wait.
-A running sequence pins its device slot; pinned slots are never evicted. When
-every slot is pinned, a sequence for another adapter waits in the queue (the
+A running sequence pins its adapter's residency; pinned adapters are never evicted. When
+no room can be made, a sequence for another adapter waits in the queue (the
 scheduler lets later requests whose adapter is resident go ahead, and retries the
-waiting one first at every step, so it gets the next slot that frees up).
+waiting one first at every step, so it gets the next room that frees up).
 Reading from disk never happens on the engine thread, so decoding goes on while an
 adapter loads. Replicas may share adapter_dir: `sync_with_adapter_dir` registers a folder
 another replica stored and unregisters one it deleted, on the next request naming it.
@@ -36,11 +37,15 @@ from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
-from .errors import AdapterBusyError, AdapterError, AdapterExistsError, AdapterMergedError, AdapterNotFoundError
+from .budget import LoRAMemory
+from .errors import (
+    AdapterBusyError, AdapterError, AdapterExistsError, AdapterMergedError, AdapterNotFoundError, AdapterTooLargeError,
+)
 from .lora_model import CONFIG_FILE, LoRAModel, LoRAWeights
-from .merge import MergedWeights, negated
+from .merge import MergedWeights
 from .registry import AdapterRecord, AdapterRegistry, check_name
-from .slots import ProjectionSlots, resolve_lora_dtype
+from .residency import Residency
+from .slots import resolve_lora_dtype
 from .store import read_owner
 from .backend import lora_batch_class
 from .slot_writes import SlotWriter
@@ -59,12 +64,9 @@ class LoRAManager:
         self._lock = threading.RLock()
         self._cpu_freed = threading.Condition(self._lock)  # notified when a CPU copy may have become evictable
         self._cpu: OrderedDict[str, LoRAModel] = OrderedDict()  # LRU order, oldest first
-        self._loading: set[str] = set()  # being read from disk by acquire(): each holds a place in the CPU tier
+        self._loading: dict[str, int] = {}  # being read from disk by acquire(), with their bytes: each holds a place
         self._refs: dict[str, int] = {}  # in-flight requests per adapter (those waiting for a CPU place too)
         self.peak_cpu_loras = 0  # most CPU places taken at once (copies + reads), for tests and metrics
-        self._slot_names: list[str | None] = [None] * config.max_loras
-        self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(config.max_loras))
-        self._pins = [0] * config.max_loras
         self.num_loads = 0  # adapters read from disk into CPU memory: at registration, and again after eviction
         self.num_evictions = 0
         self.num_merges = 0
@@ -73,19 +75,15 @@ class LoRAManager:
         self.base_params = sum(p.numel() for p in model.parameters())
         self.batch_cls = lora_batch_class(model.device, config.lora_backend)
         self.slot_writer = SlotWriter(model.device)  # side-stream copies from pinned memory on CUDA
-        self.unmerge_slot = config.max_loras  # one extra slot: the merged adapter, negated (see merge.py)
         self.slot_dtype = resolve_lora_dtype(config.lora_dtype, model.device, model.dtype)
         # An adapter's update is checked against the narrower of the base's and the slots' dtypes.
         narrowest = min((model.dtype, self.slot_dtype), key=lambda d: torch.finfo(d).max)
         self.registry = AdapterRegistry(model.arch, config.max_lora_rank, base_name, narrowest)
-        log.info("LoRA slots: %d of rank %d in %s", config.max_loras, config.max_lora_rank, self.slot_dtype)
-        # [(layer, slice names, slots)] for every projection; slots are filled per adapter.
-        self._projections: list[tuple[int, tuple[str, ...], ProjectionSlots]] = []
-        for i, layer in enumerate(model.layers):
-            for linear in layer.linears():
-                slots = ProjectionSlots(linear, config.max_loras + 1, config.max_lora_rank, model.device, self.slot_dtype)
-                linear.lora_slots = slots
-                self._projections.append((i, linear.slice_names, slots))
+        self.memory = LoRAMemory.resolve(config, model, self.slot_dtype)
+        self.max_loras = config.max_loras
+        device_budget = self.memory.budget_bytes if not self.memory.shared else 0
+        self.residency = Residency(model, self.slot_dtype, device_budget, config.max_loras, self.slot_writer)
+        self.memory.log()
 
     # --- registry ------------------------------------------------------------------------------
 
@@ -97,8 +95,14 @@ class LoRAManager:
         # Before validation: a folder replaced after this stat is caught (and read again) on its next use.
         folder_id = _folder_id(path) if in_store else None
         auto_merge = not in_store or read_owner(path) is None
-        record, loaded = self.registry.add(name, path, origin, model or self.read(name, path, origin), folder_id, auto_merge)
-        loaded = self.slot_writer.host_copy(loaded)
+        model = model or self.read(name, path, origin)
+        if 4 * model.num_params > self.memory.cpu_bytes:
+            raise AdapterTooLargeError(
+                f"adapter {name!r} needs {4 * model.num_params / 1e6:.0f} MB of CPU memory; the adapter memory "
+                f"budget (lora_memory_gb) holds {self.memory.cpu_bytes / 1e6:.0f} MB", param="adapter_model",
+            )
+        record, loaded = self.registry.add(name, path, origin, model, folder_id, auto_merge)
+        loaded = self.slot_writer.host_copy(loaded, self.residency.layout)
         log.info(
             "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
             name, origin, "/".join(map(str, record.ranks)), ",".join(record.targets),
@@ -223,7 +227,7 @@ class LoRAManager:
             self.unmerge()
             self._refs[name] = self._refs.get(name, 0) + 1
             self.merged.merge(model)
-            self._fill_slot(self.unmerge_slot, f"-{name}", dict(negated(model)))
+            self.residency.set_merged(model)
             self.num_merges += 1
         log.info("merged adapter %s into the base weights", name)
 
@@ -234,20 +238,22 @@ class LoRAManager:
             if name is None:
                 return
             self.merged.unmerge()
-            self._clear_slot(self.unmerge_slot)
+            self.residency.set_merged(None)
             self.release(name)
         log.info("unmerged adapter %s", name)
 
-    def slot_bytes(self) -> int:
-        """Bytes one device slot holds over every projection (A and B, padded to max_lora_rank): what a
-        decode step reads for each distinct adapter in its batch."""
-        return sum(s.A[0].nbytes + sum(b[0].nbytes for b in s.B) for _, _, s in self._projections)
+    def adapter_bytes(self, name: str) -> int:
+        """Bytes a decode step reads for `name` when it is in the batch: its A and B at their exact ranks."""
+        return self.registry.get(name).num_params * self.slot_dtype.itemsize
 
     def location(self, name: str) -> str:
-        with self._lock:
-            if name in self._slot_names:
-                return "device"
-            return "cpu" if name in self._cpu else "disk"
+        if self.residency.is_resident(name) or (self.residency.shared and name in self._cpu):
+            return "device"  # shared: the CPU copy is what the matmuls read
+        return "cpu" if name in self._cpu else "disk"
+
+    def is_resident(self, name: str) -> bool:
+        """Admitting a request on `name` now moves no weights (the scheduler prefers such requests)."""
+        return self.location(name) == "device"
 
     # --- disk -> CPU (request threads) -----------------------------------------------------------
 
@@ -268,8 +274,8 @@ class LoRAManager:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if (remaining is not None and remaining <= 0) or (abandoned is not None and abandoned.is_set()):
                         raise AdapterBusyError(
-                            f"adapter {name!r} cannot be loaded now: every CPU place (max_cpu_loras "
-                            f"{self.config.cpu_capacity}) holds an adapter in use",
+                            f"adapter {name!r} cannot be loaded now: the CPU tier's room (lora_memory_gb, "
+                            f"max_cpu_loras) is held by adapters in use",
                             param="model",
                         )
                     self._cpu_freed.wait(remaining)
@@ -280,18 +286,18 @@ class LoRAManager:
                 raise
             if name in self._cpu:
                 return
-            self._loading.add(name)
-            self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_places_taken())
+            self._loading[name] = self._cpu_bytes_of(record)
+            self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_usage()[0])
         try:
-            loaded = self.slot_writer.host_copy(self.read(name, record.path, record.origin))
+            loaded = self.slot_writer.host_copy(self.read(name, record.path, record.origin), self.residency.layout)
         except BaseException:
             with self._cpu_freed:
-                self._loading.discard(name)
+                self._loading.pop(name, None)
                 self._cpu_freed.notify_all()
                 self.release(name)
             raise
         with self._cpu_freed:
-            self._loading.discard(name)
+            self._loading.pop(name, None)
             self._cpu[name] = loaded
             self._cpu_freed.notify_all()  # those waiting for this very adapter
 
@@ -328,125 +334,78 @@ class LoRAManager:
                 self._cpu_freed.notify_all()
 
     def _take_cpu_place(self, name: str) -> bool:
-        """True when `name` is resident (now most recently used) or a place was freed for reading it;
-        False while another thread reads it, or every place is held by adapters in use. Lock held."""
+        """True when `name` is resident (now most recently used) or room was freed for reading it;
+        False while another thread reads it, or the room is held by adapters in use. Lock held."""
         if name in self._cpu:
             self._cpu.move_to_end(name)
             return True
         if name in self._loading:
             return False
-        if self._cpu_places_taken() < self.config.cpu_capacity:
-            return True
-        victim = next((n for n in self._cpu if self._refs.get(n, 0) == 0), None)
-        if victim is None:
-            return False
-        del self._cpu[victim]
-        self.num_evictions += 1
+        need = self._cpu_bytes_of(self.registry.get(name))
+        while not self._cpu_fits(1, need):
+            victim = next((n for n in self._cpu if self._refs.get(n, 0) == 0), None)
+            if victim is None:
+                return False
+            del self._cpu[victim]
+            self.num_evictions += 1
         return True
 
-    def _cpu_places_taken(self) -> int:
-        merged = self.merged.name is not None and self.merged.name in self._cpu  # held by merge(): never evicted
-        return len(self._cpu) + len(self._loading) - int(merged)
+    def _cpu_usage(self) -> tuple[int, int]:
+        """(places, bytes) the CPU tier holds: copies and reads in progress; the merged adapter's copy,
+        held by merge(), never evicted and with a slot of its own, is not counted."""
+        merged = self.merged.name
+        held = [4 * m.num_params for n, m in self._cpu.items() if n != merged] + list(self._loading.values())
+        return len(held), sum(held)
+
+    def _cpu_fits(self, places: int, num_bytes: int) -> bool:
+        taken, used = self._cpu_usage()
+        limit = self.memory.max_cpu_loras
+        return (limit is None or taken + places <= limit) and used + num_bytes <= self.memory.cpu_bytes
+
+    @staticmethod
+    def _cpu_bytes_of(record: AdapterRecord) -> int:
+        return 4 * record.num_params  # CPU copies are float32
 
     def _evict_cpu(self) -> None:
-        # Evict least recently used copies no request holds (a copy just registered included) down to the bound.
+        # Evict least recently used copies no request holds (a copy just registered included) down to the bounds.
         for name in list(self._cpu):
-            if self._cpu_places_taken() <= self.config.cpu_capacity:
+            if self._cpu_fits(0, 0):
                 break
             if self._refs.get(name, 0) == 0:
                 del self._cpu[name]
                 self.num_evictions += 1
-        self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_places_taken())
+        self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_usage()[0])
 
     def _purge(self, name: str) -> None:
         self._cpu.pop(name, None)
-        if name in self._slot_names:
-            slot = self._slot_names.index(name)
-            if self._pins[slot] == 0:
-                self._clear_slot(slot)
+        self.residency.drop(name)  # refs are 0: nothing pins it
         self.registry.remove(name)
 
     # --- CPU -> device slots (engine thread) ----------------------------------------------------
 
     def try_admit(self, seq: Sequence) -> bool:
-        """Pin a device slot holding seq's adapter; False if none can be had this step."""
+        """Pin seq's adapter on the device; False if no room can be made for it this step."""
         name = seq.lora_name
         if name is None:
             return True
         with self._lock:
-            if name in self._slot_names:
-                slot = self._slot_names.index(name)
-            else:
-                weights = self._cpu.get(name)
-                slot = next((s for s in self._slot_lru if self._pins[s] == 0), None)
-                if weights is None or slot is None:
-                    return False
-                self._fill_slot(slot, name, weights.weights)
-            self._pins[slot] += 1
-            self._slot_lru.move_to_end(slot)
-            seq.lora_slot = slot
-            return True
+            model = self._cpu.get(name)  # held there by the request's reference
+            slot = None if model is None else self.residency.pin(name, model, self.registry.get(name))
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True
 
     def release_slot(self, seq: Sequence) -> None:
         if seq.lora_name is None or seq.lora_slot is None:
             return
         with self._lock:
-            self._pins[seq.lora_slot] -= 1
+            self.residency.unpin(seq.lora_name)
             seq.lora_slot = None
 
-    def _fill_slot(self, slot: int, name: str, weights: dict[tuple[int, str], LoRAWeights]) -> None:
-        if slot < self.max_loras and self._slot_names[slot] is not None:
-            self.num_evictions += 1
-        with self.slot_writer.writing():
-            for layer, names, slots in self._projections:
-                slots.fill(slot, [weights.get((layer, n)) for n in names])
-                self.slot_writer.mark_written(slots)
-        if slot < self.max_loras:
-            self._slot_names[slot] = name
-        log.info("adapter %s -> device slot %d", name, slot)
-
-    def _clear_slot(self, slot: int) -> None:
-        with self.slot_writer.writing():
-            for _, _, slots in self._projections:
-                slots.clear(slot)
-                self.slot_writer.mark_written(slots)
-        if slot < self.max_loras:
-            self._slot_names[slot] = None
-
-    # --- per step -------------------------------------------------------------------------------
-
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> LoRABatch | None:
-        """Order the batch in place and build its segments. Rows: adapters by slot, then base-only,
-        then the merged adapter's. Base-only rows get no delta at all; while an adapter is merged,
-        every row before its own gets the negated merged adapter (one extra segment)."""
-        merged = self.merged.name
-        if merged is None and all(s.lora_slot is None for s in seqs):
-            return None
-
-        def group(i: int) -> tuple[int, int]:
-            s = seqs[i]
-            if merged is not None and s.lora_name == merged:
-                return (2, 0)
-            return (1, 0) if s.lora_slot is None else (0, s.lora_slot)
-
-        order = sorted(range(len(seqs)), key=group)
-        groups = [group(i) for i in order]
-        seqs[:] = [seqs[i] for i in order]
-        num_new_tokens[:] = [num_new_tokens[i] for i in order]
-        segments: list[tuple[int, int, int]] = []
-        row = 0
-        for (kind, slot), n in zip(groups, num_new_tokens):
-            if kind == 2:
-                break
-            if kind == 0:
-                if segments and segments[-1][0] == slot and segments[-1][2] == row:
-                    segments[-1] = (slot, segments[-1][1], row + n)
-                else:
-                    segments.append((slot, row, row + n))
-            row += n
-        if merged is not None and row > 0:
-            segments.append((self.unmerge_slot, 0, row))
-        return self.batch_cls(segments) if segments else None  # merged-only batches run the bare base path
+        """The step's LoRA batch (residency.py), the batch ordered by adapter in place."""
+        return self.residency.prepare(seqs, num_new_tokens, self.merged.name, self.batch_cls)
 
 
 def _folder_id(path) -> tuple[int, int, int] | None:

@@ -24,9 +24,10 @@ class SlotWriter:
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def host_copy(self, model: LoRAModel) -> LoRAModel:
-        """The CPU-tier copy of an adapter: pinned when slots are on CUDA (pinned copies can be asynchronous)."""
-        return model.pinned() if self.stream is not None else model
+    def host_copy(self, model: LoRAModel, layout: list[tuple[int, tuple[str, ...]]]) -> LoRAModel:
+        """The CPU-tier copy of an adapter: packed per projection (LoRAModel.packed), pinned when slots
+        are on CUDA (copies from pinned memory can be asynchronous)."""
+        return model.packed(layout, pin=self.stream is not None)
 
     @contextmanager
     def writing(self) -> Iterator[None]:

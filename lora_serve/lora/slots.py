@@ -1,25 +1,30 @@
-"""Device slots holding the LoRA weights of resident adapters, one `ProjectionSlots` per projection.
+"""The resident adapters of one projection, by slot: what the LoRA backends read.
 
-Layout per projection with slices s = 1..n (q/k/v, gate/up, or one):
-  A: [max_loras, n * max_rank, in]  the slices' A matrices packed row-wise, so the shrink
-     x·Aᵀ of all slices is one matmul on the first `total_rank[slot]` rows;
-  B: n tensors [max_loras, out_s, max_rank]  the nn.Linear layout; used as B.t(), which MKL
-     multiplies about 3x faster than a contiguous [r, out] (shared/RESEARCH.md). The
-     adapter's scale (alpha/r or alpha/sqrt(r)) is folded into B when the slot is filled.
+A slot is an index into this table, not a block of memory: each entry views its adapter's own
+tensors at their exact ranks (residency.py owns the memory), so nothing is padded to
+max_lora_rank and a table holds as many adapters as the device memory budget does.
+Per entry, for a projection with output slices s = 1..n (q/k/v, gate/up, or one):
+  A: [R, in]  the targeted slices' A matrices packed row-wise in slice order (R = the sum of their
+     ranks), so the shrink x·Aᵀ of all slices is one matmul;
+  per targeted slice (output columns, first column of x·Aᵀ, end column, B [out_s, r], scale):
+     B in the nn.Linear layout, used as B.t(), which MKL multiplies about 3x faster than a
+     contiguous [r, out] (shared/RESEARCH.md). The scale (alpha/r, or alpha/sqrt(r)) is applied
+     in float32 by the backends, so the stored weights are the adapter's own, rounded at most once.
 Their dtype is LoRAConfig.lora_dtype (`resolve_lora_dtype`): by default float32 on CPU, where small
 bf16 matmuls cost more than fp32, and the base's dtype on CUDA, as vLLM does: a decode step reads
-every adapter of the batch, and float32 slots double those bytes (64 rank-16 adapters on all seven
-projections of Llama-3-8B: 10.7 GB in float32, 5.4 GB in bfloat16, next to the base's 16.1 GB).
-In a bf16/fp16 slot the scale is still applied in float32, before the one rounding to the slot
-dtype; the backends keep the low-rank intermediate x·Aᵀ in float32, which needs the precision.
+every adapter of the batch, and float32 doubles those bytes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..model.linear import Linear
 from .lora_model import LoRAWeights
+
+Signature = tuple[tuple[int, int, int], ...]  # ((slice index, first column of x·Aᵀ, end column), ...)
 
 
 def resolve_lora_dtype(name: str, device: torch.device, base_dtype: torch.dtype) -> torch.dtype:
@@ -29,69 +34,62 @@ def resolve_lora_dtype(name: str, device: torch.device, base_dtype: torch.dtype)
     return getattr(torch, name)
 
 
+@dataclass(eq=False)
+class SlotEntry:
+    """One resident adapter on one projection."""
+
+    A: torch.Tensor  # [R, in], the targeted slices' A rows packed in slice order
+    layout: list[tuple[slice, int, int, torch.Tensor, float]]  # per targeted slice: (out columns, r0, r1, B [out_s, r], scale)
+    signature: Signature  # entries with equal signatures pack alike: one batched matmul over them is exact
+    scales: torch.Tensor  # [1, R] float32: each column of x·Aᵀ's scale (grouped matmuls scale before the expand)
+
+
 class ProjectionSlots:
-    def __init__(self, linear: Linear, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, linear: Linear, device: torch.device, dtype: torch.dtype = torch.float32):
         self.out_slices = [linear.slice_of(name) for name in linear.slice_names]
-        n = len(self.out_slices)
-        self.A = torch.zeros(max_loras, n * max_rank, linear.in_features, dtype=dtype, device=device)
-        self.B = [torch.zeros(max_loras, s.stop - s.start, max_rank, dtype=dtype, device=device) for s in self.out_slices]
-        # Per slot, views made once when the slot is filled (the step loop then does no view
-        # arithmetic): A rows in use [total_rank, in], and per targeted slice
-        # (output columns, first column of x·Aᵀ, last column, Bᵀ view [r, out_s]).
-        self.total_rank = [0] * max_loras
-        self.A_used: list[torch.Tensor | None] = [None] * max_loras
-        self.layout: list[list[tuple[slice, int, int, torch.Tensor]]] = [[] for _ in range(max_loras)]
-        # The same layout for the fused kernels (triton_ops.py), on the device: int32 [slot, 2, n],
-        # [:, 0] each slice's rank (0: not targeted), [:, 1] its first row in A.
-        self.kernel_meta = torch.zeros(max_loras, 2, n, dtype=torch.int32, device=device)
+        self.in_features = linear.in_features
+        self.device, self.dtype = device, dtype
+        self.entries: list[SlotEntry | None] = []  # by slot; None: free, or the adapter does not target this projection
+        self.version = 0  # bumped by every fill and clear: the Triton backend rebuilds its tables on change
+        self.kernel_tables: object | None = None  # the Triton backend's cache (triton_ops.KernelTables)
         # On CUDA, slots are written on a side stream (slot_writes.py); the step waits on this event
         # before it reads them.
         self.written: torch.cuda.Event | None = None
-        # Per slot, ((slice index, first column, last column), ...): slots with equal signatures
-        # pack A and B alike, so one batched matmul over them is exact (torch_ops.py).
-        self.signature: list[tuple[tuple[int, int, int], ...]] = [()] * max_loras
 
-    def fill(self, slot: int, weights: list[LoRAWeights | None]) -> None:
-        """Copy one adapter's weights for this projection (one entry per slice, None = not targeted)."""
-        self.clear(slot)
-        row = 0
-        meta = [[0] * len(weights), [0] * len(weights)]  # kernel_meta[slot]: ranks, first rows
+    def fill(self, slot: int, weights: list[LoRAWeights | None], packed_A: torch.Tensor | None = None) -> None:
+        """Point `slot` at one adapter's weights for this projection (one entry per slice, None = not
+        targeted). packed_A: the targeted slices' A already packed [R, in] in the slots' dtype (a view
+        of the adapter's device copy, residency.py); without it, A and B are copied into that layout."""
+        layout, signature, row = [], (), 0
         for s, w in enumerate(weights):
             if w is None:
                 continue
             r = w.A.shape[0]
-            # non_blocking + scaling on the device: from pinned memory a CUDA fill does not hold up the host
-            # (a non_blocking copy_ to another dtype converts on the device too).
-            self.A[slot, row : row + r].copy_(w.A, non_blocking=True)
-            if self.A.dtype == torch.float32:
-                self.B[s][slot, :, :r].copy_(w.B, non_blocking=True).mul_(w.scale)
-            else:  # scaled in float32, then rounded once
-                self.B[s][slot, :, :r].copy_(w.B.to(self.A.device, torch.float32, non_blocking=True) * w.scale)
-            meta[0][s], meta[1][s] = r, row
-            self.layout[slot].append((self.out_slices[s], row, row + r, self.B[s][slot, :, :r].t()))
-            self.signature[slot] += ((s, row, row + r),)
+            B = w.B.to(self.device, self.dtype).contiguous()  # no copy when it already is (residency's views)
+            layout.append((self.out_slices[s], row, row + r, B, float(w.scale)))
+            signature += ((s, row, row + r),)
             row += r
-        self.total_rank[slot] = row
-        self.A_used[slot] = self.A[slot, :row].t() if row else None  # [in, total_rank]
-        self._set_kernel_meta(slot, meta)
+        while len(self.entries) <= slot:
+            self.entries.append(None)
+        self.version += 1
+        if not layout:
+            self.entries[slot] = None
+            return
+        if packed_A is None:
+            packed_A = torch.cat([w.A for w in weights if w is not None]).to(self.device, self.dtype)
+        if packed_A.shape != (row, self.in_features):
+            raise ValueError(f"packed A is {tuple(packed_A.shape)}, the slices need {(row, self.in_features)}")
+        scales = torch.cat([torch.full((r1 - r0,), scale) for _, r0, r1, _, scale in layout]).view(1, row)
+        self.entries[slot] = SlotEntry(packed_A, layout, signature, scales.to(self.device))
 
     def clear(self, slot: int) -> None:
-        # Zeroing is not needed for correctness (only layout rows are read) but keeps dumps honest.
-        self.A[slot].zero_()
-        for b in self.B:
-            b[slot].zero_()
-        self.total_rank[slot] = 0
-        self.A_used[slot] = None
-        self.layout[slot] = []
-        self.signature[slot] = ()
-        self._set_kernel_meta(slot, [[0] * len(self.B)] * 2)
-
-    def _set_kernel_meta(self, slot: int, meta: list[list[int]]) -> None:
-        # non_blocking: a blocking copy would wait for every weight copy queued before it.
-        self.kernel_meta[slot].copy_(torch.tensor(meta, dtype=torch.int32), non_blocking=True)
+        while len(self.entries) <= slot:  # every slot a batch names has a row, here and in the kernels' tables
+            self.entries.append(None)
+        self.entries[slot] = None
+        self.version += 1
 
     def wait_written(self) -> None:
         """Make the current CUDA stream wait for the last slot write (no-op on CPU or when none is pending)."""
         event, self.written = self.written, None
         if event is not None:
-            torch.cuda.current_stream(self.A.device).wait_event(event)
+            torch.cuda.current_stream(self.device).wait_event(event)

@@ -3,16 +3,17 @@
 The batch is ordered by adapter slot once per step, so each adapter's tokens form one
 contiguous run of rows (a segment, as in Punica's SGMV). Two ways to apply a step's segments:
 
-- grouped: when many short segments (decode) use slots of one layout, one `bmm` shrink over
-  the slot range and one `bmm` expand per slice cover all of them. A decode step with 32
-  adapters then costs 4 batched matmuls per projection instead of 32 x 4 small ones; the
-  per-op dispatch of the small ones was most of the LoRA time on CPU (docs/benchmarks.md).
+- grouped: when many short segments (decode) use adapters of one layout on a projection, their
+  A and B are stacked and one `bmm` shrink and one `bmm` expand per slice cover all of them.
+  A decode step with 32 adapters then costs a few batched matmuls per projection instead of
+  32 x 4 small ones; the per-op dispatch of the small ones was most of the LoRA time on CPU
+  (docs/benchmarks.md). The stacking copies the batch's adapters once per projection into a
+  block that stays in cache for the matmuls right after it; each adapter keeps its exact rank.
 - per segment: one shrink x[lo:hi]·Aᵀ over all of the adapter's slices at once, then one
   `addmm_` per slice straight into the output view (long segments: prefill, or one adapter).
 
 Rows with no adapter are in no segment and receive nothing. Both compute in float32: bf16/fp16
-slots (LoRAConfig.lora_dtype) are upcast per step, only the slot rows and rank columns used;
-float32 slots (the CPU default) are read in place.
+slots (LoRAConfig.lora_dtype) are upcast per step; float32 slots (the CPU default) are read in place.
 """
 
 from __future__ import annotations
@@ -20,35 +21,28 @@ from __future__ import annotations
 import torch
 
 from .segments import Segment, split_passes
-from .slots import ProjectionSlots
+from .slots import ProjectionSlots, SlotEntry
 
-# Grouping pads every segment of a pass to the longest one, over every slot of its range. It is
-# chosen while segments are short and that block has at most MAX_PADDING times the real rows.
-# On a 2-core AMD EPYC (SmolLM2-135M shapes, 32 adapters, r=16) grouping won clearly at one and
-# two rows per segment, broke even around eight and lost by several times at 64 (prefill).
+# Grouping pads every segment of a group to the longest one. It is chosen while segments are short
+# and that block has at most MAX_PADDING times the real rows. On a 2-core AMD EPYC (SmolLM2-135M
+# shapes, 32 adapters, r=16) grouping won clearly at one and two rows per segment, broke even
+# around eight and lost by several times at 64 (prefill).
 MAX_SEGMENT_ROWS = 4
 MAX_PADDING = 4
 
 
 class _Group:
-    """Segments of distinct slots, applied as batched matmuls over slots s0..s1-1.
+    """Short segments of distinct slots, applied as batched matmuls where their adapters share a layout.
 
-    The rows are scattered into a zero block [s1 - s0, m, in] (m = longest segment) at
-    (slot - s0, position in segment); `dense` means each slot of the range has exactly one
-    row and they are in slot order, so the block is a view of x[lo:hi] and no copy is made."""
+    Per projection, the segments whose entries have one signature form a block [g, m, in]
+    (m = longest segment), the rows scattered into it at (segment, position in segment); `dense`
+    means every segment is one row and they follow each other, so the block is a view of x."""
 
     def __init__(self, segments: list[Segment]):
-        slots = [s for s, _, _ in segments]
-        self.s0, self.s1 = min(slots), max(slots) + 1
-        self.m = max(hi - lo for _, lo, hi in segments)
-        self.slots = slots
-        self.lo, self.hi = segments[0][1], segments[-1][2]
-        self.dense = self.m == 1 and len(segments) == self.s1 - self.s0 and slots == sorted(slots) and all(
-            a[2] == b[1] for a, b in zip(segments, segments[1:])
-        )
         self.segments = segments
-        self.src: torch.Tensor | None = None  # [rows] row of x
-        self.dst: torch.Tensor | None = None  # [rows] row of the flattened padded block
+        self.slots = [s for s, _, _ in segments]
+        self.m = max(hi - lo for _, lo, hi in segments)
+        self._indices: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def fits(segments: list[Segment]) -> bool:
@@ -57,19 +51,24 @@ class _Group:
             return False
         rows = sum(hi - lo for _, lo, hi in segments)
         longest = max(hi - lo for _, lo, hi in segments)
-        padded = (max(slots) - min(slots) + 1) * longest
-        return longest <= MAX_SEGMENT_ROWS and padded <= MAX_PADDING * rows
+        return longest <= MAX_SEGMENT_ROWS and len(segments) * longest <= MAX_PADDING * rows
 
-    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.src is None:  # once per step, on the first projection
+    def dense(self, members: tuple[int, ...] | None = None) -> bool:
+        """Whether the segments at `members` (default: all) are one row each, following each other."""
+        members = tuple(range(len(self.segments))) if members is None else members
+        lo = self.segments[members[0]][1]
+        return self.m == 1 and all(self.segments[i][1:] == (lo + j, lo + j + 1) for j, i in enumerate(members))
+
+    def indices(self, members: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of x, rows of the flattened block [g * m]) of the group's segments at `members`."""
+        if members not in self._indices:  # once per step and layout, on the first projection
             src, dst = [], []
-            for slot, lo, hi in self.segments:
+            for j, i in enumerate(members):
+                _, lo, hi = self.segments[i]
                 src.extend(range(lo, hi))
-                base = (slot - self.s0) * self.m
-                dst.extend(range(base, base + hi - lo))
-            self.src = torch.tensor(src, dtype=torch.long, device=device)
-            self.dst = torch.tensor(dst, dtype=torch.long, device=device)
-        return self.src, self.dst
+                dst.extend(range(j * self.m, j * self.m + hi - lo))
+            self._indices[members] = (torch.tensor(src, device=device), torch.tensor(dst, device=device))
+        return self._indices[members]
 
 
 class SegmentedLoRABatch:
@@ -88,66 +87,65 @@ class SegmentedLoRABatch:
         # x: [T, in], y: [T, out] (base output, updated in place)
         for segments, group in self.passes:
             if group is not None:
-                signature = _shared_signature(slots, group.slots)
-                if signature is None:  # layouts differ: per segment after all
-                    _apply_segments(slots, group.segments, x, y)
-                elif signature:  # () = no slot of the group targets this projection
-                    _apply_group(slots, group, signature, x, y)
+                _apply_group(slots, group, x, y)
             _apply_segments(slots, segments, x, y)
 
 
-def _shared_signature(slots: ProjectionSlots, used: list[int]):
-    """The one layout of the used slots that target this projection; () if none does; None if
-    they differ (then the group runs per segment). Untargeted slots are zero in A and B, so
-    their rows get exactly zero from the batched matmuls."""
-    shared = ()
-    for slot in used:
-        sig = slots.signature[slot]
-        if sig:
-            if not shared:
-                shared = sig
-            elif sig != shared:
-                return None
-    return shared
+def _layouts(slots: ProjectionSlots, group: _Group) -> dict[tuple, list[int]]:
+    """The group's segments by their entry's signature on this projection (untargeted ones left out)."""
+    by_signature: dict[tuple, list[int]] = {}
+    for i, (slot, _, _) in enumerate(group.segments):
+        entry = slots.entries[slot] if slot < len(slots.entries) else None
+        if entry is not None:
+            by_signature.setdefault(entry.signature, []).append(i)
+    return by_signature
 
 
-def _apply_group(slots: ProjectionSlots, g: _Group, signature, x: torch.Tensor, y: torch.Tensor) -> None:
-    span, total_rank = g.s1 - g.s0, signature[-1][2]
+def _apply_group(slots: ProjectionSlots, g: _Group, x: torch.Tensor, y: torch.Tensor) -> None:
+    for members in _layouts(slots, g).values():
+        if len(members) == 1:
+            _apply_segments(slots, [g.segments[members[0]]], x, y)
+            continue
+        entries: list[SlotEntry] = [slots.entries[g.segments[i][0]] for i in members]  # type: ignore[misc]
+        _apply_stacked(slots, g, tuple(members), entries, x, y)
+
+
+def _apply_stacked(slots: ProjectionSlots, g: _Group, members: tuple[int, ...], entries: list[SlotEntry],
+                   x: torch.Tensor, y: torch.Tensor) -> None:  # fmt: skip
+    n, m = len(members), g.m
     xs = x if x.dtype == torch.float32 else x.float()
-    if g.dense:
-        xp = xs[g.lo : g.hi].unsqueeze(1)  # [span, 1, in]
+    lo, hi = g.segments[members[0]][1], g.segments[members[-1]][2]
+    dense = g.dense(members)
+    if dense:
+        xp = xs[lo:hi].unsqueeze(1)  # [n, 1, in]
     else:
-        src, dst = g.indices(x.device)
-        xp = xs.new_zeros(span * g.m, xs.shape[1]).index_copy_(0, dst, xs.index_select(0, src))
-        xp = xp.view(span, g.m, -1)  # [span, m, in]
-    upcast = slots.A.dtype != torch.float32
-    a = slots.A[g.s0 : g.s1, :total_rank]
-    xa = torch.bmm(xp, (a.float() if upcast else a).transpose(1, 2))  # [span, m, total_rank]
-    for s, r0, r1 in signature:
-        out = slots.out_slices[s]
-        b = slots.B[s][g.s0 : g.s1, :, : r1 - r0]
-        bt = (b.float() if upcast else b).transpose(1, 2)  # [span, r, out_s], scale folded in
-        d = torch.bmm(xa[:, :, r0:r1], bt).to(y.dtype)  # [span, m, out_s]
-        if g.dense:
-            y[g.lo : g.hi, out] += d.squeeze(1)
+        src, dst = g.indices(members, x.device)
+        xp = xs.new_zeros(n * m, xs.shape[1]).index_copy_(0, dst, xs.index_select(0, src)).view(n, m, -1)
+    a = torch.stack([e.A for e in entries])  # [n, R, in]
+    xa = torch.bmm(xp, a.float().transpose(1, 2) if a.dtype != torch.float32 else a.transpose(1, 2))  # [n, m, R]
+    xa.mul_(torch.stack([e.scales for e in entries]))  # [n, 1, R]: each column's scale
+    for k, (out, r0, r1, _, _) in enumerate(entries[0].layout):
+        b = torch.stack([e.layout[k][3] for e in entries])  # [n, out_s, r]
+        d = torch.bmm(xa[:, :, r0:r1], b.float().transpose(1, 2) if b.dtype != torch.float32 else b.transpose(1, 2))
+        if dense:
+            y[lo:hi, out] += d.squeeze(1).to(y.dtype)
         else:
-            y[:, out].index_add_(0, src, d.view(span * g.m, -1).index_select(0, dst))
+            y[:, out].index_add_(0, src, d.view(n * m, -1).index_select(0, dst).to(y.dtype))
 
 
 def _apply_segments(slots: ProjectionSlots, segments: list[Segment], x: torch.Tensor, y: torch.Tensor) -> None:
     fp32 = y.dtype == torch.float32
-    upcast = slots.A.dtype != torch.float32
     for slot, lo, hi in segments:
-        a = slots.A_used[slot]
-        if a is None:
+        entry = slots.entries[slot] if slot < len(slots.entries) else None
+        if entry is None:
             continue  # this adapter does not target this projection
+        a = entry.A if entry.A.dtype == torch.float32 else entry.A.float()
         xs = x[lo:hi] if fp32 else x[lo:hi].float()
-        xa = xs @ (a.float() if upcast else a)  # [n, sum of the slices' ranks]
+        xa = xs @ a.t()  # [n, R]
         ys = y[lo:hi]
-        for out, r0, r1, bt in slots.layout[slot]:  # bt: Bᵀ [r, out_s], scale folded in
-            if upcast:
-                bt = bt.float()
+        for out, r0, r1, b, scale in entry.layout:
+            bt = (b if b.dtype == torch.float32 else b.float()).t()  # [r, out_s]
             if fp32:
-                ys[:, out].addmm_(xa[:, r0:r1], bt)
+                ys[:, out].addmm_(xa[:, r0:r1], bt, alpha=scale)
             else:
-                ys[:, out] += (xa[:, r0:r1] @ bt).to(y.dtype)
+                ys[:, out] += (scale * (xa[:, r0:r1] @ bt)).to(y.dtype)

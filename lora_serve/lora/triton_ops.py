@@ -5,6 +5,9 @@ added into the output) cover every adapter of the batch and every slice, where t
 backend runs a few small matmuls per adapter. The step's segments reach the device once, on the
 first projection, and every projection of the step reuses them.
 
+Each adapter's weights are read where residency put them, at their exact ranks, through a table
+of addresses per projection (`KernelTables`), rebuilt only when the projection's slots change.
+
 Overlapping segments (segments.py) go to separate passes, each a shrink and an expand, so no
 two programs of one launch add into the same output rows.
 """
@@ -12,12 +15,62 @@ two programs of one launch add into the same output rows.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from . import triton_kernels as kernels
 from .segments import Segment, split_passes
 from .slots import ProjectionSlots
+
+
+@dataclass
+class KernelTables:
+    """What the kernels read of one projection's slots, rebuilt when its entries change (slots.version)."""
+
+    ptrs: torch.Tensor  # int64 [slots, 1 + MAX_SLICES]: packed A's address, then each slice's B's (0: none)
+    meta: torch.Tensor  # int32 [slots, 2, n]: each slice's rank (0: not targeted), its first column of x·Aᵀ
+    scales: torch.Tensor  # float32 [slots, n]
+    ref: torch.Tensor  # any tensor of the slots' dtype: the kernels take their element type from it
+    max_rank: int  # largest rank of any slice
+    width: int  # largest R (the columns of x·Aᵀ) of any entry
+    version: int
+
+
+def kernel_tables(slots: ProjectionSlots) -> KernelTables:
+    cached = slots.kernel_tables
+    if isinstance(cached, KernelTables) and cached.version == slots.version:
+        return cached
+    n = len(slots.out_slices)
+    num = max(len(slots.entries), 1)
+    ptrs = [[0] * (1 + kernels.MAX_SLICES) for _ in range(num)]
+    meta = [[[0] * n, [0] * n] for _ in range(num)]
+    scales = [[0.0] * n for _ in range(num)]
+    max_rank = width = 0
+    ref = None
+    for slot, entry in enumerate(slots.entries):
+        if entry is None:
+            continue
+        ref = entry.A
+        ptrs[slot][0] = entry.A.data_ptr()
+        width = max(width, entry.A.shape[0])
+        for (out, r0, r1, b, scale), (s, _, _) in zip(entry.layout, entry.signature):
+            if not b.is_contiguous():
+                raise ValueError("the Triton LoRA kernels read B [out, r] contiguous")
+            ptrs[slot][1 + s] = b.data_ptr()
+            meta[slot][0][s], meta[slot][1][s] = r1 - r0, r0
+            scales[slot][s] = scale
+            max_rank = max(max_rank, r1 - r0)
+    dev = slots.device
+    tables = KernelTables(
+        torch.tensor(ptrs, dtype=torch.int64).to(dev, non_blocking=True),
+        torch.tensor(meta, dtype=torch.int32).to(dev, non_blocking=True),
+        torch.tensor(scales, dtype=torch.float32).to(dev, non_blocking=True),
+        ref if ref is not None else torch.empty(0, dtype=slots.dtype, device=dev),
+        max_rank, width, slots.version,
+    )  # fmt: skip
+    slots.kernel_tables = tables
+    return tables
 
 
 class TritonLoRABatch:
@@ -30,15 +83,17 @@ class TritonLoRABatch:
 
     def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (base output, updated in place)
+        tables = kernel_tables(slots)
+        if tables.width == 0:
+            return  # no adapter targets this projection
         segs = self._device_segments(x.device)
-        width = slots.A.shape[1]
         for p, (group, rows) in enumerate(zip(self.passes, self.max_rows)):
             if rows == 0:
                 continue
-            split_k = self._split_k(x, len(group), len(slots.B), rows)
-            buf = self._buffer(split_k, x.shape[0], width, x.device)
-            kernels.shrink(x, slots.A, slots.kernel_meta, segs[p], len(group), rows, buf, split_k)
-            kernels.expand(buf, slots.B, slots.out_slices, y, slots.kernel_meta, segs[p], len(group), rows)
+            split_k = self._split_k(x, len(group), len(slots.out_slices), rows)
+            buf = self._buffer(split_k, x.shape[0], tables.width, x.device)
+            kernels.shrink(x, tables, segs[p], len(group), rows, buf, split_k)
+            kernels.expand(buf, tables, slots.out_slices, y, segs[p], len(group), rows)
 
     def _device_segments(self, device: torch.device) -> torch.Tensor:
         if self._segs is None:

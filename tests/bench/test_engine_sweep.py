@@ -46,7 +46,7 @@ def test_bench_lora_still_runs(tiny_llama_dir: Path):
     ceilings = {k: r["decode_ceiling"] for k, r in result.items()}
     assert ceilings["base"] == ceilings["1 adapter merged"] == 1.0
     assert 0 < ceilings["2 adapters"] < ceilings["1 adapter unmerged"] < 1.0
-    assert result["base"]["read_bandwidth"] > 0 and result["base"]["slot_bytes"] > 0
+    assert result["base"]["read_bandwidth"] > 0 and result["base"]["adapter_bytes"] > 0
 
 
 def test_sweep_with_peft_side_by_side(tiny_llama_dir: Path):

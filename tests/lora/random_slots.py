@@ -32,7 +32,7 @@ def random_slots(
     (an untargeted slice is absent) with A ~ N(0, 1), B ~ N(0, b_std²) and scale `scale_of(slot)`."""
     g = torch.Generator().manual_seed(seed)
     linear = Linear(in_features, slices, bias=False, dtype=torch.float32, device=torch.device("cpu"))
-    slots = ProjectionSlots(linear, num_slots, max_rank, torch.device("cpu"), slot_dtype)
+    slots = ProjectionSlots(linear, torch.device("cpu"), slot_dtype)
     terms: Terms = {}
     for slot, by_slice in ranks.items():
         weights = [

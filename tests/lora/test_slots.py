@@ -29,18 +29,29 @@ def test_lora_dtype_resolves_per_device_and_base(name, device, base, expected):
     assert resolve_lora_dtype(name, device, base) == expected
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_slots_fold_the_scale_in_float32_then_round_once(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_a_slot_holds_each_adapter_at_its_own_rank_rounded_once_with_the_scale_in_float32(dtype):
     g = torch.Generator().manual_seed(0)
-    linear = Linear(32, {"q_proj": 24, "k_proj": 8}, bias=False, dtype=torch.float32, device=CPU)
-    slots = ProjectionSlots(linear, 3, 8, CPU, dtype)
+    linear = Linear(32, {"q_proj": 24, "k_proj": 8, "v_proj": 8}, bias=False, dtype=torch.float32, device=CPU)
+    slots = ProjectionSlots(linear, CPU, dtype)
     q = LoRAWeights(torch.randn(5, 32, generator=g), torch.randn(24, 5, generator=g), 0.3)
-    k = LoRAWeights(torch.randn(3, 32, generator=g), torch.randn(8, 3, generator=g), 1.7)
-    slots.fill(1, [q, k])
-    assert slots.A.dtype == dtype and all(b.dtype == dtype for b in slots.B)
-    assert torch.equal(slots.A[1, :8], torch.cat([q.A, k.A]).to(dtype))
-    for b, w in zip(slots.B, (q, k)):
-        r = w.A.shape[0]
-        assert torch.equal(b[1, :, :r], (w.B * w.scale).to(dtype))  # not w.B rounded, scaled, rounded again
-        assert not b[1, :, r:].any()
-    assert not slots.A[[0, 2]].any() and not slots.A[1, 8:].any()
+    v = LoRAWeights(torch.randn(3, 32, generator=g), torch.randn(8, 3, generator=g), 1.7)
+    slots.fill(2, [q, None, v])
+    entry = slots.entries[2]
+    assert slots.entries[:2] == [None, None]
+    assert entry.A.dtype == dtype and entry.A.shape == (8, 32)  # 5 + 3 rows: nothing padded to a max rank
+    assert torch.equal(entry.A, torch.cat([q.A, v.A]).to(dtype))
+    assert entry.signature == ((0, 0, 5), (2, 5, 8))
+    for (out, r0, r1, b, scale), w, cols in zip(entry.layout, (q, v), (slice(0, 24), slice(32, 40))):
+        assert (out, r1 - r0, scale) == (cols, w.A.shape[0], w.scale)
+        assert torch.equal(b, w.B.to(dtype))  # the adapter's own B, rounded once; the scale is applied in float32
+    assert torch.equal(entry.scales, torch.tensor([[0.3] * 5 + [1.7] * 3]))
+    slots.clear(2)
+    assert slots.entries[2] is None
+
+
+def test_a_fill_with_no_targeted_slice_leaves_the_slot_empty():
+    linear = Linear(16, {"o_proj": 16}, bias=False, dtype=torch.float32, device=CPU)
+    slots = ProjectionSlots(linear, CPU)
+    slots.fill(3, [None])
+    assert slots.entries == [None] * 4

@@ -3,7 +3,7 @@
 Each case fills ProjectionSlots for a fused q/k/v-shaped projection with random adapters and
 checks y = base + Σ over a row's segments of scale·(x·Aᵀ)·Bᵀ, computed in float64 from the
 adapters' own tensors (random_slots.py), for both ways the op can run: grouped
-(batched matmuls over a slot range) and per segment, with float32 slots and with bfloat16 and
+(batched matmuls over the stacked adapters of one layout) and per segment, with float32 slots and with bfloat16 and
 float16 ones (LoRAConfig.lora_dtype; still a float32 intermediate).
 """
 
@@ -38,22 +38,22 @@ def test_decode_rows_one_per_slot_run_as_one_dense_group():
     segments = [(s, s, s + 1) for s in range(6)]  # slots 0..5, one row each, then 2 base rows
     batch, y, ref, y0 = run(segments, {s: ALL16 for s in range(6)}, rows=8)
     (_, group), = batch.passes
-    assert group is not None and group.dense
+    assert group is not None and group.dense()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
     assert torch.equal(y[6:], y0[6:])  # base-only rows untouched
 
 
 def test_uneven_segments_are_padded_and_scattered_back():
-    segments = [(1, 0, 3), (2, 3, 4), (4, 4, 6)]  # slot 3 unused inside the range
+    segments = [(1, 0, 3), (2, 3, 4), (4, 4, 6)]
     batch, y, ref, y0 = run(segments, {1: ALL16, 2: ALL16, 4: ALL16, 3: {"q_proj": 8}}, rows=7)
     (_, group), = batch.passes
-    assert group is not None and not group.dense
+    assert group is not None and not group.dense()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
     assert torch.equal(y[6:], y0[6:])
 
 
 def test_slots_that_do_not_target_a_projection_add_exactly_nothing():
-    # Slot 1 targets only o_proj elsewhere: on this projection its A and B are zero.
+    # Slot 1 targets only o_proj elsewhere: it has no entry on this projection.
     segments = [(0, 0, 1), (1, 1, 2), (2, 2, 3)]
     batch, y, ref, y0 = run(segments, {0: ALL16, 1: {}, 2: ALL16}, rows=3)
     assert batch.passes[0][1] is not None
@@ -96,7 +96,7 @@ def test_a_prefill_segment_runs_alone_while_the_decode_rows_around_it_are_groupe
     segments = [(0, 0, 1), (1, 1, 2), (2, 2, 40), (3, 40, 41), (4, 41, 42)]
     batch, y, ref, _ = run(segments, {s: ALL16 for s in range(5)}, rows=43)
     (loop, group), = batch.passes
-    assert loop == [(2, 2, 40)] and group.slots == [0, 1, 3, 4] and not group.dense
+    assert loop == [(2, 2, 40)] and group.slots == [0, 1, 3, 4] and not group.dense()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
 
 

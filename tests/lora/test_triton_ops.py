@@ -18,7 +18,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed (it is only installable on Linux x86_64)")
 
 from lora_serve.lora.segments import split_passes  # noqa: E402
-from lora_serve.lora.triton_ops import TritonLoRABatch  # noqa: E402
+from lora_serve.lora.triton_ops import TritonLoRABatch, kernel_tables  # noqa: E402
 
 from .random_slots import random_slots, reference  # noqa: E402
 
@@ -118,12 +118,14 @@ def test_shrink_writes_only_the_rank_columns_of_each_rows_adapter():
     segments = [(0, 0, 3), (1, 3, 4), (2, 4, 4), (3, 4, 9)]
     slots, _ = fill({0: {"q_proj": 5, "v_proj": 17}, 1: {"k_proj": 1}, 2: {"q_proj": 64}, 3: {"q_proj": 33, "k_proj": 2, "v_proj": 30}}, 0)
     segs = torch.tensor([[slot for slot, _, _ in segments], [lo for _, lo, _ in segments], [hi - lo for _, lo, hi in segments]], dtype=torch.int32)
-    buf = torch.full((1, 10, slots.A.shape[1]), float("nan"))
-    triton_kernels.shrink(torch.randn(10, FEATURES), slots.A, slots.kernel_meta, segs, len(segments), 5, buf, 1)
+    tables = kernel_tables(slots)
+    assert tables.width == 65  # the widest adapter's own ranks (33 + 2 + 30), not 3 x max_rank
+    buf = torch.full((1, 10, tables.width), float("nan"))
+    triton_kernels.shrink(torch.randn(10, FEATURES), tables, segs, len(segments), 5, buf, 1)
     written = ~buf[0].isnan()
     for slot, lo, hi in segments:
-        used = torch.zeros(slots.A.shape[1], dtype=torch.bool)
-        used[: slots.total_rank[slot]] = True
+        used = torch.zeros(tables.width, dtype=torch.bool)
+        used[: slots.entries[slot].A.shape[0]] = True
         assert (written[lo:hi] == used).all(), slot
     assert not written[9].any()  # a base-only row
 
@@ -138,11 +140,17 @@ def test_overlapping_segments_go_to_separate_passes():
     assert sorted(s for p in passes for s in p) == sorted(segments)
 
 
-def test_slot_metadata_follows_fill_and_clear():
+def test_kernel_tables_follow_fill_and_clear():
     slots, _ = fill({4: {"q_proj": 5, "v_proj": 3}}, seed=0)
-    assert slots.kernel_meta[4].tolist() == [[5, 0, 3], [0, 0, 5]]  # ranks; first row of each slice in A
+    tables = kernel_tables(slots)
+    assert tables.meta[4].tolist() == [[5, 0, 3], [0, 0, 5]]  # ranks; first row of each slice in the packed A
+    entry = slots.entries[4]
+    assert tables.ptrs[4].tolist() == [entry.A.data_ptr(), entry.layout[0][3].data_ptr(), 0, entry.layout[1][3].data_ptr()]
+    assert tables.scales[4].tolist() == [entry.layout[0][4], 0.0, entry.layout[1][4]]
+    assert kernel_tables(slots) is tables  # unchanged slots: the same tables
     slots.clear(4)
-    assert not slots.kernel_meta[4].any()
+    tables = kernel_tables(slots)
+    assert not tables.meta[4].any() and not tables.ptrs[4].any()
 
 
 @pytest.mark.parametrize("slots", ["fp32", "bf16"])
@@ -159,8 +167,9 @@ def test_kernels_compile_for_a_gpu(arch, slots, monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default, said out loud (it warns otherwise)
-    pointers = {"x_ptr": "*bf16", "y_ptr": "*bf16", "seg_ptr": "*i32", "meta_ptr": "*i32", "buf_ptr": "*fp32"}
-    tiles = dict(SPLIT_K=2, BLOCK_M=16, BLOCK_R=16, FP32=False, NUM_SLICES=3)
+    pointers = {"x_ptr": "*bf16", "y_ptr": "*bf16", "seg_ptr": "*i32", "meta_ptr": "*i32", "buf_ptr": "*fp32",
+                "ptr_ptr": "*i64", "scale_ptr": "*fp32", "a_ref": f"*{slots}", "b_ref": f"*{slots}"}  # fmt: skip
+    tiles = dict(SPLIT_K=2, BLOCK_M=16, BLOCK_R=16, FP32=False, NUM_SLICES=3, PTRS=4)
     for fn, extra in [(triton_kernels._shrink_kernel, dict(BLOCK_K=64)), (triton_kernels._expand_kernel, dict(BLOCK_N=64))]:
         kernel = triton.jit(fn)
         constexprs = {**tiles, **extra}

@@ -1,0 +1,61 @@
+"""How much adapter memory an engine has: LoRAConfig's budgets resolved once, and logged.
+
+    lora_memory_gb   bytes of adapter weights where the LoRA matmuls read them. Auto: 10% of the
+                     GPU's memory on CUDA; 4 GiB on CPU, where that memory is the CPU tier itself
+                     (residency.py, "shared") and the bound applies to it.
+    CPU tier         on CUDA, four times the device budget's adapters (as float32 host copies),
+                     so a request never waits for a host copy while device room is free.
+    max_cpu_loras    an extra bound on the count of CPU copies, when given.
+
+The start-up log says how many rank-16 adapters on every projection of this base each holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..config import LoRAConfig
+from ..model.llama import LlamaModel
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+CPU_DEFAULT_GB = 4.0
+CUDA_DEFAULT_FRACTION = 0.10
+CPU_TIER_FACTOR = 4  # CPU copies per device-resident adapter (copied mode)
+REFERENCE_RANK = 16
+
+
+@dataclass(frozen=True)
+class LoRAMemory:
+    budget_bytes: int  # adapter bytes where the matmuls read them (device, or the CPU tier when shared)
+    cpu_bytes: int  # bound on the CPU tier's float32 copies, in bytes
+    max_cpu_loras: int | None  # bound on their count (None: bytes only)
+    shared: bool  # CPU serving, float32 slots: the CPU tier is the memory the matmuls read
+    reference_bytes: int  # one rank-16 all-projection adapter of this base in the slots' dtype
+    device: str
+
+    @classmethod
+    def resolve(cls, config: LoRAConfig, model: LlamaModel, dtype: torch.dtype) -> "LoRAMemory":
+        shared = model.device.type == "cpu" and dtype == torch.float32
+        if config.lora_memory_gb is not None:
+            budget = int(config.lora_memory_gb * GIB)
+        elif model.device.type == "cuda":
+            budget = int(CUDA_DEFAULT_FRACTION * torch.cuda.get_device_properties(model.device).total_memory)
+        else:
+            budget = int(CPU_DEFAULT_GB * GIB)
+        per_param = REFERENCE_RANK * sum(lin.in_features + lin.out_features for layer in model.layers for lin in layer.linears())
+        cpu_bytes = budget if shared else CPU_TIER_FACTOR * budget // dtype.itemsize * 4
+        return cls(budget, cpu_bytes, config.max_cpu_loras, shared, per_param * dtype.itemsize, model.device.type)
+
+    def log(self) -> None:
+        holds = self.budget_bytes // self.reference_bytes
+        where = "in the CPU tier, read in place" if self.shared else f"on {self.device}"
+        log.info(
+            "LoRA memory: %.2f GiB %s, %d rank-%d adapters on every projection of this base (%.1f MB each)%s",
+            self.budget_bytes / GIB, where, holds, REFERENCE_RANK, self.reference_bytes / 1e6,
+            "" if self.shared else f"; CPU tier {self.cpu_bytes / GIB:.2f} GiB",
+        )

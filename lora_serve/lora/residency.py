@@ -1,0 +1,221 @@
+"""Which adapters the LoRA matmuls can read now, in how many bytes, and each step's LoRA batch.
+
+An adapter is resident when every projection's slot table (slots.py) points at its weights. Two
+ways, chosen once per engine:
+- shared (CPU with float32 slots, the CPU default): the device is the CPU, so the entries are views
+  of the CPU tier's own copy (LoRAModel.packed) and residency costs no second copy. An entry lives
+  while a running sequence pins it; the CPU tier (its byte budget and LRU, manager.py) decides
+  which adapters stay in memory, and the request's reference keeps its copy there meanwhile.
+- copied (CUDA, or slots in another dtype): one device buffer per adapter, exactly its ranks'
+  bytes, copied from the CPU tier in one transfer (from pinned memory, on a side stream: see
+  slot_writes.py). The buffers share a byte budget (LoRAConfig.lora_memory_gb); unpinned ones
+  stay for reuse and are evicted least recently used first when a new adapter needs room.
+max_loras, when set, caps the resident adapters in either way (vLLM's meaning: the most one batch mixes).
+Engine thread only, but for `location` (a snapshot for the API) and `drop`, which the manager
+calls under its lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..model.linear import LoRABatch
+from ..model.llama import LlamaModel
+from .lora_model import LoRAModel
+from .merge import negated
+from .slot_writes import SlotWriter
+from .slots import ProjectionSlots
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Resident:
+    model: LoRAModel  # the CPU-tier copy it came from
+    owner: object  # the registration it belongs to: an entry of an earlier registration of the name is refilled
+    slot: int
+    num_bytes: int  # device bytes it holds (0 when shared with the CPU tier)
+    buffer: torch.Tensor | None  # the device copy (copied mode)
+    pins: int = 0
+
+
+class Residency:
+    def __init__(self, model: LlamaModel, dtype: torch.dtype, budget_bytes: int, max_loras: int | None, writer: SlotWriter):
+        self.dtype = dtype
+        self.device = model.device
+        self.shared = model.device.type == "cpu" and dtype == torch.float32
+        self.budget_bytes = budget_bytes
+        self.max_loras = max_loras
+        self.writer = writer
+        self.bytes_used = 0
+        self.num_evictions = 0
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order, oldest first
+        self._merged: _Resident | None = None  # the merged adapter's negation (merge.py), pinned while merged
+        self._free_slots: list[int] = []
+        self._num_slots = 0
+        # [(layer, slice names, slots)] for every projection, in the base's order.
+        self.projections: list[tuple[int, tuple[str, ...], ProjectionSlots]] = []
+        for i, layer in enumerate(model.layers):
+            for linear in layer.linears():
+                slots = ProjectionSlots(linear, model.device, dtype)
+                linear.lora_slots = slots
+                self.projections.append((i, linear.slice_names, slots))
+
+    @property
+    def layout(self) -> list[tuple[int, tuple[str, ...]]]:
+        """(layer, slice names) of every projection: how LoRAModel.packed lays an adapter out."""
+        return [(layer, names) for layer, names, _ in self.projections]
+
+    def bytes_of(self, model: LoRAModel) -> int:
+        """Device bytes the adapter takes when resident (0 when it would share the CPU tier's copy)."""
+        return 0 if self.shared else model.num_params * self.dtype.itemsize
+
+    def is_resident(self, name: str) -> bool:
+        return name in self._resident
+
+    def names(self) -> list[str]:
+        """Resident adapters, least recently used first."""
+        return list(self._resident)
+
+    def num_pins(self) -> int:
+        return sum(e.pins for e in self._resident.values())
+
+    # --- pins (engine thread) ------------------------------------------------------------------
+
+    def pin(self, name: str, model: LoRAModel, owner: object) -> int | None:
+        """The slot holding `model` (filled now if need be), pinned until `unpin`; None when no room can
+        be made this step (every other resident adapter is pinned, or max_loras of them are). owner: the
+        registration (AdapterRecord); a copy re-read from disk for the same one is the same weights."""
+        entry = self._resident.get(name)
+        if entry is not None and entry.owner is not owner:
+            if entry.pins:
+                return None  # an earlier registration's sequences still run (they finish before a new one is added)
+            self.drop(name)
+            entry = None
+        if entry is None:
+            entry = self._make_room_and_fill(name, model, owner)
+            if entry is None:
+                return None
+        entry.pins += 1
+        self._resident.move_to_end(name)
+        return entry.slot
+
+    def unpin(self, name: str) -> None:
+        entry = self._resident[name]
+        entry.pins -= 1
+        if entry.pins == 0 and self.shared:
+            self.drop(name)  # its views would keep the CPU copy alive after the CPU tier let it go
+
+    def drop(self, name: str) -> None:
+        """Forget `name`'s entry and free its memory, unless a running sequence pins it."""
+        entry = self._resident.get(name)
+        if entry is None or entry.pins:
+            return
+        del self._resident[name]
+        self._release(entry)
+
+    def _make_room_and_fill(self, name: str, model: LoRAModel, owner: object) -> _Resident | None:
+        need = self.bytes_of(model)
+        while (self.max_loras is not None and len(self._resident) >= self.max_loras) or self.bytes_used + need > self.budget_bytes:
+            victim = next((n for n, e in self._resident.items() if e.pins == 0), None)
+            if victim is None:
+                return None
+            self.drop(victim)
+            self.num_evictions += 1
+        entry = self._fill(model, need, owner)
+        self._resident[name] = entry
+        log.info("adapter %s resident in slot %d (%.1f MB on %s)", name, entry.slot, need / 1e6, self.device.type)
+        return entry
+
+    # --- merged mode ----------------------------------------------------------------------------
+
+    def set_merged(self, model: LoRAModel | None) -> int | None:
+        """Point a slot at the negation of the merged adapter (None: clear it); its slot. Over budget
+        if it must be: a merge is an operator's decision, not a request that could wait."""
+        if self._merged is not None:
+            self._release(self._merged)
+            self._merged = None
+        if model is None:
+            return None
+        neg = replace(model, weights=dict(negated(model)))
+        self._merged = self._fill(neg, self.bytes_of(model), None)
+        return self._merged.slot
+
+    # --- filling --------------------------------------------------------------------------------
+
+    def _fill(self, model: LoRAModel, num_bytes: int, owner: object) -> _Resident:
+        assert model.flat is not None, "the CPU tier keeps adapters packed (LoRAModel.packed)"
+        slot = self._free_slots.pop() if self._free_slots else self._new_slot()
+        # Allocated on the step's stream, so that once freed the memory is not reused before the steps
+        # that read it are done; only the copy runs on the side stream.
+        buffer = None if self.shared else torch.empty(model.flat.numel(), dtype=self.dtype, device=self.device)
+        with self.writer.writing():
+            # One transfer of the whole adapter (converting on the device when the dtype differs).
+            flat = model.flat if buffer is None else buffer.copy_(model.flat, non_blocking=True)
+            for layer, names, slots in self.projections:
+                weights = [model.weights.get((layer, n)) for n in names]
+                targeted = [w for w in weights if w is not None]
+                if not targeted:
+                    slots.clear(slot)
+                    continue
+                views = [None if w is None else replace(w, A=_view(flat, model, w.A), B=_view(flat, model, w.B)) for w in weights]
+                start = model.flat_offset(targeted[0].A)
+                rows = sum(w.A.shape[0] for w in targeted)
+                slots.fill(slot, views, flat[start : start + rows * targeted[0].A.shape[1]].view(rows, -1))
+                self.writer.mark_written(slots)
+        self.bytes_used += num_bytes
+        return _Resident(model, owner, slot, num_bytes, buffer)
+
+    def _release(self, entry: _Resident) -> None:
+        for _, _, slots in self.projections:
+            slots.clear(entry.slot)
+        self._free_slots.append(entry.slot)
+        self.bytes_used -= entry.num_bytes
+
+    def _new_slot(self) -> int:
+        self._num_slots += 1
+        return self._num_slots - 1
+
+    # --- per step -------------------------------------------------------------------------------
+
+    def prepare(self, seqs, num_new_tokens: list[int], merged: str | None, batch_cls: type) -> LoRABatch | None:
+        """Order the batch in place and build its segments. Rows: adapters by slot, then base-only,
+        then the merged adapter's. Base-only rows get no delta at all; while an adapter is merged,
+        every row before its own gets the negated merged adapter (one extra segment)."""
+        if merged is None and all(s.lora_slot is None for s in seqs):
+            return None
+
+        def group(i: int) -> tuple[int, int]:
+            s = seqs[i]
+            if merged is not None and s.lora_name == merged:
+                return (2, 0)
+            return (1, 0) if s.lora_slot is None else (0, s.lora_slot)
+
+        order = sorted(range(len(seqs)), key=group)
+        groups = [group(i) for i in order]
+        seqs[:] = [seqs[i] for i in order]
+        num_new_tokens[:] = [num_new_tokens[i] for i in order]
+        segments: list[tuple[int, int, int]] = []
+        row = 0
+        for (kind, slot), n in zip(groups, num_new_tokens):
+            if kind == 2:
+                break
+            if kind == 0:
+                if segments and segments[-1][0] == slot and segments[-1][2] == row:
+                    segments[-1] = (slot, segments[-1][1], row + n)
+                else:
+                    segments.append((slot, row, row + n))
+            row += n
+        if self._merged is not None and row > 0:
+            segments.append((self._merged.slot, 0, row))
+        return batch_cls(segments) if segments else None  # merged-only batches run the bare base path
+
+
+def _view(flat: torch.Tensor, model: LoRAModel, t: torch.Tensor) -> torch.Tensor:
+    """The tensor of `flat` (model.flat or its device copy) at the place `t` has in model.flat."""
+    start = model.flat_offset(t)
+    return flat[start : start + t.numel()].view(t.shape)
