@@ -64,6 +64,14 @@ class SchedulerConfig(_Config):
     """Most prompt tokens one sequence prefills in a step (None: up to max_num_batched_tokens). Lower
     keeps a long prompt from lengthening the running streams' inter-token latency, at some prefill cost."""
 
+    max_lora_bypass: int = Field(16, ge=0)
+    """Most requests that arrived later may be admitted ahead of a waiting one (a count of requests, not
+    steps). Waiting requests that load no adapter weights (the base model, or an adapter already in a device
+    slot) are admitted before those whose adapter must be copied into a slot: fewer loads, and fewer adapters
+    for every decode step to read. A request overtaken this many times is admitted before anything behind
+    it, as first come, first served would, so one whose adapter finds every slot pinned gets the next slot
+    that frees. 0: strict FCFS."""
+
 
 class LoRAConfig(_Config):
     lora_memory_gb: float | None = Field(None, gt=0)

@@ -84,7 +84,7 @@ class LLMEngine:
             self.merge_adapter(lc.merge)
         self.scheduler = Scheduler(
             self.kv_cache, sc.max_num_seqs, self.max_num_batched_tokens, self.lora,
-            long_prefill_token_threshold=sc.long_prefill_token_threshold,
+            max_lora_bypass=sc.max_lora_bypass, long_prefill_token_threshold=sc.long_prefill_token_threshold,
         )
         self.detokenizer = Detokenizer(self.tokenizer)
         self._rng = random.Random(mc.seed)

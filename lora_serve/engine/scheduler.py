@@ -2,16 +2,28 @@
 
 A step holds at most `max_num_batched_tokens` tokens. Running sequences come first, decodes
 (one token each) before prompts still being prefilled, so a long prompt never keeps a stream
-out of a step (the step itself still grows with the chunk: see bench/prefill_stall.py); then waiting sequences are admitted first come, first served, while the batch size
-and the KV cache allow. A prompt is prefilled in chunks of what the step's budget has left, at
-most `long_prefill_token_threshold` tokens a step, and samples its first token only in the step
-that completes it. When the cache cannot hold the next chunk of a running sequence, the newest
-running sequence is preempted (its blocks freed, to be recomputed later) rather than failing anyone.
+out of a step (the step itself still grows with the chunk: see bench/prefill_stall.py); then waiting
+sequences are admitted while the batch size and the KV cache allow. A prompt is prefilled in chunks of
+what the step's budget has left, at most `long_prefill_token_threshold` tokens a step, and samples its
+first token only in the step that completes it. When the cache cannot hold the next chunk of a running
+sequence, the newest running sequence is preempted (its blocks freed, to be recomputed later) rather
+than failing anyone.
+
+Admission is adapter-aware with a fairness bound. Waiting sequences that load no adapter weights go
+first: base-model requests and those whose adapter is on the device already (every adapter of the
+running batch is: a running sequence pins its slot); then the rest; each group in arrival order. The
+preference saves slot loads and keeps fewer distinct adapters in each step, whose weights every decode
+reads. But no waiting sequence is overtaken by more than `max_lora_bypass` later arrivals: one that has
+been blocks everything behind it, as first come, first served would, until it is admitted (0: strict
+FCFS). So a request whose adapter finds every slot pinned gets the next one that frees up, since later
+requests stop pinning slots (cf. SGLang's LoRA-aware scheduling, S-LoRA's VTC). The KV cache is first
+come, first served in that order: when the next in line does not fit, nobody behind it is admitted.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,7 +34,9 @@ from .sequence import Sequence, SequenceStatus
 class AdapterAdmission(Protocol):
     """Lets the LoRA manager hold a sequence back until its adapter has a device slot."""
 
-    def try_admit(self, seq: Sequence) -> bool: ...
+    def try_admit(self, seq: Sequence) -> bool: ...  # pins a slot holding seq's adapter; False: none this step
+
+    def is_resident(self, name: str) -> bool: ...  # its weights are on the device now: admitting it loads nothing
 
     def release_slot(self, seq: Sequence) -> None: ...
 
@@ -44,12 +58,12 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         admission: AdapterAdmission | None = None,
-        max_slot_wait_steps: int = 32,
+        max_lora_bypass: int = 16,
         long_prefill_token_threshold: int | None = None,
     ):
         self.kv = kv_cache
         self.max_chunk = long_prefill_token_threshold or max_num_batched_tokens
-        self.max_slot_wait_steps = max_slot_wait_steps
+        self.max_lora_bypass = max_lora_bypass
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.admission = admission
@@ -96,32 +110,48 @@ class Scheduler:
     def _admit(self, budget: int) -> tuple[list[Sequence], list[int]]:
         admitted: list[Sequence] = []
         chunks: list[int] = []
-        skipped: list[Sequence] = []
-        hold_adapters = False  # set once a request has waited too long for a slot
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
-            seq = self.waiting[0]
-            n = self._chunk(seq, budget)
-            if not self.kv.can_allocate(seq, seq.num_cached_tokens + n):
-                break  # FCFS: nobody jumps the queue for memory
-            self.waiting.popleft()
-            if hold_adapters and seq.lora_name is not None:
-                skipped.append(seq)  # let the pinned slots drain for the request that waited longest
-                continue
-            if self.admission is not None and not self.admission.try_admit(seq):
-                # Its adapter has no free slot yet. Later requests whose adapter is resident may go
-                # ahead, but only for max_slot_wait_steps: then they stop pinning slots, so one frees up.
-                seq.slot_wait_steps += 1
-                hold_adapters = seq.slot_wait_steps > self.max_slot_wait_steps
-                skipped.append(seq)
-                continue
+        no_slot: set[str] = set()  # adapters that found every slot pinned (slots free only between steps)
+        while len(self.running) < self.max_num_seqs and budget > 0:
+            for seq in self._admission_order(no_slot):  # computed again after each admission
+                n = self._chunk(seq, budget)
+                if not self.kv.can_allocate(seq, seq.num_cached_tokens + n):
+                    return admitted, chunks  # nobody behind it in this order jumps it for memory
+                if self.admission is not None and not self.admission.try_admit(seq):
+                    no_slot.add(seq.lora_name)
+                    continue
+                break
+            else:
+                break  # nobody left who can be admitted this step
+            self._overtake(seq)
             self.kv.allocate(seq, seq.num_cached_tokens + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             admitted.append(seq)
             chunks.append(n)
             budget -= n
-        self.waiting.extendleft(reversed(skipped))
         return admitted, chunks
+
+    def _admission_order(self, no_slot: set[str]) -> Iterator[Sequence]:
+        """Waiting sequences in the order they may be admitted now: those that load no adapter, then the
+        rest, each in arrival order; none behind the first that has been overtaken max_lora_bypass times."""
+        rest = []
+        for seq in self.waiting:
+            if seq.lora_name not in no_slot:
+                if seq.lora_name is None or self.admission is None or self.admission.is_resident(seq.lora_name):
+                    yield seq
+                else:
+                    rest.append(seq)
+            if seq.num_bypassed >= self.max_lora_bypass:
+                break  # it blocks the queue, as under FCFS, until it is admitted
+        yield from (seq for seq in rest if seq.lora_name not in no_slot)
+
+    def _overtake(self, seq: Sequence) -> None:
+        """Take `seq` out of the queue; every sequence that arrived before it has been overtaken once more."""
+        for earlier in self.waiting:
+            if earlier is seq:
+                break
+            earlier.num_bypassed += 1
+        self.waiting.remove(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

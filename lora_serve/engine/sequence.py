@@ -29,7 +29,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V are in the cache
-    slot_wait_steps: int = 0  # steps spent waiting for an adapter slot (see Scheduler._admit)
+    num_bypassed: int = 0  # later arrivals admitted while it waited (bounded: see scheduler.py)
     finish_reason: str | None = None
     # Detokenizer state (see detokenizer.py).
     output_text: str = ""

@@ -396,6 +396,10 @@ class LoRAManager:
         seq.lora_slot = slot
         return True
 
+    def is_resident(self, name: str) -> bool:
+        with self._lock:
+            return name in self._slot_names
+
     def release_slot(self, seq: Sequence) -> None:
         if seq.lora_name is None or seq.lora_slot is None:
             return

@@ -100,7 +100,7 @@ def test_more_adapters_than_slots_wait_and_all_finish_correctly(tiny_llama_dir, 
 
 def test_waiting_request_is_not_starved_by_a_stream_of_resident_adapter_requests(tiny_llama_dir, adapter_paths, alone):
     engine = make(tiny_llama_dir, adapter_paths, max_loras=1, max_cpu_loras=6)
-    engine.scheduler.max_slot_wait_steps = 4
+    engine.scheduler.max_lora_bypass = 4
     engine.add_request("first", PROMPT, greedy(6), "a0")
     engine.add_request("starved?", PROMPT, greedy(12), "a1")
     finished_at: dict[str, int] = {}
