@@ -14,8 +14,8 @@ adapter's copy is counted apart, as its negated copy has a slot of its own; at m
 one copy more is resident meanwhile, and it is not held by a request that could wait.
 A running sequence pins its adapter's residency; pinned adapters are never evicted. When
 no room can be made, a sequence for another adapter waits in the queue (the
-scheduler lets later requests whose adapter is resident go ahead, and retries the
-waiting one first at every step, so it gets the next room that frees up).
+scheduler lets later requests whose adapter is resident go ahead, at most
+max_lora_bypass of them, then admits nothing behind it, so it gets the next room that frees up).
 Reading from disk never happens on the engine thread, so decoding goes on while an
 adapter loads. Replicas may share adapter_dir: `sync_with_adapter_dir` registers a folder
 another replica stored and unregisters one it deleted, on the next request naming it.
@@ -252,8 +252,11 @@ class LoRAManager:
         return "cpu" if name in self._cpu else "disk"
 
     def is_resident(self, name: str) -> bool:
-        """Admitting a request on `name` now moves no weights (the scheduler prefers such requests)."""
-        return self.location(name) == "device"
+        """Admitting a request on `name` now adds no adapter to what the device holds (the scheduler
+        prefers such requests). Copied residency: on the device; shared (CPU): in the running batch,
+        as every CPU copy is readable there but each distinct adapter adds bytes to every decode step."""
+        with self._lock:
+            return self.residency.is_resident(name)
 
     # --- disk -> CPU (request threads) -----------------------------------------------------------
 
@@ -395,10 +398,6 @@ class LoRAManager:
             return False
         seq.lora_slot = slot
         return True
-
-    def is_resident(self, name: str) -> bool:
-        with self._lock:
-            return name in self._slot_names
 
     def release_slot(self, seq: Sequence) -> None:
         if seq.lora_name is None or seq.lora_slot is None:
