@@ -205,7 +205,7 @@ def test_admission_order_changes_no_tokens(tiny_llama_dir: Path, adapters: list[
         engine.scheduler._overtake = lambda q: (order.append(q.request_id), overtake(q))[1]
         results[bound] = {rid: r["tokens"] for rid, r in run_to_completion(engine, requests, lora).items()}
         orders[bound] = order
-        assert engine.lora._pins == [0, 0] and engine.kv_cache.usage == 0.0
+        assert engine.lora.residency.num_pins() == 0 and engine.kv_cache.usage == 0.0
     assert orders[0] == list(requests)  # FCFS
     assert orders[0] != orders[SchedulerConfig().max_lora_bypass]
     assert results[0] == results[SchedulerConfig().max_lora_bypass]

@@ -49,7 +49,7 @@ def test_engine_error_is_500_and_the_server_keeps_serving(
     assert resp.json()["error"] == {
         "message": "engine error: RuntimeError", "type": "server_error", "param": None, "code": None
     }
-    assert server.engine.lora._pins.count(0) == len(server.engine.lora._pins)
+    assert server.engine.lora.residency.num_pins() == 0
     assert httpx.get(server.base_url + "/health").status_code == 200
     resp = httpx.post(server.base_url + "/v1/completions", json={**body, "stream": False}, timeout=30)
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] <= 4
@@ -62,12 +62,12 @@ def test_client_that_leaves_frees_kv_and_adapter_pin(server: LiveServer, stream:
         with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=30) as resp:
             lines = resp.iter_lines()
             assert json.loads(next(lines).removeprefix("data: "))["model"] == ADAPTER
-            assert sum(server.engine.lora._pins) == 1
+            assert server.engine.lora.residency.num_pins() == 1
     else:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.base_url + "/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.3))
     _wait_idle(server.engine)
-    assert server.engine.lora._pins.count(0) == len(server.engine.lora._pins)
+    assert server.engine.lora.residency.num_pins() == 0
     assert server.engine.engine.kv_cache.usage == 0.0
 
 
