@@ -126,7 +126,7 @@ class BenchEngine(_BenchBase):
     """Projections the random adapters adapt."""
 
     max_loras: int | None = Field(None, ge=1)
-    """Adapter slots (default: min(N, 32); fewer slots than adapters makes the engine rotate them)."""
+    """Most adapters resident at once (default: no cap, as the server; fewer than N makes the engine rotate them)."""
 
     prompt_len: int = Field(32, ge=1)
     """Prompt tokens per sequence."""

@@ -2,14 +2,14 @@
 
     lora-serve bench engine --num-adapters-list 1 8 32 128 --num-seqs 128 --rank 16
 
-For each N in the list: a fresh engine with N random adapters and max_loras = min(N, 32)
-slots (override with --max-loras), the same num_seqs prompts run as: base; one adapter
-merged into the base; sequences spread round-robin over N adapters, unmerged. The three
-alternate `repeats` times after a warm-up round. With N > max_loras the scheduler rotates
-adapters through the slots, so some prefill and decode steps run part of the batch only;
-the whole-run throughput shows that cost. Every ratio is to the base of the same round.
-PEFT (optional) runs the same prompts as one padded batch with adapter_names. Beside each decode
-ratio, the ceiling that reading min(N, max_loras) adapters' slots allows here (roofline.py).
+For each N in the list: a fresh engine with N random adapters (the server's default adapter memory:
+all of them resident at once; --max-loras caps that), the same num_seqs prompts run as: base; one
+adapter merged into the base; sequences spread round-robin over N adapters, unmerged. The three
+alternate `repeats` times after a warm-up round. With N > max_loras the scheduler rotates adapters,
+so some prefill and decode steps run part of the batch only; the whole-run throughput shows that
+cost. Every ratio is to the base of the same round. PEFT (optional) runs the same prompts as one
+padded batch with adapter_names. Beside each decode ratio, the ceiling that reading the bytes of
+min(N, max_loras) adapters allows here (roofline.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from .roofline import decode_ceiling, read_bandwidth
 from .runners import engine_run_phases, random_prompts
 from .table import markdown_table
 
-DEFAULT_SLOT_CAP = 32  # realistic: more slots than this costs memory for little batching gain
 MERGED = "1 adapter merged"
 UNMERGED = "N adapters unmerged"  # N: the row's num_adapters
 
@@ -51,9 +50,9 @@ def sweep(
     bandwidth = read_bandwidth()
     bar = tqdm(total=len(num_adapters_list) * (repeats + 1), desc="bench engine", unit="round", disable=not progress)
     for n in num_adapters_list:
-        slots = max_loras or min(n, DEFAULT_SLOT_CAP)
+        slots = min(n, max_loras or n)  # the most distinct adapters one step can hold
         with tempfile.TemporaryDirectory() as tmp:
-            engine = build_engine(model_path, Path(tmp), n, rank, num_seqs, prompt_len + decode_steps + 8, slots, targets, kv_cache_gb)
+            engine = build_engine(model_path, Path(tmp), n, rank, num_seqs, prompt_len + decode_steps + 8, max_loras, targets, kv_cache_gb)
             names = [f"bench-{i}" for i in range(n)]
             prompts = random_prompts(engine.arch.vocab_size, [prompt_len] * num_seqs, seed)
             spread = [names[i % n] for i in range(num_seqs)]
@@ -113,7 +112,7 @@ def report(rows: list[dict]) -> str:
         for r in rows
     ]  # fmt: skip
     header = [
-        "adapters", "slots", "configuration", "prefill tok/s", "/ base", "decode tok/s", "/ base", "decode ceiling",
+        "adapters", "resident at most", "configuration", "prefill tok/s", "/ base", "decode tok/s", "/ base", "decode ceiling",
         "of the ceiling", "whole run out tok/s", "/ base",
     ]
     return markdown_table(header, table)

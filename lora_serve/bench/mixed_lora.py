@@ -93,13 +93,12 @@ def build_engine(
     max_lora_rank: int | None = None,
 ) -> LLMEngine:  # fmt: skip
     """An engine whose batch of num_seqs prompts fits one step, with adapters bench-0.. written to tmp and registered
-    (max_loras default: one slot per adapter)."""
-    slots = max_loras or num_adapters
-    engine = LLMEngine(
+    (max_loras default: no cap, as the server's)."""
+    engine = LLMEngine.from_config(
         EngineConfig(
             scheduler=SchedulerConfig(max_num_seqs=max(num_seqs, 1), max_model_len=max(max_len, 64), max_num_batched_tokens=max(2048, num_seqs * max_len)),
             cache=CacheConfig(kv_cache_memory_gb=kv_cache_gb),
-            lora=LoRAConfig(max_loras=slots, max_cpu_loras=max(num_adapters, slots), max_lora_rank=max_lora_rank or rank),
+            lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank or rank),
         ),
         model_path,
     )

@@ -41,7 +41,7 @@ def run(
             max_num_batched_tokens=WHOLE_PROMPT_BUDGET if chunk == 0 else None,
             long_prefill_token_threshold=chunk or None,
         )
-        engine = LLMEngine(EngineConfig(scheduler=scheduler, cache=CacheConfig(kv_cache_memory_gb=1.0)), model_path)
+        engine = LLMEngine.from_config(EngineConfig(scheduler=scheduler, cache=CacheConfig(kv_cache_memory_gb=1.0)), model_path)
         vocab = engine.arch.vocab_size
         long_prompt = random_prompts(vocab, [long_prompt_len], seed + 1)[0]
         stream_prompts = random_prompts(vocab, [stream_prompt_len] * num_streams, seed)

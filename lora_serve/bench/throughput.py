@@ -31,7 +31,7 @@ def workload(n: int, vocab_size: int, seed: int) -> tuple[list[list[int]], list[
 def run(model_path: Path, concurrency: list[int], seed: int = 0, sequential_sample: int = 4) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
-    engine = LLMEngine(
+    engine = LLMEngine.from_config(
         EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max(concurrency), max_model_len=256), cache=CacheConfig(kv_cache_memory_gb=1.0)),
         model_path,
     )

@@ -57,7 +57,7 @@ class AsyncEngine:
     @classmethod
     def from_config(cls, config: EngineConfig, base_name: str | None = None) -> "AsyncEngine":
         """base_name: the base model's id in the API (default: the model directory's name)."""
-        return cls(LLMEngine(config, resolve_model_path(config.model.model), base_name))
+        return cls(LLMEngine.from_config(config, resolve_model_path(config.model.model), base_name))
 
     # --- what the API reads ---------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from ..model.arch import ModelArch
 from ..lora.errors import AdapterError
 from ..lora.manager import LoRAManager
 from ..lora.merge_policy import MergePolicy
+from ..model.llama import LlamaModel
 from ..model.loader import load_model, resolve_dtype
 from .detokenizer import Detokenizer
 from .kv_cache import KVCache
@@ -51,27 +52,30 @@ def _eos_token_ids(path: Path, arch: ModelArch, tokenizer) -> set[int]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_path: Path, base_name: str | None = None):
-        mc, sc = config.model, config.scheduler
-        if mc.num_threads:
-            torch.set_num_threads(mc.num_threads)
+    """Built from parts (nano-vllm's shape): a loaded model, its tokenizer and the config. `from_config`
+    loads them from a checkpoint; a benchmark hands in a random-weight model instead (bench/random_engine.py).
+    tokenizer None: no detokenization (outputs carry token ids only, and stop strings are not looked for)."""
+
+    def __init__(self, model: LlamaModel, tokenizer, config: EngineConfig, base_name: str = "base",
+                 eos_token_ids: set[int] | None = None, model_path: Path | None = None):  # fmt: skip
+        sc = config.scheduler
         self.config = config
-        self.model_path = Path(model_path)
-        self.base_name = base_name or self.model_path.name
-        self.device = resolve_device(mc.device)
-        self.dtype = resolve_dtype(mc.dtype, self.device)
-        arch = ModelArch.from_dir(self.model_path)
-        self.max_model_len = sc.max_model_len or arch.max_position_embeddings
+        self.model = model
+        self.arch = model.arch
+        self.device, self.dtype = model.device, model.dtype
+        self.model_path = model_path
+        self.base_name = base_name
+        self.max_model_len = sc.max_model_len or model.max_len
+        if self.max_model_len > model.max_len:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the {model.max_len} positions the model was built for")
         self.max_num_batched_tokens = sc.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         if self.max_num_batched_tokens < sc.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({sc.max_num_seqs}): "
                 "every running sequence decodes a token each step"
             )
-        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
-        self.arch = self.model.arch
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.eos_token_ids = _eos_token_ids(self.model_path, self.arch, self.tokenizer)
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids if eos_token_ids is not None else set(self.arch.eos_token_ids)
         self.kv_cache = KVCache(self.arch, config.cache, self.dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.lora = LoRAManager(self.model, config.lora, self.base_name)
@@ -86,14 +90,28 @@ class LLMEngine:
             self.kv_cache, sc.max_num_seqs, self.max_num_batched_tokens, self.lora,
             max_lora_bypass=sc.max_lora_bypass, long_prefill_token_threshold=sc.long_prefill_token_threshold,
         )
-        self.detokenizer = Detokenizer(self.tokenizer)
-        self._rng = random.Random(mc.seed)
+        self.detokenizer = Detokenizer(tokenizer)
+        self._rng = random.Random(config.model.seed)
         self._seqs: dict[str, Sequence] = {}
         log.info(
             "engine: %s (%s) on %s, %s, max_model_len=%d, KV cache %d blocks x %d tokens",
-            self.model_path, self.arch.architecture, self.device, self.dtype, self.max_model_len,
+            model_path or "a model built in memory", self.arch.architecture, self.device, self.dtype, self.max_model_len,
             self.kv_cache.num_usable_blocks, self.kv_cache.block_size,
         )
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, model_path: Path, base_name: str | None = None) -> "LLMEngine":
+        """Load the checkpoint at model_path ("auto" device and dtype resolved here) and build the engine."""
+        mc, path = config.model, Path(model_path)
+        if mc.num_threads:
+            torch.set_num_threads(mc.num_threads)
+        device = resolve_device(mc.device)
+        dtype = resolve_dtype(mc.dtype, device)
+        max_len = config.scheduler.max_model_len or ModelArch.from_dir(path).max_position_embeddings
+        model = load_model(path, dtype, device, max_len)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        eos = _eos_token_ids(path, model.arch, tokenizer)
+        return cls(model, tokenizer, config, base_name or path.name, eos, path)
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -183,15 +201,20 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        lora = self.lora.prepare(batch.seqs, batch.num_new_tokens)
-        logits = self.runner.run(batch.seqs, batch.num_new_tokens, lora)
-        ready = [seq for seq in batch.seqs if seq.num_new_tokens == 0]  # the rest are mid-prefill
+        ready, logits = self.run_batch(batch)
         failed, ready, logits = self.fail_non_finite(ready, logits)
         tokens, logprobs = sample(logits, ready)
         outputs = failed + self.postprocess(ready, tokens, logprobs)
         if self.merge_policy is not None:
             self.apply_merge_policy(batch)
         return outputs
+
+    def run_batch(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
+        """One forward pass over the scheduled batch: the sequences with a token to sample now (the rest
+        are mid-prefill) and their last-token logits [len(ready), vocab] float32."""
+        lora = self.lora.prepare(batch.seqs, batch.num_new_tokens)
+        logits = self.runner.run(batch.seqs, batch.num_new_tokens, lora)
+        return [seq for seq in batch.seqs if seq.num_new_tokens == 0], logits
 
     def fail_non_finite(
         self, seqs: list[Sequence], logits: torch.Tensor
@@ -257,7 +280,7 @@ class LLMEngine:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
-        if self.detokenizer.append(seq):
+        if self.tokenizer is not None and self.detokenizer.append(seq):
             return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"

@@ -90,6 +90,7 @@ class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArch, max_len: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.arch = arch
+        self.max_len = max_len  # positions the rotary tables cover: the longest sequence it can run
         self.dtype = dtype
         self.device = device
         rope = RotaryEmbedding(arch, max_len, device)

@@ -13,13 +13,13 @@ def make_engine(path: Path, kv_gb: float = 0.05, max_num_seqs: int = 64, block_s
         cache=CacheConfig(kv_cache_memory_gb=kv_gb, block_size=block_size),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len),
     )
-    return LLMEngine(config, path)
+    return LLMEngine.from_config(config, path)
 
 
 @pytest.fixture(scope="session")
 def default_engine(default_model_dir: Path) -> LLMEngine:
     config = EngineConfig(scheduler=SchedulerConfig(max_model_len=1024), cache=CacheConfig(kv_cache_memory_gb=0.5))
-    return LLMEngine(config, default_model_dir)
+    return LLMEngine.from_config(config, default_model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -199,7 +199,7 @@ def test_admission_order_changes_no_tokens(tiny_llama_dir: Path, adapters: list[
             scheduler=SchedulerConfig(max_num_seqs=3, max_model_len=128, max_lora_bypass=bound),
             lora=LoRAConfig(max_loras=2, max_lora_rank=8, lora_modules=adapters),
         )
-        engine = LLMEngine(config, tiny_llama_dir)
+        engine = LLMEngine.from_config(config, tiny_llama_dir)
         order: list[str] = []
         overtake = engine.scheduler._overtake
         engine.scheduler._overtake = lambda q: (order.append(q.request_id), overtake(q))[1]

@@ -31,7 +31,7 @@ def engine(path: Path, kv_gb: float = 0.05, lora: LoRAConfig | None = None, **sc
         scheduler=SchedulerConfig(max_num_seqs=16, max_model_len=256, **sched),
         lora=lora or LoRAConfig(),
     )
-    return LLMEngine(config, path)
+    return LLMEngine.from_config(config, path)
 
 
 def requests(params: SamplingParams) -> dict[str, tuple[list[int], SamplingParams]]:

@@ -82,7 +82,7 @@ def test_non_finite_request_fails_alone(tiny_llama_dir: Path):
     config = EngineConfig(
         cache=CacheConfig(kv_cache_memory_gb=0.01), scheduler=SchedulerConfig(max_model_len=256)
     )
-    engine = LLMEngine(config, tiny_llama_dir)
+    engine = LLMEngine.from_config(config, tiny_llama_dir)
     clean = summary(run_to_completion(engine, victims()))
     model = random_lora_model("hostile", engine.arch, rank=4, seed=0, targets=("v_proj",))
     model.weights = {k: replace(w, A=w.A * 1e30, B=w.B * 1e30) for k, w in model.weights.items()}

@@ -36,7 +36,7 @@ def make(tiny_llama_dir, adapter_paths, max_loras: int, max_cpu_loras: int, lora
         scheduler=SchedulerConfig(max_model_len=256, **sched),
         lora=LoRAConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=16, lora_modules=modules, lora_dtype=lora_dtype),
     )
-    return LLMEngine(config, tiny_llama_dir)
+    return LLMEngine.from_config(config, tiny_llama_dir)
 
 
 def greedy(n: int) -> SamplingParams:

@@ -26,7 +26,7 @@ def tiny_engine(tiny_llama_dir, tmp_path, dtype="float32", **lora) -> LLMEngine:
         scheduler=SchedulerConfig(max_model_len=256),
         lora=LoRAConfig(max_loras=4, max_lora_rank=16, lora_modules=mods, **lora),
     )
-    return LLMEngine(config, tiny_llama_dir)
+    return LLMEngine.from_config(config, tiny_llama_dir)
 
 
 def greedy(n: int) -> SamplingParams:
@@ -111,7 +111,7 @@ def test_merged_equals_peft_for_it_and_mixed_batch_stays_correct(default_model_d
         cache=CacheConfig(kv_cache_memory_gb=0.25),
         lora=LoRAConfig(max_loras=4, max_lora_rank=64, lora_modules=[f"{n}={paths[n]}" for n in names], merge="r16-all"),
     )
-    engine = LLMEngine(config, default_model_dir)
+    engine = LLMEngine.from_config(config, default_model_dir)
     assert engine.lora.merged.name == "r16-all"
     prompt = chat_ids(engine.tokenizer, "What is the capital of France?")
     plan = {"merged": "r16-all", "base": None, "other1": "r4-attn", "other2": "r8-mlp"}

@@ -37,7 +37,7 @@ def make_engine(tiny_llama_dir: Path, tmp_path: Path, **lora) -> LLMEngine:
         scheduler=SchedulerConfig(max_model_len=256),
         lora=LoRAConfig(max_loras=4, max_lora_rank=8, adapter_dir=store, lora_modules=[f"{MODULE}={tmp_path / MODULE}"], **lora),
     )
-    return LLMEngine(config, tiny_llama_dir)
+    return LLMEngine.from_config(config, tiny_llama_dir)
 
 
 def auto_engine(tiny_llama_dir: Path, tmp_path: Path) -> LLMEngine:

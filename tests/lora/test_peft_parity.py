@@ -26,7 +26,7 @@ def engine(default_model_dir, peft_adapters):
         cache=CacheConfig(kv_cache_memory_gb=0.25),
         lora=LoRAConfig(max_loras=4, max_cpu_loras=4, max_lora_rank=64, lora_modules=[f"{n}={p}" for n, p in paths.items()]),
     )
-    return LLMEngine(config, default_model_dir)
+    return LLMEngine.from_config(config, default_model_dir)
 
 
 def reference(peft_model, adapter: str | None, prompt: list[int], n: int):
@@ -118,7 +118,7 @@ def same_layout(default_model_dir, tmp_path_factory):
         cache=CacheConfig(kv_cache_memory_gb=0.25),
         lora=LoRAConfig(max_loras=4, max_cpu_loras=4, max_lora_rank=16, lora_modules=[f"{n}={p}" for n, p in paths.items()]),
     )
-    return peft_model, LLMEngine(config, default_model_dir)
+    return peft_model, LLMEngine.from_config(config, default_model_dir)
 
 
 @pytest.mark.parametrize(

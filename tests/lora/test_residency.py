@@ -26,7 +26,7 @@ def make(tiny_llama_dir, adapter_paths, budget_bytes: int, lora_dtype: str, name
         lora=LoRAConfig(lora_memory_gb=budget_bytes / GIB, max_lora_rank=16, lora_dtype=lora_dtype,
                         lora_modules=[f"{n}={adapter_paths[n]}" for n in names]),
     )  # fmt: skip
-    return LLMEngine(config, tiny_llama_dir)
+    return LLMEngine.from_config(config, tiny_llama_dir)
 
 
 def sizes(tiny_llama_dir, adapter_paths) -> dict[str, int]:

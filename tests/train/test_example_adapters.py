@@ -70,7 +70,7 @@ def test_shipped_adapter_is_a_small_valid_peft_folder(name: str, default_model_d
 def answers(default_model_dir: Path) -> dict[str | None, list[str]]:
     """Greedy answers of the base (None) and every shipped adapter to every held-out prompt, in one batch."""
     requests, lora = {}, {}
-    engine = LLMEngine(
+    engine = LLMEngine.from_config(
         EngineConfig(
             scheduler=SchedulerConfig(max_model_len=512, max_num_seqs=len(HELDOUT) * 4),
             cache=CacheConfig(kv_cache_memory_gb=0.5),

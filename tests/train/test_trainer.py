@@ -75,7 +75,7 @@ def test_the_loss_falls_and_only_lora_weights_are_saved(trained) -> None:
 def test_peft_and_lora_serve_give_the_same_logits(trained, tiny_llama_dir: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, trained.output_dir, adapter_name="pirate").eval()
-    engine = LLMEngine(
+    engine = LLMEngine.from_config(
         EngineConfig(
             model=ModelConfig(device="cpu", dtype="float32"),
             cache=CacheConfig(kv_cache_memory_gb=0.02),
