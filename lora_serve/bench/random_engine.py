@@ -12,7 +12,6 @@ import torch
 
 from ..config import CacheConfig, LoRAConfig
 from ..engine.kv_cache import KVCache
-from ..engine.llm_engine import LLMEngine
 from ..engine.model_runner import ModelRunner
 from ..engine.sampling_params import SamplingParams
 from ..engine.scheduler import Scheduler
@@ -67,6 +66,13 @@ class RandomEngine:
                     self.lora.release(seq.lora_name)
         return {seq.request_id: row for seq, row in zip(ready, logits)}
 
-    # The engine's own: they only touch self.lora.
-    merge_adapter = LLMEngine.merge_adapter
-    unmerge_adapter = LLMEngine.unmerge_adapter
+    # As LLMEngine's own (they only touch self.lora).
+    def merge_adapter(self, name: str) -> None:
+        self.lora.acquire(name)
+        try:
+            self.lora.merge(name)
+        finally:
+            self.lora.release(name)
+
+    def unmerge_adapter(self) -> None:
+        self.lora.unmerge()
