@@ -1,6 +1,7 @@
 # lora-serve developer entry points.
 #   make serve   set up .venv, then start the server on the embedded model (http://127.0.0.1:8000)
-#   make test    set up .venv, then run the test suite
+#   make test    set up .venv, then run `make lint` and the test suite
+#   make lint    set up .venv, then ruff (lint, format check) and mypy
 #   make bench   set up .venv, then run the benchmark
 # Extra arguments go in ARGS, e.g. `make serve ARGS="--port 9000"`, `make test ARGS="-k lora"`.
 
@@ -14,7 +15,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SERVE_ARGS ?= --adapter-dir adapters
 ARGS ?=
 
-.PHONY: venv torch serve test bench
+.PHONY: venv torch serve lint test bench
 
 venv: $(STAMP)
 
@@ -49,7 +50,14 @@ $(TEST_STAMP): $(STAMP)
 	$(PIP) install -e ".[test,deploy-test,ray]"
 	touch $@
 
-test: $(TEST_STAMP)
+# Config in pyproject.toml ([tool.ruff], [tool.mypy]). The formatter itself: `$(VENV)/bin/ruff format lora_serve tests`.
+# After TEST_STAMP: mypy reads the installed ray (deploy/) and the [test] extra's type stubs.
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check lora_serve tests
+	$(VENV)/bin/ruff format --check lora_serve tests
+	$(PYTHON) -m mypy
+
+test: lint
 	$(PYTHON) -m pytest -q tests $(ARGS)
 
 bench: venv

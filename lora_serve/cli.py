@@ -87,10 +87,11 @@ def flat_settings(name: str, doc: str, config_classes: list[type[BaseModel]], ba
             if field_name in fields:
                 raise TypeError(f"config field {field_name!r} appears twice; CLI flags must be unique")
             annotation = info.annotation
+            # Types built at run time from each field's annotation, which mypy cannot follow.
             if field_name in POSITIONAL:
-                annotation = CliPositionalArg[annotation]
+                annotation = CliPositionalArg[annotation]  # type: ignore[misc, valid-type]
             elif get_origin(annotation) is list:
-                annotation = CliVariadicArg[Annotated[annotation, NoDecode, BeforeValidator(_split_list)]]
+                annotation = CliVariadicArg[Annotated[annotation, NoDecode, BeforeValidator(_split_list)]]  # type: ignore[misc, valid-type]
             fields[field_name] = (annotation, copy(info))
     return create_model(name, __base__=base, __doc__=doc, **fields)
 
@@ -115,7 +116,7 @@ class LoraServe(BaseSettings):
 
     model_config = SettingsConfigDict(cli_prog_name="lora-serve", cli_kebab_case=True, use_attribute_docstrings=True)
 
-    serve: CliSubCommand[ServeCommand]
+    serve: CliSubCommand[ServeCommand]  # type: ignore[valid-type]  # a class made by flat_settings() at import
     """Run the OpenAI-compatible server."""
 
     bench: CliSubCommand[BenchCommand]

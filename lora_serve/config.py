@@ -130,7 +130,7 @@ class LoRAConfig(_Config):
     """auto policy: at most one merge or unmerge per this many engine steps."""
 
     @model_validator(mode="after")
-    def _check(self) -> "LoRAConfig":
+    def _check(self) -> LoRAConfig:
         if self.unmerge_threshold >= self.merge_threshold:
             raise ValueError("unmerge_threshold must be below merge_threshold")
         if self.max_cpu_loras is not None and self.max_loras is not None and self.max_cpu_loras < self.max_loras:
@@ -249,7 +249,7 @@ class ServerConfig(_Config):
     the lora_serve.access logger. Never the API key or the prompt."""
 
     @model_validator(mode="after")
-    def _check(self) -> "ServerConfig":
+    def _check(self) -> ServerConfig:
         if self.disable_metrics_auth and self.metrics_api_key is not None:
             raise ValueError("metrics_api_key has no effect with disable_metrics_auth; give one or the other")
         return self

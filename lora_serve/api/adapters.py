@@ -37,8 +37,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool
 
 from lora_serve.api.auth import principal_of
-from lora_serve.api.tenants import Principal
 from lora_serve.api.quota import UploadQuota, get_quota
+from lora_serve.api.tenants import Principal
 from lora_serve.api.upload import AdapterUpload, declared_file_bytes, parse_upload, read_form
 from lora_serve.lora.errors import (
     AdapterError,
@@ -101,7 +101,7 @@ class AdapterUpdate(BaseModel):
 class AdapterAdmin:
     """What the admin routes work on; held on `app.state.adapter_admin`."""
 
-    def __init__(self, engine: "AsyncEngine", base_name: str):
+    def __init__(self, engine: AsyncEngine, base_name: str):
         self.engine = engine
         self.lora = engine.lora
         self.base_name = base_name  # the API's base id, which no adapter may take
@@ -278,7 +278,11 @@ async def unmerge_adapter(name: str, request: Request, admin: AdapterAdmin = Dep
 
 
 async def unmerge_if_merged(admin: AdapterAdmin, name: str) -> None:
-    await admin.engine.call(lambda: admin.lora.merged.name == name and admin.lora.unmerge())
+    def unmerge() -> None:
+        if admin.lora.merged.name == name:
+            admin.lora.unmerge()
+
+    await admin.engine.call(unmerge)
 
 
 @admin_router.post("/load_lora_adapter")

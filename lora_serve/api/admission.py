@@ -29,7 +29,7 @@ class Admission:
         self.num_in_flight = 0  # touched only on the event loop thread
 
     @contextmanager
-    def admit(self, num_running: int) -> Iterator["Deadline"]:
+    def admit(self, num_running: int) -> Iterator[Deadline]:
         if self.num_in_flight - num_running >= self.max_queue:
             raise APIError(
                 HTTPStatus.TOO_MANY_REQUESTS,

@@ -28,7 +28,7 @@ from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 router = APIRouter()
 
 
-class ChatExchange(Exchange):
+class ChatExchange(Exchange[ChatCompletionResponse]):
     req: ChatCompletionRequest
 
     def fields(self) -> RequestFields:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
@@ -16,7 +18,7 @@ from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 router = APIRouter()
 
 
-class CompletionExchange(Exchange):
+class CompletionExchange(Exchange[CompletionResponse]):
     req: CompletionRequest
 
     def __init__(self, state: ServerState, req: CompletionRequest):
@@ -40,7 +42,8 @@ class CompletionExchange(Exchange):
 
     def prompt_token_ids(self) -> list[int]:
         prompt = self.req.prompt
-        return list(prompt) if isinstance(prompt, list) else self.state.engine.tokenizer.encode(prompt)
+        # A list is token ids: _single_prompt turned a list of one string into that string.
+        return list(cast("list[int]", prompt)) if isinstance(prompt, list) else self.state.engine.tokenizer.encode(prompt)
 
     def _logprobs(self, logprobs: list[TokenLogprob], text_offset: int) -> CompletionLogprobs | None:
         if self.req.logprobs is None:

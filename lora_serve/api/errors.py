@@ -122,8 +122,9 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(APIError, _on_api_error)
-    app.add_exception_handler(AdapterError, _on_adapter_error)
-    app.add_exception_handler(HTTPException, _on_http_exception)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    # Starlette calls each handler only with its own exception class; its signature takes any Exception.
+    app.add_exception_handler(APIError, _on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(AdapterError, _on_adapter_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _on_http_exception)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _on_unexpected)

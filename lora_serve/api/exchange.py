@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -30,6 +31,7 @@ from lora_serve.engine.sampling_params import SamplingParams
 SAMPLING_EPS = 1e-6  # smaller than any top-token probability for vocabularies under a million
 
 E = TypeVar("E", bound="Exchange")
+R = TypeVar("R", bound=BaseModel)  # an exchange's whole, non-streamed response
 
 
 @dataclass
@@ -155,7 +157,7 @@ def prepare(
     )
 
 
-class Exchange(ABC):
+class Exchange(ABC, Generic[R]):
     """A validated request, checked against the model and turned into `prep`; subclasses build
     the replies (a whole response, or stream chunks) from the engine's outputs."""
 
@@ -193,7 +195,7 @@ class Exchange(ABC):
         """The prompt as the engine runs it. Blocking (chat template, tokenizer): open() runs it on a worker thread."""
 
     @abstractmethod
-    def response(self, done: Completion) -> BaseModel:
+    def response(self, done: Completion) -> R:
         """The whole, non-streamed response."""
 
     @abstractmethod
@@ -203,7 +205,7 @@ class Exchange(ABC):
     def delta_chunk(self, out: RequestOutput) -> BaseModel:
         """The stream chunk of one engine delta."""
 
-    def first_chunks(self) -> list[BaseModel]:
+    def first_chunks(self) -> Sequence[BaseModel]:
         """Sent before any generated text."""
         return []
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from http import HTTPStatus
 
@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from lora_serve.api.errors import SERVER_ERROR, APIError, from_adapter_error, invalid_param
-from lora_serve.api.exchange import Completion, Exchange, PreparedRequest
+from lora_serve.api.exchange import Completion, Exchange, PreparedRequest, R
 from lora_serve.api.state import ServerState
 from lora_serve.engine.outputs import RequestOutput
 from lora_serve.lora.errors import AdapterError
@@ -45,7 +45,7 @@ def _raise_if_failed(out: RequestOutput) -> None:
 
 async def generate(
     request: Request | None, state: ServerState, prep: PreparedRequest
-) -> AsyncIterator[RequestOutput]:
+) -> AsyncGenerator[RequestOutput, None]:
     """The engine's deltas for one request, raced against the client's disconnect and the deadline.
 
     Admission comes first (429 when the wait queue is full). Each delta is awaited as a task
@@ -117,7 +117,7 @@ async def generate_all(request: Request | None, state: ServerState, prep: Prepar
     return done
 
 
-async def respond(request: Request, exchange: Exchange) -> BaseModel | StreamingResponse:
+async def respond(request: Request, exchange: Exchange[R]) -> R | StreamingResponse:
     """The HTTP response of a chat or completions route: the whole JSON body, or the SSE stream."""
     if exchange.req.stream:
         return event_stream_response(await sse_events(request, exchange))
@@ -128,7 +128,7 @@ def event_stream_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def sse_events(request: Request | None, exchange: Exchange) -> AsyncIterator[str]:
+async def sse_events(request: Request | None, exchange: Exchange) -> AsyncGenerator[str, None]:
     """The stream's events: `first_chunks`, a chunk per engine delta (None: none), the usage chunk
     if asked for, then `data: [DONE]`.
 
@@ -141,7 +141,7 @@ async def sse_events(request: Request | None, exchange: Exchange) -> AsyncIterat
     return _events(exchange, outputs, first)
 
 
-async def _events(exchange: Exchange, outputs: AsyncIterator[RequestOutput], first: RequestOutput) -> AsyncIterator[str]:
+async def _events(exchange: Exchange, outputs: AsyncGenerator[RequestOutput, None], first: RequestOutput) -> AsyncGenerator[str, None]:
     last = first
     async with aclosing(outputs):
         try:

@@ -31,7 +31,7 @@ TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class EngineCollector:
-    def __init__(self, engine: "AsyncEngine"):
+    def __init__(self, engine: AsyncEngine):
         self.engine = engine
 
     def collect(self):
@@ -73,7 +73,7 @@ class EngineCollector:
 
 
 class RequestMetrics:
-    def __init__(self, engine: "AsyncEngine"):
+    def __init__(self, engine: AsyncEngine):
         self.registry = CollectorRegistry()
         labels = ["adapter"]
         self.requests = Counter("lora_serve_requests", "Finished requests.", [*labels, "finish_reason"], registry=self.registry)

@@ -8,7 +8,7 @@ Unknown fields are ignored, as OpenAI clients send fields we have no use for.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -27,6 +27,7 @@ class _Request(BaseModel):
     @classmethod
     def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
         # Many clients send every field, unset ones as null ("temperature": null); OpenAI reads that as the default.
+        assert info.field_name is not None  # always set for a field validator
         field = cls.model_fields[info.field_name]
         if value is None and not field.is_required():
             return field.get_default(call_default_factory=True)
@@ -180,13 +181,13 @@ class CompletionRequest(SamplingRequest):
     @field_validator("prompt")
     @classmethod
     def _single_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and isinstance(first := prompt[0], str):
             if len(prompt) != 1:
                 raise ValueError("only one prompt per request is supported")
-            return prompt[0]
+            return first
         if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt must not be empty")
-        return prompt
+        return cast("str | list[int]", prompt)  # a list of strings was returned above
 
 
 # ---- responses ----
@@ -198,7 +199,7 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "UsageInfo":
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,

@@ -40,23 +40,25 @@ class UploadQuota:
         self._lock = threading.Lock()
         self._reserved: dict[str, tuple[int, int]] = {}  # tenant -> (uploads, bytes) being stored now
 
-    def applies_to(self, who: Principal) -> bool:
+    def limited_tenant(self, who: Principal) -> str | None:
+        """The tenant whose quota `who`'s uploads count against; None: not limited."""
         limited = self.max_adapters is not None or self.max_bytes is not None
-        return limited and who.tenant is not None and not who.is_admin
+        return who.tenant if limited and not who.is_admin else None
 
     def check(self, who: Principal, num_bytes: int) -> None:
         """403 if storing one more adapter of num_bytes would take `who` past a quota. Blocking (reads adapter_dir)."""
-        if self.applies_to(who):
+        tenant = self.limited_tenant(who)
+        if tenant is not None:
             with self._lock:
-                self._check(who.tenant, num_bytes)
+                self._check(tenant, num_bytes)
 
     @contextmanager
     def reserve(self, who: Principal, num_bytes: int) -> Iterator[None]:
         """check(), then count this upload against the quota until the block ends. Blocking."""
-        if not self.applies_to(who):
+        tenant = self.limited_tenant(who)
+        if tenant is None:
             yield
             return
-        tenant = who.tenant
         with self._lock:
             self._check(tenant, num_bytes)
             uploads, size = self._reserved.get(tenant, (0, 0))

@@ -15,8 +15,8 @@ from fastapi import APIRouter, Depends, FastAPI
 from lora_serve import __version__
 from lora_serve.api import adapters, chat, completions, info
 from lora_serve.api.access_log import AccessLog
-from lora_serve.api.body_limit import BodyLimit
 from lora_serve.api.auth import require_admin_key, require_api_key, require_metrics_key, require_tenant_key
+from lora_serve.api.body_limit import BodyLimit
 from lora_serve.api.errors import install_error_handlers
 from lora_serve.api.header_timeout import HeaderTimeoutProtocol
 from lora_serve.api.quota import UploadQuota
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
+def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     docs = config.serves_docs
     log.info("API docs (/docs, /redoc, /openapi.json): %s", "served" if docs else "off")
     app = FastAPI(
@@ -70,7 +70,7 @@ def build_app(engine: "AsyncEngine", config: ServerConfig) -> FastAPI:
     return app
 
 
-def build_server(engine: "AsyncEngine", config: ServerConfig) -> uvicorn.Server:
+def build_server(engine: AsyncEngine, config: ServerConfig) -> uvicorn.Server:
     """A uvicorn server for the app; `.run()` blocks, tests run it on a thread and set `.should_exit`.
 
     On SIGTERM/SIGINT (or `.should_exit`) uvicorn stops accepting, lets open responses finish
@@ -88,10 +88,11 @@ def build_server(engine: "AsyncEngine", config: ServerConfig) -> uvicorn.Server:
         http=http,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=config.shutdown_grace_s,
+        # uvicorn annotates int, but hands it to asyncio.wait_for, which takes any number of seconds.
+        timeout_graceful_shutdown=config.shutdown_grace_s,  # type: ignore[arg-type]
     )
     return uvicorn.Server(uv_config)
 
 
-def run_server(engine: "AsyncEngine", config: ServerConfig) -> None:
+def run_server(engine: AsyncEngine, config: ServerConfig) -> None:
     build_server(engine, config).run()

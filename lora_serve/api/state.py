@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ServerState:
-    engine: "AsyncEngine"
+    engine: AsyncEngine
     config: ServerConfig
     models: ModelRegistry
     token_text: TokenText
@@ -32,10 +32,10 @@ class ServerState:
     @classmethod
     def create(
         cls,
-        engine: "AsyncEngine",
+        engine: AsyncEngine,
         config: ServerConfig,
         owner_of: Callable[[str], str | None] = lambda name: None,
-    ) -> "ServerState":
+    ) -> ServerState:
         """owner_of: adapter name -> the tenant that uploaded it (None: visible to everyone)."""
         lora = engine.lora
         return cls(

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: JSON key files only
-    tomllib = None
 
 
 @dataclass(frozen=True)
@@ -63,18 +59,24 @@ class KeyFile(BaseModel):
         return keys
 
 
+def _load_toml(text: str) -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib.loads(text)
+    raise ValueError("TOML key files need Python 3.11; use JSON")  # Python 3.10 has no tomllib
+
+
 class KeyTable:
     def __init__(self, entries: list[KeyEntry]):
         self._entries = [(e.key.encode(), Principal(e.tenant, e.role == "admin")) for e in entries]
 
     @classmethod
-    def load(cls, path: Path) -> "KeyTable":
+    def load(cls, path: Path) -> KeyTable:
         """Parse a JSON or TOML (by suffix) key file; ValueError naming the file on any problem (never a key)."""
         try:
             text = Path(path).read_text()
-            if Path(path).suffix == ".toml" and tomllib is None:
-                raise ValueError("TOML key files need Python 3.11; use JSON")
-            data = tomllib.loads(text) if Path(path).suffix == ".toml" else json.loads(text)
+            data = _load_toml(text) if Path(path).suffix == ".toml" else json.loads(text)
             return cls(KeyFile.model_validate(data).keys)
         except (OSError, ValueError, ValidationError) as exc:
             reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else type(exc).__name__

@@ -8,7 +8,7 @@ a temporary file), so a 500 MB adapter is not held in memory.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -42,7 +42,7 @@ def _too_large(limit: int) -> AdapterTooLargeError:
     return AdapterTooLargeError(f"the upload is larger than the server's max_adapter_bytes ({limit} bytes)")
 
 
-async def _limited_body(request: Request, max_body: int, limit: int) -> AsyncIterator[bytes]:
+async def _limited_body(request: Request, max_body: int, limit: int) -> AsyncGenerator[bytes, None]:
     seen = 0
     async for chunk in request.stream():
         seen += len(chunk)
@@ -80,17 +80,22 @@ def parse_upload(form: FormData, max_adapter_bytes: int) -> AdapterUpload:
     missing = [f for f in ("name", "adapter_config", "adapter_model") if form.get(f) is None]
     if missing:
         raise invalid_param(missing[0], f"the upload is missing the form field(s): {', '.join(missing)}")
-    name, config, model = form["name"], form["adapter_config"], form["adapter_model"]
+    name = form["name"]
     if not isinstance(name, str):
         raise invalid_param("name", "name must be a plain form field, not a file")
-    for field, value in (("adapter_config", config), ("adapter_model", model)):
-        if not isinstance(value, UploadFile):
-            raise invalid_param(field, f"{field} must be a file")
+    config, model = _file(form, "adapter_config"), _file(form, "adapter_model")
     upload = AdapterUpload(name, config, model)
     if upload.num_bytes > max_adapter_bytes:
         raise _too_large(max_adapter_bytes)
     _refuse_pickle(model)
     return upload
+
+
+def _file(form: FormData, field: str) -> UploadFile:
+    value = form[field]
+    if not isinstance(value, UploadFile):
+        raise invalid_param(field, f"{field} must be a file")
+    return value
 
 
 def _refuse_pickle(model: UploadFile) -> None:

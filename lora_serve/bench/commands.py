@@ -144,7 +144,7 @@ class BenchEngine(_BenchBase):
     """Folder for the JSON rows and the ratio plot."""
 
     @model_validator(mode="after")
-    def _check_sweep(self) -> "BenchEngine":
+    def _check_sweep(self) -> BenchEngine:
         if self.num_seqs < max(self.num_adapters_list):
             raise ValueError(f"--num-seqs ({self.num_seqs}) must be >= the largest of --num-adapters-list, so that every adapter has a sequence")
         return self
@@ -208,12 +208,13 @@ class BenchGPUCheck(BaseModel):
     seed: int = 0
     """Seed for weights, adapters and prompts."""
 
-    def plan(self) -> "BenchGPUCheck":
+    def plan(self) -> BenchGPUCheck:
         """Every unset field filled from the full plan, or the tiny one with --tiny."""
         full = dict(shapes=["llama-3.2-1b", "llama-3-8b"], num_seqs=64, num_adapters_list=[8, 32, 64], prompt_len=128, decode_steps=32, repeats=3)
         tiny = dict(shapes=["tiny"], num_seqs=8, num_adapters_list=[2, 4], prompt_len=16, decode_steps=4, repeats=1)
         defaults = tiny if self.tiny else full
         plan = self.model_copy(update={k: v for k, v in defaults.items() if getattr(self, k) is None})
+        assert plan.num_seqs is not None and plan.num_adapters_list is not None  # filled from the defaults
         if plan.num_seqs < max(plan.num_adapters_list):
             raise ValueError(f"--num-seqs ({plan.num_seqs}) must be >= the largest of --num-adapters-list")
         return plan

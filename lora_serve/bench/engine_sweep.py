@@ -18,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from .mixed_lora import build_engine, interleave, peft_rounds, summarise
+from .mixed_lora import Configs, build_engine, interleave, peft_rounds, summarise
 from .random_adapters import ALL_LINEAR
 from .roofline import decode_ceiling, read_bandwidth
 from .runners import engine_run_phases, random_prompts
@@ -46,7 +46,7 @@ def sweep(
     """One row per (N, configuration): median prefill / decode / whole-run tok/s and ratios to base."""
     from tqdm import tqdm
 
-    rows = []
+    rows: list[dict] = []
     bandwidth = read_bandwidth()
     bar = tqdm(total=len(num_adapters_list) * (repeats + 1), desc="bench engine", unit="round", disable=not progress)
     for n in num_adapters_list:
@@ -56,9 +56,13 @@ def sweep(
             names = [f"bench-{i}" for i in range(n)]
             prompts = random_prompts(engine.arch.vocab_size, [prompt_len] * num_seqs, seed)
             spread = [names[i % n] for i in range(num_seqs)]
-            configs = {"base": ([None] * num_seqs, None), MERGED: ([names[0]] * num_seqs, names[0]), UNMERGED: (spread, None)}
+            configs: Configs = {"base": ([None] * num_seqs, None), MERGED: ([names[0]] * num_seqs, names[0]), UNMERGED: (spread, None)}
             rounds = interleave(
-                engine, configs, repeats, lambda loras, warm_up: engine_run_phases(engine, prompts, 2 if warm_up else decode_steps, loras), bar.update
+                engine,
+                configs,
+                repeats,
+                lambda loras, warm_up: engine_run_phases(engine, prompts, 2 if warm_up else decode_steps, loras),  # noqa: B023 (run in this iteration)
+                bar.update,
             )
             new = {row["config"]: row for row in _rows(n, slots, rounds)}
             base_step_s = num_seqs / new["base"]["decode_tok_s"]

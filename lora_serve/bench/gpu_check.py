@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -35,7 +36,7 @@ from ..lora.torch_ops import SegmentedLoRABatch
 from ..model.loader import resolve_dtype
 from .kernel_check import check_projections
 from .llama_shapes import arch_of
-from .mixed_lora import interleave, report, summarise
+from .mixed_lora import Configs, interleave, report, summarise
 from .random_adapters import random_lora_model
 from .random_engine import RandomEngine
 from .runners import engine_phases, random_prompts
@@ -50,7 +51,7 @@ def run(plan) -> None:
     dtype = resolve_dtype(plan.dtype, device)
     slot_dtype = resolve_lora_dtype(plan.lora_dtype, device, dtype)
     print(f"# {_hardware(device)}, torch {torch.__version__}, {_triton_version()}, {dtype}, LoRA slots in {slot_dtype}")
-    backends = {"torch": SegmentedLoRABatch}
+    backends: dict[str, type] = {"torch": SegmentedLoRABatch}
     triton_cls, why = triton_batch_class()
     if device.type == "cuda" or triton_interpreted():
         if triton_cls is None:
@@ -141,7 +142,7 @@ def compare_end_to_end(engine: RandomEngine, backends: dict[str, type], names: l
     return diff, effect
 
 
-def _logits(engine: RandomEngine, cls: type, prompts: list[list[int]], loras: list[str | None]) -> torch.Tensor:
+def _logits(engine: RandomEngine, cls: type, prompts: list[list[int]], loras: Sequence[str | None]) -> torch.Tensor:
     engine.lora.batch_cls, chosen = cls, engine.lora.batch_cls
     try:
         for i, (p, lora) in enumerate(zip(prompts, loras)):
@@ -155,7 +156,7 @@ def _logits(engine: RandomEngine, cls: type, prompts: list[list[int]], loras: li
 def throughput(engine: RandomEngine, plan, names: list[str]) -> str:
     prompts = random_prompts(engine.arch.vocab_size, [plan.prompt_len] * plan.num_seqs, plan.seed)
     one = [names[0]] * plan.num_seqs
-    configs = {
+    configs: Configs = {
         "base": ([None] * plan.num_seqs, None),
         "1 adapter merged": (one, names[0]),
         "1 adapter unmerged": (one, None),

@@ -41,7 +41,13 @@ def _case(arch: ModelArch, modules: tuple[str, ...], max_rank: int, dtype: torch
         per_slice = []
         for m in modules:
             r = rng.randint(1, max_rank) if rng.random() < 0.8 else None
-            w = None if r is None else LoRAWeights(torch.randn(r, fan_in, generator=g) / fan_in**0.5, torch.randn(shapes[m][1], r, generator=g), rng.uniform(-2, 2))
+            w = (
+                None
+                if r is None
+                else LoRAWeights(
+                    torch.randn(r, fan_in, generator=g) / fan_in**0.5, torch.randn(shapes[m][1], r, generator=g), rng.uniform(-2, 2)
+                )
+            )
             per_slice.append(w)
         slots.fill(slot, per_slice)
         weights[slot] = per_slice

@@ -10,6 +10,7 @@ Percentiles are numpy's (linear interpolation); times in the JSON are ms.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def aggregate(records: list[RequestRecord], duration_s: float, slos_ms: dict[str
     done = [r for r in records if r.ok]
     total_in = sum(r.input_len for r in done)
     total_out = sum(r.output_tokens for r in done)
-    out = {
+    out: dict[str, Any] = {
         "duration": duration_s,
         "completed": len(done),
         "failed": len(records) - len(done),

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from ..config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from ..engine.llm_engine import LLMEngine
@@ -47,7 +48,7 @@ def run(
         prompts = random_prompts(engine.arch.vocab_size, [prompt_len] * num_seqs, seed)
         one = [names[0]] * num_seqs
         # label -> (adapter per sequence, adapter merged into the base during the run)
-        configs = {
+        configs: Configs = {
             "base": ([None] * num_seqs, None),
             "1 adapter unmerged": (one, None),
             "1 adapter merged": (one, names[0]),
@@ -66,9 +67,21 @@ def run(
     return result
 
 
+# label -> (adapter per sequence, adapter merged into the base while that configuration runs)
+Configs = dict[str, tuple[Sequence[str | None], str | None]]
+
+
+class MergingEngine(Protocol):
+    """What interleave needs of an engine: LLMEngine, or random_engine.RandomEngine."""
+
+    def merge_adapter(self, name: str) -> None: ...
+
+    def unmerge_adapter(self) -> None: ...
+
+
 def interleave(
-    engine: LLMEngine, configs: dict[str, tuple[list[str | None], str | None]], repeats: int,
-    measure: Callable[[list[str | None], bool], object], on_round: Callable[[], None] = lambda: None,
+    engine: MergingEngine, configs: Configs, repeats: int,
+    measure: Callable[[Sequence[str | None], bool], object], on_round: Callable[[], object] = lambda: None,
 ) -> list[dict]:  # fmt: skip
     """[{label: measure(loras, warm_up)}] for `repeats` rounds, every configuration in turn within a round,
     after one warm-up round that is dropped (it also fills the slots). configs: label -> (adapter per

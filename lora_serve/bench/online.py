@@ -72,7 +72,7 @@ async def run_trace(
     concurrency: int | None,
     timeout_s: float,
     duration_s: float | None = None,
-    on_done: Callable[[RequestRecord], None] | None = None,
+    on_done: Callable[[RequestRecord], object] | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """(records, wall seconds). Requests start at their arrival times; a semaphore caps those in flight."""
     gate = asyncio.Semaphore(concurrency or len(trace) or 1)

@@ -8,6 +8,7 @@ seconds. Prompts are token-id lists; every request generates exactly its max_tok
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ def _greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def engine_generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int], loras: list[str | None]) -> Timing:
+def engine_generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int], loras: Sequence[str | None]) -> Timing:
     """All requests submitted at once, continuous batching until the last one finishes."""
     start = time.perf_counter()
     for i, (p, n, lora) in enumerate(zip(prompts, max_tokens, loras)):
@@ -46,7 +47,7 @@ def engine_generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: lis
     return Timing(sum(max_tokens), time.perf_counter() - start)
 
 
-def engine_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: list[str | None]) -> tuple[Timing, list[Timing]]:
+def engine_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: Sequence[str | None]) -> tuple[Timing, list[Timing]]:
     """(prefill, decode steps): the step that prefills every prompt, then each full-batch decode step
     timed on its own (a median over steps shrugs off the odd slow step of a shared machine)."""
     for i, (p, lora) in enumerate(zip(prompts, loras)):
@@ -65,7 +66,7 @@ def engine_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int
     return prefill, steps
 
 
-def engine_run_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: list[str | None]) -> tuple[Timing, list[Timing], Timing]:
+def engine_run_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: Sequence[str | None]) -> tuple[Timing, list[Timing], Timing]:
     """(prefill, decode steps, whole run) with every request submitted at once and run to the end.
 
     Unlike engine_phases the batch may need several prefill steps (more distinct adapters than
@@ -113,7 +114,7 @@ def hf_padded_batch(model, prompts: list[list[int]], max_tokens: list[int], pad_
 class _StepClock:
     """A `generate` streamer that only timestamps: put() is called with the prompt, then once per step."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.times: list[float] = []
 
     def put(self, value) -> None:

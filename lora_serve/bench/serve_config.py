@@ -70,7 +70,7 @@ class WorkloadConfig(BaseModel):
     """The same seed gives the identical trace (adapters, arrivals, lengths, prompts)."""
 
     @model_validator(mode="after")
-    def _check_workload(self) -> "WorkloadConfig":
+    def _check_workload(self) -> WorkloadConfig:
         if self.adapters and self.adapter_prefix:
             raise ValueError("give --adapters or --adapter-prefix, not both")
         if self.adapter_prefix is not None and self.num_adapters is None:
@@ -134,7 +134,7 @@ class ClientConfig(BaseModel):
     """Show a tqdm progress bar."""
 
     @model_validator(mode="after")
-    def _check_client(self) -> "ClientConfig":
+    def _check_client(self) -> ClientConfig:
         self.slos()  # raises on a malformed entry
         if self.base_only and self.with_base:
             raise ValueError("--base-only and --with-base exclude each other")

@@ -14,6 +14,7 @@ holds that adapter already; a streamed one through a streaming handle, relayed e
 # through Ray's ingress wrapper (string annotations there turn the body into a query field).
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -67,7 +68,7 @@ class OpenAIIngress:
         if not req.stream:
             status, body = await handle.complete.remote(req)
             return JSONResponse(body, status_code=status)
-        events = handle.options(stream=True).stream.remote(req)
+        events = cast(DeploymentResponseGenerator, handle.options(stream=True).stream.remote(req))  # stream=True: a generator
         status, error = await anext(events)
         if error is not None:
             return JSONResponse(error, status_code=status)

@@ -59,7 +59,7 @@ class AdapterReplica:
 
         self.load_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter)
 
-    async def _load_adapter(self, name: str) -> "_Registered":
+    async def _load_adapter(self, name: str) -> _Registered:
         found = await asyncio.to_thread(self.lora.resolve_from_adapter_dir, name)
         if not found:
             raise APIError(HTTPStatus.NOT_FOUND, f"The model `{name}` does not exist.", param="model", code="model_not_found")

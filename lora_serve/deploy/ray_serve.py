@@ -40,10 +40,11 @@ def build_app(
     """The Ray Serve application: the ingress bound to `num_replicas` engine replicas.
     `server`: the request limits, queue and timeout each replica applies (api keys are not read)."""
     server = (server or ServerConfig()).model_copy(update={"served_model_name": base_name})
-    replica = AdapterReplica.options(
+    # @serve.deployment made both classes Deployments; mypy ignores what a class decorator returns.
+    replica = AdapterReplica.options(  # type: ignore[attr-defined]
         num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus_per_replica}
     ).bind(config, server, max_adapters_per_replica, num_threads)
-    return OpenAIIngress.bind(replica, base_name, config.lora.adapter_dir)
+    return OpenAIIngress.bind(replica, base_name, config.lora.adapter_dir)  # type: ignore[attr-defined]
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -21,13 +21,13 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import EngineConfig
-from ..model.default_model import resolve_model_path
 from ..lora.manager import LoRAManager
+from ..model.default_model import resolve_model_path
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -55,7 +55,7 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: EngineConfig, base_name: str | None = None) -> "AsyncEngine":
+    def from_config(cls, config: EngineConfig, base_name: str | None = None) -> AsyncEngine:
         """base_name: the base model's id in the API (default: the model directory's name)."""
         return cls(LLMEngine.from_config(config, resolve_model_path(config.model.model), base_name))
 
@@ -110,7 +110,7 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream output deltas. Raises at once for a request that can never run: ValueError,
         or lora.errors.AdapterError (unknown or unreadable adapter)."""
         self.engine.check_request(prompt_token_ids, params)
@@ -155,7 +155,12 @@ class AsyncEngine:
             await asyncio.shield(acquiring)
         except asyncio.CancelledError:
             lora.abandon(abandoned)
-            acquiring.add_done_callback(lambda done: done.cancelled() or done.exception() or lora.release(lora_name))
+
+            def release_if_acquired(done: asyncio.Future) -> None:
+                if not (done.cancelled() or done.exception()):
+                    lora.release(lora_name)
+
+            acquiring.add_done_callback(release_if_acquired)
             raise
 
     async def call(self, fn: Callable[[], Any]) -> Any:

@@ -12,10 +12,10 @@ import torch
 from transformers import AutoTokenizer
 
 from ..config import EngineConfig
-from ..model.arch import ModelArch
 from ..lora.errors import AdapterError
 from ..lora.manager import LoRAManager
 from ..lora.merge_policy import MergePolicy
+from ..model.arch import ModelArch
 from ..model.llama import LlamaModel
 from ..model.loader import load_model, resolve_dtype
 from .detokenizer import Detokenizer
@@ -249,6 +249,7 @@ class LLMEngine:
         self.lora.unmerge()
 
     def apply_merge_policy(self, batch: ScheduledBatch) -> None:
+        assert self.merge_policy is not None  # step() calls this only with a policy
         tokens: Counter = Counter()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             tokens[seq.lora_name] += n

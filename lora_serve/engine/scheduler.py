@@ -110,7 +110,7 @@ class Scheduler:
     def _admit(self, budget: int) -> tuple[list[Sequence], list[int]]:
         admitted: list[Sequence] = []
         chunks: list[int] = []
-        no_slot: set[str] = set()  # adapters that found every slot pinned (slots free only between steps)
+        no_slot: set[str | None] = set()  # adapters that found every slot pinned (slots free only between steps)
         while len(self.running) < self.max_num_seqs and budget > 0:
             for seq in self._admission_order(no_slot):  # computed again after each admission
                 n = self._chunk(seq, budget)
@@ -131,7 +131,7 @@ class Scheduler:
             budget -= n
         return admitted, chunks
 
-    def _admission_order(self, no_slot: set[str]) -> Iterator[Sequence]:
+    def _admission_order(self, no_slot: set[str | None]) -> Iterator[Sequence]:
         """Waiting sequences in the order they may be admitted now: those that load no adapter, then the
         rest, each in arrival order; none behind the first that has been overtaken max_lora_bypass times."""
         rest = []

@@ -39,7 +39,7 @@ class LoRAMemory:
     device: str
 
     @classmethod
-    def resolve(cls, config: LoRAConfig, model: LlamaModel, dtype: torch.dtype) -> "LoRAMemory":
+    def resolve(cls, config: LoRAConfig, model: LlamaModel, dtype: torch.dtype) -> LoRAMemory:
         shared = model.device.type == "cpu" and dtype == torch.float32
         if config.lora_memory_gb is not None:
             budget = int(config.lora_memory_gb * GIB)

@@ -61,7 +61,7 @@ class LoRAModel:
     flat: torch.Tensor | None = None  # [num_params] float32 holding every A and B once packed (see packed())
 
     @classmethod
-    def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> "LoRAModel":
+    def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> LoRAModel:
         """roots: directories every file read must lie in (files.py); None: anywhere."""
         path = Path(path)
         if not path.is_dir():  # the folder's name only: a request on an adapter whose folder went may see this
@@ -83,7 +83,7 @@ class LoRAModel:
             sha256=hashlib.sha256(data).hexdigest(),
         )
 
-    def packed(self, projections: list[tuple[int, tuple[str, ...]]], pin: bool = False) -> "LoRAModel":
+    def packed(self, projections: list[tuple[int, tuple[str, ...]]], pin: bool = False) -> LoRAModel:
         """The same adapter with every A and B in one float32 buffer (`flat`), laid out projection by
         projection ((layer, slice names) in the base's order) as [A of each targeted slice][B of each]:
         the A rows of a fused projection's slices are then one [sum of ranks, in] view (one shrink covers
@@ -101,7 +101,7 @@ class LoRAModel:
                     src = getattr(self.weights[key], half)
                     views[key][half] = flat[offset : offset + src.numel()].view_as(src).copy_(src)
                     offset += src.numel()
-            weights.update({k: replace(self.weights[k], **v) for k, v in views.items()})
+            weights.update({k: replace(self.weights[k], A=v["A"], B=v["B"]) for k, v in views.items()})
         if weights.keys() != self.weights.keys():
             raise ValueError(f"adapter {self.name!r} targets projections the base does not have")
         return replace(self, weights=weights, flat=flat)
@@ -109,7 +109,7 @@ class LoRAModel:
     def flat_offset(self, t: torch.Tensor) -> int:
         """Where tensor `t` (a view of `flat`) starts in `flat`, in elements."""
         assert self.flat is not None
-        return t.storage_offset() - self.flat.storage_offset()
+        return int(t.storage_offset() - self.flat.storage_offset())  # int: torch's stubs allow a SymInt
 
     def size_vs_base(self, base_params: int) -> dict[str, Any]:
         if base_params <= 0:

@@ -37,18 +37,23 @@ from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
+from .backend import lora_batch_class
 from .budget import LoRAMemory
 from .errors import (
-    AdapterBusyError, AdapterError, AdapterExistsError, AdapterMergedError, AdapterNotFoundError, AdapterTooLargeError,
+    AdapterBusyError,
+    AdapterError,
+    AdapterExistsError,
+    AdapterMergedError,
+    AdapterNotFoundError,
+    AdapterTooLargeError,
 )
-from .lora_model import CONFIG_FILE, LoRAModel, LoRAWeights
+from .lora_model import CONFIG_FILE, LoRAModel
 from .merge import MergedWeights
 from .registry import AdapterRecord, AdapterRegistry, check_name
 from .residency import Residency
+from .slot_writes import SlotWriter
 from .slots import resolve_lora_dtype
 from .store import read_owner
-from .backend import lora_batch_class
-from .slot_writes import SlotWriter
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import torch
 from ..model.llama import LlamaModel
 from .lora_model import LoRAModel, LoRAWeights
 
+
 class MergedWeights:
     def __init__(self, model: LlamaModel):
         self.model = model

@@ -107,7 +107,7 @@ class LoRAAdapterConfig:
                 self._regexes[wrapped] = compile_pattern(pattern, param, wrapped)
 
     @classmethod
-    def from_file(cls, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> "LoRAAdapterConfig":
+    def from_file(cls, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> LoRAAdapterConfig:
         """roots: directories the file must lie in (files.py); None: anywhere."""
         path = Path(path)
         if not path.is_file():
@@ -124,7 +124,7 @@ class LoRAAdapterConfig:
         return cls.from_dict(data, arch, max_rank)
 
     @classmethod
-    def from_dict(cls, d: Any, arch: ModelArch, max_rank: int) -> "LoRAAdapterConfig":
+    def from_dict(cls, d: Any, arch: ModelArch, max_rank: int) -> LoRAAdapterConfig:
         if not isinstance(d, dict):
             raise InvalidAdapterError("adapter_config.json must hold a JSON object", param="adapter_config")
         _check_supported(d)
@@ -231,6 +231,7 @@ def _parse_targets(value: Any, limit: int) -> tuple[str, ...] | str:
     if value == ALL_LINEAR:
         return tuple(PROJECTIONS)
     names = _parse_names_or_regex(value, "target_modules", limit)
+    assert names is not None  # from_dict refused a missing or null target_modules
     for name in () if isinstance(names, str) else names:
         last = name.rsplit(".", 1)[-1]
         if last in ("embed_tokens", "lm_head"):

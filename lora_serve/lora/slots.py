@@ -60,7 +60,8 @@ class ProjectionSlots:
         """Point `slot` at one adapter's weights for this projection (one entry per slice, None = not
         targeted). packed_A: the targeted slices' A already packed [R, in] in the slots' dtype (a view
         of the adapter's device copy, residency.py); without it, A and B are copied into that layout."""
-        layout, signature, row = [], (), 0
+        layout, row = [], 0
+        signature: tuple[tuple[int, int, int], ...] = ()
         for s, w in enumerate(weights):
             if w is None:
                 continue

@@ -62,7 +62,8 @@ class _Group:
     def indices(self, members: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows of x, rows of the flattened block [g * m]) of the group's segments at `members`."""
         if members not in self._indices:  # once per step and layout, on the first projection
-            src, dst = [], []
+            src: list[int] = []
+            dst: list[int] = []
             for j, i in enumerate(members):
                 _, lo, hi = self.segments[i]
                 src.extend(range(lo, hi))

@@ -157,7 +157,7 @@ def block_m(max_rows: int) -> int:
     return 16 if max_rows <= 16 else 64
 
 
-def shrink(x: torch.Tensor, tables: "KernelTables", segs: torch.Tensor, num_segs: int, max_rows: int,
+def shrink(x: torch.Tensor, tables: KernelTables, segs: torch.Tensor, num_segs: int, max_rows: int,
            buf: torch.Tensor, split_k: int) -> None:  # fmt: skip
     """buf[k, t, columns of the row's adapter] = partial k of x[t]·Aᵀ. x: [T, in] (may be strided);
     tables: the projection's (slots.py via triton_ops.py); segs: int32 [3, >= num_segs];
@@ -174,7 +174,7 @@ def shrink(x: torch.Tensor, tables: "KernelTables", segs: torch.Tensor, num_segs
     )  # fmt: skip
 
 
-def expand(buf: torch.Tensor, tables: "KernelTables", out_slices: list[slice], y: torch.Tensor,
+def expand(buf: torch.Tensor, tables: KernelTables, out_slices: list[slice], y: torch.Tensor,
            segs: torch.Tensor, num_segs: int, max_rows: int) -> None:  # fmt: skip
     """y[t, slice s] += scale · (Σ_k buf[k, t, columns of s]) · B_sᵀ of the row's adapter."""
     n = len(out_slices)

@@ -54,7 +54,7 @@ def kernel_tables(slots: ProjectionSlots) -> KernelTables:
         ref = entry.A
         ptrs[slot][0] = entry.A.data_ptr()
         width = max(width, entry.A.shape[0])
-        for (out, r0, r1, b, scale), (s, _, _) in zip(entry.layout, entry.signature):
+        for (_out, r0, r1, b, scale), (s, _, _) in zip(entry.layout, entry.signature):
             if not b.is_contiguous():
                 raise ValueError("the Triton LoRA kernels read B [out, r] contiguous")
             ptrs[slot][1 + s] = b.data_ptr()

@@ -51,7 +51,7 @@ class ModelArch:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> "ModelArch":
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelArch:
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
@@ -92,7 +92,7 @@ class ModelArch:
         )
 
     @classmethod
-    def from_dir(cls, path: Path) -> "ModelArch":
+    def from_dir(cls, path: Path) -> ModelArch:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise UnsupportedModelError(f"{path} is not a Hugging Face model directory (no config.json)")

@@ -126,7 +126,8 @@ def _convert(gguf: Path, target: Path) -> None:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             bar.update()
             # The weights are plain float32 now; save_pretrained refuses a model still marked quantized.
-            model.hf_quantizer = None
+            # from_pretrained's declared return type lacks PreTrainedModel's hf_quantizer attribute.
+            model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             bar.set_postfix_str("saving weights")

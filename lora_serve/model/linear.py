@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class LoRABatch(Protocol):
     """Per-step adapter layout of the batch, shared by every projection of the model."""
 
-    def apply(self, slots: "ProjectionSlots", x: torch.Tensor, y: torch.Tensor) -> None:
+    def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add scale·(x·Aᵀ)·Bᵀ for each row's adapter into y in place. x: [T, in], y: [T, out]."""
 
 

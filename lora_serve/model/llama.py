@@ -8,6 +8,9 @@ implementation (tests/model/test_llama.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,7 +99,8 @@ class LlamaModel(nn.Module):
         rope = RotaryEmbedding(arch, max_len, device)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rope, dtype, device) for _ in range(arch.num_layers))
+        # An nn.ModuleList, which torch's stubs do not make generic: typed as the layers it holds.
+        self.layers = cast("Sequence[DecoderLayer]", nn.ModuleList(DecoderLayer(arch, rope, dtype, device) for _ in range(arch.num_layers)))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         if arch.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight

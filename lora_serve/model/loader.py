@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
 
 from .arch import ModelArch, UnsupportedModelError
+from .linear import Linear
 from .llama import LlamaModel, RMSNorm
 
 # HF name (after "model.layers.N.") -> (our module path, slice name or None)
@@ -47,7 +49,7 @@ def _target(model: LlamaModel, name: str) -> tuple[torch.Tensor, slice | None] |
     if name == "model.norm.weight":
         return model.norm.weight, None
     if name == "lm_head.weight":
-        return (None if model.arch.tie_word_embeddings else model.lm_head_weight), None
+        return None if model.arch.tie_word_embeddings else (model.lm_head_weight, None)
     m = _LAYER_RE.match(name)
     if m is None:
         return None  # e.g. rotary_emb.inv_freq in old checkpoints
@@ -59,7 +61,7 @@ def _target(model: LlamaModel, name: str) -> tuple[torch.Tensor, slice | None] |
     param = getattr(module, kind)
     if param is None:
         raise UnsupportedModelError(f"checkpoint has {name} but the architecture declares no such bias")
-    return param, (module.slice_of(slice_name) if slice_name else None)
+    return param, (cast(Linear, module).slice_of(slice_name) if slice_name else None)  # a sliced module is a Linear
 
 
 @torch.no_grad()
@@ -71,7 +73,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_len: in
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 target = _target(model, name)
-                if target is None or target[0] is None:
+                if target is None:
                     continue
                 param, rows = target
                 tensor = f.get_tensor(name)

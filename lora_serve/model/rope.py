@@ -37,6 +37,9 @@ def inv_frequencies(arch: ModelArch) -> torch.Tensor:
 class RotaryEmbedding(torch.nn.Module):
     """Precomputed cos/sin tables; applies the rotate-half convention used by HF Llama checkpoints."""
 
+    cos: torch.Tensor  # [max_len, head_dim] buffers, registered in __init__
+    sin: torch.Tensor
+
     def __init__(self, arch: ModelArch, max_len: int, device: torch.device):
         super().__init__()
         inv = inv_frequencies(arch)

@@ -49,7 +49,8 @@ def train(config: TrainConfig, data_path: Path) -> TrainResult:
 
     torch.manual_seed(config.seed)  # PEFT draws lora_A's init from the global generator
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    # PreTrainedModel.to is wrapped with functools.wraps(nn.Module.to), which mypy reads as unbound.
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)  # type: ignore[arg-type]
     model = add_lora(base, config)
     # adapter_config.json records the model as given, not the cache path of the embedded default.
     model.peft_config["default"].base_model_name_or_path = config.model or DEFAULT_MODEL_NAME
@@ -99,7 +100,7 @@ def add_lora(base, config: TrainConfig):
         layers_to_transform=list(range(num_layers - top, num_layers)) if top < num_layers else None,
         task_type="CAUSAL_LM",
         r=config.r,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int; scaling is lora_alpha / r
         target_modules=list(config.target_modules),
         lora_dropout=config.lora_dropout,
         bias="none",

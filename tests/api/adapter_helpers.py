@@ -14,8 +14,8 @@ import httpx
 
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig
 from lora_serve.engine.async_engine import AsyncEngine
-from tests.api.live_server import LiveServer, live_server
 from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
+from tests.api.live_server import LiveServer, live_server
 from tests.lora.conftest import ATTN, MLP, make_peft_adapters
 from tests.lora.test_peft_parity import reference
 

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load, save
 
 from lora_serve.config import ServerConfig
-from lora_serve.engine.async_engine import AsyncEngine
 from tests.api.adapter_helpers import (
     ADMIN,
     BAD_NAMES,

@@ -16,9 +16,8 @@ import pytest
 
 from lora_serve.config import ServerConfig
 from lora_serve.lora.store import OWNER_FILE
-from tests.api.adapter_helpers import TINY_ADAPTERS, adapter_files, admin_headers, make_tiny_adapters, tiny_engine_with
+from tests.api.adapter_helpers import TINY_ADAPTERS, adapter_files, admin_headers, make_tiny_adapters, tiny_engine_with, upload_form
 from tests.api.adapter_helpers import upload as upload_as
-from tests.api.adapter_helpers import upload_form
 from tests.api.live_server import LiveServer, live_server
 
 ACME, GLOBEX, OPS = "sk-acme-0001", "sk-globex-01", "sk-ops-admin"

@@ -16,7 +16,6 @@ import openai
 import pytest
 
 from lora_serve.config import ServerConfig
-from lora_serve.engine.async_engine import AsyncEngine
 from tests.api.adapter_helpers import ADMIN, adapter_files, admin_headers, make_tiny_adapters, tiny_engine_with, upload
 from tests.api.live_server import LiveServer, live_server
 

@@ -23,7 +23,9 @@ def test_run_phases_counts_every_token_with_rotation(tiny_llama_dir: Path, tmp_p
 
 
 def test_sweep_rows_and_plot(tiny_llama_dir: Path, tmp_path: Path):
-    rows = engine_sweep.sweep(tiny_llama_dir, [1, 4], num_seqs=8, rank=4, max_loras=2, prompt_len=6, decode_steps=3, repeats=1, progress=False, kv_cache_gb=0.02)
+    rows = engine_sweep.sweep(
+        tiny_llama_dir, [1, 4], num_seqs=8, rank=4, max_loras=2, prompt_len=6, decode_steps=3, repeats=1, progress=False, kv_cache_gb=0.02
+    )
     assert [(r["num_adapters"], r["config"]) for r in rows] == [
         (1, "base"), (1, "1 adapter merged"), (1, "N adapters unmerged"),
         (4, "base"), (4, "1 adapter merged"), (4, "N adapters unmerged"),
@@ -50,7 +52,9 @@ def test_bench_lora_still_runs(tiny_llama_dir: Path):
 
 
 def test_sweep_with_peft_side_by_side(tiny_llama_dir: Path):
-    rows = engine_sweep.sweep(tiny_llama_dir, [2], num_seqs=2, rank=4, prompt_len=4, decode_steps=2, repeats=1, with_peft=True, progress=False, kv_cache_gb=0.02)
+    rows = engine_sweep.sweep(
+        tiny_llama_dir, [2], num_seqs=2, rank=4, prompt_len=4, decode_steps=2, repeats=1, with_peft=True, progress=False, kv_cache_gb=0.02
+    )
     assert [r["config"] for r in rows] == [
         "base", "1 adapter merged", "N adapters unmerged", "peft base", "peft 1 adapter unmerged", "peft N adapters unmerged",
     ]  # fmt: skip

@@ -64,7 +64,12 @@ def test_switching_while_streams_run_gives_the_undisturbed_tokens(tiny_llama_dir
     for rid, (prompt, p) in reqs.items():
         engine.add_request(rid, prompt, p, plan[rid])
     tokens = {rid: [] for rid in plan}
-    switches = {3: lambda: engine.merge_adapter("t0"), 9: lambda: engine.merge_adapter("t1"), 15: engine.unmerge_adapter, 21: lambda: engine.merge_adapter("t2")}
+    switches = {
+        3: lambda: engine.merge_adapter("t0"),
+        9: lambda: engine.merge_adapter("t1"),
+        15: engine.unmerge_adapter,
+        21: lambda: engine.merge_adapter("t2"),
+    }
     step = 0
     while engine.has_unfinished():
         if step in switches:

@@ -81,7 +81,7 @@ def test_mixed_batch_each_sequence_gets_its_own_adapter(engine, peft_adapters):
         reqs[f"s{i}"] = (chat_ids(engine.tokenizer, PROMPTS[p]), params())
         lora[f"s{i}"] = adapter
     outs = run_to_completion(engine, reqs, lora)
-    for i, (adapter, p) in enumerate(plan):
+    for i, (adapter, _p) in enumerate(plan):
         ref_tokens, ref_rows = reference(peft_model, adapter, reqs[f"s{i}"][0], NEW_TOKENS)
         check_against(outs[f"s{i}"], ref_tokens, ref_rows)
 

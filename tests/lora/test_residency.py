@@ -19,7 +19,7 @@ from .test_manager import NAMES, PROMPT, adapter_paths, alone, greedy  # noqa: F
 GIB = 2**30
 
 
-def make(tiny_llama_dir, adapter_paths, budget_bytes: int, lora_dtype: str, names=NAMES) -> LLMEngine:
+def make(tiny_llama_dir, adapter_paths, budget_bytes: int, lora_dtype: str, names=NAMES) -> LLMEngine:  # noqa: F811
     config = EngineConfig(
         cache=CacheConfig(kv_cache_memory_gb=0.02),
         scheduler=SchedulerConfig(max_model_len=256),
@@ -29,13 +29,13 @@ def make(tiny_llama_dir, adapter_paths, budget_bytes: int, lora_dtype: str, name
     return LLMEngine.from_config(config, tiny_llama_dir)
 
 
-def sizes(tiny_llama_dir, adapter_paths) -> dict[str, int]:
+def sizes(tiny_llama_dir, adapter_paths) -> dict[str, int]:  # noqa: F811
     """Each adapter's bytes in bfloat16 slots: its exact ranks' A and B."""
     engine = make(tiny_llama_dir, adapter_paths, GIB, "bfloat16")
     return {n: engine.lora.adapter_bytes(n) for n in NAMES}
 
 
-def test_mixed_ranks_take_their_own_bytes_and_the_lru_unpinned_ones_make_room(tiny_llama_dir, adapter_paths):
+def test_mixed_ranks_take_their_own_bytes_and_the_lru_unpinned_ones_make_room(tiny_llama_dir, adapter_paths):  # noqa: F811
     size = sizes(tiny_llama_dir, adapter_paths)
     assert len(set(size.values())) == len(NAMES)  # mixed ranks: no two the same size
     engine = make(tiny_llama_dir, adapter_paths, size["a0"] + size["a1"] + size["a2"], "bfloat16")
@@ -63,7 +63,7 @@ def test_mixed_ranks_take_their_own_bytes_and_the_lru_unpinned_ones_make_room(ti
     assert pin("a5") is not None and residency.names() == ["a0", "a5"]
 
 
-def test_an_engine_under_a_tight_budget_gives_every_adapter_its_own_tokens(tiny_llama_dir, adapter_paths):
+def test_an_engine_under_a_tight_budget_gives_every_adapter_its_own_tokens(tiny_llama_dir, adapter_paths):  # noqa: F811
     size = sizes(tiny_llama_dir, adapter_paths)
     roomy = make(tiny_llama_dir, adapter_paths, GIB, "bfloat16")
     tight = make(tiny_llama_dir, adapter_paths, size["a4"] + size["a5"], "bfloat16")
@@ -73,7 +73,7 @@ def test_an_engine_under_a_tight_budget_gives_every_adapter_its_own_tokens(tiny_
     assert tight.lora.residency.bytes_used <= size["a4"] + size["a5"] and tight.lora.residency.num_evictions > 0
 
 
-def test_on_cpu_the_budget_bounds_the_shared_cpu_copies(tiny_llama_dir, adapter_paths, alone):
+def test_on_cpu_the_budget_bounds_the_shared_cpu_copies(tiny_llama_dir, adapter_paths, alone):  # noqa: F811
     fp32 = {n: 2 * b for n, b in sizes(tiny_llama_dir, adapter_paths).items()}
     engine = make(tiny_llama_dir, adapter_paths, fp32["a4"] + fp32["a5"], "auto")
     assert engine.lora.residency.shared
@@ -83,7 +83,7 @@ def test_on_cpu_the_budget_bounds_the_shared_cpu_copies(tiny_llama_dir, adapter_
     assert engine.lora.num_evictions >= len(NAMES) - 2
 
 
-def test_an_adapter_larger_than_the_budget_is_refused_at_registration(tiny_llama_dir, adapter_paths):
+def test_an_adapter_larger_than_the_budget_is_refused_at_registration(tiny_llama_dir, adapter_paths):  # noqa: F811
     fp32 = {n: 2 * b for n, b in sizes(tiny_llama_dir, adapter_paths).items()}
     with pytest.raises(AdapterTooLargeError, match="lora_memory_gb"):
         make(tiny_llama_dir, adapter_paths, fp32["a5"] - 1, "auto", names=["a5"])
