@@ -100,7 +100,7 @@ class LLMEngine:
         )
 
     @classmethod
-    def from_config(cls, config: EngineConfig, model_path: Path, base_name: str | None = None) -> "LLMEngine":
+    def from_config(cls, config: EngineConfig, model_path: Path, base_name: str | None = None) -> LLMEngine:
         """Load the checkpoint at model_path ("auto" device and dtype resolved here) and build the engine."""
         mc, path = config.model, Path(model_path)
         if mc.num_threads:
