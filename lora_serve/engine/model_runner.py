@@ -9,7 +9,8 @@ import torch
 from ..model.attention import AttentionMetadata
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
-from .kv_cache import PAD_BLOCK, KVCache
+from .attention_groups import build_groups
+from .kv_cache import KVCache
 from .sequence import Sequence
 
 
@@ -37,32 +38,13 @@ class ModelRunner:
                 slots.append(table[p // bs] * bs + p % bs)
             query_lens.append(end - start)
             context_lens.append(end)
-        B, Q = len(seqs), max(query_lens)
         dev = self.device
-        max_blocks = -(-max(context_lens) // bs)
-        L = max_blocks * bs  # keys are gathered whole blocks at a time: fewer, larger copies
-        # Shorter contexts are padded with the all-zero PAD_BLOCK, never with another sequence's block.
-        pad = lambda table: table[:max_blocks] + [PAD_BLOCK] * (max_blocks - len(table))  # noqa: E731
-        context_blocks = torch.tensor([pad(s.block_table) for s in seqs])
-        j = torch.arange(L)
-        q_lens = torch.tensor(query_lens)
-        ctx = torch.tensor(context_lens)
-        # Absolute position of query i of sequence b; padding queries get 0 (they see key 0 only, never NaN).
-        qi = torch.arange(Q)
-        qpos = torch.where(qi[None, :] < q_lens[:, None], ctx[:, None] - q_lens[:, None] + qi[None, :], 0)  # [B, Q]
-        mask = (j[None, None, :] <= qpos[:, :, None]).unsqueeze(1)  # [B, 1, Q, L]
-        query_index = None
-        if Q > 1:
-            query_index = torch.cat([b * Q + torch.arange(n) for b, n in enumerate(query_lens)]).to(dev)
+        q_lens, ctx = torch.tensor(query_lens), torch.tensor(context_lens)
         meta = AttentionMetadata(
             positions=torch.tensor(positions, device=dev),
             slot_mapping=torch.tensor(slots, device=dev),
-            context_blocks=context_blocks.to(dev),
             block_size=bs,
-            mask=mask.to(dev),
-            query_index=query_index,
-            batch_size=B,
-            max_query_len=Q,
+            groups=build_groups([s.block_table for s in seqs], query_lens, context_lens, bs, dev),
             logits_index=(torch.cumsum(q_lens, 0) - 1)[ctx == torch.tensor([s.num_tokens for s in seqs])].to(dev),
         )
         return torch.tensor(input_ids, device=dev), meta

@@ -1,9 +1,11 @@
 """Attention over a paged KV cache, for a batch that mixes prefills and decodes.
 
 Tokens travel packed ([T, ...], no padding) through every projection. Only the
-attention itself runs on a padded view: queries [B, Q] and each sequence's cached
-context [B, L] gathered from the cache by slot index. The runner builds that layout
-once per step (`AttentionMetadata`) and every layer reuses it.
+attention itself runs on padded views, one per group of rows (`AttentionGroup`):
+decodes of similar context length share one Q=1 SDPA, each prefill chunk runs
+alone over its own context. So a decode row never pays for a prefill's queries or
+keys beside it. The runner builds the groups once per step (attention_groups.py)
+and every layer reuses them.
 """
 
 from __future__ import annotations
@@ -16,16 +18,25 @@ from torch import nn
 
 
 @dataclass
+class AttentionGroup:
+    """Rows attended in one SDPA: queries [B, Q] against each row's context [B, L]."""
+
+    token_index: torch.Tensor | None  # [B*Q] packed index of each of the group's tokens, row by row; None: all T, in order
+    context_blocks: torch.Tensor  # [B, L / block_size, rounded up] cache blocks of each row's context, padded with PAD_BLOCK
+    key_len: int  # L: keys kept of the gathered blocks
+    mask: torch.Tensor | None  # [B, 1, Q, L] bool, True where query may attend to key; None: every key, or causal
+    causal: bool  # one row whose keys are its queries' own tokens (Q == L): SDPA's causal mask skips masked blocks
+    batch_size: int  # B
+    query_len: int  # Q: every row of a group has the same query length (no padded queries)
+
+
+@dataclass
 class AttentionMetadata:
     positions: torch.Tensor  # [T] absolute position of each packed token
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
-    context_blocks: torch.Tensor  # [B, L / block_size] cache blocks of each sequence's context, padded with 0
     block_size: int
-    mask: torch.Tensor  # [B, 1, Q, L] bool, True where query may attend to key
-    query_index: torch.Tensor | None  # [T] flat index of each packed token in [B*Q]; None when Q == 1
-    batch_size: int
-    max_query_len: int
-    logits_index: torch.Tensor  # [B] packed index of each sequence's last token
+    groups: list[AttentionGroup]  # together they hold each packed token exactly once
+    logits_index: torch.Tensor  # [R] packed index of the last token of each sequence that samples
 
 
 class Attention(nn.Module):
@@ -40,18 +51,25 @@ class Attention(nn.Module):
         # q: [T, H, D]; k, v: [T, KV, D] -> [T, H*D]
         self.k_cache.index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
-        B, Q, H, D = meta.batch_size, meta.max_query_len, self.num_heads, self.head_dim
-        blocks = (-1, meta.block_size, self.num_kv_heads, D)
-        keys = self.k_cache.view(blocks)[meta.context_blocks].view(B, -1, self.num_kv_heads, D).transpose(1, 2)  # [B, KV, L, D]
-        values = self.v_cache.view(blocks)[meta.context_blocks].view(B, -1, self.num_kv_heads, D).transpose(1, 2)
-        if meta.query_index is None:
-            queries = q.view(B, 1, H, D)
-        else:
-            queries = q.new_zeros(B * Q, H, D)
-            queries[meta.query_index] = q
-            queries = queries.view(B, Q, H, D)
+        if meta.groups[0].token_index is None:  # the only group: every token, in packed order
+            return self._attend(q, meta.groups[0], meta.block_size)
+        out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
+        for g in meta.groups:
+            index = g.token_index
+            assert index is not None  # several groups: each names its tokens
+            out.index_copy_(0, index, self._attend(q.index_select(0, index), g, meta.block_size))
+        return out
+
+    def _attend(self, q: torch.Tensor, g: AttentionGroup, block_size: int) -> torch.Tensor:
+        # q: [B*Q, H, D] the group's queries, row by row -> [B*Q, H*D]
+        B, Q, H, KV, D = g.batch_size, g.query_len, self.num_heads, self.num_kv_heads, self.head_dim
+
+        def gather(cache: torch.Tensor) -> torch.Tensor:  # [B, KV, L, D]
+            blocks = cache.view(-1, block_size, KV, D)[g.context_blocks]  # [B, L / block_size, block_size, KV, D]
+            return blocks.view(B, -1, KV, D)[:, : g.key_len].transpose(1, 2).to(q.dtype)
+
+        queries = q.view(B, Q, H, D).transpose(1, 2)  # [B, H, Q, D]
         out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=meta.mask, enable_gqa=True
+            queries, gather(self.k_cache), gather(self.v_cache), attn_mask=g.mask, is_causal=g.causal, enable_gqa=True
         )  # [B, H, Q, D]
-        out = out.transpose(1, 2).reshape(B * Q, H * D)
-        return out if meta.query_index is None else out[meta.query_index]
+        return out.transpose(1, 2).reshape(B * Q, H * D)
