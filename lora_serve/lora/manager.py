@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from ..config import LoRAConfig
-from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
@@ -43,11 +42,11 @@ from .errors import (
 )
 from .lora_model import CONFIG_FILE, LoRAModel, LoRAWeights
 from .merge import MergedWeights
+from .ops.selector import lora_batch_class
 from .registry import AdapterRecord, AdapterRegistry, check_name
-from .residency import Residency
+from .residency import LoRASequence, Residency, Seq
 from .slots import resolve_lora_dtype
 from .store import read_owner
-from .backend import lora_batch_class
 from .slot_writes import SlotWriter
 
 log = logging.getLogger(__name__)
@@ -386,7 +385,7 @@ class LoRAManager:
 
     # --- CPU -> device slots (engine thread) ----------------------------------------------------
 
-    def try_admit(self, seq: Sequence) -> bool:
+    def try_admit(self, seq: LoRASequence) -> bool:
         """Pin seq's adapter on the device; False if no room can be made for it this step."""
         name = seq.lora_name
         if name is None:
@@ -399,14 +398,14 @@ class LoRAManager:
         seq.lora_slot = slot
         return True
 
-    def release_slot(self, seq: Sequence) -> None:
+    def release_slot(self, seq: LoRASequence) -> None:
         if seq.lora_name is None or seq.lora_slot is None:
             return
         with self._lock:
             self.residency.unpin(seq.lora_name)
             seq.lora_slot = None
 
-    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> LoRABatch | None:
+    def prepare(self, seqs: list[Seq], num_new_tokens: list[int]) -> LoRABatch | None:
         """The step's LoRA batch (residency.py), the batch ordered by adapter in place."""
         return self.residency.prepare(seqs, num_new_tokens, self.merged.name, self.batch_cls)
 
