@@ -30,9 +30,10 @@ import torch
 from ..config import LoRAConfig
 from ..engine.llm_engine import resolve_device
 from ..engine.sampling_params import SamplingParams
-from ..lora.backend import triton_batch_class, triton_interpreted
+from ..lora.ops.interpreter import triton_interpreted
+from ..lora.ops.selector import triton_batch_class
+from ..lora.ops.torch_ops import SegmentedLoRABatch
 from ..lora.slots import resolve_lora_dtype
-from ..lora.torch_ops import SegmentedLoRABatch
 from ..model.loader import resolve_dtype
 from .kernel_check import check_projections
 from .llama_shapes import arch_of

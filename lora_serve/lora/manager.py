@@ -33,11 +33,9 @@ from pathlib import Path
 import torch
 
 from ..config import LoRAConfig
-from ..engine.sequence import Sequence
 from ..model.default_model import cache_root
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
-from .backend import lora_batch_class
 from .budget import LoRAMemory
 from .errors import (
     AdapterBusyError,
@@ -49,8 +47,9 @@ from .errors import (
 )
 from .lora_model import CONFIG_FILE, LoRAModel
 from .merge import MergedWeights
+from .ops.selector import lora_batch_class
 from .registry import AdapterRecord, AdapterRegistry, check_name
-from .residency import Residency
+from .residency import LoRASequence, Residency, Seq
 from .slot_writes import SlotWriter
 from .slots import resolve_lora_dtype
 from .store import read_owner
@@ -391,7 +390,7 @@ class LoRAManager:
 
     # --- CPU -> device slots (engine thread) ----------------------------------------------------
 
-    def try_admit(self, seq: Sequence) -> bool:
+    def try_admit(self, seq: LoRASequence) -> bool:
         """Pin seq's adapter on the device; False if no room can be made for it this step."""
         name = seq.lora_name
         if name is None:
@@ -404,14 +403,14 @@ class LoRAManager:
         seq.lora_slot = slot
         return True
 
-    def release_slot(self, seq: Sequence) -> None:
+    def release_slot(self, seq: LoRASequence) -> None:
         if seq.lora_name is None or seq.lora_slot is None:
             return
         with self._lock:
             self.residency.unpin(seq.lora_name)
             seq.lora_slot = None
 
-    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> LoRABatch | None:
+    def prepare(self, seqs: list[Seq], num_new_tokens: list[int]) -> LoRABatch | None:
         """The step's LoRA batch (residency.py), the batch ordered by adapter in place."""
         return self.residency.prepare(seqs, num_new_tokens, self.merged.name, self.batch_cls)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -31,6 +32,16 @@ from .slot_writes import SlotWriter
 from .slots import ProjectionSlots
 
 log = logging.getLogger(__name__)
+
+
+class LoRASequence(Protocol):
+    """What the LoRA layer reads and sets on a sequence (the engine's Sequence, which lora/ does not import)."""
+
+    lora_name: str | None  # its adapter, None for the base model
+    lora_slot: int | None  # that adapter's slot, set while the sequence pins it (running)
+
+
+Seq = TypeVar("Seq", bound=LoRASequence)
 
 
 @dataclass(eq=False)
@@ -182,7 +193,7 @@ class Residency:
 
     # --- per step -------------------------------------------------------------------------------
 
-    def prepare(self, seqs, num_new_tokens: list[int], merged: str | None, batch_cls: type) -> LoRABatch | None:
+    def prepare(self, seqs: list[Seq], num_new_tokens: list[int], merged: str | None, batch_cls: type) -> LoRABatch | None:
         """Order the batch in place and build its segments. Rows: adapters by slot, then base-only,
         then the merged adapter's. Base-only rows get no delta at all; while an adapter is merged,
         every row before its own gets the negated merged adapter (one extra segment)."""

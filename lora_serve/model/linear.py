@@ -3,26 +3,32 @@
 Projections that the base fuses (q/k/v, gate/up) are one weight here, with named
 output slices; each slice keeps the PEFT module name (`q_proj`, ...) so an adapter
 can target any subset. The LoRA manager attaches slot weights to `lora_slots`; the
-per-step `LoRABatch` (which rows use which slot) is passed in by the caller.
+per-step `LoRABatch` (which rows use which slot) is passed in by the caller. Both are
+protocols here: the model layer does not import the LoRA layer above it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from ..lora.slots import ProjectionSlots
+
+class LoRASlots(Protocol):
+    """The adapter weights attached to a projection, as the projection uses them (lora/slots.py's ProjectionSlots)."""
+
+    def wait_written(self) -> None:
+        """Make what runs next wait for the slots' pending writes (CUDA: a fill still copying on a side stream)."""
 
 
 class LoRABatch(Protocol):
     """Per-step adapter layout of the batch, shared by every projection of the model."""
 
-    def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add scale·(x·Aᵀ)·Bᵀ for each row's adapter into y in place. x: [T, in], y: [T, out]."""
+    def apply(self, slots: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add scale·(x·Aᵀ)·Bᵀ for each row's adapter into y in place. x: [T, in], y: [T, out].
+        slots: the projection's `lora_slots`, of the type the batch's backend reads (ProjectionSlots)."""
 
 
 class Linear(nn.Module):
@@ -35,7 +41,7 @@ class Linear(nn.Module):
         out = sum(self.slice_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self.lora_slots: ProjectionSlots | None = None
+        self.lora_slots: LoRASlots | None = None
 
     @property
     def out_features(self) -> int:

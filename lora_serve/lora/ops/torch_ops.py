@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ..slots import ProjectionSlots, SlotEntry
 from .segments import Segment, split_passes
-from .slots import ProjectionSlots, SlotEntry
 
 # Grouping pads every segment of a group to the longest one. It is chosen while segments are short
 # and that block has at most MAX_PADDING times the real rows. On a 2-core AMD EPYC (SmolLM2-135M

@@ -15,26 +15,13 @@ two programs of one launch add into the same output rows.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
+from ..slots import ProjectionSlots
 from . import triton_kernels as kernels
 from .segments import Segment, split_passes
-from .slots import ProjectionSlots
-
-
-@dataclass
-class KernelTables:
-    """What the kernels read of one projection's slots, rebuilt when its entries change (slots.version)."""
-
-    ptrs: torch.Tensor  # int64 [slots, 1 + MAX_SLICES]: packed A's address, then each slice's B's (0: none)
-    meta: torch.Tensor  # int32 [slots, 2, n]: each slice's rank (0: not targeted), its first column of x·Aᵀ
-    scales: torch.Tensor  # float32 [slots, n]
-    ref: torch.Tensor  # any tensor of the slots' dtype: the kernels take their element type from it
-    max_rank: int  # largest rank of any slice
-    width: int  # largest R (the columns of x·Aᵀ) of any entry
-    version: int
+from .triton_kernels import KernelTables
 
 
 def kernel_tables(slots: ProjectionSlots) -> KernelTables:

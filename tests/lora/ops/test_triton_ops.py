@@ -17,8 +17,8 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (it is only installable on Linux x86_64)")
 
-from lora_serve.lora.segments import split_passes  # noqa: E402
-from lora_serve.lora.triton_ops import TritonLoRABatch, kernel_tables  # noqa: E402
+from lora_serve.lora.ops.segments import split_passes  # noqa: E402
+from lora_serve.lora.ops.triton_ops import TritonLoRABatch, kernel_tables  # noqa: E402
 
 from .random_slots import random_slots, reference  # noqa: E402
 
@@ -113,7 +113,7 @@ def test_split_k_partial_sums_add_up(monkeypatch):
 def test_shrink_writes_only_the_rank_columns_of_each_rows_adapter():
     # The interpreter runs programs one after another, which would hide a write past an adapter's rank
     # that a later program overwrites; on a GPU that is a race. So: nothing else in the buffer may change.
-    from lora_serve.lora import triton_kernels
+    from lora_serve.lora.ops import triton_kernels
 
     segments = [(0, 0, 3), (1, 3, 4), (2, 4, 4), (3, 4, 9)]
     slots, _ = fill({0: {"q_proj": 5, "v_proj": 17}, 1: {"k_proj": 1}, 2: {"q_proj": 64}, 3: {"q_proj": 33, "k_proj": 2, "v_proj": 30}}, 0)
@@ -162,7 +162,7 @@ def test_kernels_compile_for_a_gpu(arch, slots, monkeypatch, tmp_path):
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
 
-    from lora_serve.lora import triton_kernels
+    from lora_serve.lora.ops import triton_kernels
 
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))

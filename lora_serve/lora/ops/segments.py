@@ -2,7 +2,7 @@
 
 The LoRA manager orders the batch by slot once per step, so each adapter's rows are one run
 (slot, lo, hi) (Punica's SGMV segments). Segments may overlap: while an adapter is merged, one
-extra segment, the negated merged adapter, covers rows of other segments too (merge.py). A
+extra segment, the negated merged adapter, covers rows of other segments too (lora/merge.py). A
 backend applies them in passes of disjoint segments, so no two of a pass add into one row.
 """
 

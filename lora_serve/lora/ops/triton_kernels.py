@@ -3,7 +3,7 @@
     shrink:  buf[k, t, A-row j]  = x[t] · A[slot(t)][j]ᵀ                 (float32, partial sum k of SPLIT_K)
     expand:  y[t, slice s]      += scale · Σ_k buf[k, t, rows of s] · B_s[slot(t)]ᵀ
 
-Each adapter's A [R, in] and B_s [out_s, r_s] are its own tensors at their exact ranks (slots.py);
+Each adapter's A [R, in] and B_s [out_s, r_s] are its own tensors at their exact ranks (lora/slots.py);
 the kernels find them through a table of addresses per slot (as vLLM's lora_ptr_tensor) and read
 nothing of max_lora_rank.
 A and B may be float32, bfloat16 or float16 (LoRAConfig.lora_dtype), whatever x and y are: each
@@ -28,21 +28,32 @@ triton is imported, so an interpreter switched on after that could not run them.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .backend import triton_interpreted
-
-if TYPE_CHECKING:
-    from .triton_ops import KernelTables
+from .interpreter import triton_interpreted
 
 BLOCK_K = 64  # reduction tile of the shrink (input features)
 BLOCK_R = 16  # rank tile: tl.dot's smallest; a rank-r adapter runs ceil(r / 16) of them
 BLOCK_N = 64  # output tile of the expand
 MAX_SLICES = 3  # q/k/v; the kernels take one B pointer per slice
+
+
+@dataclass
+class KernelTables:
+    """What the kernels read of one projection's slots (built by triton_ops.kernel_tables), rebuilt when its entries
+    change (slots.version)."""
+
+    ptrs: torch.Tensor  # int64 [slots, 1 + MAX_SLICES]: packed A's address, then each slice's B's (0: none)
+    meta: torch.Tensor  # int32 [slots, 2, n]: each slice's rank (0: not targeted), its first column of x·Aᵀ
+    scales: torch.Tensor  # float32 [slots, n]
+    ref: torch.Tensor  # any tensor of the slots' dtype: the kernels take their element type from it
+    max_rank: int  # largest rank of any slice
+    width: int  # largest R (the columns of x·Aᵀ) of any entry
+    version: int
 
 
 def _shrink_kernel(
@@ -160,7 +171,7 @@ def block_m(max_rows: int) -> int:
 def shrink(x: torch.Tensor, tables: KernelTables, segs: torch.Tensor, num_segs: int, max_rows: int,
            buf: torch.Tensor, split_k: int) -> None:  # fmt: skip
     """buf[k, t, columns of the row's adapter] = partial k of x[t]·Aᵀ. x: [T, in] (may be strided);
-    tables: the projection's (slots.py via triton_ops.py); segs: int32 [3, >= num_segs];
+    tables: the projection's (lora/slots.py via triton_ops.py); segs: int32 [3, >= num_segs];
     buf: float32 [split_k, T, >= widest adapter's R], contiguous in its last dimension."""
     n = tables.meta.shape[2]
     bm = block_m(max_rows)

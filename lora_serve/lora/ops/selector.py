@@ -5,7 +5,7 @@ Every backend is a `LoRABatch` (model/linear.py) built from the step's segments
   torch   segmented and batched matmuls (torch_ops.py): the fastest measured on CPU, and the
           fallback on CUDA when triton does not import;
   triton  one fused shrink and one fused expand launch per projection (triton_ops.py): CUDA, or
-          CPU tensors under triton's interpreter (TRITON_INTERPRET=1, for tests).
+          CPU tensors under triton's interpreter (TRITON_INTERPRET=1, for tests; interpreter.py).
 "auto" takes triton on CUDA when it imports, torch otherwise (the interpreter only when asked for). The choice and its reason are
 logged once at start ("LoRA ops: ... backend ...").
 """
@@ -13,10 +13,10 @@ logged once at start ("LoRA ops: ... backend ...").
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
+from .interpreter import triton_interpreted
 from .torch_ops import SegmentedLoRABatch
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,6 @@ def triton_batch_class() -> tuple[type | None, str]:
     except ImportError as exc:
         return None, f"triton does not import ({exc})"
     return TritonLoRABatch, ""
-
-
-def triton_interpreted() -> bool:
-    """Whether triton runs kernels in its interpreter, on CPU tensors (triton's own reading of the variable)."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y")
 
 
 def lora_batch_class(device: torch.device, name: str = "auto") -> type:

@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-from lora_serve.lora.torch_ops import SegmentedLoRABatch
+from lora_serve.lora.ops.torch_ops import SegmentedLoRABatch
 
 from .random_slots import random_slots, reference
 

@@ -1,0 +1,14 @@
+"""Whether triton runs its kernels in its interpreter, on CPU tensors (TRITON_INTERPRET=1, for tests).
+
+Apart from the selector (selector.py) and the kernels (triton_kernels.py), which both read it: the
+selector imports the triton backend, so the kernels cannot import the selector back.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def triton_interpreted() -> bool:
+    """Whether triton runs kernels in its interpreter, on CPU tensors (triton's own reading of the variable)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y")
