@@ -354,6 +354,8 @@ class LoRAManager:
             if victim is None:
                 return False
             del self._cpu[victim]
+            if self.residency.shared:
+                self.residency.drop(victim)  # its views would keep the copy alive
             self.num_evictions += 1
         return True
 
@@ -380,6 +382,8 @@ class LoRAManager:
                 break
             if self._refs.get(name, 0) == 0:
                 del self._cpu[name]
+                if self.residency.shared:
+                    self.residency.drop(name)
                 self.num_evictions += 1
         self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_usage()[0])
 

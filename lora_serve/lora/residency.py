@@ -4,8 +4,8 @@ An adapter is resident when every projection's slot table (slots.py) points at i
 ways, chosen once per engine:
 - shared (CPU with float32 slots, the CPU default): the device is the CPU, so the entries are views
   of the CPU tier's own copy (LoRAModel.packed) and residency costs no second copy. An entry lives
-  while a running sequence pins it; the CPU tier (its byte budget and LRU, manager.py) decides
-  which adapters stay in memory, and the request's reference keeps its copy there meanwhile.
+  as long as that copy: the CPU tier (its byte budget and LRU, manager.py) decides which adapters
+  stay in memory, drops an adapter's entry with its copy, and never drops a copy a request holds.
 - copied (CUDA, or slots in another dtype): one device buffer per adapter, exactly its ranks'
   bytes, copied from the CPU tier in one transfer (from pinned memory, on a side stream: see
   slot_writes.py). The buffers share a byte budget (LoRAConfig.lora_memory_gb); unpinned ones
@@ -46,11 +46,10 @@ Seq = TypeVar("Seq", bound=LoRASequence)
 
 @dataclass(eq=False)
 class _Resident:
-    model: LoRAModel  # the CPU-tier copy it came from
     owner: object  # the registration it belongs to: an entry of an earlier registration of the name is refilled
     slot: int
     num_bytes: int  # device bytes it holds (0 when shared with the CPU tier)
-    buffer: torch.Tensor | None  # the device copy (copied mode)
+    buffer: torch.Tensor | None  # the device copy (copied mode); shared: the entries' views hold the CPU copy
     pins: int = 0
 
 
@@ -86,7 +85,10 @@ class Residency:
         return 0 if self.shared else model.num_params * self.dtype.itemsize
 
     def is_resident(self, name: str) -> bool:
-        return name in self._resident
+        """Admitting `name` adds no adapter to what a step reads: on the device (copied), or in the running
+        batch (shared, where every CPU copy is readable but each distinct adapter adds bytes to a step)."""
+        entry = self._resident.get(name)
+        return entry is not None and (not self.shared or entry.pins > 0)
 
     def names(self) -> list[str]:
         """Resident adapters, least recently used first."""
@@ -116,10 +118,7 @@ class Residency:
         return entry.slot
 
     def unpin(self, name: str) -> None:
-        entry = self._resident[name]
-        entry.pins -= 1
-        if entry.pins == 0 and self.shared:
-            self.drop(name)  # its views would keep the CPU copy alive after the CPU tier let it go
+        self._resident[name].pins -= 1
 
     def drop(self, name: str) -> None:
         """Forget `name`'s entry and free its memory, unless a running sequence pins it."""
@@ -139,7 +138,8 @@ class Residency:
             self.num_evictions += 1
         entry = self._fill(model, need, owner)
         self._resident[name] = entry
-        log.info("adapter %s resident in slot %d (%.1f MB on %s)", name, entry.slot, need / 1e6, self.device.type)
+        if not self.shared:  # shared: views made in microseconds, not worth a line each
+            log.info("adapter %s resident in slot %d (%.1f MB on %s)", name, entry.slot, need / 1e6, self.device.type)
         return entry
 
     # --- merged mode ----------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class Residency:
                 slots.fill(slot, views, flat[start : start + rows * targeted[0].A.shape[1]].view(rows, -1))
                 self.writer.mark_written(slots)
         self.bytes_used += num_bytes
-        return _Resident(model, owner, slot, num_bytes, buffer)
+        return _Resident(owner, slot, num_bytes, buffer)
 
     def _release(self, entry: _Resident) -> None:
         for _, _, slots in self.projections:
