@@ -30,12 +30,41 @@ def test_defaults_are_the_configs_defaults() -> None:
 
 
 def test_flags_reach_every_sub_config() -> None:
-    cmd = parse([
-        "/models/llama", "--dtype", "bfloat16", "--device", "cpu", "--block-size", "32", "--max-num-seqs", "4",
-        "--max-model-len", "1024", "--max-loras", "2", "--lora-dtype", "float16", "--lora-modules", "sql=/a/sql", "chat=/a/chat",
-        "--allowed-lora-dir", "/a", "/b", "--host", "0.0.0.0", "--port", "9001", "--served-model-name", "base",
-        "--api-key", "k1", "--admin-api-key", "k2",
-    ])
+    cmd = parse(
+        [
+            "/models/llama",
+            "--dtype",
+            "bfloat16",
+            "--device",
+            "cpu",
+            "--block-size",
+            "32",
+            "--max-num-seqs",
+            "4",
+            "--max-model-len",
+            "1024",
+            "--max-loras",
+            "2",
+            "--lora-dtype",
+            "float16",
+            "--lora-modules",
+            "sql=/a/sql",
+            "chat=/a/chat",
+            "--allowed-lora-dir",
+            "/a",
+            "/b",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9001",
+            "--served-model-name",
+            "base",
+            "--api-key",
+            "k1",
+            "--admin-api-key",
+            "k2",
+        ]
+    )
     engine, server = cmd.engine_config(), cmd.server_config()
     assert (engine.model.model, engine.model.dtype, engine.model.device) == ("/models/llama", "bfloat16", "cpu")
     assert engine.cache.block_size == 32

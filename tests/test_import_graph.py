@@ -162,9 +162,7 @@ def layering_violations(graph: Graph, package: str) -> list[str]:
     for source in sorted(graph):
         for target in sorted(graph[source]):
             upward = layer(source) < layer(target)
-            ops_reaching_up = (
-                _within(source, ops) and _within(target, lora) and not _within(target, ops) and target not in ops_may_import
-            )
+            ops_reaching_up = _within(source, ops) and _within(target, lora) and not _within(target, ops) and target not in ops_may_import
             if upward or ops_reaching_up:
                 bad.append(f"{source} -> {target}")
     return bad
@@ -204,7 +202,7 @@ def test_the_graph_sees_relative_function_level_and_type_checking_imports(tmp_pa
         "lora/ops/a.py": "from . import b\nfrom ..slots import X\n",
         "lora/ops/b.py": "def f():\n    from .c import g\n",
         "lora/ops/c.py": "import pkg.lora.ops.a\nfrom ...config import Y\nfrom ..manager import Z\n"
-                         "if __name__ == '__main__':\n    from pkg.lora.ops import c\n",
+        "if __name__ == '__main__':\n    from pkg.lora.ops import c\n",
         "lora/slots.py": "",
         "lora/manager.py": "",
         "model/__init__.py": "",

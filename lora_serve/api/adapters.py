@@ -173,9 +173,7 @@ class AdapterAdmin:
         """The real path (symlinks and `..` resolved) if it lies inside an allowed directory; else 403.
         The files in it are checked the same way each time they are read (lora/files.py)."""
         if not self.lora.allowed_dirs:
-            raise ForbiddenPathError(
-                "loading adapters by path is disabled; start the server with --allowed-lora-dir", param="lora_path"
-            )
+            raise ForbiddenPathError("loading adapters by path is disabled; start the server with --allowed-lora-dir", param="lora_path")
         if "\x00" in lora_path:  # no file system path holds one (os.path would raise ValueError)
             raise InvalidAdapterError("lora_path must not contain a NUL character", param="lora_path")
         real = Path(os.path.realpath(lora_path))
@@ -243,9 +241,7 @@ async def delete_adapter(name: str, request: Request, admin: AdapterAdmin = Depe
 
 
 @admin_router.patch("/adapters/{name}")
-async def update_adapter(
-    name: str, req: AdapterUpdate, request: Request, admin: AdapterAdmin = Depends(get_admin)
-) -> AdapterInfo:
+async def update_adapter(name: str, req: AdapterUpdate, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     """Mark an adapter for --merge-policy auto, or unmark it (a merged one stays merged until unmerged)."""
     admin.record(name, "name", principal_of(request))
     return admin.info(admin.lora.registry.set_auto_merge(name, req.auto_merge), principal_of(request))
@@ -286,9 +282,7 @@ async def unmerge_if_merged(admin: AdapterAdmin, name: str) -> None:
 
 
 @admin_router.post("/load_lora_adapter")
-async def load_lora_adapter(
-    req: LoadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)
-) -> AdapterInfo:
+async def load_lora_adapter(req: LoadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     path = admin.allowed_path(req.lora_path)
     admin.check_new_name(req.lora_name, "lora_name")
     record = await asyncio.to_thread(admin.lora.register, req.lora_name, path, "load-api")
@@ -296,9 +290,7 @@ async def load_lora_adapter(
 
 
 @admin_router.post("/unload_lora_adapter")
-async def unload_lora_adapter(
-    req: UnloadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)
-) -> JSONResponse:
+async def unload_lora_adapter(req: UnloadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
     """Unregister an adapter from this server (requests running on it finish first); its files stay.
 
     An adapter whose folder is in --adapter-dir comes back on the next request that names it, as

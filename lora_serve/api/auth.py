@@ -44,9 +44,7 @@ def check_bearer(request: Request, expected: str | None) -> None:
         raise _unauthorized()
 
 
-def _authenticate(
-    request: Request, state: ServerState, legacy_key: str | None, legacy: Principal, admin_only: bool
-) -> None:
+def _authenticate(request: Request, state: ServerState, legacy_key: str | None, legacy: Principal, admin_only: bool) -> None:
     """Set request.state.principal from an --auth-file key, else from `legacy_key` (as `legacy`); else 401."""
     given = _bearer(request)
     if state.keys is not None and given is not None:

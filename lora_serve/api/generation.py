@@ -43,9 +43,7 @@ def _raise_if_failed(out: RequestOutput) -> None:
         raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, out.error or "request aborted by the server", SERVER_ERROR)
 
 
-async def generate(
-    request: Request | None, state: ServerState, prep: PreparedRequest
-) -> AsyncGenerator[RequestOutput, None]:
+async def generate(request: Request | None, state: ServerState, prep: PreparedRequest) -> AsyncGenerator[RequestOutput, None]:
     """The engine's deltas for one request, raced against the client's disconnect and the deadline.
 
     Admission comes first (429 when the wait queue is full). Each delta is awaited as a task

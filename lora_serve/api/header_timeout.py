@@ -29,10 +29,7 @@ log = logging.getLogger(__name__)
 def _timeout_response(timeout_s: float) -> bytes:
     message = f"the request headers did not arrive within the server's header_timeout_s ({timeout_s} s)"
     body = json.dumps(APIError(HTTPStatus.REQUEST_TIMEOUT, message, code="header_timeout").to_dict()).encode()
-    head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    )
+    head = f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
     return head.encode() + body
 
 

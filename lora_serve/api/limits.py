@@ -48,9 +48,7 @@ def prompt_token_limit(config: ServerConfig, max_model_len: int) -> int:
     return min(config.max_prompt_tokens or max_model_len, max_model_len)
 
 
-def check_prompt_size(
-    config: ServerConfig, max_model_len: int, *, prompt_param: str, num_chars: int, num_messages: int = 0
-) -> None:
+def check_prompt_size(config: ServerConfig, max_model_len: int, *, prompt_param: str, num_chars: int, num_messages: int = 0) -> None:
     """Before tokenizing: text far longer than the token limit could fill, or more chat messages
     than it has tokens (every chat template gives each message at least one)."""
     tokens = prompt_token_limit(config, max_model_len)

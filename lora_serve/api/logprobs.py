@@ -37,9 +37,7 @@ def chat_logprobs(token_text: TokenText, logprobs: list[TokenLogprob], num_top: 
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(
-    token_text: TokenText, logprobs: list[TokenLogprob], num_top: int, text_offset: int
-) -> CompletionLogprobs:
+def completion_logprobs(token_text: TokenText, logprobs: list[TokenLogprob], num_top: int, text_offset: int) -> CompletionLogprobs:
     """`text_offset` is where the first of these tokens starts in the completion text."""
     out = CompletionLogprobs()
     for lp in logprobs:

@@ -47,9 +47,7 @@ class EngineCollector:
         )
         info.add_metric([",".join(sorted(running)), ",".join(sorted(waiting)), str(lora.max_loras or 0)], time.time())
         yield info
-        residency = GaugeMetricFamily(
-            "lora_serve_adapter_residency", "1 for the tier each adapter is in now.", labels=["adapter", "tier"]
-        )
+        residency = GaugeMetricFamily("lora_serve_adapter_residency", "1 for the tier each adapter is in now.", labels=["adapter", "tier"])
         for record in lora.registry.list():
             residency.add_metric([record.name, lora.location(record.name)], 1)
         yield residency
@@ -63,7 +61,9 @@ class EngineCollector:
         )
         yield CounterMetricFamily("lora_serve_adapter_loads", loads, value=lora.num_loads)
         yield CounterMetricFamily("lora_serve_adapter_load_seconds", "Time spent in those loads.", value=lora.load_seconds)
-        yield CounterMetricFamily("lora_serve_adapter_evictions", "Adapters evicted from a device slot or the CPU cache.", value=lora.num_evictions)
+        yield CounterMetricFamily(
+            "lora_serve_adapter_evictions", "Adapters evicted from a device slot or the CPU cache.", value=lora.num_evictions
+        )
         yield CounterMetricFamily("lora_serve_adapter_merges", "Adapters merged into the base weights.", value=lora.num_merges)
         policy = e.engine.merge_policy
         switches = CounterMetricFamily("lora_serve_merge_policy_switches", "Automatic merge policy decisions.", labels=["action"])

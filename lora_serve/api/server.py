@@ -1,7 +1,7 @@
 """The FastAPI app factory and the uvicorn runner.
 
-    app = build_app(engine, ServerConfig(...))   # routes only translate; the engine does the work
-    run_server(engine, ServerConfig(...))        # blocks until Ctrl-C; leaves the engine to its owner
+app = build_app(engine, ServerConfig(...))   # routes only translate; the engine does the work
+run_server(engine, ServerConfig(...))        # blocks until Ctrl-C; leaves the engine to its owner
 """
 
 from __future__ import annotations
@@ -62,9 +62,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.include_router(info.metrics_router, dependencies=[Depends(require_metrics_key)])
     install_error_handlers(app)
     # Uploads stream under their own, larger limit (max_adapter_bytes); every other body is small JSON.
-    app.add_middleware(
-        BodyLimit, max_bytes=config.max_body_bytes, exempt={("POST", "/v1/adapters")}, timeout_s=config.body_timeout_s
-    )
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, exempt={("POST", "/v1/adapters")}, timeout_s=config.body_timeout_s)
     if config.access_log:
         app.add_middleware(AccessLog)  # outermost: it sees the 413s too
     return app

@@ -80,8 +80,16 @@ class BenchLoRA(_BenchBase):
         from lora_serve.bench import mixed_lora
 
         result = mixed_lora.run(
-            self._setup(), self.num_seqs, self.num_adapters, self.rank, self.prompt_len, self.decode_steps,
-            self.repeats, self.peft, self.seed, self.max_lora_rank,
+            self._setup(),
+            self.num_seqs,
+            self.num_adapters,
+            self.rank,
+            self.prompt_len,
+            self.decode_steps,
+            self.repeats,
+            self.peft,
+            self.seed,
+            self.max_lora_rank,
         )
         print(mixed_lora.report(result, self.num_adapters))
 
@@ -146,7 +154,9 @@ class BenchEngine(_BenchBase):
     @model_validator(mode="after")
     def _check_sweep(self) -> BenchEngine:
         if self.num_seqs < max(self.num_adapters_list):
-            raise ValueError(f"--num-seqs ({self.num_seqs}) must be >= the largest of --num-adapters-list, so that every adapter has a sequence")
+            raise ValueError(
+                f"--num-seqs ({self.num_seqs}) must be >= the largest of --num-adapters-list, so that every adapter has a sequence"
+            )
         return self
 
     def cli_cmd(self) -> None:
@@ -210,7 +220,9 @@ class BenchGPUCheck(BaseModel):
 
     def plan(self) -> BenchGPUCheck:
         """Every unset field filled from the full plan, or the tiny one with --tiny."""
-        full = dict(shapes=["llama-3.2-1b", "llama-3-8b"], num_seqs=64, num_adapters_list=[8, 32, 64], prompt_len=128, decode_steps=32, repeats=3)
+        full = dict(
+            shapes=["llama-3.2-1b", "llama-3-8b"], num_seqs=64, num_adapters_list=[8, 32, 64], prompt_len=128, decode_steps=32, repeats=3
+        )
         tiny = dict(shapes=["tiny"], num_seqs=8, num_adapters_list=[2, 4], prompt_len=16, decode_steps=4, repeats=1)
         defaults = tiny if self.tiny else full
         plan = self.model_copy(update={k: v for k, v in defaults.items() if getattr(self, k) is None})

@@ -116,7 +116,16 @@ def report(rows: list[dict]) -> str:
         for r in rows
     ]  # fmt: skip
     header = [
-        "adapters", "resident at most", "configuration", "prefill tok/s", "/ base", "decode tok/s", "/ base", "decode ceiling",
-        "of the ceiling", "whole run out tok/s", "/ base",
+        "adapters",
+        "resident at most",
+        "configuration",
+        "prefill tok/s",
+        "/ base",
+        "decode tok/s",
+        "/ base",
+        "decode ceiling",
+        "of the ceiling",
+        "whole run out tok/s",
+        "/ base",
     ]
     return markdown_table(header, table)

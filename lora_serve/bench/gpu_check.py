@@ -81,7 +81,9 @@ def check_shape(plan, shape: str, backends: dict[str, type], device: torch.devic
         lora_backend = plan.backend
     num_adapters = max(plan.num_adapters_list)
     max_len = plan.prompt_len + plan.decode_steps + 8
-    lora = LoRAConfig(max_loras=num_adapters, max_cpu_loras=num_adapters, max_lora_rank=plan.rank, lora_backend=lora_backend, lora_dtype=plan.lora_dtype)
+    lora = LoRAConfig(
+        max_loras=num_adapters, max_cpu_loras=num_adapters, max_lora_rank=plan.rank, lora_backend=lora_backend, lora_dtype=plan.lora_dtype
+    )
     engine = RandomEngine(arch, lora, device, dtype, plan.num_seqs, max_len, plan.seed)
     print(f"\nengine: LoRA ops {engine.lora.batch_cls.__name__}, {num_adapters} slots of rank {plan.rank}")
     names = _add_adapters(engine, num_adapters, plan.rank, plan.seed)
@@ -90,7 +92,9 @@ def check_shape(plan, shape: str, backends: dict[str, type], device: torch.devic
         e2e = _guarded("end-to-end check", compare_end_to_end, engine, backends, names, plan.prompt_len, plan.seed)
         e2e_ok = e2e is not None and e2e[0] <= 0.1 * e2e[1]
         if e2e is not None:
-            print(f"end to end, logits: max |triton - torch| = {e2e[0]:.3g}, max |adapters - base| = {e2e[1]:.3g} ({'ok' if e2e_ok else 'CHECK'})")
+            print(
+                f"end to end, logits: max |triton - torch| = {e2e[0]:.3g}, max |adapters - base| = {e2e[1]:.3g} ({'ok' if e2e_ok else 'CHECK'})"
+            )
     print()
     table = _guarded("throughput", throughput, engine, plan, names)
     print(table or "")
@@ -123,7 +127,9 @@ def _add_adapters(engine: RandomEngine, n: int, rank: int, seed: int) -> list[st
     return names
 
 
-def compare_end_to_end(engine: RandomEngine, backends: dict[str, type], names: list[str], prompt_len: int, seed: int) -> tuple[float, float]:
+def compare_end_to_end(
+    engine: RandomEngine, backends: dict[str, type], names: list[str], prompt_len: int, seed: int
+) -> tuple[float, float]:
     """(max logit difference between backends, max logit change the adapters cause) over two batches: prompts of
     prompt_len tokens (prefill-sized segments) and 1-token prompts (decode-sized ones), with a merged adapter."""
     k = len(names)

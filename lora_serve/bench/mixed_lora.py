@@ -55,7 +55,9 @@ def run(
             f"{num_adapters} adapters": (loras, None),
         }
         bandwidth = read_bandwidth()
-        rounds = interleave(engine, configs, repeats, lambda loras, warm_up: engine_phases(engine, prompts, 2 if warm_up else decode_steps, loras))
+        rounds = interleave(
+            engine, configs, repeats, lambda loras, warm_up: engine_phases(engine, prompts, 2 if warm_up else decode_steps, loras)
+        )
         result = summarise(rounds, "base")
         base_step_s = num_seqs / result["base"]["decode_tok_s"]
         for label, (seq_loras, merged) in configs.items():  # a merged adapter's rows run the bare base
@@ -109,7 +111,9 @@ def build_engine(
     (max_loras default: no cap, as the server's)."""
     engine = LLMEngine.from_config(
         EngineConfig(
-            scheduler=SchedulerConfig(max_num_seqs=max(num_seqs, 1), max_model_len=max(max_len, 64), max_num_batched_tokens=max(2048, num_seqs * max_len)),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max(num_seqs, 1), max_model_len=max(max_len, 64), max_num_batched_tokens=max(2048, num_seqs * max_len)
+            ),
             cache=CacheConfig(kv_cache_memory_gb=kv_cache_gb),
             lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank or rank),
         ),
@@ -173,16 +177,25 @@ def report(result: dict, num_adapters: int) -> str:
     for name, r in result.items():
         lo, hi = r["decode_ratio_range"]
         ceiling = r.get("decode_ceiling")
-        rows.append([
-            name if name.startswith("peft") else f"lora-serve {name}",
-            f"{r['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.2f}",
-            f"{r['decode_tok_s']:.1f}", f"{r['decode_ratio']:.2f} ({lo:.2f}-{hi:.2f})",
-            "" if ceiling is None else f"{ceiling:.2f}",
-            "" if ceiling is None else f"{r['decode_ratio'] / ceiling:.2f}",
-        ])
+        rows.append(
+            [
+                name if name.startswith("peft") else f"lora-serve {name}",
+                f"{r['prefill_tok_s']:.0f}",
+                f"{r['prefill_ratio']:.2f}",
+                f"{r['decode_tok_s']:.1f}",
+                f"{r['decode_ratio']:.2f} ({lo:.2f}-{hi:.2f})",
+                "" if ceiling is None else f"{ceiling:.2f}",
+                "" if ceiling is None else f"{r['decode_ratio'] / ceiling:.2f}",
+            ]
+        )
     header = [
-        "configuration", "prefill tok/s", "vs its base", "decode tok/s", "vs its base (range over rounds)",
-        "decode ceiling", "of the ceiling",
+        "configuration",
+        "prefill tok/s",
+        "vs its base",
+        "decode tok/s",
+        "vs its base (range over rounds)",
+        "decode ceiling",
+        "of the ceiling",
     ]
     text = markdown_table(header, rows)
     base = result["base"]

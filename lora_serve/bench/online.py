@@ -120,7 +120,9 @@ async def bench(workload: WorkloadConfig, cfg: ClientConfig) -> list[dict]:
     return results
 
 
-async def _measure(client, workload: WorkloadConfig, cfg: ClientConfig, trace: list[RequestSpec], rate: float, target: str, base: str, round_: int) -> dict:
+async def _measure(
+    client, workload: WorkloadConfig, cfg: ClientConfig, trace: list[RequestSpec], rate: float, target: str, base: str, round_: int
+) -> dict:
     """One pass of the trace at `rate` to `target` (adapters or base): the aggregate, run settings and records."""
     from tqdm import tqdm
 

@@ -95,7 +95,13 @@ def report(rows: list[dict], long_prompt_len: int) -> str:
         for r in rows
     ]  # fmt: skip
     header = [
-        "prefill chunk (tokens)", "ITL p50 before (ms)", "ITL p99 before (ms)", "ITL p50 during (ms)",
-        "ITL p99 during (ms)", "p99 during / before", "steps until its first token", f"{long_prompt_len}-token prompt TTFT (s)",
+        "prefill chunk (tokens)",
+        "ITL p50 before (ms)",
+        "ITL p99 before (ms)",
+        "ITL p50 during (ms)",
+        "ITL p99 during (ms)",
+        "p99 during / before",
+        "steps until its first token",
+        f"{long_prompt_len}-token prompt TTFT (s)",
     ]
     return markdown_table(header, table)

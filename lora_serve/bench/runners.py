@@ -47,7 +47,9 @@ def engine_generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: lis
     return Timing(sum(max_tokens), time.perf_counter() - start)
 
 
-def engine_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: Sequence[str | None]) -> tuple[Timing, list[Timing]]:
+def engine_phases(
+    engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: Sequence[str | None]
+) -> tuple[Timing, list[Timing]]:
     """(prefill, decode steps): the step that prefills every prompt, then each full-batch decode step
     timed on its own (a median over steps shrugs off the odd slow step of a shared machine)."""
     for i, (p, lora) in enumerate(zip(prompts, loras)):
@@ -66,7 +68,9 @@ def engine_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int
     return prefill, steps
 
 
-def engine_run_phases(engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: Sequence[str | None]) -> tuple[Timing, list[Timing], Timing]:
+def engine_run_phases(
+    engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: Sequence[str | None]
+) -> tuple[Timing, list[Timing], Timing]:
     """(prefill, decode steps, whole run) with every request submitted at once and run to the end.
 
     Unlike engine_phases the batch may need several prefill steps (more distinct adapters than
@@ -130,7 +134,16 @@ def hf_phases(model, prompts: list[list[int]], decode_steps: int, pad_id: int, *
     ids, mask = left_pad(prompts, pad_id)
     clock = _StepClock()
     n = decode_steps + 1
-    model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id, max_new_tokens=n, min_new_tokens=n, streamer=clock, **generate_kwargs)
+    model.generate(
+        ids,
+        attention_mask=mask,
+        do_sample=False,
+        pad_token_id=pad_id,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        streamer=clock,
+        **generate_kwargs,
+    )
     t = clock.times  # [prompt, token 1 (prefill done), token 2, ...]
     prefill = Timing(sum(map(len, prompts)), t[1] - t[0])
     return prefill, [Timing(len(prompts), b - a) for a, b in zip(t[1:], t[2:])]

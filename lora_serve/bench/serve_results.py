@@ -12,7 +12,17 @@ from .table import markdown_table
 
 
 def report(results: list[dict]) -> str:
-    header = ["run", "done/sent", "req/s", "out tok/s", "total tok/s", "TTFT ms med/p90/p99", "TPOT ms med/p90/p99", "ITL ms med/p99", "goodput req/s"]
+    header = [
+        "run",
+        "done/sent",
+        "req/s",
+        "out tok/s",
+        "total tok/s",
+        "TTFT ms med/p90/p99",
+        "TPOT ms med/p90/p99",
+        "ITL ms med/p99",
+        "goodput req/s",
+    ]
     rows = []
     for r in results:
         good = r["request_goodput"]

@@ -32,7 +32,9 @@ def run(model_path: Path, concurrency: list[int], seed: int = 0, sequential_samp
     from transformers import AutoModelForCausalLM
 
     engine = LLMEngine.from_config(
-        EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max(concurrency), max_model_len=256), cache=CacheConfig(kv_cache_memory_gb=1.0)),
+        EngineConfig(
+            scheduler=SchedulerConfig(max_num_seqs=max(concurrency), max_model_len=256), cache=CacheConfig(kv_cache_memory_gb=1.0)
+        ),
         model_path,
     )
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
@@ -66,6 +68,13 @@ def report(rows: list[dict]) -> str:
         for r in rows
     ]
     return markdown_table(
-        ["concurrent", "lora-serve tok/s", "generate 1-at-a-time tok/s", "generate padded batch tok/s", "vs 1-at-a-time", "vs padded batch"],
+        [
+            "concurrent",
+            "lora-serve tok/s",
+            "generate 1-at-a-time tok/s",
+            "generate padded batch tok/s",
+            "vs 1-at-a-time",
+            "vs padded batch",
+        ],
         table,
     )

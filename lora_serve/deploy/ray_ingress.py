@@ -83,4 +83,3 @@ class OpenAIIngress:
     @app.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
-

@@ -87,16 +87,25 @@ class LLMEngine:
         if lc.merge:
             self.merge_adapter(lc.merge)
         self.scheduler = Scheduler(
-            self.kv_cache, sc.max_num_seqs, self.max_num_batched_tokens, self.lora,
-            max_lora_bypass=sc.max_lora_bypass, long_prefill_token_threshold=sc.long_prefill_token_threshold,
+            self.kv_cache,
+            sc.max_num_seqs,
+            self.max_num_batched_tokens,
+            self.lora,
+            max_lora_bypass=sc.max_lora_bypass,
+            long_prefill_token_threshold=sc.long_prefill_token_threshold,
         )
         self.detokenizer = Detokenizer(tokenizer)
         self._rng = random.Random(config.model.seed)
         self._seqs: dict[str, Sequence] = {}
         log.info(
             "engine: %s (%s) on %s, %s, max_model_len=%d, KV cache %d blocks x %d tokens",
-            model_path or "a model built in memory", self.arch.architecture, self.device, self.dtype, self.max_model_len,
-            self.kv_cache.num_usable_blocks, self.kv_cache.block_size,
+            model_path or "a model built in memory",
+            self.arch.architecture,
+            self.device,
+            self.dtype,
+            self.max_model_len,
+            self.kv_cache.num_usable_blocks,
+            self.kv_cache.block_size,
         )
 
     @classmethod
@@ -121,10 +130,7 @@ class LLMEngine:
         if n == 0:
             raise ValueError("the prompt is empty")
         if n + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length "
-                f"{self.max_model_len}"
-            )
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length {self.max_model_len}")
         if not all(0 <= t < self.arch.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.arch.vocab_size})")
 
@@ -216,9 +222,7 @@ class LLMEngine:
         logits = self.runner.run(batch.seqs, batch.num_new_tokens, lora)
         return [seq for seq in batch.seqs if seq.num_new_tokens == 0], logits
 
-    def fail_non_finite(
-        self, seqs: list[Sequence], logits: torch.Tensor
-    ) -> tuple[list[RequestOutput], list[Sequence], torch.Tensor]:
+    def fail_non_finite(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[RequestOutput], list[Sequence], torch.Tensor]:
         """Fail the sequences whose logits hold NaN or Inf; the rest of the batch, and its logits, go on.
 
         Rows never mix (projections are row-wise, attention reads only a sequence's own KV blocks,

@@ -56,6 +56,10 @@ class LoRAMemory:
         where = "in the CPU tier, read in place" if self.shared else f"on {self.device}"
         log.info(
             "LoRA memory: %.2f GiB %s, %d rank-%d adapters on every projection of this base (%.1f MB each)%s",
-            self.budget_bytes / GIB, where, holds, REFERENCE_RANK, self.reference_bytes / 1e6,
+            self.budget_bytes / GIB,
+            where,
+            holds,
+            REFERENCE_RANK,
+            self.reference_bytes / 1e6,
             "" if self.shared else f"; CPU tier {self.cpu_bytes / GIB:.2f} GiB",
         )

@@ -103,14 +103,20 @@ class LoRAManager:
         if 4 * model.num_params > self.memory.cpu_bytes:
             raise AdapterTooLargeError(
                 f"adapter {name!r} needs {4 * model.num_params / 1e6:.0f} MB of CPU memory; the adapter memory "
-                f"budget (lora_memory_gb) holds {self.memory.cpu_bytes / 1e6:.0f} MB", param="adapter_model",
+                f"budget (lora_memory_gb) holds {self.memory.cpu_bytes / 1e6:.0f} MB",
+                param="adapter_model",
             )
         record, loaded = self.registry.add(name, path, origin, model, folder_id, auto_merge)
         loaded = self.slot_writer.host_copy(loaded, self.residency.layout)
         log.info(
             "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
-            name, origin, "/".join(map(str, record.ranks)), ",".join(record.targets),
-            record.num_params / 1e6, 100 * record.num_params / self.base_params, record.num_bytes / 1e6,
+            name,
+            origin,
+            "/".join(map(str, record.ranks)),
+            ",".join(record.targets),
+            record.num_params / 1e6,
+            100 * record.num_params / self.base_params,
+            record.num_bytes / 1e6,
         )
         with self._lock:
             self._cpu[name] = loaded

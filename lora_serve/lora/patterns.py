@@ -50,8 +50,5 @@ def compile_pattern(pattern: Any, param: str, wrapped: str | None = None) -> re2
         return re2.compile(wrapped or pattern, options)
     except re2.error as e:
         why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
-        msg = (
-            f"{param}: {pattern!r} is not a regex lora-serve can match ({why}); "
-            "backreferences and lookaround are not supported"
-        )
+        msg = f"{param}: {pattern!r} is not a regex lora-serve can match ({why}); backreferences and lookaround are not supported"
         raise InvalidAdapterError(msg, param=param) from None

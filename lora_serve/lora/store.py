@@ -101,9 +101,7 @@ class AdapterStore:
             count, size = count + 1, size + files
         return count, size
 
-    def save(
-        self, name: str, files: Mapping[str, BinaryIO], validate: Callable[[Path], LoRAModel]
-    ) -> tuple[Path, LoRAModel]:
+    def save(self, name: str, files: Mapping[str, BinaryIO], validate: Callable[[Path], LoRAModel]) -> tuple[Path, LoRAModel]:
         """Write `files` (file name -> readable binary stream) as adapter `name`; validate before it shows.
 
         Blocking I/O: run it off the event loop. Raises the validator's AdapterError, or

@@ -40,9 +40,7 @@ class SelfAttention(nn.Module):
         self.arch = arch
         self.rope = rope
         kv = arch.kv_size
-        self.qkv_proj = Linear(
-            arch.hidden_size, {"q_proj": arch.q_size, "k_proj": kv, "v_proj": kv}, arch.attention_bias, dtype, device
-        )
+        self.qkv_proj = Linear(arch.hidden_size, {"q_proj": arch.q_size, "k_proj": kv, "v_proj": kv}, arch.attention_bias, dtype, device)
         self.o_proj = Linear(arch.q_size, {"o_proj": arch.hidden_size}, False, dtype, device)
         self.attn = Attention(arch.num_heads, arch.num_kv_heads, arch.head_dim)
 
@@ -116,9 +114,7 @@ class LlamaModel(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
 
-    def forward(
-        self, input_ids: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None = None
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None = None) -> torch.Tensor:
         # input_ids: [T] -> logits of each sequence's last token: [B, vocab] float32
         x = self.embed_tokens(input_ids)
         for layer in self.layers:

@@ -86,9 +86,7 @@ def encode(tokenizer, messages: Messages, max_length: int) -> Example | None:
 
 
 def _render(tokenizer, messages: Messages, generation_prompt: bool) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False)
-    )
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False))
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

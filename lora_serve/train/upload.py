@@ -18,10 +18,14 @@ from ..lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
 def upload_adapter(url: str, name: str, folder: Path, api_key: str | None = None, timeout_s: float = 300.0) -> dict:
     """The server's JSON reply (the registered adapter); RuntimeError with the server's message on failure."""
     boundary = f"lora-serve-{secrets.token_hex(16)}"
-    body = _multipart(boundary, {"name": name}, {
-        "adapter_config": (CONFIG_FILE, (Path(folder) / CONFIG_FILE).read_bytes()),
-        "adapter_model": (WEIGHTS_FILE, (Path(folder) / WEIGHTS_FILE).read_bytes()),
-    })
+    body = _multipart(
+        boundary,
+        {"name": name},
+        {
+            "adapter_config": (CONFIG_FILE, (Path(folder) / CONFIG_FILE).read_bytes()),
+            "adapter_model": (WEIGHTS_FILE, (Path(folder) / WEIGHTS_FILE).read_bytes()),
+        },
+    )
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"

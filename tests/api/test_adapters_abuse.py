@@ -135,8 +135,7 @@ CASES: dict[str, tuple] = {
     "nan": ("x", lambda g: _tensors(g, _nan), None, 400, Q_A),
     "int-dtype": ("x", lambda g: _tensors(g, _set(Q_A, torch.ones(4, 64, dtype=torch.int32))), None, 400, Q_A),
     "config-nested-5k": ("x", lambda g: {**g, "adapter_config": NESTED_CONFIG}, None, 400, "adapter_config"),
-    "rank-pattern-1000": ("x", lambda g: _config(g, rank_pattern=dict.fromkeys(map(str, range(1000)), 4)), None, 400,
-                          "rank_pattern"),
+    "rank-pattern-1000": ("x", lambda g: _config(g, rank_pattern=dict.fromkeys(map(str, range(1000)), 4)), None, 400, "rank_pattern"),
     "header-100-entries": ("x", lambda g: {**g, "adapter_model": HEADER_100}, None, 400, "adapter_model"),
     "header-nested-5k": ("x", lambda g: {**g, "adapter_model": NESTED_HEADER}, None, 400, "adapter_model"),
 }
@@ -149,9 +148,7 @@ def _check_unharmed(server: LiveServer, adapter_dir: Path, stored_state: tuple[s
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_upload_is_refused(
-    server: LiveServer, adapter_dir: Path, good_files: Files, stored_state: tuple[str, str], case: str
-) -> None:
+def test_bad_upload_is_refused(server: LiveServer, adapter_dir: Path, good_files: Files, stored_state: tuple[str, str], case: str) -> None:
     name, make_files, filenames, status, param = CASES[case]
     resp = upload(server.base_url, name, make_files(good_files), filenames=filenames)
     assert resp.status_code == status, resp.text
@@ -160,11 +157,9 @@ def test_bad_upload_is_refused(
     _check_unharmed(server, adapter_dir, stored_state)
 
 
-def test_chunked_body_over_the_limit_is_cut_off(
-    server: LiveServer, adapter_dir: Path, stored_state: tuple[str, str]
-) -> None:
+def test_chunked_body_over_the_limit_is_cut_off(server: LiveServer, adapter_dir: Path, stored_state: tuple[str, str]) -> None:
     def body() -> Iterator[bytes]:  # a generator: no Content-Length, chunked transfer encoding
-        yield b"--b\r\nContent-Disposition: form-data; name=\"adapter_model\"; filename=\"m.safetensors\"\r\n\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="adapter_model"; filename="m.safetensors"\r\n\r\n'
         for _ in range(8):
             yield b"\0" * 16 * 1024
 

@@ -137,9 +137,7 @@ def test_load_use_unload(server: LiveServer, dirs) -> None:
 def test_load_disabled_without_allowed_dirs(tiny_llama_dir: Path, dirs, tmp_path: Path) -> None:
     _, allowed, _ = dirs
     with tiny_engine_with(tiny_llama_dir, tmp_path) as engine, live_server(engine, ServerConfig()) as live:
-        resp = httpx.post(
-            f"{live.base_url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(allowed / "r4-attn")}
-        )
+        resp = httpx.post(f"{live.base_url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(allowed / "r4-attn")})
         assert _error(resp) == (403, "invalid_request_error", "lora_path")
         assert "--allowed-lora-dir" in resp.json()["error"]["message"]
 

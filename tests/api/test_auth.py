@@ -116,9 +116,7 @@ def test_metrics_need_the_metrics_key_or_an_admin_key(
     ],
     ids=["tenants", "api-key-only", "tenants+on", "no-keys", "no-keys+off"],
 )
-def test_api_docs_are_off_once_keys_are_configured(
-    tiny_engine: AsyncEngine, tmp_path: Path, fields: dict, served: bool
-) -> None:
+def test_api_docs_are_off_once_keys_are_configured(tiny_engine: AsyncEngine, tmp_path: Path, fields: dict, served: bool) -> None:
     with configured(tiny_engine, tmp_path, **fields) as live:
         statuses = {route: _get(live, route, OPS).status_code for route in DOCS}
         schema = _get(live, "/openapi.json", OPS)

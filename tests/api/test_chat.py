@@ -48,11 +48,7 @@ def test_stream_matches_non_stream_and_reports_usage(server: LiveServer) -> None
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(server: LiveServer) -> None:
-    chunks = list(
-        server.client().chat.completions.create(
-            model=server.model, messages=MESSAGES, max_tokens=4, temperature=0, stream=True
-        )
-    )
+    chunks = list(server.client().chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=4, temperature=0, stream=True))
     assert all(c.choices for c in chunks)
     assert all(c.usage is None for c in chunks)
 
@@ -62,7 +58,11 @@ def test_same_seed_same_text_different_seeds_differ(server: LiveServer) -> None:
 
     def sample(seed: int) -> str:
         resp = client.chat.completions.create(
-            model=server.model, messages=MESSAGES, max_tokens=16, temperature=1.0, seed=seed,
+            model=server.model,
+            messages=MESSAGES,
+            max_tokens=16,
+            temperature=1.0,
+            seed=seed,
             extra_body={"ignore_eos": True},
         )
         return resp.choices[0].message.content
@@ -75,7 +75,12 @@ def test_same_seed_same_text_different_seeds_differ(server: LiveServer) -> None:
 @pytest.mark.parametrize("top_logprobs", [0, 3])
 def test_logprobs_shape(server: LiveServer, top_logprobs: int) -> None:
     resp = server.client().chat.completions.create(
-        model=server.model, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=top_logprobs,
+        model=server.model,
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=top_logprobs,
         extra_body={"ignore_eos": True},
     )
     content = resp.choices[0].logprobs.content
@@ -102,8 +107,23 @@ def test_content_parts_equal_plain_string(server: LiveServer) -> None:
 
 
 def test_null_fields_mean_defaults(server: LiveServer) -> None:
-    nulls = dict.fromkeys(["temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "logprobs",
-                           "top_logprobs", "presence_penalty", "frequency_penalty", "user", "max_completion_tokens"])
+    nulls = dict.fromkeys(
+        [
+            "temperature",
+            "top_p",
+            "n",
+            "stop",
+            "seed",
+            "stream",
+            "stream_options",
+            "logprobs",
+            "top_logprobs",
+            "presence_penalty",
+            "frequency_penalty",
+            "user",
+            "max_completion_tokens",
+        ]
+    )
     body = {"model": server.model, "messages": MESSAGES, "max_tokens": 3, **nulls}
     resp = httpx.post(f"{server.base_url}/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.text

@@ -11,8 +11,9 @@ PROMPT = "The quick brown fox"
 
 
 def test_non_stream(server: LiveServer) -> None:
-    resp = server.client().completions.create(model=server.model, prompt=PROMPT, max_tokens=7, temperature=0,
-                                              extra_body={"ignore_eos": True})
+    resp = server.client().completions.create(
+        model=server.model, prompt=PROMPT, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert resp.id.startswith("cmpl-")
     assert resp.object == "text_completion"
     (choice,) = resp.choices
@@ -32,8 +33,7 @@ def test_prompt_forms_agree(server: LiveServer) -> None:
 
 
 def test_without_max_tokens_generation_fills_the_context(server: LiveServer) -> None:
-    resp = server.client().completions.create(model=server.model, prompt=PROMPT, temperature=0,
-                                              extra_body={"ignore_eos": True})
+    resp = server.client().completions.create(model=server.model, prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True})
     assert resp.choices[0].finish_reason == "length"
     assert resp.usage.total_tokens == TINY_MAX_MODEL_LEN
 
@@ -51,8 +51,7 @@ def test_stream_with_usage(server: LiveServer) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("num_top", [0, 2])
 def test_logprobs_arrays(server: LiveServer, stream: bool, num_top: int) -> None:
-    kwargs = dict(model=server.model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=num_top,
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(model=server.model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=num_top, extra_body={"ignore_eos": True})
     client = server.client()
     if stream:
         chunks = [c for c in client.completions.create(**kwargs, stream=True) if c.choices]

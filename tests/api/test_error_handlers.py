@@ -36,7 +36,5 @@ def test_unexpected_exception_is_500_without_details() -> None:
 
     resp = TestClient(app, raise_server_exceptions=False).get("/boom")
     assert resp.status_code == 500
-    assert resp.json() == {
-        "error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}
-    }
+    assert resp.json() == {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}}
     assert "secret" not in resp.text and "Traceback" not in resp.text

@@ -30,15 +30,20 @@ CASES = [
     ("empty-messages", CHAT, {"messages": []}, 400, BAD, "messages", None),
     # Counted on the raw JSON, before pydantic builds a model for each (seconds for 4 MiB of them).
     ("messages-over-2048", CHAT, {"messages": [{"role": "user"}] * 2049}, 400, BAD, "messages", None),
-    ("content-parts-over-2048", CHAT, {"messages": [{"role": "user", "content": EMPTY_PARTS}] * 2}, 400, BAD,
-     "messages", None),
+    ("content-parts-over-2048", CHAT, {"messages": [{"role": "user", "content": EMPTY_PARTS}] * 2}, 400, BAD, "messages", None),
     ("seed-past-int64", COMPLETIONS, {"seed": 2**63}, 400, BAD, "seed", None),
     ("missing-messages", CHAT, {"messages": None}, 400, BAD, "messages", None),
     ("unknown-role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, BAD, "messages[0].role", None),
-    ("image-part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     400, BAD, "messages[0].content", None),
-    ("stream-options-without-stream", CHAT, {"stream_options": {"include_usage": True}}, 400, BAD, "stream_options",
-     None),
+    (
+        "image-part",
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400,
+        BAD,
+        "messages[0].content",
+        None,
+    ),
+    ("stream-options-without-stream", CHAT, {"stream_options": {"include_usage": True}}, 400, BAD, "stream_options", None),
     ("n-two", CHAT, {"n": 2}, 400, BAD, "n", None),
     ("presence-penalty", CHAT, {"presence_penalty": 0.5}, 400, BAD, "presence_penalty", None),
     ("frequency-penalty", COMPLETIONS, {"frequency_penalty": -1}, 400, BAD, "frequency_penalty", None),
@@ -49,22 +54,40 @@ CASES = [
     ("empty-token-prompt", COMPLETIONS, {"prompt": []}, 400, BAD, "prompt", None),
     ("token-id-out-of-vocab", COMPLETIONS, {"prompt": [10**9]}, 400, BAD, "prompt", None),
     ("echo", COMPLETIONS, {"echo": True}, 400, BAD, "echo", None),
-    ("chat-max-tokens-over-context", CHAT, {"max_tokens": TINY_MAX_MODEL_LEN}, 400, BAD, "max_tokens",
-     "context_length_exceeded"),
-    ("completion-max-tokens-over-context", COMPLETIONS, {"max_tokens": TINY_MAX_MODEL_LEN}, 400, BAD, "max_tokens",
-     "context_length_exceeded"),
-    ("chat-prompt-over-context", CHAT, {"messages": [{"role": "user", "content": LONG_TEXT}], "max_tokens": None},
-     400, BAD, "messages", "context_length_exceeded"),
-    ("completion-prompt-over-context", COMPLETIONS, {"prompt": LONG_TEXT, "max_tokens": None}, 400, BAD, "prompt",
-     "context_length_exceeded"),
+    ("chat-max-tokens-over-context", CHAT, {"max_tokens": TINY_MAX_MODEL_LEN}, 400, BAD, "max_tokens", "context_length_exceeded"),
+    (
+        "completion-max-tokens-over-context",
+        COMPLETIONS,
+        {"max_tokens": TINY_MAX_MODEL_LEN},
+        400,
+        BAD,
+        "max_tokens",
+        "context_length_exceeded",
+    ),
+    (
+        "chat-prompt-over-context",
+        CHAT,
+        {"messages": [{"role": "user", "content": LONG_TEXT}], "max_tokens": None},
+        400,
+        BAD,
+        "messages",
+        "context_length_exceeded",
+    ),
+    (
+        "completion-prompt-over-context",
+        COMPLETIONS,
+        {"prompt": LONG_TEXT, "max_tokens": None},
+        400,
+        BAD,
+        "prompt",
+        "context_length_exceeded",
+    ),
     ("unknown-model", CHAT, {"model": "no-such-model"}, 404, BAD, "model", "model_not_found"),
     ("unknown-model-completions", COMPLETIONS, {"model": "gpt-4"}, 404, BAD, "model", "model_not_found"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("route", "changes", "status", "type_", "param", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
-)
+@pytest.mark.parametrize(("route", "changes", "status", "type_", "param", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_request(server: LiveServer, route: str, changes: dict, status: int, type_: str, param: str, code) -> None:
     body = dict(CHAT_BODY if route == CHAT else COMPLETION_BODY)
     body.update(changes)

@@ -34,6 +34,4 @@ def test_health_and_version(server: LiveServer) -> None:
 def test_unknown_route_is_openai_shaped_404(server: LiveServer) -> None:
     resp = httpx.get(f"{server.base_url}/v1/nope")
     assert resp.status_code == 404
-    assert resp.json() == {
-        "error": {"message": "Invalid URL (GET /v1/nope)", "type": "invalid_request_error", "param": None, "code": None}
-    }
+    assert resp.json() == {"error": {"message": "Invalid URL (GET /v1/nope)", "type": "invalid_request_error", "param": None, "code": None}}

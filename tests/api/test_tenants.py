@@ -41,9 +41,7 @@ def tenants_root(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @contextmanager
 def tenant_server(tiny_llama_dir: Path, root: Path) -> Iterator[LiveServer]:
-    config = ServerConfig(
-        served_model_name="tiny", auth_file=root / "keys.json", api_key=LEGACY_USER, admin_api_key=LEGACY_ADMIN
-    )
+    config = ServerConfig(served_model_name="tiny", auth_file=root / "keys.json", api_key=LEGACY_USER, admin_api_key=LEGACY_ADMIN)
     with tiny_engine_with(tiny_llama_dir, root / "adapters") as engine, live_server(engine, config) as live:
         yield live
 
@@ -144,7 +142,6 @@ def test_bad_key_files_are_refused_without_echoing_keys(tmp_path: Path, content:
     assert "sk-long-enough" not in str(caught.value) and "short" not in str(caught.value)
 
 
-
 @pytest.mark.parametrize(("key", "admin"), [(ACME, False), (GLOBEX, False), (LEGACY_USER, False), (OPS, True)])
 def test_models_show_server_paths_only_to_admins(server: LiveServer, tenants_root: Path, key: str, admin: bool) -> None:
     resp = httpx.get(server.base_url + "/v1/models", headers=_auth(key))
@@ -158,9 +155,7 @@ def test_models_show_server_paths_only_to_admins(server: LiveServer, tenants_roo
 
 
 @pytest.mark.parametrize(("key", "admin"), [(ACME, False), (OPS, True), (LEGACY_ADMIN, True)])
-def test_adapter_descriptions_show_server_paths_only_to_admins(
-    server: LiveServer, tenants_root: Path, key: str, admin: bool
-) -> None:
+def test_adapter_descriptions_show_server_paths_only_to_admins(server: LiveServer, tenants_root: Path, key: str, admin: bool) -> None:
     described = httpx.get(f"{server.base_url}/v1/adapters/{PRIVATE}", headers=_auth(key))
     listed = httpx.get(server.base_url + "/v1/adapters", headers=_auth(key))
     folder = server.engine.lora.registry.get(PRIVATE).path

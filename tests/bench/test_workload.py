@@ -57,7 +57,9 @@ def test_infinite_rate_sends_everything_at_once():
 
 
 def config(**kw) -> WorkloadConfig:
-    return WorkloadConfig(adapter_prefix="a", num_adapters=10, alpha=0.5, request_rate=[5.0], input_len=[4, 9], output_len=[2, 7], num_requests=50, **kw)
+    return WorkloadConfig(
+        adapter_prefix="a", num_adapters=10, alpha=0.5, request_rate=[5.0], input_len=[4, 9], output_len=[2, 7], num_requests=50, **kw
+    )
 
 
 def test_same_seed_same_trace_other_seed_differs():

@@ -160,8 +160,14 @@ def test_every_adapter_answers_like_an_in_process_engine(ray_url: str, expected)
 def test_chat_streams_the_in_process_engine_tokens(ray_url: str, reference: LiveServer, expected) -> None:
     for model in ["c-all", BASE]:
         stream = _client(ray_url).chat.completions.create(
-            model=model, messages=MESSAGES, stream=True, logprobs=True, stream_options={"include_usage": True},
-            max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True},
+            model=model,
+            messages=MESSAGES,
+            stream=True,
+            logprobs=True,
+            stream_options={"include_usage": True},
+            max_tokens=NEW_TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True},
         )
         chunks = list(stream)
         assert chunks[0].choices[0].delta.role == "assistant"

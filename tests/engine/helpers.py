@@ -6,9 +6,12 @@ from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.engine.sampling_params import SamplingParams
 
 
-def run_to_completion(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], lora: dict[str, str | None] | None = None) -> dict[str, dict]:
+def run_to_completion(
+    engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], lora: dict[str, str | None] | None = None
+) -> dict[str, dict]:
     """Submit all requests at once, step until done; per request: token ids, text, finish reason, logprobs
     (also for requests that were already in the engine)."""
+
     def new() -> dict:
         return {"tokens": [], "text": "", "finish_reason": None, "logprobs": []}
 

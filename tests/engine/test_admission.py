@@ -21,9 +21,19 @@ from lora_serve.model.arch import ModelArch
 from .helpers import run_to_completion
 
 ARCH = ModelArch(
-    "LlamaForCausalLM", vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
-    num_kv_heads=1, head_dim=4, rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False,
-    attention_bias=False, rope_theta=10000.0,
+    "LlamaForCausalLM",
+    vocab_size=100,
+    hidden_size=8,
+    intermediate_size=16,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    rope_theta=10000.0,
 )
 BLOCK = 4
 
@@ -77,9 +87,7 @@ def scheduler(slots: FakeSlots, bound: int, max_num_seqs: int, num_blocks: int =
     return Scheduler(kv_cache(num_blocks), max_num_seqs, 256, slots, max_lora_bypass=bound)
 
 
-@pytest.mark.parametrize(
-    ("bound", "admitted", "left"), [(16, ["X1", "X2"], ["Y1"]), (1, ["X1", "Y1"], ["X2"]), (0, ["Y1", "X1"], ["X2"])]
-)
+@pytest.mark.parametrize(("bound", "admitted", "left"), [(16, ["X1", "X2"], ["Y1"]), (1, ["X1", "Y1"], ["X2"]), (0, ["Y1", "X1"], ["X2"])])
 def test_resident_adapters_go_first_within_the_bound(bound: int, admitted: list[str], left: list[str]):
     """X is in a slot, Y is not (a free slot could take it); room for two of [Y1, X1, X2]."""
     slots = FakeSlots(2, resident=("X",))

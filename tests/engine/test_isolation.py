@@ -79,9 +79,7 @@ def test_non_finite_request_fails_alone(tiny_llama_dir: Path):
     """An adapter that overflows in use (weights around 1e30, as one tenant uploaded) fails its own request
     with a clear error; base requests in the same batch, and after, are unchanged. It is registered here
     past the load-time check (lora/overflow.py), which would refuse it: the engine must contain it anyway."""
-    config = EngineConfig(
-        cache=CacheConfig(kv_cache_memory_gb=0.01), scheduler=SchedulerConfig(max_model_len=256)
-    )
+    config = EngineConfig(cache=CacheConfig(kv_cache_memory_gb=0.01), scheduler=SchedulerConfig(max_model_len=256))
     engine = LLMEngine.from_config(config, tiny_llama_dir)
     clean = summary(run_to_completion(engine, victims()))
     model = random_lora_model("hostile", engine.arch, rank=4, seed=0, targets=("v_proj",))

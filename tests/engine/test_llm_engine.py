@@ -23,7 +23,9 @@ QUESTIONS = [
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     """transformers' greedy continuation, stopping at EOS like the engine does."""
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=n, do_sample=False)
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=n, do_sample=False
+        )
     return out[0, len(prompt) :].tolist()
 
 
@@ -115,7 +117,9 @@ def test_stop_token_ids_and_max_tokens(tiny_llama_dir):
     assert free["finish_reason"] == "length" and len(free["tokens"]) == 12
     stop_at = free["tokens"][5]
     first = free["tokens"].index(stop_at)
-    stopped = run_to_completion(engine, {"s": (prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_at]))})["s"]
+    stopped = run_to_completion(
+        engine, {"s": (prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_at]))}
+    )["s"]
     assert stopped["finish_reason"] == "stop"
     assert stopped["tokens"] == free["tokens"][: first + 1]
 
@@ -134,7 +138,9 @@ def test_logprobs_are_log_softmax_of_the_model(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     prompt = list(range(400, 420))
-    out = run_to_completion(engine, {"l": (prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=True, top_logprobs=4, ignore_eos=True))})["l"]
+    out = run_to_completion(
+        engine, {"l": (prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=True, top_logprobs=4, ignore_eos=True))}
+    )["l"]
     ids = prompt + out["tokens"]
     with torch.inference_mode():
         ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)

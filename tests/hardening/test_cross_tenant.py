@@ -81,8 +81,12 @@ async def good_answers(live: LiveServer) -> list[tuple[str, list[float]]]:
         replies = await asyncio.gather(
             *(
                 client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=16,
-                    logprobs=True, top_logprobs=2,
+                    model=model,
+                    messages=[{"role": "user", "content": p}],
+                    temperature=0,
+                    max_tokens=16,
+                    logprobs=True,
+                    top_logprobs=2,
                 )
                 for model in (live.model, GOOD_ADAPTER)
                 for p in PROMPTS
@@ -171,5 +175,7 @@ def test_soak(server: LiveServer, src: Path) -> None:
     assert_nothing_held(server)
     gc.collect()
     after = psutil.Process().memory_info().rss
-    print(f"soak {SOAK_S:.0f} s after {WARM_UP_S:.0f} s of warm-up: {rounds} good rounds identical; RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
+    print(
+        f"soak {SOAK_S:.0f} s after {WARM_UP_S:.0f} s of warm-up: {rounds} good rounds identical; RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB"
+    )
     assert after <= before * (1 + RSS_TOLERANCE), f"RSS grew {before / 2**20:.0f} -> {after / 2**20:.0f} MiB"

@@ -39,16 +39,12 @@ def _break_next_step(monkeypatch: pytest.MonkeyPatch, engine: AsyncEngine) -> No
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_engine_error_is_500_and_the_server_keeps_serving(
-    server: LiveServer, monkeypatch: pytest.MonkeyPatch, stream: bool
-) -> None:
+def test_engine_error_is_500_and_the_server_keeps_serving(server: LiveServer, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
     _break_next_step(monkeypatch, server.engine)
     body = {"prompt": "hi", "model": ADAPTER, "max_tokens": 4, "stream": stream}
     resp = httpx.post(server.base_url + "/v1/completions", json=body, timeout=30)
     assert resp.status_code == 500
-    assert resp.json()["error"] == {
-        "message": "engine error: RuntimeError", "type": "server_error", "param": None, "code": None
-    }
+    assert resp.json()["error"] == {"message": "engine error: RuntimeError", "type": "server_error", "param": None, "code": None}
     assert server.engine.lora.residency.num_pins() == 0
     assert httpx.get(server.base_url + "/health").status_code == 200
     resp = httpx.post(server.base_url + "/v1/completions", json={**body, "stream": False}, timeout=30)
@@ -71,9 +67,7 @@ def test_client_that_leaves_frees_kv_and_adapter_pin(server: LiveServer, stream:
     assert server.engine.engine.kv_cache.usage == 0.0
 
 
-def test_a_request_refused_after_its_adapter_is_acquired_releases_it(
-    server: LiveServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_request_refused_after_its_adapter_is_acquired_releases_it(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Anything that fails in add_request after the acquire (as a seed past torch's range once did) frees it."""
     scheduler = server.engine.engine.scheduler
     real_add = scheduler.add
@@ -90,9 +84,7 @@ def test_a_request_refused_after_its_adapter_is_acquired_releases_it(
     assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=30).status_code == 200
 
 
-def test_a_request_cancelled_while_its_adapter_loads_releases_it(
-    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_request_cancelled_while_its_adapter_loads_releases_it(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loading thread cannot be interrupted: the reference it takes after the cancel is released."""
     lora, real_acquire = engine.lora, engine.lora.acquire
     loading, may_load, loaded = threading.Event(), threading.Event(), threading.Event()
@@ -134,9 +126,7 @@ def _kill_loop(monkeypatch: pytest.MonkeyPatch, engine: AsyncEngine) -> None:
     monkeypatch.setattr(engine.engine, "fail_all", broken)
 
 
-def test_health_is_503_only_once_the_engine_is_dead(
-    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_health_is_503_only_once_the_engine_is_dead(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with tiny_engine_with(tiny_llama_dir, tmp_path) as engine, live_server(engine, ServerConfig()) as live:
         assert httpx.get(live.base_url + "/health").status_code == 200
         _kill_loop(monkeypatch, engine)

@@ -44,9 +44,7 @@ def operations(fuzzed: LiveServer) -> dict[str, schemathesis.APIOperation]:
 
 
 def test_the_schema_has_every_route(operations: dict) -> None:
-    assert {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "DELETE /v1/adapters/{name}"} <= set(
-        operations
-    )
+    assert {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "DELETE /v1/adapters/{name}"} <= set(operations)
 
 
 def test_no_input_gives_a_5xx(operations: dict[str, schemathesis.APIOperation], fuzzed: LiveServer) -> None:

@@ -53,9 +53,27 @@ def _free_port() -> int:
 def _start(model_dir: Path, adapter_dir: Path, log: Path) -> ServerProcess:
     port = _free_port()
     cmd = [
-        sys.executable, "-m", "lora_serve.cli", "serve", str(model_dir),
-        "--device", "cpu", "--dtype", "float32", "--kv-cache-memory-gb", "0.02", "--max-model-len", "256",
-        "--max-lora-rank", "16", "--adapter-dir", str(adapter_dir), "--port", str(port), "--shutdown-grace-s", "30",
+        sys.executable,
+        "-m",
+        "lora_serve.cli",
+        "serve",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--kv-cache-memory-gb",
+        "0.02",
+        "--max-model-len",
+        "256",
+        "--max-lora-rank",
+        "16",
+        "--adapter-dir",
+        str(adapter_dir),
+        "--port",
+        str(port),
+        "--shutdown-grace-s",
+        "30",
     ]
     env = {**os.environ, "LORA_SERVE_CACHE": str(TEST_CACHE)}
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
@@ -94,9 +112,7 @@ def _start_chunked_upload(port: int, name: str, src: Path) -> socket.socket:
 
 
 @pytest.fixture(scope="module")
-def restarted(
-    tiny_llama_dir: Path, adapter_src: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
+def restarted(tiny_llama_dir: Path, adapter_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server killed with -9 mid-upload, then started again on the same adapter dir."""
     root = tmp_path_factory.mktemp("process")
     adapter_dir, log = root / "adapters", root / "server.log"

@@ -84,8 +84,13 @@ def test_switching_while_streams_run_gives_the_undisturbed_tokens(tiny_llama_dir
 
 def test_auto_policy_merges_under_skew_and_unmerges_when_it_goes(tiny_llama_dir, tmp_path):
     engine = tiny_engine(
-        tiny_llama_dir, tmp_path, merge_policy="auto", merge_threshold=0.8, unmerge_threshold=0.5,
-        merge_window_steps=4, merge_interval_steps=6,
+        tiny_llama_dir,
+        tmp_path,
+        merge_policy="auto",
+        merge_threshold=0.8,
+        unmerge_threshold=0.5,
+        merge_window_steps=4,
+        merge_interval_steps=6,
     )
     history = []
 

@@ -65,22 +65,12 @@ GOOD_CONFIGS = {
         rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6, "^model.layers.0.self_attn.k_proj": 3},
         alpha_pattern={"v_proj": 3, r"layers\.\d\.mlp\.up_proj": 5},
     ),
-    "patterns with rslora": dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], rank_pattern={"o_proj": 8}, use_rslora=True
-    ),
-    "layers_to_transform list": dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1]
-    ),
-    "layers_to_transform int + pattern": dict(
-        r=4, lora_alpha=8, target_modules=["v_proj"], layers_to_transform=0, layers_pattern="layers"
-    ),
+    "patterns with rslora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], rank_pattern={"o_proj": 8}, use_rslora=True),
+    "layers_to_transform list": dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1]),
+    "layers_to_transform int + pattern": dict(r=4, lora_alpha=8, target_modules=["v_proj"], layers_to_transform=0, layers_pattern="layers"),
     # An exact module name bypasses layers_to_transform in PEFT.
-    "full name + layers": dict(
-        r=4, lora_alpha=8, target_modules=["model.layers.1.mlp.up_proj", "k_proj"], layers_to_transform=[0]
-    ),
-    "exclude list": dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]
-    ),
+    "full name + layers": dict(r=4, lora_alpha=8, target_modules=["model.layers.1.mlp.up_proj", "k_proj"], layers_to_transform=[0]),
+    "exclude list": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
     "exclude regex": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], exclude_modules=r".*\.1\..*"),
     "fan_in_fan_out ignored": dict(r=4, lora_alpha=8, target_modules=["q_proj"], fan_in_fan_out=True),
     "float alpha": dict(r=8, lora_alpha=12.5, target_modules=["gate_proj"]),
@@ -238,9 +228,7 @@ def test_deeply_nested_config_is_refused(depth: int, tmp_path: Path):
     assert len(info.value.message) < 200  # the nested value is not echoed in full
 
 
-@pytest.mark.parametrize(
-    "text", ["{not json", "[]", '"LORA"', "\xff\xfe"], ids=["invalid JSON", "array", "string", "not UTF-8"]
-)
+@pytest.mark.parametrize("text", ["{not json", "[]", '"LORA"', "\xff\xfe"], ids=["invalid JSON", "array", "string", "not UTF-8"])
 def test_bad_config_file(text: str, tmp_path: Path):
     path = tmp_path / "adapter_config.json"
     path.write_bytes(text.encode("latin-1"))

@@ -52,7 +52,7 @@ def is_pirate(text: str) -> bool:
 # adapter -> (score of one answer, how the scores are summed up, what the adapter must reach, what the base stays under)
 CHECKS = {
     "french": (french_ratio, "mean French-word ratio", 0.25, 0.05),
-    "json": (is_json_answer, "share parsing as {\"answer\": str}", 0.9, 0.1),
+    "json": (is_json_answer, 'share parsing as {"answer": str}', 0.9, 0.1),
     "pirate": (is_pirate, "share starting 'Arr' with 'matey'", 0.9, 0.1),
 }
 
@@ -100,8 +100,10 @@ def test_adapter_shows_its_behaviour_and_the_base_does_not(answers, name: str) -
     adapter = sum(map(score, answers[name])) / len(HELDOUT)
     base = sum(map(score, answers[None])) / len(HELDOUT)
     others = {o: sum(map(score, answers[o])) / len(HELDOUT) for o in SHIPPED if o != name}
-    print(f"\n{name}: {what} on {len(HELDOUT)} held-out prompts: adapter {adapter:.3f}, base {base:.3f}, "
-          + ", ".join(f"{o} {v:.3f}" for o, v in others.items()))
+    print(
+        f"\n{name}: {what} on {len(HELDOUT)} held-out prompts: adapter {adapter:.3f}, base {base:.3f}, "
+        + ", ".join(f"{o} {v:.3f}" for o, v in others.items())
+    )
     assert adapter >= adapter_min
     assert base < base_max
     assert all(v < base_max for v in others.values())  # each behaviour belongs to its own adapter

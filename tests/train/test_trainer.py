@@ -46,8 +46,17 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(tiny_llama_dir: Path, out: Path, **overrides) -> TrainConfig:
-    fields = dict(model=str(tiny_llama_dir), output_dir=out, r=4, lora_alpha=8, target_modules=["all-linear"],
-                  learning_rate=2e-2, max_steps=30, batch_size=2, num_threads=2)
+    fields = dict(
+        model=str(tiny_llama_dir),
+        output_dir=out,
+        r=4,
+        lora_alpha=8,
+        target_modules=["all-linear"],
+        learning_rate=2e-2,
+        max_steps=30,
+        batch_size=2,
+        num_threads=2,
+    )
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -154,11 +163,31 @@ def test_bad_configs_are_refused(overrides: dict, message: str) -> None:
 def test_cli_trains_and_uploads_to_a_running_server(tiny_llama_dir: Path, data: Path, tmp_path: Path, capsys) -> None:
     with tiny_engine_with(tiny_llama_dir, tmp_path / "store") as engine:
         with live_server(engine, ServerConfig(served_model_name="tiny", api_key="sk-test")) as server:
-            main([
-                "train", str(data), "--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "out"),
-                "-r", "2", "--target-modules", "q_proj", "v_proj", "--max-steps", "2", "--num-threads", "2",
-                "--upload", server.base_url, "--name", "sea", "--api-key", "sk-test",
-            ])
+            main(
+                [
+                    "train",
+                    str(data),
+                    "--model",
+                    str(tiny_llama_dir),
+                    "--output-dir",
+                    str(tmp_path / "out"),
+                    "-r",
+                    "2",
+                    "--target-modules",
+                    "q_proj",
+                    "v_proj",
+                    "--max-steps",
+                    "2",
+                    "--num-threads",
+                    "2",
+                    "--upload",
+                    server.base_url,
+                    "--name",
+                    "sea",
+                    "--api-key",
+                    "sk-test",
+                ]
+            )
             client = server.client(api_key="sk-test")
             assert "sea" in [m.id for m in client.models.list().data]
             reply = client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)

@@ -37,7 +37,7 @@ ALL16 = {"q_proj": 16, "k_proj": 16, "v_proj": 16}
 def test_decode_rows_one_per_slot_run_as_one_dense_group():
     segments = [(s, s, s + 1) for s in range(6)]  # slots 0..5, one row each, then 2 base rows
     batch, y, ref, y0 = run(segments, {s: ALL16 for s in range(6)}, rows=8)
-    (_, group), = batch.passes
+    ((_, group),) = batch.passes
     assert group is not None and group.dense()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
     assert torch.equal(y[6:], y0[6:])  # base-only rows untouched
@@ -46,7 +46,7 @@ def test_decode_rows_one_per_slot_run_as_one_dense_group():
 def test_uneven_segments_are_padded_and_scattered_back():
     segments = [(1, 0, 3), (2, 3, 4), (4, 4, 6)]
     batch, y, ref, y0 = run(segments, {1: ALL16, 2: ALL16, 4: ALL16, 3: {"q_proj": 8}}, rows=7)
-    (_, group), = batch.passes
+    ((_, group),) = batch.passes
     assert group is not None and not group.dense()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
     assert torch.equal(y[6:], y0[6:])
@@ -95,7 +95,7 @@ def test_bfloat16_activations_keep_a_float32_intermediate():
 def test_a_prefill_segment_runs_alone_while_the_decode_rows_around_it_are_grouped():
     segments = [(0, 0, 1), (1, 1, 2), (2, 2, 40), (3, 40, 41), (4, 41, 42)]
     batch, y, ref, _ = run(segments, {s: ALL16 for s in range(5)}, rows=43)
-    (loop, group), = batch.passes
+    ((loop, group),) = batch.passes
     assert loop == [(2, 2, 40)] and group.slots == [0, 1, 3, 4] and not group.dense()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
 

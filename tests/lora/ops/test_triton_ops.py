@@ -90,7 +90,10 @@ def test_float16_slots_match_float64(seed, dtype):
 
 
 def test_every_rank_from_1_to_64_in_one_call():
-    ranks = {slot: {"q_proj": r, "k_proj": max(1, 64 - r), "v_proj": (r * 7) % 64 + 1} for slot, r in enumerate([1, 15, 16, 31, 48, 63, 64, 3, 9])}
+    ranks = {
+        slot: {"q_proj": r, "k_proj": max(1, 64 - r), "v_proj": (r * 7) % 64 + 1}
+        for slot, r in enumerate([1, 15, 16, 31, 48, 63, 64, 3, 9])
+    }
     segments = [(slot, slot, slot + 1) for slot in range(9)]  # decode: one row per adapter
     check(segments, ranks, 11, torch.float32)
 
@@ -117,7 +120,9 @@ def test_shrink_writes_only_the_rank_columns_of_each_rows_adapter():
 
     segments = [(0, 0, 3), (1, 3, 4), (2, 4, 4), (3, 4, 9)]
     slots, _ = fill({0: {"q_proj": 5, "v_proj": 17}, 1: {"k_proj": 1}, 2: {"q_proj": 64}, 3: {"q_proj": 33, "k_proj": 2, "v_proj": 30}}, 0)
-    segs = torch.tensor([[slot for slot, _, _ in segments], [lo for _, lo, _ in segments], [hi - lo for _, lo, hi in segments]], dtype=torch.int32)
+    segs = torch.tensor(
+        [[slot for slot, _, _ in segments], [lo for _, lo, _ in segments], [hi - lo for _, lo, hi in segments]], dtype=torch.int32
+    )
     tables = kernel_tables(slots)
     assert tables.width == 65  # the widest adapter's own ranks (33 + 2 + 30), not 3 x max_rank
     buf = torch.full((1, 10, tables.width), float("nan"))
@@ -173,6 +178,8 @@ def test_kernels_compile_for_a_gpu(arch, slots, monkeypatch, tmp_path):
     for fn, extra in [(triton_kernels._shrink_kernel, dict(BLOCK_K=64)), (triton_kernels._expand_kernel, dict(BLOCK_N=64))]:
         kernel = triton.jit(fn)
         constexprs = {**tiles, **extra}
-        signature = {a: "constexpr" if a in constexprs else pointers.get(a, f"*{slots}" if a.endswith("_ptr") else "i32") for a in kernel.arg_names}
+        signature = {
+            a: "constexpr" if a in constexprs else pointers.get(a, f"*{slots}" if a.endswith("_ptr") else "i32") for a in kernel.arg_names
+        }
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))
         assert compiled.asm["cubin"]
