@@ -122,16 +122,32 @@ def _apply_stacked(slots: ProjectionSlots, g: _Group, members: tuple[int, ...], 
     else:
         src, dst = g.indices(members, x.device)
         xp = xs.new_zeros(n * m, xs.shape[1]).index_copy_(0, dst, xs.index_select(0, src)).view(n, m, -1)
-    a = torch.stack([e.A for e in entries])  # [n, R, in]
-    xa = torch.bmm(xp, a.float().transpose(1, 2) if a.dtype != torch.float32 else a.transpose(1, 2))  # [n, m, R]
-    xa.mul_(torch.stack([e.scales for e in entries]))  # [n, 1, R]: each column's scale
+    a, scales, bs = _stacked(slots, tuple(g.segments[i][0] for i in members), entries)
+    xa = torch.bmm(xp, a.transpose(1, 2))  # [n, m, R]
+    xa.mul_(scales)  # [n, 1, R]: each column's scale
     for k, (out, r0, r1, _, _) in enumerate(entries[0].layout):
-        b = torch.stack([e.layout[k][3] for e in entries])  # [n, out_s, r]
-        d = torch.bmm(xa[:, :, r0:r1], b.float().transpose(1, 2) if b.dtype != torch.float32 else b.transpose(1, 2))
+        d = torch.bmm(xa[:, :, r0:r1], bs[k].transpose(1, 2))  # bs[k]: [n, out_s, r]
         if dense:
             y[lo:hi, out] += d.squeeze(1).to(y.dtype)
         else:
             y[:, out].index_add_(0, src, d.view(n * m, -1).index_select(0, dst).to(y.dtype))
+
+
+def _stacked(slots: ProjectionSlots, key: tuple[int, ...], entries: list[SlotEntry]):
+    """(A [n, R, in], scales [n, 1, R], [B_s [n, out_s, r]]) of the entries, float32, stacked in `key`'s slot
+    order. Kept per projection while the same adapters run: decode steps in a row mostly hold the same
+    batch, and restacking them every step cost a third of the decode throughput (32 adapters, SmolLM2,
+    2-core EPYC: 0.56x the base instead of 0.84x). A copy of the running batch's adapters, in exchange."""
+    cache = slots.stack_cache
+    if cache is not None and cache[0] == (key, slots.version):
+        return cache[1]
+    stacked = (
+        torch.stack([e.A for e in entries]).float(),
+        torch.stack([e.scales for e in entries]),
+        [torch.stack([e.layout[k][3] for e in entries]).float() for k in range(len(entries[0].layout))],
+    )
+    slots.stack_cache = ((key, slots.version), stacked)
+    return stacked
 
 
 def _apply_segments(slots: ProjectionSlots, segments: list[Segment], x: torch.Tensor, y: torch.Tensor) -> None:
