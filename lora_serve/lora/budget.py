@@ -47,9 +47,12 @@ class LoRAMemory:
             budget = int(CUDA_DEFAULT_FRACTION * torch.cuda.get_device_properties(model.device).total_memory)
         else:
             budget = int(CPU_DEFAULT_GB * GIB)
-        per_param = REFERENCE_RANK * sum(lin.in_features + lin.out_features for layer in model.layers for lin in layer.linears())
+        # Per projection slice (q, k, v, ... each): A [r, in] and B [out_s, r].
+        reference_params = REFERENCE_RANK * sum(
+            len(lin.slice_names) * lin.in_features + lin.out_features for layer in model.layers for lin in layer.linears()
+        )
         cpu_bytes = budget if shared else CPU_TIER_FACTOR * budget // dtype.itemsize * 4
-        return cls(budget, cpu_bytes, config.max_cpu_loras, shared, per_param * dtype.itemsize, model.device.type)
+        return cls(budget, cpu_bytes, config.max_cpu_loras, shared, reference_params * dtype.itemsize, model.device.type)
 
     def log(self) -> None:
         holds = self.budget_bytes // self.reference_bytes

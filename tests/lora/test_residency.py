@@ -87,3 +87,12 @@ def test_an_adapter_larger_than_the_budget_is_refused_at_registration(tiny_llama
     fp32 = {n: 2 * b for n, b in sizes(tiny_llama_dir, adapter_paths).items()}
     with pytest.raises(AdapterTooLargeError, match="lora_memory_gb"):
         make(tiny_llama_dir, adapter_paths, fp32["a5"] - 1, "auto", names=["a5"])
+
+
+def test_the_logged_reference_adapter_is_a_real_rank_16_adapter_on_every_projection(tiny_llama_dir, tmp_path):
+    from lora_serve.bench.random_adapters import write_random_adapter
+    from lora_serve.model.arch import ModelArch
+
+    path = write_random_adapter(tmp_path / "r16", ModelArch.from_dir(tiny_llama_dir), rank=16, seed=0)
+    engine = make(tiny_llama_dir, {"r16": path}, GIB, "auto", names=["r16"])
+    assert engine.lora.memory.reference_bytes == engine.lora.adapter_bytes("r16")  # float32 on CPU
