@@ -66,11 +66,11 @@ class SchedulerConfig(_Config):
 
     max_lora_bypass: int = Field(16, ge=0)
     """Most requests that arrived later may be admitted ahead of a waiting one (a count of requests, not
-    steps). Waiting requests that load no adapter weights (the base model, or an adapter already in a device
-    slot) are admitted before those whose adapter must be copied into a slot: fewer loads, and fewer adapters
-    for every decode step to read. A request overtaken this many times is admitted before anything behind
-    it, as first come, first served would, so one whose adapter finds every slot pinned gets the next slot
-    that frees. 0: strict FCFS."""
+    steps). Waiting requests that add no adapter to what the device holds (the base model, an adapter already
+    resident; on CPU, one already in the running batch) are admitted first: fewer loads, and fewer adapters for
+    every decode step to read. A request overtaken this many times is admitted before anything behind it, as
+    first come, first served would, so one whose adapter finds no room gets the next room that frees. 0:
+    strict FCFS."""
 
 
 class LoRAConfig(_Config):
