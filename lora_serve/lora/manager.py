@@ -85,8 +85,8 @@ class LoRAManager:
         self.registry = AdapterRegistry(model.arch, config.max_lora_rank, base_name, narrowest)
         self.memory = LoRAMemory.resolve(config, model, self.slot_dtype)
         self.max_loras = config.max_loras
-        device_budget = self.memory.budget_bytes if not self.memory.shared else 0
-        self.residency = Residency(model, self.slot_dtype, device_budget, config.max_loras, self.slot_writer)
+        # Shared residency counts no device bytes (bytes_of is 0): the budget binds the CPU tier instead.
+        self.residency = Residency(model, self.slot_dtype, self.memory.budget_bytes, config.max_loras, self.slot_writer)
         self.memory.log()
 
     # --- registry ------------------------------------------------------------------------------

@@ -20,8 +20,6 @@ Terms = dict[int, list[tuple[slice, LoRAWeights]]]  # slot -> (output columns, w
 def random_slots(
     in_features: int,
     slices: dict[str, int],
-    max_rank: int,
-    num_slots: int,
     ranks: dict[int, dict[str, int]],
     seed: int,
     scale_of: Callable[[int], float],

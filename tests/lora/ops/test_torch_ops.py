@@ -22,7 +22,7 @@ IN, SLICES, MAX_RANK, NUM_SLOTS = 48, {"q_proj": 32, "k_proj": 16, "v_proj": 16}
 
 
 def run(segments, layouts, rows: int, seed: int = 0, dtype=torch.float32, slot_dtype=torch.float32):
-    slots, terms = random_slots(IN, SLICES, MAX_RANK, NUM_SLOTS, layouts, seed, lambda slot: 0.5 + slot, slot_dtype=slot_dtype)
+    slots, terms = random_slots(IN, SLICES, layouts, seed, lambda slot: 0.5 + slot, slot_dtype=slot_dtype)
     x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     y0 = torch.randn(rows, sum(SLICES.values()), generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
     y = y0.clone()

@@ -38,7 +38,7 @@ def interpreter(monkeypatch):
 
 def fill(ranks: dict[int, dict[str, int]], seed: int, slot_dtype=torch.float32):
     """ranks: slot -> {slice: rank}. Scales alternate in sign so that deltas can cancel."""
-    return random_slots(FEATURES, OUTS, MAX_RANK, SLOTS, ranks, seed, lambda slot: (-1) ** slot * 0.25 * (slot + 1), 1 / 8, slot_dtype)
+    return random_slots(FEATURES, OUTS, ranks, seed, lambda slot: (-1) ** slot * 0.25 * (slot + 1), 1 / 8, slot_dtype)
 
 
 def check(segments, ranks, num_rows, dtype, seed=0, slot_dtype=torch.float32):
