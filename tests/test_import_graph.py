@@ -217,3 +217,55 @@ def test_the_graph_sees_relative_function_level_and_type_checking_imports(tmp_pa
     assert graph["pkg.lora.ops.c"] == {"pkg.lora.ops.a", "pkg.config", "pkg.lora.manager"}
     assert cycles(graph) == [["pkg.lora.ops.a", "pkg.lora.ops.b", "pkg.lora.ops.c", "pkg.lora.ops.a"]]
     assert layering_violations(graph, "pkg") == ["pkg.lora.ops.c -> pkg.lora.manager", "pkg.model.linear -> pkg.lora.slots"]
+
+
+# What api/ and deploy/ may use of lora/: the catalog and what describes an adapter, never residency.
+DOOR_MODULES = {"catalog", "errors", "registry", "store", "files", "lora_model"}
+# Attributes that lead past the catalog: the engine's residency manager (`engine.lora`, but for the
+# config's `config.lora`), and residency's own parts.
+RESIDENCY_ATTRIBUTES = {"lora", "residency", "slot_writer", "batch_cls", "try_admit", "prepare"}
+
+
+def door_violations(root: Path, package: str) -> list[str]:
+    """Imports of lora/ modules outside DOOR_MODULES, and attribute reads in RESIDENCY_ATTRIBUTES, in api/ and deploy/."""
+    graph, _ = import_graph(root, package)
+    modules = find_modules(root, package)
+    bad = []
+    for module in sorted(graph):
+        if not (_within(module, f"{package}.api") or _within(module, f"{package}.deploy")):
+            continue
+        for target in sorted(graph[module]):
+            if _within(target, f"{package}.lora") and target.split(".")[2:3] and target.split(".")[2] not in DOOR_MODULES:
+                bad.append(f"{module} imports {target}")
+        for node in ast.walk(ast.parse(modules[module].read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in RESIDENCY_ATTRIBUTES:
+                owner = ast.unparse(node.value)
+                if not (node.attr == "lora" and owner.endswith("config")):
+                    bad.append(f"{module} reads {owner}.{node.attr} (line {node.lineno})")
+    return bad
+
+
+def test_api_and_deploy_reach_adapters_only_through_the_catalog():
+    bad = door_violations(SOURCE, PACKAGE)
+    assert not bad, "past the adapter catalog:\n" + "\n".join(bad)
+
+
+def test_the_door_check_sees_residency_imports_and_attributes(tmp_path):
+    root = tmp_path / "pkg"
+    files = {
+        "__init__.py": "",
+        "lora/__init__.py": "",
+        "lora/catalog.py": "",
+        "lora/residency.py": "",
+        "api/__init__.py": "",
+        "api/a.py": "from ..lora.catalog import C\nfrom ..lora import residency\n"
+        "def f(engine, config):\n    engine.adapters.list(); config.lora.max_loras; engine.engine.lora.residency\n",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    assert door_violations(root, "pkg") == [
+        "pkg.api.a imports pkg.lora.residency",
+        "pkg.api.a reads engine.engine.lora.residency (line 4)",
+        "pkg.api.a reads engine.engine.lora (line 4)",
+    ]

@@ -16,8 +16,10 @@ its tenant past --max-adapters-per-tenant or --max-adapter-bytes-per-tenant is 4
 Merge, unmerge, the auto_merge mark and load/unload by path change what everyone is served, so
 they need an admin (`admin_router`); a tenant's upload starts without auto_merge, so its traffic
 merges nothing. Merging and unregistering one adapter both run on the engine thread under the
-LoRA manager's lock: a merge racing a delete ends either merged and registered, or deleted and
-unmerged. AdapterInfo.path is the full server path for admins, only the folder's name for anyone else.
+adapter catalog's lock: a merge racing a delete ends either merged and registered, or deleted and
+unmerged. Everything here goes through the engine's adapter catalog (engine.adapters) and its
+engine-thread commands (merge_adapter, unmerge_adapter, remove_adapter). AdapterInfo.path is
+the full server path for admins, only the folder's name for anyone else.
 Refusals are lora.errors.AdapterError (status and param included), answered by errors.py.
 Reading and validating weights is blocking, so it runs on a worker thread.
 """
@@ -103,11 +105,11 @@ class AdapterAdmin:
 
     def __init__(self, engine: AsyncEngine, base_name: str):
         self.engine = engine
-        self.lora = engine.lora
+        self.catalog = engine.adapters
         self.base_name = base_name  # the API's base id, which no adapter may take
-        self.max_adapter_bytes = engine.lora.config.max_adapter_bytes
-        self.store = AdapterStore(engine.lora.adapter_dir)  # removes crashed uploads' leftovers
-        self.base_params = engine.lora.base_params
+        self.max_adapter_bytes = self.catalog.max_adapter_bytes
+        self.store = AdapterStore(self.catalog.adapter_dir)  # removes crashed uploads' leftovers
+        self.base_params = self.catalog.base_params
         self.forget: Callable[[str], None] = lambda name: None  # what else drops an unregistered adapter's state
 
     def info(self, record: AdapterRecord, viewer: Principal) -> AdapterInfo:
@@ -124,8 +126,8 @@ class AdapterAdmin:
             num_bytes=record.num_bytes,
             params_ratio=record.num_params / self.base_params,
             sha256=record.sha256,
-            location=self.lora.location(record.name),
-            merged=self.lora.merged.name == record.name,
+            location=self.catalog.location(record.name),
+            merged=self.catalog.merged_name == record.name,
             auto_merge=record.auto_merge,
             requests_served=record.requests_served,
         )
@@ -133,7 +135,7 @@ class AdapterAdmin:
     def record(self, name: str, param: str, viewer: Principal) -> AdapterRecord:
         """The adapter, if it exists and `viewer` may see it; else the same 404 either way."""
         try:
-            record = self.lora.registry.get(name)
+            record = self.catalog.get(name)
         except AdapterNotFoundError as exc:
             exc.param = param
             raise
@@ -143,7 +145,7 @@ class AdapterAdmin:
 
     def owner_of(self, name: str) -> str | None:
         try:
-            return self.store.owner(self.lora.registry.get(name).path)
+            return self.store.owner(self.catalog.get(name).path)
         except AdapterNotFoundError:
             return None
 
@@ -153,7 +155,7 @@ class AdapterAdmin:
         except AdapterError as exc:
             exc.param = param
             raise
-        if self.lora.registry.contains(name):
+        if self.catalog.contains(name):
             raise AdapterExistsError(f"adapter {name!r} already exists", param=param)
 
     def store_upload(self, upload: AdapterUpload, tenant: str | None) -> AdapterRecord:
@@ -161,10 +163,10 @@ class AdapterAdmin:
         files = {CONFIG_FILE: upload.adapter_config.file, WEIGHTS_FILE: upload.adapter_model.file}
         if tenant is not None:
             files[OWNER_FILE] = io.BytesIO(tenant.encode())
-        validate = lambda tmp: self.lora.read(upload.name, tmp, "upload")  # noqa: E731
+        validate = lambda tmp: self.catalog.read(upload.name, tmp, "upload")  # noqa: E731
         path, model = self.store.save(upload.name, files, validate)
         try:
-            return self.lora.register(upload.name, path, "upload", model)
+            return self.catalog.register(upload.name, path, "upload", model)
         except BaseException:
             self.store.remove(path)  # registered meanwhile under this name from elsewhere
             raise
@@ -172,12 +174,12 @@ class AdapterAdmin:
     def allowed_path(self, lora_path: str) -> Path:
         """The real path (symlinks and `..` resolved) if it lies inside an allowed directory; else 403.
         The files in it are checked the same way each time they are read (lora/files.py)."""
-        if not self.lora.allowed_dirs:
+        if not self.catalog.allowed_dirs:
             raise ForbiddenPathError("loading adapters by path is disabled; start the server with --allowed-lora-dir", param="lora_path")
         if "\x00" in lora_path:  # no file system path holds one (os.path would raise ValueError)
             raise InvalidAdapterError("lora_path must not contain a NUL character", param="lora_path")
         real = Path(os.path.realpath(lora_path))
-        if inside(real, self.lora.allowed_dirs):
+        if inside(real, self.catalog.allowed_dirs):
             return real
         raise ForbiddenPathError("lora_path is outside the directories adapters may be loaded from", param="lora_path")
 
@@ -185,7 +187,7 @@ class AdapterAdmin:
         """Unmerge it if merged and unregister it in one engine-thread command, so that no merge
         slips in between (running requests finish first). 404 if the name was registered anew.
         Its per-adapter metric series go with it (`forget`, set by the app to RequestMetrics.forget)."""
-        await self.engine.call(lambda: self.lora.unregister(record.name, unmerge=True, record=record))
+        await self.engine.remove_adapter(record)
         self.forget(record.name)
 
 
@@ -217,14 +219,14 @@ async def upload_adapter(
 @router.get("/adapters")
 async def list_adapters(request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterList:
     viewer = principal_of(request)
-    await asyncio.to_thread(admin.lora.drop_removed)  # what other replicas deleted from --adapter-dir
-    records = sorted(admin.lora.registry.list(), key=lambda r: r.name)
+    await asyncio.to_thread(admin.catalog.drop_removed)  # what other replicas deleted from --adapter-dir
+    records = sorted(admin.catalog.list(), key=lambda r: r.name)
     return AdapterList(data=[admin.info(r, viewer) for r in records if viewer.can_see(admin.store.owner(r.path))])
 
 
 @router.get("/adapters/{name}")
 async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
-    await asyncio.to_thread(admin.lora.sync_with_adapter_dir, name)
+    await asyncio.to_thread(admin.catalog.sync_with_adapter_dir, name)
     viewer = principal_of(request)
     return admin.info(admin.record(name, "name", viewer), viewer)
 
@@ -232,7 +234,7 @@ async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends
 @router.delete("/adapters/{name}")
 async def delete_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
     viewer = principal_of(request)
-    await asyncio.to_thread(admin.lora.sync_with_adapter_dir, name)  # stored by another replica: deleted here too
+    await asyncio.to_thread(admin.catalog.sync_with_adapter_dir, name)  # stored by another replica: deleted here too
     record = admin.record(name, "name", viewer)
     await admin.unregister(record)
     if admin.store.is_managed(record.path):
@@ -244,7 +246,7 @@ async def delete_adapter(name: str, request: Request, admin: AdapterAdmin = Depe
 async def update_adapter(name: str, req: AdapterUpdate, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     """Mark an adapter for --merge-policy auto, or unmark it (a merged one stays merged until unmerged)."""
     admin.record(name, "name", principal_of(request))
-    return admin.info(admin.lora.registry.set_auto_merge(name, req.auto_merge), principal_of(request))
+    return admin.info(admin.catalog.set_auto_merge(name, req.auto_merge), principal_of(request))
 
 
 @admin_router.post("/adapters/{name}/merge")
@@ -252,16 +254,7 @@ async def merge_adapter(name: str, request: Request, admin: AdapterAdmin = Depen
     """Fold the adapter into the base weights (unmerging any other first), between two engine steps."""
     viewer = principal_of(request)
     record = admin.record(name, "name", viewer)
-
-    def merge() -> AdapterInfo:  # described right after the merge, before any later engine command
-        admin.lora.merge(name)
-        return admin.info(record, viewer)
-
-    await admin.engine.acquire_lora(name)  # disk -> CPU off the engine thread
-    try:
-        return await admin.engine.call(merge)
-    finally:
-        admin.lora.release(name)
+    return await admin.engine.merge_adapter(name, describe=lambda: admin.info(record, viewer))
 
 
 @admin_router.post("/adapters/{name}/unmerge")
@@ -269,23 +262,15 @@ async def unmerge_adapter(name: str, request: Request, admin: AdapterAdmin = Dep
     """Restore the base weights bit for bit if this adapter is the merged one (else nothing changes)."""
     viewer = principal_of(request)
     record = admin.record(name, "name", viewer)
-    await unmerge_if_merged(admin, name)
+    await admin.engine.unmerge_adapter(name)
     return admin.info(record, viewer)
-
-
-async def unmerge_if_merged(admin: AdapterAdmin, name: str) -> None:
-    def unmerge() -> None:
-        if admin.lora.merged.name == name:
-            admin.lora.unmerge()
-
-    await admin.engine.call(unmerge)
 
 
 @admin_router.post("/load_lora_adapter")
 async def load_lora_adapter(req: LoadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
     path = admin.allowed_path(req.lora_path)
     admin.check_new_name(req.lora_name, "lora_name")
-    record = await asyncio.to_thread(admin.lora.register, req.lora_name, path, "load-api")
+    record = await asyncio.to_thread(admin.catalog.register, req.lora_name, path, "load-api")
     return admin.info(record, principal_of(request))
 
 

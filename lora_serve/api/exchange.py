@@ -175,7 +175,7 @@ class Exchange(ABC, Generic[R]):
         APIError if the request is bad."""
         name = state.models.adapter_name(req.model)
         if name is not None:
-            await asyncio.to_thread(state.engine.lora.sync_with_adapter_dir, name)
+            await asyncio.to_thread(state.engine.adapters.sync_with_adapter_dir, name)
         exchange = cls(state, req)
         fields = exchange.fields()
         lora_name = check_before_tokenizing(state, req, viewer, fields, *exchange.prompt_size())

@@ -20,7 +20,7 @@ metrics_router = APIRouter()
 
 @v1_router.get("/models")
 async def list_models(request: Request, state: ServerState = Depends(get_state)) -> ModelList:
-    await asyncio.to_thread(state.engine.lora.drop_removed)  # what other replicas deleted from --adapter-dir
+    await asyncio.to_thread(state.engine.adapters.drop_removed)  # what other replicas deleted from --adapter-dir
     return state.models.model_list(principal_of(request))
 
 

@@ -35,7 +35,7 @@ class EngineCollector:
         self.engine = engine
 
     def collect(self):
-        e, lora = self.engine, self.engine.lora
+        e, catalog = self.engine, self.engine.adapters
         running, waiting = e.adapters_in_flight()
         yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch.", value=e.num_running())
         yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to run.", value=e.num_waiting())
@@ -45,26 +45,26 @@ class EngineCollector:
             "Adapters of running and waiting requests (value: the time of the scrape).",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        info.add_metric([",".join(sorted(running)), ",".join(sorted(waiting)), str(lora.max_loras or 0)], time.time())
+        info.add_metric([",".join(sorted(running)), ",".join(sorted(waiting)), str(catalog.max_loras or 0)], time.time())
         yield info
         residency = GaugeMetricFamily("lora_serve_adapter_residency", "1 for the tier each adapter is in now.", labels=["adapter", "tier"])
-        for record in lora.registry.list():
-            residency.add_metric([record.name, lora.location(record.name)], 1)
+        for record in catalog.list():
+            residency.add_metric([record.name, catalog.location(record.name)], 1)
         yield residency
         merged = GaugeMetricFamily("lora_serve_adapter_merged", "1 for the adapter merged into the base.", labels=["adapter"])
-        if lora.merged.name is not None:
-            merged.add_metric([lora.merged.name], 1)
+        if catalog.merged_name is not None:
+            merged.add_metric([catalog.merged_name], 1)
         yield merged
         loads = (
             "Adapter folders read from disk into CPU memory and validated: one per registration (start-up, upload, "
             "load API, a folder another replica stored) and one per re-read after eviction from the CPU cache."
         )
-        yield CounterMetricFamily("lora_serve_adapter_loads", loads, value=lora.num_loads)
-        yield CounterMetricFamily("lora_serve_adapter_load_seconds", "Time spent in those loads.", value=lora.load_seconds)
+        yield CounterMetricFamily("lora_serve_adapter_loads", loads, value=catalog.num_loads)
+        yield CounterMetricFamily("lora_serve_adapter_load_seconds", "Time spent in those loads.", value=catalog.load_seconds)
         yield CounterMetricFamily(
-            "lora_serve_adapter_evictions", "Adapters evicted from a device slot or the CPU cache.", value=lora.num_evictions
+            "lora_serve_adapter_evictions", "Adapters evicted from a device slot or the CPU cache.", value=catalog.num_evictions
         )
-        yield CounterMetricFamily("lora_serve_adapter_merges", "Adapters merged into the base weights.", value=lora.num_merges)
+        yield CounterMetricFamily("lora_serve_adapter_merges", "Adapters merged into the base weights.", value=catalog.num_merges)
         policy = e.engine.merge_policy
         switches = CounterMetricFamily("lora_serve_merge_policy_switches", "Automatic merge policy decisions.", labels=["action"])
         for action in ("merge", "unmerge"):

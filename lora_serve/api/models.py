@@ -4,8 +4,8 @@ A request's `model` names what it runs on (vLLM's convention):
     "<base id>"            the base model, no adapter
     "<adapter>"            that adapter on the base
     "<base id>:<adapter>"  the same, spelled out
-Adapters come and go at run time, so names are looked up in the LoRA registry per request
-(after LoRAManager.sync_with_adapter_dir has brought the name in line with --adapter-dir,
+Adapters come and go at run time, so names are looked up in the adapter catalog per request
+(after AdapterCatalog.sync_with_adapter_dir has brought the name in line with --adapter-dir,
 which replicas share). An adapter the caller may not see (another tenant's upload) is
 reported exactly as an unknown one.
 """
@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from lora_serve.api.errors import APIError
 from lora_serve.api.tenants import OPEN, Principal
-from lora_serve.lora.registry import AdapterRegistry
+from lora_serve.lora.catalog import AdapterCatalog
 
 
 class ModelCard(BaseModel):
@@ -54,7 +54,7 @@ class ModelRegistry:
         base_name: str,
         model_path: Path,
         max_model_len: int,
-        adapters: AdapterRegistry,
+        adapters: AdapterCatalog,
         merged_name: Callable[[], str | None] = lambda: None,
         owner_of: Callable[[str], str | None] = lambda name: None,
     ) -> None:

@@ -37,7 +37,7 @@ class ServerState:
         owner_of: Callable[[str], str | None] = lambda name: None,
     ) -> ServerState:
         """owner_of: adapter name -> the tenant that uploaded it (None: visible to everyone)."""
-        lora = engine.lora
+        catalog = engine.adapters
         return cls(
             engine=engine,
             config=config,
@@ -45,8 +45,8 @@ class ServerState:
                 config.served_model_name or engine.base_name,
                 engine.model_path,
                 engine.max_model_len,
-                lora.registry,
-                lambda: lora.merged.name,
+                catalog,
+                lambda: catalog.merged_name,
                 owner_of,
             ),
             token_text=TokenText(engine.tokenizer),

@@ -98,7 +98,7 @@ def check_shape(plan, shape: str, backends: dict[str, type], device: torch.devic
     print()
     table = _guarded("throughput", throughput, engine, plan, names)
     print(table or "")
-    adapter_bytes = engine.lora.registry.get(names[0]).num_params * engine.lora.slot_dtype.itemsize
+    adapter_bytes = engine.adapters.get(names[0]).num_params * engine.lora.slot_dtype.itemsize
     base_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     for n in plan.num_adapters_list:
         print(f"decode reads the base ({base_bytes / 1e9:.3g} GB) and {n} adapters ({n * adapter_bytes / 1e9:.3g} GB): "

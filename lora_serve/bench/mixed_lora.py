@@ -121,7 +121,7 @@ def build_engine(
     )
     for i in range(num_adapters):
         path = write_random_adapter(tmp / f"bench-{i}", engine.arch, rank, seed=i, targets=targets)
-        engine.lora.register(f"bench-{i}", path, "lora-modules")
+        engine.adapters.register(f"bench-{i}", path, "lora-modules")
     return engine
 
 

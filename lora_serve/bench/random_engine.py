@@ -30,7 +30,7 @@ class RandomEngine(LLMEngine):
         super().__init__(random_model(arch, dtype, device, max_len, seed), None, config)
 
     def add_adapter(self, model: LoRAModel) -> None:
-        self.lora.register(model.name, f"random:{model.name}", "random", model)
+        self.adapters.register(model.name, f"random:{model.name}", "random", model)
 
     def step(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """One engine step; the last-token logits [vocab] of each scheduled request, by id."""

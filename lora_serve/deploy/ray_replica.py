@@ -30,8 +30,8 @@ from lora_serve.api.protocol import ChatCompletionRequest, SamplingRequest
 from lora_serve.api.state import ServerState
 from lora_serve.config import EngineConfig, ServerConfig
 from lora_serve.engine.async_engine import AsyncEngine
+from lora_serve.lora.catalog import AdapterCatalog
 from lora_serve.lora.errors import AdapterError
-from lora_serve.lora.manager import LoRAManager
 
 
 @serve.deployment
@@ -45,11 +45,11 @@ class AdapterReplica:
             torch.set_num_threads(num_threads)
         self.engine = AsyncEngine.from_config(config, server.served_model_name)
         self.state = ServerState.create(self.engine, server)
-        self.lora = self.engine.lora
+        self.adapters = self.engine.adapters
         # Registered here = loaded by the multiplexer: undo the engine's start-up scan of adapter_dir.
-        for record in self.lora.registry.list():
-            if record.origin == "adapter-dir" and record.name != self.lora.merged.name:  # --merge keeps its own
-                self.lora.unregister(record.name)
+        for record in self.adapters.list():
+            if record.origin == "adapter-dir" and record.name != self.adapters.merged_name:  # --merge keeps its own
+                self.adapters.unregister(record.name)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.num_requests: Counter[str] = Counter()  # per adapter ("" = base), served by this replica
         self.num_adapter_loads = 0
@@ -60,11 +60,11 @@ class AdapterReplica:
         self.load_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter)
 
     async def _load_adapter(self, name: str) -> _Registered:
-        found = await asyncio.to_thread(self.lora.resolve_from_adapter_dir, name)
+        found = await asyncio.to_thread(self.adapters.resolve_from_adapter_dir, name)
         if not found:
             raise APIError(HTTPStatus.NOT_FOUND, f"The model `{name}` does not exist.", param="model", code="model_not_found")
         self.num_adapter_loads += 1
-        return _Registered(self.lora, name)
+        return _Registered(self.adapters, name)
 
     async def _open(self, req: SamplingRequest) -> Exchange:
         """The request checked against this replica's engine, its adapter loaded first; APIError if refused."""
@@ -102,7 +102,7 @@ class AdapterReplica:
             "token_ids": done.token_ids,
             "replica": self.replica_id,
             "replica_requests": dict(self.num_requests),
-            "registered": sorted(r.name for r in self.lora.registry.list()),
+            "registered": sorted(r.name for r in self.adapters.list()),
             "num_adapter_loads": self.num_adapter_loads,
         }
 
@@ -114,15 +114,15 @@ class AdapterReplica:
 class _Registered:
     """What the multiplexer caches per adapter; Ray calls __del__ when its LRU drops it."""
 
-    def __init__(self, lora: LoRAManager, name: str):
-        self.lora, self.name = lora, name
+    def __init__(self, adapters: AdapterCatalog, name: str):
+        self.adapters, self.name = adapters, name
         self.unloaded = False
 
     def __del__(self) -> None:
         # Once only: the garbage collector calls it again later, maybe after the adapter was reloaded.
-        if not self.unloaded and self.lora.registry.contains(self.name):
+        if not self.unloaded and self.adapters.contains(self.name):
             try:
-                self.lora.unregister(self.name)  # requests still running on it finish first
+                self.adapters.unregister(self.name)  # requests still running on it finish first
             except AdapterError:  # merged (it stays, part of the base weights now), or gone meanwhile
                 pass
         self.unloaded = True

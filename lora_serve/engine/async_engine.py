@@ -6,7 +6,8 @@ The HTTP layer calls only this class:
     async for out in engine.generate(request_id, prompt_token_ids, SamplingParams(...), lora_name=None):
         ...  # out is a RequestOutput delta; the last one has finish_reason set
     engine.abort(request_id)        # also happens when the consumer stops iterating
-    await engine.acquire_lora(name); ...; engine.lora.release(name)   # hold an adapter on CPU (to merge it)
+    engine.adapters                 # the adapter catalog (lora/catalog.py): register, look up, list
+    await engine.merge_adapter(name), await engine.remove_adapter(record), ...   # on the engine thread
     engine.num_running(), engine.num_waiting(), engine.is_healthy, engine.shutdown()
     engine.tokenizer, engine.model_path, engine.max_model_len
 
@@ -26,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import EngineConfig
-from ..lora.manager import LoRAManager
+from ..lora.catalog import AdapterCatalog, AdapterLease
+from ..lora.registry import AdapterRecord
 from ..model.default_model import resolve_model_path
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
@@ -34,7 +36,7 @@ from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-# Threads for lora.acquire, apart from asyncio's default pool: a request waiting there for a CPU place
+# Threads for AdapterCatalog.open, apart from asyncio's default pool: a request waiting there for a CPU place
 # must not hold up the short blocking calls every adapter request and upload makes in the default pool.
 # Created as needed; past this many waiting at once, further acquires queue until one is done.
 MAX_ACQUIRE_THREADS = 256
@@ -78,9 +80,9 @@ class AsyncEngine:
         return self.engine.base_name
 
     @property
-    def lora(self) -> LoRAManager:
-        """Adapter registry and caches; its methods are thread-safe."""
-        return self.engine.lora
+    def adapters(self) -> AdapterCatalog:
+        """The adapter catalog: names, sources, CPU copies; its methods are thread-safe."""
+        return self.engine.adapters
 
     @property
     def device(self) -> str:
@@ -121,16 +123,17 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        lease = None
         if lora_name is not None:
             try:  # disk -> CPU here, on a worker thread, never on the engine loop
-                await self.acquire_lora(lora_name)
+                lease = await self.open_adapter(lora_name)
             except BaseException:
                 with self._lock:
                     self._streams.pop(request_id, None)
                 raise
-        # The reference is the engine's from here: add_request releases it if it refuses the request.
+        # The lease is the engine's from here: add_request closes it if it refuses the request.
         self._pending[request_id] = lora_name
-        self._submit(lambda: self._add(request_id, prompt_token_ids, params, lora_name))
+        self._submit(lambda: self._add(request_id, prompt_token_ids, params, lease))
         finished = False
         try:
             while not finished:
@@ -143,25 +146,47 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    async def acquire_lora(self, lora_name: str) -> None:
-        """lora.acquire on an acquire thread, waiting as long as it takes for a CPU place. Cancelled (the
-        client left, or the deadline passed), the wait is given up; an adapter the thread got anyway
-        (it was reading the weights) is released, so no reference outlives the request."""
-        lora = self.engine.lora
+    async def open_adapter(self, lora_name: str) -> AdapterLease:
+        """A lease on the adapter (AdapterCatalog.open) from an acquire thread, waiting as long as it takes
+        for a CPU place. Cancelled (the client left, or the deadline passed), the wait is given up; a lease
+        the thread got anyway (it was reading the weights) is closed, so no reference outlives the request."""
+        catalog = self.engine.adapters
         abandoned = threading.Event()
         loop = asyncio.get_running_loop()
-        acquiring = loop.run_in_executor(self._acquirers, lora.acquire, lora_name, None, abandoned)
+        opening = loop.run_in_executor(self._acquirers, catalog.open, lora_name, None, abandoned)
         try:
-            await asyncio.shield(acquiring)
+            return await asyncio.shield(opening)
         except asyncio.CancelledError:
-            lora.abandon(abandoned)
+            catalog.abandon(abandoned)
 
-            def release_if_acquired(done: asyncio.Future) -> None:
+            def close_if_opened(done: asyncio.Future) -> None:
                 if not (done.cancelled() or done.exception()):
-                    lora.release(lora_name)
+                    done.result().close()
 
-            acquiring.add_done_callback(release_if_acquired)
+            opening.add_done_callback(close_if_opened)
             raise
+
+    async def merge_adapter(self, name: str, describe: Callable[[], Any] = lambda: None) -> Any:
+        """Fold `name` into the base weights between two steps (its CPU copy read off the engine thread);
+        what `describe()` returns, called right after the merge, before any later engine command."""
+        lease = await self.open_adapter(name)
+
+        def merge() -> Any:
+            self.engine.lora.merge(lease)
+            return describe()
+
+        try:
+            return await self.call(merge)
+        finally:
+            lease.close()
+
+    async def unmerge_adapter(self, name: str | None = None) -> None:
+        """Restore the base weights bit for bit, if `name` (None: any adapter) is the merged one."""
+        await self.call(lambda: self.engine.unmerge_adapter(name))
+
+    async def remove_adapter(self, record: AdapterRecord) -> None:
+        """Unmerge it if merged and unregister it in one engine-thread command (LLMEngine.remove_adapter)."""
+        await self.call(lambda: self.engine.remove_adapter(record))
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread between two steps (e.g. a merge) and return its result."""
@@ -229,9 +254,9 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out)
 
-    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | None) -> None:
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lease: AdapterLease | None) -> None:
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params, lora_name, lora_acquired=True)
+            self.engine.add_request(request_id, prompt_token_ids, params, lease)
         except Exception as exc:
             self._deliver(RequestOutput(request_id, [], "", [], len(prompt_token_ids), 0, "error", str(exc)))
         finally:

@@ -12,9 +12,11 @@ import torch
 from transformers import AutoTokenizer
 
 from ..config import EngineConfig
+from ..lora.catalog import AdapterLease
 from ..lora.errors import AdapterError
 from ..lora.manager import LoRAManager
 from ..lora.merge_policy import MergePolicy
+from ..lora.registry import AdapterRecord
 from ..model.arch import ModelArch
 from ..model.llama import LlamaModel
 from ..model.loader import load_model, resolve_dtype
@@ -78,8 +80,9 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else set(self.arch.eos_token_ids)
         self.kv_cache = KVCache(self.arch, config.cache, self.dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache)
-        self.lora = LoRAManager(self.model, config.lora, self.base_name)
-        self.lora.register_startup_adapters()
+        self.lora = LoRAManager(self.model, config.lora, self.base_name)  # residency: engine thread only
+        self.adapters = self.lora.catalog  # the door for every other thread
+        self.adapters.register_startup_adapters()
         lc = config.lora
         self.merge_policy = None
         if lc.merge_policy == "auto":
@@ -139,26 +142,26 @@ class LLMEngine:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        lora_name: str | None = None,
-        lora_acquired: bool = False,
+        lora: str | AdapterLease | None = None,
     ) -> None:
-        """Queue a request. With lora_acquired the caller already ran `lora.acquire(lora_name)`
-        (off this thread, as AsyncEngine does). The reference is the engine's from here: released
-        at once if the request is refused or anything fails before it is queued, else when it ends."""
+        """Queue a request on the base (None) or an adapter: its name, opened here (blocking I/O if it is
+        not in CPU memory), or a lease the caller opened off this thread (as AsyncEngine does). The lease
+        is the engine's from here: closed at once if the request is refused or anything fails before it
+        is queued, else when it ends."""
+        lease = lora if isinstance(lora, AdapterLease) else None
         try:
+            if isinstance(lora, str):
+                lease = self.adapters.open(lora)  # AdapterNotFoundError for an unknown name
             if request_id in self._seqs:
                 raise ValueError(f"request id {request_id!r} is already running")
             self.check_request(prompt_token_ids, params)
-            if lora_name is not None and not lora_acquired:
-                self.lora.acquire(lora_name)  # AdapterNotFoundError for an unknown name
-                lora_acquired = True
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             gen = torch.Generator().manual_seed(seed)
-            seq = Sequence(request_id, list(prompt_token_ids), params, gen, lora_name)
+            seq = Sequence(request_id, list(prompt_token_ids), params, gen, lease.name if lease else None, lease=lease)
             self.scheduler.add(seq)
         except BaseException:
-            if lora_acquired and lora_name is not None:
-                self.lora.release(lora_name)
+            if lease is not None:
+                lease.close()
             raise
         self._seqs[request_id] = seq
 
@@ -173,8 +176,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         del self._seqs[seq.request_id]
-        if seq.lora_name is not None:
-            self.lora.release(seq.lora_name)
+        if seq.lease is not None:
+            seq.lease.close()
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after a failed step) and free what they held."""
@@ -243,31 +246,54 @@ class LLMEngine:
 
     def merge_adapter(self, name: str) -> None:
         """Fold `name` into the base weights now (blocking I/O if it is not CPU-resident)."""
-        self.lora.acquire(name)
+        lease = self.adapters.open(name)
         try:
-            self.lora.merge(name)
+            self.lora.merge(lease)
         finally:
-            self.lora.release(name)
+            lease.close()
 
-    def unmerge_adapter(self) -> None:
-        self.lora.unmerge()
+    def unmerge_adapter(self, name: str | None = None) -> None:
+        """Restore the base weights bit for bit, if `name` (None: any adapter) is the merged one."""
+        if name is None or self.lora.merged.name == name:
+            self.lora.unmerge()
+
+    def remove_adapter(self, record: AdapterRecord) -> None:
+        """Unregister that registration of an adapter, unmerging it first if merged, under the catalog's
+        lock: after a merge and a removal of one adapter, in any order, either it is gone and the base
+        unmerged, or it is merged and registered. Running requests on it finish first."""
+        with self.adapters.lock:
+            if self.lora.merged.name == record.name and self.adapters.registry.find(record.name) is record:
+                self.lora.unmerge()
+            self.adapters.unregister(record.name, record=record)
 
     def apply_merge_policy(self, batch: ScheduledBatch) -> None:
         assert self.merge_policy is not None  # step() calls this only with a policy
         tokens: Counter = Counter()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             tokens[seq.lora_name] += n
-        decision = self.merge_policy.observe(tokens, self.lora.merged.name, self.lora.registry.may_auto_merge)
+        decision = self.merge_policy.observe(tokens, self.lora.merged.name, self.adapters.registry.may_auto_merge)
         if decision is None:
             return
         log.info("merge policy: %s %s (%s)", decision.action, decision.adapter, decision.reason)
         try:
             if decision.action == "merge":
-                self.lora.merge(decision.adapter, auto=True)  # CPU-resident while requests on it run
+                self._merge_resident(decision.adapter)
             else:
                 self.lora.unmerge()
         except AdapterError as exc:  # e.g. deleted or unmarked meanwhile: serving goes on unmerged
             log.warning("merge policy: %s", exc)
+
+    def _merge_resident(self, name: str) -> None:
+        """The merge policy's merge: of an adapter requests in this step hold in CPU memory, so opening
+        it here reads nothing from disk."""
+        with self.adapters.lock:
+            if self.adapters.cpu_copy(name) is None:
+                raise AdapterError(f"adapter {name!r} is not in CPU memory", param="name")
+            lease = self.adapters.open(name)
+        try:
+            self.lora.merge(lease, auto=True)
+        finally:
+            lease.close()
 
     def postprocess(self, seqs: list[Sequence], tokens: list[int], logprobs: list) -> list[RequestOutput]:
         outputs = []

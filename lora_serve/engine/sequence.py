@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ..lora.catalog import AdapterLease
 
 
 class SequenceStatus(enum.Enum):
@@ -25,6 +29,7 @@ class Sequence:
     generator: torch.Generator
     lora_name: str | None = None
     lora_slot: int | None = None  # its adapter's slot, pinned while running (see lora/residency.py)
+    lease: AdapterLease | None = None  # its hold on lora_name's CPU copy, closed when it ends (lora/catalog.py)
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)

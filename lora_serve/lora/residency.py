@@ -28,6 +28,7 @@ from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
 from .lora_model import LoRAModel
 from .merge import negated
+from .registry import AdapterRecord
 from .slot_writes import SlotWriter
 from .slots import ProjectionSlots
 
@@ -39,6 +40,14 @@ class LoRASequence(Protocol):
 
     lora_name: str | None  # its adapter, None for the base model
     lora_slot: int | None  # that adapter's slot, set while the sequence pins it (running)
+
+    @property
+    def lease(self) -> Lease | None: ...  # its hold on the adapter's CPU copy (catalog.AdapterLease)
+
+
+class Lease(Protocol):
+    @property
+    def record(self) -> AdapterRecord: ...  # the registration it was opened on
 
 
 Seq = TypeVar("Seq", bound=LoRASequence)

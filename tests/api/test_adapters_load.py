@@ -164,7 +164,7 @@ def test_a_file_linked_out_after_loading_is_refused_when_read_again(tiny_llama_d
             body = {"lora_name": name, "lora_path": str(mine / name)}
             assert _post(live, "load_lora_adapter", body).status_code == 200
         folder = mine / "swapped"
-        assert engine.lora.location("swapped") == "disk"  # evicted: the next request reads it again
+        assert engine.adapters.location("swapped") == "disk"  # evicted: the next request reads it again
         (folder / WEIGHTS_FILE).unlink()
         os.symlink(outside / "r4-attn" / WEIGHTS_FILE, folder / WEIGHTS_FILE)
         resp = httpx.post(
@@ -180,7 +180,7 @@ def test_unloading_an_adapter_dir_adapter_lasts_until_it_is_next_named(server: L
     """--adapter-dir is shared by replicas, so its folders are served whenever named; unload frees this
     server's copy (and unlists it), DELETE removes the folder for good."""
     _, allowed, _ = dirs
-    shutil.copytree(allowed / "r4-attn", server.engine.lora.adapter_dir / "in-dir")
+    shutil.copytree(allowed / "r4-attn", server.engine.adapters.adapter_dir / "in-dir")
     client = server.client(api_key=USER)
     assert client.chat.completions.create(model="in-dir", messages=MESSAGES, max_tokens=2).model == "in-dir"
     assert _post(server, "unload_lora_adapter", {"lora_name": "in-dir"}).status_code == 200
@@ -190,4 +190,4 @@ def test_unloading_an_adapter_dir_adapter_lasts_until_it_is_next_named(server: L
     assert httpx.delete(f"{server.base_url}/v1/adapters/in-dir", headers=admin_headers()).status_code == 200
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="in-dir", messages=MESSAGES, max_tokens=2)
-    assert not (server.engine.lora.adapter_dir / "in-dir").exists()
+    assert not (server.engine.adapters.adapter_dir / "in-dir").exists()

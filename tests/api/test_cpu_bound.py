@@ -54,13 +54,13 @@ def test_twenty_adapters_at_once_never_hold_more_than_max_cpu_loras(server: Live
             answers = await asyncio.gather(*(one(client, name) for name in ADAPTERS))
         return dict(zip(ADAPTERS, answers))
 
-    lora = server.engine.lora
+    lora = server.engine.adapters
     seen: list[int] = []
     done = threading.Event()
 
     def sample() -> None:  # an outside view of the tier beside the manager's own peak counter
         while not done.is_set():
-            with lora._lock:
+            with lora.lock:
                 seen.append(len(lora._cpu) + len(lora._loading))
             time.sleep(0.001)
 
@@ -80,7 +80,7 @@ def test_twenty_adapters_at_once_never_hold_more_than_max_cpu_loras(server: Live
 
 
 def test_a_request_that_leaves_while_waiting_for_a_cpu_place_holds_nothing(server: LiveServer) -> None:
-    lora = server.engine.lora
+    lora = server.engine.adapters
     held = list(ADAPTERS)[:MAX_CPU_LORAS]
     for name in held:  # what running requests do: every CPU place is in use
         lora.acquire(name)
@@ -102,7 +102,7 @@ def test_a_request_that_leaves_while_waiting_for_a_cpu_place_holds_nothing(serve
 
 
 def test_requests_waiting_for_a_cpu_place_hold_up_no_one_else(server: LiveServer) -> None:
-    lora = server.engine.lora
+    lora = server.engine.adapters
     held = list(ADAPTERS)[:MAX_CPU_LORAS]
     num_waiting = 40  # more than asyncio's default thread pool has threads (at most 32)
 

@@ -72,7 +72,7 @@ def test_concurrent_requests_over_more_adapters_than_slots(server: LiveServer, p
     got = asyncio.run(run_all())
     assert got == expected
     assert len({tuple(v) for v in expected.values()}) > len(PROMPTS)  # adapters really differ from each other
-    lora = server.engine.lora
+    lora = server.engine.adapters
     assert len(lora._cpu) <= MAX_CPU_LORAS
     assert len(lora.residency.names()) <= MAX_LORAS
     assert lora.num_loads > 0 and lora.num_evictions > 0  # adapters really moved disk -> CPU -> slots and out

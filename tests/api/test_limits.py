@@ -59,7 +59,7 @@ def limited(tiny_llama_dir: Path, adapter_src: Path, tmp_path_factory: pytest.Te
 
 def _assert_released_and_reusable(live: LiveServer, adapter_src: Path) -> None:
     """No reference left on ADAPTER (a leaked one keeps a deleted name taken: 409 until restart)."""
-    lora = live.engine.lora
+    lora = live.engine.adapters
     deadline = time.monotonic() + 5
     while lora.num_refs(ADAPTER) != 0:
         assert time.monotonic() < deadline, f"{lora.num_refs(ADAPTER)} references left on {ADAPTER}"

@@ -101,4 +101,4 @@ def test_merge_refusals(server: LiveServer, path: str, key: str, status: int) ->
     r = post(server, path, key)
     assert r.status_code == status
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    assert server.engine.lora.merged.name is None
+    assert server.engine.adapters.merged_name is None

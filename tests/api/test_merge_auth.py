@@ -74,7 +74,7 @@ def weights(live: LiveServer) -> dict[str, torch.Tensor]:
 
 
 def assert_base_untouched(live: LiveServer, before: dict[str, torch.Tensor]) -> None:
-    assert live.engine.lora.merged.name is None
+    assert live.engine.adapters.merged_name is None
     assert all(torch.equal(v, before[k]) for k, v in live.engine.engine.model.state_dict().items())
     assert "lora_serve_adapter_merged{" not in httpx.get(f"{live.base_url}/metrics").text
 
@@ -155,6 +155,6 @@ def test_merge_racing_delete_ends_gone_and_unmerged_every_time(server: LiveServe
             assert merged.json()["merged"] is True  # it was, until the delete unmerged it
         else:
             assert set(merged.json()["error"]) == ERROR_FIELDS
-        assert not server.engine.lora.registry.contains("racer")
+        assert not server.engine.adapters.contains("racer")
         assert_base_untouched(server, before)
     assert base_answer(server) == answer

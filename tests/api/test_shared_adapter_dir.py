@@ -53,12 +53,12 @@ def _greedy(server: LiveServer, model: str) -> str:
 
 def test_upload_on_one_replica_is_served_by_the_other(replicas, peft_paths) -> None:
     a, b = replicas
-    assert not b.engine.lora.registry.contains("r8-all")
+    assert not b.engine.adapters.contains("r8-all")
     assert upload(a.base_url, "r8-all", adapter_files(peft_paths["r8-all"])).status_code == 201
     on_a = _greedy(a, "r8-all")
     assert _greedy(b, "r8-all") == on_a
     assert _greedy(b, "tiny:r8-all") == on_a
-    assert b.engine.lora.registry.get("r8-all").origin == "adapter-dir"
+    assert b.engine.adapters.get("r8-all").origin == "adapter-dir"
     assert on_a != _greedy(a, "tiny")  # the adapter changes the answer, so B really used it
 
 
@@ -100,7 +100,7 @@ def test_delete_on_one_replica_is_404_on_the_other_after_running_requests(replic
     rest = list(chunks)  # the request already running on B ran to its end
     assert rest[-2].choices[0].finish_reason == "length" and rest[-1].usage.completion_tokens == 200
     assert all("r2-mlp" not in listed for listed in _listed(b))
-    assert not b.engine.lora.registry.contains("r2-mlp")
+    assert not b.engine.adapters.contains("r2-mlp")
 
 
 def test_an_adapter_stored_again_under_its_name_is_read_again(replicas, peft_paths) -> None:
@@ -116,7 +116,7 @@ def test_an_adapter_stored_again_under_its_name_is_read_again(replicas, peft_pat
 
 def test_manager_resolves_direct_children_only(replicas, shared_dir: Path, peft_paths, tmp_path: Path) -> None:
     _, b = replicas
-    lora = b.engine.lora
+    lora = b.engine.adapters
     shutil.copytree(peft_paths["r4-attn"], shared_dir / ".hidden")
     outside = tmp_path / "outside"
     shutil.copytree(peft_paths["r4-attn"], outside)

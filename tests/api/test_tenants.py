@@ -146,7 +146,7 @@ def test_bad_key_files_are_refused_without_echoing_keys(tmp_path: Path, content:
 def test_models_show_server_paths_only_to_admins(server: LiveServer, tenants_root: Path, key: str, admin: bool) -> None:
     resp = httpx.get(server.base_url + "/v1/models", headers=_auth(key))
     roots = {m["id"]: m["root"] for m in resp.json()["data"]}
-    model_path, folder = server.engine.model_path, server.engine.lora.registry.get(PRIVATE).path
+    model_path, folder = server.engine.model_path, server.engine.adapters.get(PRIVATE).path
     if admin:
         assert roots == {"tiny": str(model_path), PRIVATE: str(folder)}
     else:
@@ -158,7 +158,7 @@ def test_models_show_server_paths_only_to_admins(server: LiveServer, tenants_roo
 def test_adapter_descriptions_show_server_paths_only_to_admins(server: LiveServer, tenants_root: Path, key: str, admin: bool) -> None:
     described = httpx.get(f"{server.base_url}/v1/adapters/{PRIVATE}", headers=_auth(key))
     listed = httpx.get(server.base_url + "/v1/adapters", headers=_auth(key))
-    folder = server.engine.lora.registry.get(PRIVATE).path
+    folder = server.engine.adapters.get(PRIVATE).path
     paths = [described.json()["path"], *(a["path"] for a in listed.json()["data"])]
     assert paths == [str(folder) if admin else PRIVATE] * 2
     if not admin:

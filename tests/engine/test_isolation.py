@@ -84,12 +84,12 @@ def test_non_finite_request_fails_alone(tiny_llama_dir: Path):
     clean = summary(run_to_completion(engine, victims()))
     model = random_lora_model("hostile", engine.arch, rank=4, seed=0, targets=("v_proj",))
     model.weights = {k: replace(w, A=w.A * 1e30, B=w.B * 1e30) for k, w in model.weights.items()}
-    engine.lora.register("hostile", Path("/nonexistent"), "test", model)
+    engine.adapters.register("hostile", Path("/nonexistent"), "test", model)
 
     requests = {"attacker": (list(range(100, 150)), SamplingParams(max_tokens=8, temperature=0.0)), **victims()}
     results = run_to_completion(engine, requests, lora={"attacker": "hostile"})
     assert summary({k: results[k] for k in clean}) == clean
     assert results["attacker"]["finish_reason"] == "error" and results["attacker"]["tokens"] == []
     assert summary(run_to_completion(engine, victims())) == clean
-    assert engine.kv_cache.usage == 0.0 and engine.lora._refs == {}
+    assert engine.kv_cache.usage == 0.0 and engine.adapters._refs == {}
     assert_free_blocks_zero(engine)

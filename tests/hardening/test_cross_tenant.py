@@ -153,7 +153,7 @@ def assert_nothing_held(live: LiveServer) -> None:
     _wait_idle(live.engine, timeout=10)
     engine = live.engine.engine
     assert engine.kv_cache.usage == 0.0
-    assert engine.lora._refs == {}
+    assert engine.adapters._refs == {}
     assert live.app.state.lora_serve.admission.num_in_flight == 0
 
 

@@ -45,7 +45,7 @@ def test_engine_error_is_500_and_the_server_keeps_serving(server: LiveServer, mo
     resp = httpx.post(server.base_url + "/v1/completions", json=body, timeout=30)
     assert resp.status_code == 500
     assert resp.json()["error"] == {"message": "engine error: RuntimeError", "type": "server_error", "param": None, "code": None}
-    assert server.engine.lora.residency.num_pins() == 0
+    assert server.engine.engine.lora.residency.num_pins() == 0
     assert httpx.get(server.base_url + "/health").status_code == 200
     resp = httpx.post(server.base_url + "/v1/completions", json={**body, "stream": False}, timeout=30)
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] <= 4
@@ -58,12 +58,12 @@ def test_client_that_leaves_frees_kv_and_adapter_pin(server: LiveServer, stream:
         with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=30) as resp:
             lines = resp.iter_lines()
             assert json.loads(next(lines).removeprefix("data: "))["model"] == ADAPTER
-            assert server.engine.lora.residency.num_pins() == 1
+            assert server.engine.engine.lora.residency.num_pins() == 1
     else:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.base_url + "/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.3))
     _wait_idle(server.engine)
-    assert server.engine.lora.residency.num_pins() == 0
+    assert server.engine.engine.lora.residency.num_pins() == 0
     assert server.engine.engine.kv_cache.usage == 0.0
 
 
@@ -80,20 +80,21 @@ def test_a_request_refused_after_its_adapter_is_acquired_releases_it(server: Liv
     body = {"prompt": "hi", "model": ADAPTER, "max_tokens": 2}
     resp = httpx.post(server.base_url + "/v1/completions", json=body, timeout=30)
     assert resp.status_code == 500 and resp.json()["error"]["message"] == "injected fault"
-    assert server.engine.lora.num_refs(ADAPTER) == 0
+    assert server.engine.adapters.num_refs(ADAPTER) == 0
     assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=30).status_code == 200
 
 
 def test_a_request_cancelled_while_its_adapter_loads_releases_it(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loading thread cannot be interrupted: the reference it takes after the cancel is released."""
-    lora, real_acquire = engine.lora, engine.lora.acquire
+    lora, real_acquire = engine.adapters, engine.adapters.acquire
     loading, may_load, loaded = threading.Event(), threading.Event(), threading.Event()
 
-    def gated_acquire(name: str, *args) -> None:
+    def gated_acquire(name: str, *args):
         loading.set()
         may_load.wait(10)
-        real_acquire(name, *args)
+        record = real_acquire(name, *args)
         loaded.set()
+        return record
 
     monkeypatch.setattr(lora, "acquire", gated_acquire)
 

@@ -59,7 +59,7 @@ def test_cpu_copies_are_lru_and_bounded_and_read_in_place_on_cpu(tiny_llama_dir,
     engine = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=3)
     for name in NAMES:
         assert run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": name})["r"]["tokens"] == alone[name]
-    locations = {n: engine.lora.location(n) for n in NAMES}
+    locations = {n: engine.adapters.location(n) for n in NAMES}
     # float32 slots on CPU share the CPU tier's copies: what is in CPU memory is what the matmuls read.
     assert [n for n, loc in locations.items() if loc == "device"] == ["a3", "a4", "a5"]
     assert engine.lora.residency.bytes_used == 0  # no second copy
@@ -73,7 +73,7 @@ def test_device_copies_are_lru_within_max_loras(tiny_llama_dir, adapter_paths):
     engine = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=3, lora_dtype="bfloat16")
     first = {name: run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": name})["r"]["tokens"] for name in NAMES}
     assert engine.lora.residency.names() == ["a4", "a5"]
-    assert [n for n in NAMES if engine.lora.location(n) == "device"] == ["a4", "a5"]
+    assert [n for n in NAMES if engine.adapters.location(n) == "device"] == ["a4", "a5"]
     assert engine.lora.residency.bytes_used == sum(engine.lora.adapter_bytes(n) for n in ("a4", "a5"))
     assert run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": "a0"})["r"]["tokens"] == first["a0"]
     assert engine.lora.residency.names() == ["a5", "a0"]
@@ -121,14 +121,14 @@ def test_unregister_lets_running_request_finish_then_drops_weights(tiny_llama_di
     engine = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=6)
     engine.add_request("r", PROMPT, greedy(12), "a2")
     tokens = engine.step()[0].new_token_ids
-    engine.lora.unregister("a2")
+    engine.adapters.unregister("a2")
     with pytest.raises(AdapterNotFoundError):
         engine.add_request("new", PROMPT, greedy(4), "a2")
     while engine.has_unfinished():
         for out in engine.step():
             tokens += out.new_token_ids
     assert tokens == alone["a2"]
-    assert engine.lora.location("a2") == "disk" and not engine.lora.registry.contains("a2")
+    assert engine.adapters.location("a2") == "disk" and not engine.adapters.contains("a2")
 
 
 def _until(condition, what: str) -> None:
@@ -139,7 +139,7 @@ def _until(condition, what: str) -> None:
 
 
 def test_cpu_tier_is_a_hard_bound_a_full_tier_makes_acquire_wait(tiny_llama_dir, adapter_paths):
-    lora = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=3).lora
+    lora = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=3).adapters
     for name in ("a0", "a1", "a2"):  # three requests hold every CPU place
         lora.acquire(name)
     with pytest.raises(AdapterBusyError):  # the engine thread's way: no wait

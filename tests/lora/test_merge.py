@@ -50,10 +50,10 @@ def test_merge_really_changes_the_weights_and_reports_it(tiny_llama_dir, tmp_pat
     engine = tiny_engine(tiny_llama_dir, tmp_path)
     before = engine.model.layers[0].self_attn.qkv_proj.weight.clone()
     engine.merge_adapter("t1")
-    assert engine.lora.merged.name == "t1"
+    assert engine.adapters.merged_name == "t1"
     assert not torch.equal(engine.model.layers[0].self_attn.qkv_proj.weight, before)
     engine.unmerge_adapter()
-    assert engine.lora.merged.name is None
+    assert engine.adapters.merged_name is None
 
 
 def test_switching_while_streams_run_gives_the_undisturbed_tokens(tiny_llama_dir, tmp_path):
@@ -77,7 +77,7 @@ def test_switching_while_streams_run_gives_the_undisturbed_tokens(tiny_llama_dir
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids
         step += 1
-    assert engine.lora.merged.name == "t2"
+    assert engine.adapters.merged_name == "t2"
     for rid in plan:
         assert tokens[rid] == undisturbed[rid]["tokens"], rid
 
@@ -99,7 +99,7 @@ def test_auto_policy_merges_under_skew_and_unmerges_when_it_goes(tiny_llama_dir,
             engine.add_request(f"{len(history)}-{i}", PROMPT[:10], greedy(steps), lora)
         for _ in range(steps):
             engine.step()
-            history.append(engine.lora.merged.name)
+            history.append(engine.adapters.merged_name)
         assert not engine.has_unfinished()
 
     run(["t1"] * 9 + [None], 12)  # 90% of the tokens on t1
@@ -109,7 +109,7 @@ def test_auto_policy_merges_under_skew_and_unmerges_when_it_goes(tiny_llama_dir,
     assert history[-1] is None and engine.merge_policy.decisions["unmerge"] == 1
     assert "share" in engine.merge_policy.last.reason
     run(["t2", "t0", None, "t1"], 12)  # no adapter dominates: stays unmerged
-    assert engine.lora.merged.name is None and engine.merge_policy.decisions["merge"] == 1
+    assert engine.adapters.merged_name is None and engine.merge_policy.decisions["merge"] == 1
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_merged_equals_peft_for_it_and_mixed_batch_stays_correct(default_model_d
         lora=LoRAConfig(max_loras=4, max_lora_rank=64, lora_modules=[f"{n}={paths[n]}" for n in names], merge="r16-all"),
     )
     engine = LLMEngine.from_config(config, default_model_dir)
-    assert engine.lora.merged.name == "r16-all"
+    assert engine.adapters.merged_name == "r16-all"
     prompt = chat_ids(engine.tokenizer, "What is the capital of France?")
     plan = {"merged": "r16-all", "base": None, "other1": "r4-attn", "other2": "r8-mlp"}
     outs = run_to_completion(engine, {rid: (prompt, params()) for rid in plan}, plan)

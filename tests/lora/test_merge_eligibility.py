@@ -55,7 +55,7 @@ def flood(engine: LLMEngine, loras: list[str | None], steps: int) -> list[str | 
     history = []
     for _ in range(steps):
         engine.step()
-        history.append(engine.lora.merged.name)
+        history.append(engine.adapters.merged_name)
     assert not engine.has_unfinished()
     return history
 
@@ -74,7 +74,7 @@ def same_weights(engine: LLMEngine, before: dict[str, torch.Tensor]) -> bool:
 
 def test_only_adapters_of_no_tenant_start_marked(tiny_llama_dir, tmp_path):
     engine = make_engine(tiny_llama_dir, tmp_path)
-    marks = {r.name: (r.origin, r.auto_merge) for r in engine.lora.registry.list()}
+    marks = {r.name: (r.origin, r.auto_merge) for r in engine.adapters.list()}
     assert marks == {TENANT: ("adapter-dir", False), SHARED: ("adapter-dir", True), MODULE: ("lora-modules", True)}
 
 
@@ -90,23 +90,24 @@ def test_a_tenants_flooded_adapter_is_never_merged_while_an_eligible_one_is(tiny
 
 def test_an_admins_mark_lets_the_policy_merge_a_tenants_adapter_and_unmarking_stops_it(tiny_llama_dir, tmp_path):
     engine = auto_engine(tiny_llama_dir, tmp_path)
-    assert engine.lora.registry.set_auto_merge(TENANT, True).auto_merge
+    assert engine.adapters.set_auto_merge(TENANT, True).auto_merge
     assert flood(engine, [TENANT] * 4, 8)[-1] == TENANT
-    engine.lora.registry.set_auto_merge(TENANT, False)
+    engine.adapters.set_auto_merge(TENANT, False)
     engine.unmerge_adapter()
     assert flood(engine, [TENANT] * 4, 8) == [None] * 8
 
 
 def test_merge_for_the_policy_refuses_an_unmarked_adapter(tiny_llama_dir, tmp_path):
     engine = make_engine(tiny_llama_dir, tmp_path)
-    engine.lora.acquire(TENANT)
+    lease = engine.adapters.open(TENANT)
     with pytest.raises(AdapterError, match="auto_merge"):
-        engine.lora.merge(TENANT, auto=True)
-    assert engine.lora.merged.name is None
-    engine.lora.merge(TENANT)  # an admin's explicit merge is not the policy's
-    assert engine.lora.merged.name == TENANT
+        engine.lora.merge(lease, auto=True)
+    assert engine.adapters.merged_name is None
+    engine.lora.merge(lease)  # an admin's explicit merge is not the policy's
+    assert engine.adapters.merged_name == TENANT
     engine.unmerge_adapter()
-    engine.lora.release(TENANT)
+    lease.close()
+    assert engine.adapters.num_refs(TENANT) == 0
 
 
 @pytest.mark.parametrize(
@@ -130,25 +131,25 @@ def test_unregister_refuses_a_merged_adapter_unless_it_may_unmerge_it(tiny_llama
     before = weights(engine)
     engine.merge_adapter(SHARED)
     with pytest.raises(AdapterMergedError) as refused:
-        engine.lora.unregister(SHARED)
+        engine.adapters.unregister(SHARED)
     assert (refused.value.status, refused.value.code) == (409, "adapter_merged")
-    assert engine.lora.merged.name == SHARED and engine.lora.registry.contains(SHARED)
-    engine.lora.unregister(SHARED, unmerge=True)  # the engine thread's way: unmerge, then unregister
-    assert engine.lora.merged.name is None and same_weights(engine, before)
-    assert not engine.lora.registry.contains(SHARED)
-    engine.lora.register(SHARED, tmp_path / "adapters" / SHARED, "upload")  # the name is free again
+    assert engine.adapters.merged_name == SHARED and engine.adapters.contains(SHARED)
+    engine.remove_adapter(engine.adapters.get(SHARED))  # the engine thread's way: unmerge, then unregister
+    assert engine.adapters.merged_name is None and same_weights(engine, before)
+    assert not engine.adapters.contains(SHARED)
+    engine.adapters.register(SHARED, tmp_path / "adapters" / SHARED, "upload")  # the name is free again
 
 
 def test_merge_after_unregister_is_404_even_while_requests_hold_it(tiny_llama_dir, tmp_path):
     engine = make_engine(tiny_llama_dir, tmp_path)
     before = weights(engine)
-    engine.lora.acquire(SHARED)  # an in-flight request: the weights stay on CPU until it ends
-    engine.lora.unregister(SHARED)
+    lease = engine.adapters.open(SHARED)  # an in-flight request: the weights stay on CPU until it ends
+    engine.adapters.unregister(SHARED)
     with pytest.raises(AdapterNotFoundError):
-        engine.lora.merge(SHARED)
-    engine.lora.release(SHARED)
-    assert engine.lora.merged.name is None and same_weights(engine, before)
-    engine.lora.register(SHARED, tmp_path / "adapters" / SHARED, "upload")
+        engine.lora.merge(lease)
+    lease.close()
+    assert engine.adapters.merged_name is None and same_weights(engine, before)
+    engine.adapters.register(SHARED, tmp_path / "adapters" / SHARED, "upload")
 
 
 def test_merge_racing_unregister_leaves_one_consistent_state(tiny_llama_dir, tmp_path):
@@ -156,7 +157,7 @@ def test_merge_racing_unregister_leaves_one_consistent_state(tiny_llama_dir, tmp
     before = weights(engine)
     path = tmp_path / "adapters" / SHARED
     for _ in range(30):
-        engine.lora.acquire(SHARED)  # what the merge route holds around its merge
+        lease = engine.adapters.open(SHARED)  # what the merge route holds around its merge
         start = threading.Barrier(2)
         errors: dict[str, Exception] = {}
 
@@ -168,18 +169,18 @@ def test_merge_racing_unregister_leaves_one_consistent_state(tiny_llama_dir, tmp
                 errors[what] = exc  # noqa: B023
 
         threads = [
-            threading.Thread(target=attempt, args=("merge", lambda: engine.lora.merge(SHARED))),
-            threading.Thread(target=attempt, args=("unregister", lambda: engine.lora.unregister(SHARED))),
+            threading.Thread(target=attempt, args=("merge", lambda: engine.lora.merge(lease))),  # noqa: B023
+            threading.Thread(target=attempt, args=("unregister", lambda: engine.adapters.unregister(SHARED))),
         ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        engine.lora.release(SHARED)
-        if engine.lora.registry.contains(SHARED):  # the merge came first: merged, still registered
-            assert engine.lora.merged.name == SHARED and isinstance(errors["unregister"], AdapterMergedError)
-            engine.lora.unregister(SHARED, unmerge=True)
+        lease.close()
+        if engine.adapters.contains(SHARED):  # the merge came first: merged, still registered
+            assert engine.adapters.merged_name == SHARED and isinstance(errors["unregister"], AdapterMergedError)
+            engine.remove_adapter(engine.adapters.get(SHARED))
         else:  # the unregister came first: the merge was refused, nothing merged
-            assert engine.lora.merged.name is None and isinstance(errors["merge"], AdapterNotFoundError)
-        assert engine.lora.merged.name is None and same_weights(engine, before)
-        engine.lora.register(SHARED, path, "adapter-dir")  # never stuck half-deleted: the name is free
+            assert engine.adapters.merged_name is None and isinstance(errors["merge"], AdapterNotFoundError)
+        assert engine.adapters.merged_name is None and same_weights(engine, before)
+        engine.adapters.register(SHARED, path, "adapter-dir")  # never stuck half-deleted: the name is free

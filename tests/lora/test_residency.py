@@ -39,7 +39,7 @@ def test_mixed_ranks_take_their_own_bytes_and_the_lru_unpinned_ones_make_room(ti
     size = sizes(tiny_llama_dir, adapter_paths)
     assert len(set(size.values())) == len(NAMES)  # mixed ranks: no two the same size
     engine = make(tiny_llama_dir, adapter_paths, size["a0"] + size["a1"] + size["a2"], "bfloat16")
-    lora, residency = engine.lora, engine.lora.residency
+    lora, residency = engine.adapters, engine.lora.residency
 
     def pin(name):
         lora.acquire(name)
@@ -79,8 +79,8 @@ def test_on_cpu_the_budget_bounds_the_shared_cpu_copies(tiny_llama_dir, adapter_
     assert engine.lora.residency.shared
     for name in NAMES:
         assert run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": name})["r"]["tokens"] == alone[name]
-    assert [n for n in NAMES if engine.lora.location(n) != "disk"] == ["a4", "a5"]
-    assert engine.lora.num_evictions >= len(NAMES) - 2
+    assert [n for n in NAMES if engine.adapters.location(n) != "disk"] == ["a4", "a5"]
+    assert engine.adapters.num_evictions >= len(NAMES) - 2
 
 
 def test_an_adapter_larger_than_the_budget_is_refused_at_registration(tiny_llama_dir, adapter_paths):  # noqa: F811

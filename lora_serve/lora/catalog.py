@@ -1,0 +1,323 @@
+"""The adapter catalog: which adapters exist, where they come from, and their CPU copies.
+
+The engine's one door for the API and deployments (engine.adapters). Thread-safe: request
+threads register, look up and open adapters while the engine thread runs steps.
+
+disk (registry)  --open() / acquire(), any thread, blocking I/O-->  CPU (LRU, bytes, max_cpu_loras)
+CPU              --manager.try_admit(), engine thread-->  device (residency.py)
+
+A request holds a lease (`open`) on its adapter from arrival to end: a reference on the CPU
+copy, so an adapter in use is never dropped from CPU. max_cpu_loras is a hard bound on the
+copies held (and being read) at once: when they are all in use, `open` for another adapter
+waits until a request releases one. That always comes: the CPU tier holds at least as many
+adapters as the device, so the requests holding copies run (or wait for device room that
+running ones free) and finish. Serving on CPU, the CPU tier is the memory the matmuls read
+(residency.py, "shared"): lora_memory_gb bounds its bytes. The merged adapter's copy is counted
+apart, as its negated copy has a slot of its own; at most one copy more is resident meanwhile,
+and it is not held by a request that could wait. Reading from disk never happens on the engine
+thread, so decoding goes on while an adapter loads. Replicas may share adapter_dir
+(adapter_dir.py): a name is brought in line with that folder on the next request naming it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..config import LoRAConfig
+from ..model.arch import ModelArch
+from ..model.default_model import cache_root
+from . import adapter_dir
+from .budget import LoRAMemory
+from .errors import AdapterBusyError, AdapterMergedError, AdapterNotFoundError, AdapterTooLargeError
+from .lora_model import LoRAModel
+from .registry import AdapterRecord, AdapterRegistry
+from .residency import Residency
+from .slot_writes import SlotWriter
+from .store import read_owner
+
+log = logging.getLogger(__name__)
+
+
+class AdapterLease:
+    """A request's hold on its adapter's CPU copy, from `AdapterCatalog.open` to `close` (idempotent).
+    It rides on the request's Sequence; the engine closes it when the request ends."""
+
+    def __init__(self, catalog: AdapterCatalog, record: AdapterRecord):
+        self.catalog = catalog
+        self.record = record
+        self.name = record.name
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.catalog.release(self.name)
+
+
+class AdapterCatalog:
+    def __init__(self, arch: ModelArch, config: LoRAConfig, base_name: str, base_params: int,
+                 residency: Residency, memory: LoRAMemory, writer: SlotWriter, narrowest: torch.dtype):  # fmt: skip
+        self.config = config
+        self.max_loras = config.max_loras
+        self.max_adapter_bytes = config.max_adapter_bytes
+        self.base_params = base_params
+        # Where uploads are stored and which folder is scanned at start.
+        self.adapter_dir = config.adapter_dir or cache_root() / "adapters"
+        # Where the load API may read from: the adapter's folder and, on every read, each of its files.
+        self.allowed_dirs = tuple(Path(os.path.realpath(d)) for d in config.allowed_lora_dir)
+        # An adapter's update is checked against the narrower of the base's and the slots' dtypes.
+        self.registry = AdapterRegistry(arch, config.max_lora_rank, base_name, narrowest)
+        self.residency = residency  # its `drop` forgets a copy the catalog lets go; `location` reads it
+        self.memory = memory
+        self.writer = writer
+        # Shared by the residency manager (manager.py): merges, pins and CPU evictions exclude each other.
+        self.lock = threading.RLock()
+        self._cpu_freed = threading.Condition(self.lock)  # notified when a CPU copy may have become evictable
+        self._cpu: OrderedDict[str, LoRAModel] = OrderedDict()  # LRU order, oldest first
+        self._loading: dict[str, int] = {}  # being read from disk by acquire(), with their bytes: each holds a place
+        self._refs: dict[str, int] = {}  # in-flight requests per adapter (those waiting for a CPU place too)
+        self.merged_name: str | None = None  # set by the residency manager under the lock
+        self.peak_cpu_loras = 0  # most CPU places taken at once (copies + reads), for tests and metrics
+        self.num_loads = 0  # adapters read from disk into CPU memory: at registration, and again after eviction
+        self.num_cpu_evictions = 0
+        self.num_merges = 0
+        self.load_seconds = 0.0
+
+    # --- lookups (any thread) ----------------------------------------------------------------------
+
+    def get(self, name: str) -> AdapterRecord:
+        return self.registry.get(name)
+
+    def contains(self, name: str) -> bool:
+        return self.registry.contains(name)
+
+    def list(self) -> list[AdapterRecord]:
+        return self.registry.list()
+
+    def set_auto_merge(self, name: str, enabled: bool) -> AdapterRecord:
+        return self.registry.set_auto_merge(name, enabled)
+
+    def location(self, name: str) -> str:
+        """ "device", "cpu" or "disk": a snapshot for the API."""
+        if self.residency.is_resident(name) or (self.residency.shared and name in self._cpu):
+            return "device"  # shared: the CPU copy is what the matmuls read
+        return "cpu" if name in self._cpu else "disk"
+
+    @property
+    def num_evictions(self) -> int:
+        """Adapters evicted from the CPU tier or from device memory."""
+        return self.num_cpu_evictions + self.residency.num_evictions
+
+    # --- registration --------------------------------------------------------------------------
+
+    def register(self, name: str, path, origin: str, model: LoRAModel | None = None) -> AdapterRecord:
+        """auto_merge (may --merge-policy auto merge it) is set for an adapter of no tenant: from
+        --lora-modules, the load API, or an adapter_dir folder without a .tenant file; a tenant's
+        upload gets it only from an admin (registry.set_auto_merge): no tenant changes the base for all."""
+        in_store = adapter_dir.contains(self.adapter_dir, path)
+        # Before validation: a folder replaced after this stat is caught (and read again) on its next use.
+        folder_id = adapter_dir.folder_id(path) if in_store else None
+        auto_merge = not in_store or read_owner(path) is None
+        model = model or self.read(name, path, origin)
+        if 4 * model.num_params > self.memory.cpu_bytes:
+            raise AdapterTooLargeError(
+                f"adapter {name!r} needs {4 * model.num_params / 1e6:.0f} MB of CPU memory; the adapter memory "
+                f"budget (lora_memory_gb) holds {self.memory.cpu_bytes / 1e6:.0f} MB",
+                param="adapter_model",
+            )
+        record, loaded = self.registry.add(name, path, origin, model, folder_id, auto_merge)
+        loaded = self.writer.host_copy(loaded, self.residency.layout)
+        log.info(
+            "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
+            name,
+            origin,
+            "/".join(map(str, record.ranks)),
+            ",".join(record.targets),
+            record.num_params / 1e6,
+            100 * record.num_params / self.base_params,
+            record.num_bytes / 1e6,
+        )
+        with self.lock:
+            self._cpu[name] = loaded
+            self._evict_cpu()
+        return record
+
+    def register_startup_adapters(self) -> None:
+        adapter_dir.register_at_start(self)
+
+    def sync_with_adapter_dir(self, name: str) -> bool:
+        """True if `name` is registered once it is in line with adapter_dir (see adapter_dir.sync)."""
+        return adapter_dir.sync(self, name)
+
+    def drop_removed(self) -> builtins.list[str]:
+        """Unregister what other replicas deleted from adapter_dir; their names (before listing)."""
+        return adapter_dir.drop_removed(self)
+
+    def resolve_from_adapter_dir(self, name: str) -> bool:
+        """Register adapter_dir/<name> if it is there and `name` is not registered; True if it is afterwards."""
+        return adapter_dir.resolve(self, name)
+
+    def unregister(self, name: str, record: AdapterRecord | None = None) -> None:
+        """Refuse new requests at once; drop the weights when the in-flight ones have finished.
+        A merged adapter is refused (AdapterMergedError): the engine unmerges it first, on its thread
+        and under this lock (LLMEngine.remove_adapter), so after a merge and an unregister of one
+        adapter, in any order, either it is gone and the base unmerged, or it is merged and registered.
+        record: only that registration of the name."""
+        with self.lock:
+            current = self.registry.find(name)
+            if current is None or (record is not None and current is not record):
+                raise AdapterNotFoundError(f"adapter {name!r} does not exist", param="name")
+            if self.merged_name == name:
+                raise AdapterMergedError(f"adapter {name!r} is merged into the base weights; unmerge it first", param="name")
+            current.deleting = True
+            if self._refs.get(name, 0) == 0:
+                self._purge(name)
+
+    # --- disk -> CPU (request threads) -----------------------------------------------------------
+
+    def open(self, name: str, wait_s: float | None = 0.0, abandoned: threading.Event | None = None) -> AdapterLease:
+        """A lease on `name`'s CPU copy, read from disk first if need be (blocking: see acquire)."""
+        record = self.acquire(name, wait_s, abandoned)
+        return AdapterLease(self, record)
+
+    def acquire(self, name: str, wait_s: float | None = 0.0, abandoned: threading.Event | None = None) -> AdapterRecord:
+        """Make `name` CPU-resident and hold it there until `release(name)`; its record. Blocking I/O.
+
+        While every CPU place is held by adapters in use, wait up to wait_s seconds (None: no limit)
+        for a request to release one, or until `abandoned` is set (then call `abandon` to wake the
+        wait); past that, AdapterBusyError (503). The engine thread must pass 0, as it is what releases.
+        """
+        record = self.registry.get(name)
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        with self._cpu_freed:
+            self._refs[name] = self._refs.get(name, 0) + 1
+            record.requests_served += 1
+            try:
+                while not self._take_cpu_place(name):
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if (remaining is not None and remaining <= 0) or (abandoned is not None and abandoned.is_set()):
+                        raise AdapterBusyError(
+                            f"adapter {name!r} cannot be loaded now: the CPU tier's room (lora_memory_gb, "
+                            f"max_cpu_loras) is held by adapters in use",
+                            param="model",
+                        )
+                    self._cpu_freed.wait(remaining)
+                    if not self.registry.contains(name):
+                        raise AdapterNotFoundError(f"adapter {name!r} does not exist", param="model")
+            except BaseException:
+                self.release(name)
+                raise
+            if name in self._cpu:
+                return record
+            self._loading[name] = 4 * record.num_params
+            self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_usage()[0])
+        try:
+            loaded = self.writer.host_copy(self.read(name, record.path, record.origin), self.residency.layout)
+        except BaseException:
+            with self._cpu_freed:
+                self._loading.pop(name, None)
+                self._cpu_freed.notify_all()
+                self.release(name)
+            raise
+        with self._cpu_freed:
+            self._loading.pop(name, None)
+            self._cpu[name] = loaded
+            self._cpu_freed.notify_all()  # those waiting for this very adapter
+        return record
+
+    def read(self, name: str, path, origin: str) -> LoRAModel:
+        """Read and validate an adapter folder (disk -> CPU), counted in num_loads and load_seconds;
+        uploads call it on their staged folder. A load-API adapter's files must lie in allowed_dirs. Blocking."""
+        start = time.perf_counter()
+        model = self.registry.validate(name, path, self.allowed_dirs if origin == "load-api" else None)
+        with self.lock:
+            self.num_loads += 1
+            self.load_seconds += time.perf_counter() - start
+        return model
+
+    def abandon(self, abandoned: threading.Event) -> None:
+        """Set `abandoned` and wake the acquire() waiting with it, which then gives up (its request is gone)."""
+        with self._cpu_freed:
+            abandoned.set()
+            self._cpu_freed.notify_all()
+
+    def num_refs(self, name: str) -> int:
+        """References held on `name`: requests in flight on it, plus one while it is merged."""
+        with self.lock:
+            return self._refs.get(name, 0)
+
+    def release(self, name: str) -> None:
+        with self._cpu_freed:
+            self._refs[name] -= 1
+            if self._refs[name] == 0:
+                del self._refs[name]
+                if not self.registry.contains(name):
+                    self._purge(name)
+                else:
+                    self._evict_cpu()  # back under max_cpu_loras if a copy was registered over it
+                self._cpu_freed.notify_all()
+
+    def cpu_copy(self, name: str) -> LoRAModel | None:
+        """The CPU copy of `name` (lock held by the caller); a lease keeps it there."""
+        return self._cpu.get(name)
+
+    def hold(self, name: str) -> None:
+        """One more reference on a CPU-resident adapter (a merge keeps one until unmerged). Lock held."""
+        self._refs[name] = self._refs.get(name, 0) + 1
+
+    # --- the CPU tier's room (lock held) ----------------------------------------------------------
+
+    def _take_cpu_place(self, name: str) -> bool:
+        """True when `name` is resident (now most recently used) or room was freed for reading it;
+        False while another thread reads it, or the room is held by adapters in use."""
+        if name in self._cpu:
+            self._cpu.move_to_end(name)
+            return True
+        if name in self._loading:
+            return False
+        need = 4 * self.registry.get(name).num_params  # CPU copies are float32
+        while not self._cpu_fits(1, need):
+            victim = next((n for n in self._cpu if self._refs.get(n, 0) == 0), None)
+            if victim is None:
+                return False
+            self._drop_cpu(victim)
+        return True
+
+    def _cpu_usage(self) -> tuple[int, int]:
+        """(places, bytes) the CPU tier holds: copies and reads in progress; the merged adapter's copy,
+        held by the merge, never evicted and with a slot of its own, is not counted."""
+        held = [4 * m.num_params for n, m in self._cpu.items() if n != self.merged_name] + list(self._loading.values())
+        return len(held), sum(held)
+
+    def _cpu_fits(self, places: int, num_bytes: int) -> bool:
+        taken, used = self._cpu_usage()
+        limit = self.memory.max_cpu_loras
+        return (limit is None or taken + places <= limit) and used + num_bytes <= self.memory.cpu_bytes
+
+    def _evict_cpu(self) -> None:
+        # Evict least recently used copies no request holds (a copy just registered included) down to the bounds.
+        for name in list(self._cpu):
+            if self._cpu_fits(0, 0):
+                break
+            if self._refs.get(name, 0) == 0:
+                self._drop_cpu(name)
+        self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_usage()[0])
+
+    def _drop_cpu(self, name: str) -> None:
+        del self._cpu[name]
+        if self.residency.shared:
+            self.residency.drop(name)  # its views would keep the copy alive
+        self.num_cpu_evictions += 1
+
+    def _purge(self, name: str) -> None:
+        self._cpu.pop(name, None)
+        self.residency.drop(name)  # refs are 0: nothing pins it
+        self.registry.remove(name)
