@@ -52,7 +52,7 @@ class ProjectionSlots:
         self.entries: list[SlotEntry | None] = []  # by slot; None: free, or the adapter does not target this projection
         self.version = 0  # bumped by every fill and clear: the Triton backend rebuilds its tables on change
         self.kernel_tables: object | None = None  # the Triton backend's cache (ops/triton_kernels.py's KernelTables)
-        self.stack_cache: tuple | None = None  # the torch backend's stacked batch (ops/torch_ops.py's _stacked)
+        self.stacks: dict = {}  # the torch backend's stacked adapters, by signature (ops/stacks.py)
         # On CUDA, slots are written on a side stream (slot_writes.py); the step waits on this event
         # before it reads them.
         self.written: torch.cuda.Event | None = None

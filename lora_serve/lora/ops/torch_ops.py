@@ -7,8 +7,8 @@ contiguous run of rows (a segment, as in Punica's SGMV). Two ways to apply a ste
   A and B are stacked and one `bmm` shrink and one `bmm` expand per slice cover all of them.
   A decode step with 32 adapters then costs a few batched matmuls per projection instead of
   32 x 4 small ones; the per-op dispatch of the small ones was most of the LoRA time on CPU
-  (docs/benchmarks.md). The stacking copies the batch's adapters once per projection into a
-  block that stays in cache for the matmuls right after it; each adapter keeps its exact rank.
+  (docs/benchmarks.md). The stacked block is kept across steps and patched as adapters come and
+  go (stacks.py); each adapter keeps its exact rank.
 - per segment: one shrink x[lo:hi]·Aᵀ over all of the adapter's slices at once, then one
   `addmm_` per slice straight into the output view (long segments: prefill, or one adapter).
 
@@ -22,6 +22,7 @@ import torch
 
 from ..slots import ProjectionSlots, SlotEntry
 from .segments import Segment, split_passes
+from .stacks import stack_for
 
 # Grouping pads every segment of a group to the longest one. It is chosen while segments are short
 # and that block has at most MAX_PADDING times the real rows. On a 2-core AMD EPYC (SmolLM2-135M
@@ -59,17 +60,19 @@ class _Group:
         lo = self.segments[members[0]][1]
         return self.m == 1 and all(self.segments[i][1:] == (lo + j, lo + j + 1) for j, i in enumerate(members))
 
-    def indices(self, members: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows of x, rows of the flattened block [g * m]) of the group's segments at `members`."""
-        if members not in self._indices:  # once per step and layout, on the first projection
+    def indices(self, members: tuple[int, ...], positions: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of x, rows of the flattened block [c * m]) of the group's segments at `members`, the
+        j-th of them at block position positions[j] (stacks.py)."""
+        key = (members, positions)
+        if key not in self._indices:  # once per step and layout, on the first projection
             src: list[int] = []
             dst: list[int] = []
-            for j, i in enumerate(members):
+            for i, p in zip(members, positions):
                 _, lo, hi = self.segments[i]
                 src.extend(range(lo, hi))
-                dst.extend(range(j * self.m, j * self.m + hi - lo))
-            self._indices[members] = (torch.tensor(src, device=device), torch.tensor(dst, device=device))
-        return self._indices[members]
+                dst.extend(range(p * self.m, p * self.m + hi - lo))
+            self._indices[key] = (torch.tensor(src, device=device), torch.tensor(dst, device=device))
+        return self._indices[key]
 
 
 class SegmentedLoRABatch:
@@ -113,41 +116,25 @@ def _apply_group(slots: ProjectionSlots, g: _Group, x: torch.Tensor, y: torch.Te
 
 def _apply_stacked(slots: ProjectionSlots, g: _Group, members: tuple[int, ...], entries: list[SlotEntry],
                    x: torch.Tensor, y: torch.Tensor) -> None:  # fmt: skip
-    n, m = len(members), g.m
+    m = g.m
     xs = x if x.dtype == torch.float32 else x.float()
     lo, hi = g.segments[members[0]][1], g.segments[members[-1]][2]
-    dense = g.dense(members)
+    stack, positions = stack_for(slots.stacks, entries)
+    c = stack.capacity
+    dense = g.dense(members) and positions == list(range(c))  # rows in stack order, no stale position
     if dense:
-        xp = xs[lo:hi].unsqueeze(1)  # [n, 1, in]
+        xp = xs[lo:hi].unsqueeze(1)  # [c, 1, in]
     else:
-        src, dst = g.indices(members, x.device)
-        xp = xs.new_zeros(n * m, xs.shape[1]).index_copy_(0, dst, xs.index_select(0, src)).view(n, m, -1)
-    a, scales, bs = _stacked(slots, tuple(g.segments[i][0] for i in members), entries)
-    xa = torch.bmm(xp, a.transpose(1, 2))  # [n, m, R]
-    xa.mul_(scales)  # [n, 1, R]: each column's scale
+        src, dst = g.indices(members, tuple(positions), x.device)
+        xp = xs.new_zeros(c * m, xs.shape[1]).index_copy_(0, dst, xs.index_select(0, src)).view(c, m, -1)
+    xa = torch.bmm(xp, stack.A.transpose(1, 2))  # [c, m, R]
+    xa.mul_(stack.scales)  # [c, 1, R]: each column's scale
     for k, (out, r0, r1, _, _) in enumerate(entries[0].layout):
-        d = torch.bmm(xa[:, :, r0:r1], bs[k].transpose(1, 2))  # bs[k]: [n, out_s, r]
+        d = torch.bmm(xa[:, :, r0:r1], stack.B[k].transpose(1, 2))  # B[k]: [c, out_s, r]
         if dense:
             y[lo:hi, out] += d.squeeze(1).to(y.dtype)
         else:
-            y[:, out].index_add_(0, src, d.view(n * m, -1).index_select(0, dst).to(y.dtype))
-
-
-def _stacked(slots: ProjectionSlots, key: tuple[int, ...], entries: list[SlotEntry]):
-    """(A [n, R, in], scales [n, 1, R], [B_s [n, out_s, r]]) of the entries, float32, stacked in `key`'s slot
-    order. Kept per projection while the same adapters run: decode steps in a row mostly hold the same
-    batch, and restacking them every step cost a third of the decode throughput (32 adapters, SmolLM2,
-    2-core EPYC: 0.56x the base instead of 0.84x). A copy of the running batch's adapters, in exchange."""
-    cache = slots.stack_cache
-    if cache is not None and cache[0] == (key, slots.version):
-        return cache[1]
-    stacked = (
-        torch.stack([e.A for e in entries]).float(),
-        torch.stack([e.scales for e in entries]),
-        [torch.stack([e.layout[k][3] for e in entries]).float() for k in range(len(entries[0].layout))],
-    )
-    slots.stack_cache = ((key, slots.version), stacked)
-    return stacked
+            y[:, out].index_add_(0, src, d.view(c * m, -1).index_select(0, dst).to(y.dtype))
 
 
 def _apply_segments(slots: ProjectionSlots, segments: list[Segment], x: torch.Tensor, y: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 
+from lora_serve.lora.lora_model import LoRAWeights
 from lora_serve.lora.ops.torch_ops import SegmentedLoRABatch
 
 from .random_slots import random_slots, reference
@@ -126,3 +127,40 @@ def test_half_precision_slots_match_float64(grouped, slot_dtype, dtype):
     tolerance = 2e-2 if torch.bfloat16 in (dtype, slot_dtype) else 2e-3
     assert (y.double() - ref).abs().max().item() <= tolerance * delta
     assert torch.equal(y[adapter_rows:], y0[adapter_rows:])
+
+
+def test_a_kept_stack_is_patched_as_adapters_come_and_go_and_stays_exact():
+    """Live traffic: the decode group changes between steps (an adapter leaves, another arrives, a slot
+    is refilled with new weights). The stacked block is patched (one adapter copied, not the group)
+    and every step still matches the reference built from the adapters' own weights."""
+    slots, terms = random_slots(IN, SLICES, {s: ALL16 for s in range(NUM_SLOTS)}, 0, lambda slot: 0.5 + slot)
+    signature = slots.entries[0].signature
+
+    def step(slot_rows: list[tuple[int, int]], seed: int) -> None:
+        segments, row = [], 0
+        for slot, n in slot_rows:
+            segments.append((slot, row, row + n))
+            row += n
+        x = torch.randn(row + 1, IN, generator=torch.Generator().manual_seed(seed))  # one base row at the end
+        y0 = torch.randn(row + 1, sum(SLICES.values()), generator=torch.Generator().manual_seed(seed + 1))
+        y = y0.clone()
+        batch = SegmentedLoRABatch(segments)
+        assert batch.passes[0][1] is not None  # grouped
+        batch.apply(slots, x, y)
+        torch.testing.assert_close(y.double(), reference(x, y0, segments, terms), rtol=1e-5, atol=1e-4)
+        assert torch.equal(y[row:], y0[row:])
+
+    step([(s, 1) for s in range(6)], 10)  # built: slots 0..5
+    built = slots.stacks[signature]
+    step([(s, 1) for s in range(1, 7)], 20)  # 0 leaves, 6 arrives: copied where 0 was
+    assert slots.stacks[signature] is built and built.num_patches == 1
+    g = torch.Generator().manual_seed(99)  # slot 3 refilled with another adapter: a new entry, copied again
+    fresh = [LoRAWeights(torch.randn(16, IN, generator=g), torch.randn(out, 16, generator=g), 0.25) for out in SLICES.values()]
+    slots.fill(3, fresh)
+    terms[3] = [(slice(o, o + n), w) for o, n, w in zip((0, 32, 48), SLICES.values(), fresh)]
+    step([(s, 1) for s in range(1, 7)], 30)
+    assert slots.stacks[signature] is built and built.num_patches == 2
+    step([(1, 2), (2, 1), (7, 3), (5, 1), (6, 2)], 40)  # uneven rows; 7 takes a free position
+    assert slots.stacks[signature] is built and built.num_patches == 3
+    step([(2, 1), (8, 1)], 50)  # mostly stale: rebuilt at the group's size
+    assert slots.stacks[signature] is not built and slots.stacks[signature].capacity == 2
