@@ -25,7 +25,7 @@ import pytest
 ray = pytest.importorskip("ray", reason='Ray Serve tests need ray[serve] (pip install -e ".[ray]")')
 serve = pytest.importorskip("ray.serve")
 
-from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig  # noqa: E402
+from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, RayConfig, SchedulerConfig, ServerConfig  # noqa: E402
 from lora_serve.deploy.ray_serve import build_app  # noqa: E402
 from lora_serve.engine.sampling_params import SamplingParams  # noqa: E402
 from tests.api.adapter_helpers import MAX_RANK, chat_prompt_ids, make_tiny_adapters, tiny_engine_with, token_texts  # noqa: E402
@@ -57,7 +57,7 @@ def shared_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def _config(tiny_llama_dir: Path, shared_dir: Path) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32"),
+        model=ModelConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32", num_threads=1),
         cache=CacheConfig(kv_cache_memory_gb=0.02),
         scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=256),
         lora=LoRAConfig(adapter_dir=shared_dir, max_lora_rank=MAX_RANK, max_loras=2),
@@ -96,14 +96,8 @@ def http_port() -> int:
 def ray_url(tiny_llama_dir: Path, shared_dir: Path, http_port: int) -> Iterator[str]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    app = build_app(
-        _config(tiny_llama_dir, shared_dir),
-        BASE,
-        num_replicas=2,
-        max_adapters_per_replica=MAX_ADAPTERS_PER_REPLICA,
-        num_cpus_per_replica=0.5,
-        num_threads=1,
-    )
+    replicas = RayConfig(num_replicas=2, max_adapters_per_replica=MAX_ADAPTERS_PER_REPLICA, num_cpus_per_replica=0.5)
+    app = build_app(_config(tiny_llama_dir, shared_dir), ServerConfig(served_model_name=BASE), replicas)
     try:
         serve.run(app, name="lora-serve-test", route_prefix="/")
         yield f"http://127.0.0.1:{http_port}"
