@@ -17,6 +17,9 @@ Reference: https://docs.ray.io/en/latest/serve/model-multiplexing.html
 
 from __future__ import annotations
 
+import logging
+import signal
+
 from ray import serve
 from ray.serve import Application
 
@@ -24,6 +27,8 @@ from lora_serve.config import EngineConfig, RayConfig, ServerConfig
 from lora_serve.deploy.ray_ingress import Ingress
 from lora_serve.deploy.ray_replica import AdapterReplica
 from lora_serve.model.default_model import resolve_model_path
+
+log = logging.getLogger(__name__)
 
 
 def build_app(config: EngineConfig, server: ServerConfig, ray_config: RayConfig) -> Application:
@@ -45,12 +50,19 @@ def build_app(config: EngineConfig, server: ServerConfig, ray_config: RayConfig)
 
 
 def serve_ray(config: EngineConfig, server: ServerConfig, ray_config: RayConfig) -> None:
-    """Start (or join) Ray, listen on server.host:server.port, run until interrupted."""
+    """Start (or join) Ray, listen on server.host:server.port, run until SIGINT or SIGTERM; then shut the
+    application down, each replica finishing its requests for up to shutdown_grace_s."""
     import ray
 
     ray.init()
+    # SIGTERM as Ctrl-C: Ray's own handler would end the driver at once, leaving Serve running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     serve.start(http_options={"host": server.host, "port": server.port})
-    serve.run(build_app(config, server, ray_config), name="lora-serve", route_prefix="/", blocking=True)
+    try:
+        serve.run(build_app(config, server, ray_config), name="lora-serve", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        log.info("shutting down the replicas")
+        serve.shutdown()
 
 
 if __name__ == "__main__":
