@@ -3,11 +3,13 @@
     lora-serve serve                                   # the embedded SmolLM2-135M-Instruct on 127.0.0.1:8000
     lora-serve serve ./Llama-3.2-1B-Instruct --port 8080 --max-num-seqs 32 --api-key sk-local
     LORA_SERVE_MAX_MODEL_LEN=4096 lora-serve serve ./model --lora-modules sql=./adapters/sql chat=./adapters/chat
+    lora-serve serve-ray ./model --adapter-dir /shared/adapters --num-replicas 4   # Ray Serve (the `ray` extra)
 
 Every field of the typed configs (config.py) is a kebab-case flag and a LORA_SERVE_<FIELD>
 environment variable (flags win), with the field's docstring as its help. The mapping is
 made in one place, `flat_settings`, from the config classes themselves, so a new config
-field needs no CLI change. Subcommands are fields of `LoraServe`; `bench` and `train` go there.
+field needs no CLI change. `serve-ray` takes every flag of `serve`, with the same defaults,
+plus RayConfig's. Subcommands are fields of `LoraServe`; `bench` and `train` go there.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import signal
 import sys
 from copy import copy
-from typing import Annotated, Any, get_origin
+from typing import Annotated, Any, NoReturn, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ValidationError, create_model
 from pydantic_settings import (
@@ -32,7 +34,7 @@ from pydantic_settings import (
 )
 
 from lora_serve.bench.commands import BenchCommand
-from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig
+from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, RayConfig, SchedulerConfig, ServerConfig
 from lora_serve.train.command import TrainCommand
 
 ENV_PREFIX = "LORA_SERVE_"
@@ -111,6 +113,31 @@ ServeCommand = flat_settings(
 )
 
 
+class _ServeRayBase(_FlatSettings):
+    def ray_config(self) -> RayConfig:
+        return _pick(RayConfig, self.model_dump(exclude_unset=True))
+
+    def cli_cmd(self) -> None:
+        configs = self.engine_config(), self.server_config(), self.ray_config()  # a bad one is refused before Ray loads
+        try:  # ray is an optional extra, imported only by this command
+            from lora_serve.deploy.ray_serve import serve_ray
+        except ModuleNotFoundError as exc:
+            if exc.name != "ray":
+                raise
+            _exit_with('serve-ray needs Ray Serve: pip install "lora-serve[ray]"')
+        serve_ray(*configs)
+
+
+ServeRayCommand = flat_settings(
+    "ServeRayCommand",
+    "Serve the same API from replicas on Ray Serve: every flag of `serve` (the same defaults and "
+    "LORA_SERVE_<FLAG> variables; each replica runs the engine and server they configure), plus the "
+    "replicas' own. A request naming an adapter goes preferably to a replica holding it.",
+    [*ENGINE_PARTS.values(), ServerConfig, RayConfig],
+    _ServeRayBase,
+)
+
+
 class LoraServe(BaseSettings):
     """Multi-LoRA inference server: one resident base model, many hot-swapped LoRA adapters."""
 
@@ -118,6 +145,9 @@ class LoraServe(BaseSettings):
 
     serve: CliSubCommand[ServeCommand]  # type: ignore[valid-type]  # a class made by flat_settings() at import
     """Run the OpenAI-compatible server."""
+
+    serve_ray: CliSubCommand[ServeRayCommand]  # type: ignore[valid-type]  # made by flat_settings() too
+    """Run the server as replicas on Ray Serve (pip install "lora-serve[ray]")."""
 
     bench: CliSubCommand[BenchCommand]
     """Benchmarks."""
@@ -165,13 +195,13 @@ def _describe(exc: ValidationError) -> str:
     # loc ("serve", "port") -> "--port"; cross-field errors have no loc beyond the config.
     lines = []
     for err in exc.errors():
-        loc = [str(part) for part in err["loc"] if part != "serve"]
+        loc = [str(part) for part in err["loc"] if part not in LoraServe.model_fields]  # not the subcommand
         flag = f"--{loc[0].replace('_', '-')}: " if loc else ""
         lines.append(flag + err["msg"].removeprefix("Value error, "))
     return "; ".join(lines)
 
 
-def _exit_with(message: str) -> None:
+def _exit_with(message: str) -> NoReturn:
     print(f"lora-serve: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 

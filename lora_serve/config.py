@@ -2,9 +2,11 @@
 
 One model per concern: `ModelConfig` (which base, dtype, device), `CacheConfig`
 (KV cache budget), `SchedulerConfig` (batch limits), `LoRAConfig` (adapter
-slots and sources), `ServerConfig` (HTTP). `EngineConfig` groups the first four.
-Every field has a docstring: `lora-serve serve --help` prints them, and each
-field is also read from a `LORA_SERVE_<FIELD>` environment variable (see cli.py).
+slots and sources), `ServerConfig` (HTTP), `RayConfig` (replicas on Ray Serve).
+`EngineConfig` groups the first four.
+Every field has a docstring: `lora-serve serve --help` prints them (`serve-ray` adds
+RayConfig's), and each field is also read from a `LORA_SERVE_<FIELD>` environment
+variable (see cli.py).
 Cross-field rules are checked when the config is built and raise ValueError.
 """
 
@@ -263,3 +265,22 @@ class ServerConfig(_Config):
     @property
     def serves_docs(self) -> bool:
         return self.api_docs == "on" or (self.api_docs == "auto" and not self.has_keys)
+
+
+class RayConfig(_Config):
+    """`lora-serve serve-ray`: the replicas on Ray Serve. Each replica runs the engine and the server
+    with the configs above; these settings say how many there are and what Ray gives each."""
+
+    num_replicas: int = Field(2, ge=1)
+    """Engine replicas, each a process (a Ray actor) holding the whole base model."""
+
+    max_adapters_per_replica: int = Field(4, ge=1)
+    """Adapters a replica keeps registered (Ray's per-replica LRU of multiplexed models). A request whose
+    model names an adapter goes preferably to a replica holding it; past this many, a replica unregisters
+    its least recently used one (its folder stays in adapter_dir, read again when next named there)."""
+
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each replica (torch's threads are --num-threads)."""
+
+    num_gpus_per_replica: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for each replica: 1 to serve on CUDA (Ray hides the GPUs from a replica that reserves none)."""

@@ -1,4 +1,8 @@
-"""`lora-serve serve` flags and LORA_SERVE_* variables map onto the typed configs (without starting a server)."""
+"""`lora-serve serve` and `serve-ray` flags and LORA_SERVE_* variables map onto the typed configs (without starting a server).
+
+`serve-ray` (Ray Serve replicas) is built from the same config models as `serve`, plus RayConfig:
+every table below runs against both commands.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_serve.cli import ENGINE_PARTS, ServeCommand, main
-from lora_serve.config import EngineConfig, ServerConfig
+from lora_serve.cli import ENGINE_PARTS, ServeCommand, ServeRayCommand, main
+from lora_serve.config import EngineConfig, RayConfig, ServerConfig
+
+COMMANDS = {"serve": ServeCommand, "serve-ray": ServeRayCommand}
 
 
 @pytest.fixture(autouse=True)
@@ -18,18 +24,29 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def parse(argv: list[str]) -> ServeCommand:
-    return ServeCommand(_cli_parse_args=argv)
+def parse(argv: list[str], command: str = "serve") -> ServeCommand:
+    return COMMANDS[command](_cli_parse_args=argv)
 
 
-def test_defaults_are_the_configs_defaults() -> None:
-    cmd = parse([])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_defaults_are_the_configs_defaults(command: str) -> None:
+    cmd = parse([], command)
     assert cmd.engine_config() == EngineConfig()
     assert cmd.server_config() == ServerConfig()
     assert cmd.server_config().port == 8000
 
 
-def test_flags_reach_every_sub_config() -> None:
+def test_serve_ray_has_every_serve_flag_with_its_type_default_and_help() -> None:
+    serve, ray = ServeCommand.model_fields, ServeRayCommand.model_fields
+    assert set(ray) == set(serve) | set(RayConfig.model_fields)
+    for name, info in serve.items():
+        same = (ray[name].annotation, ray[name].description, ray[name].metadata) == (info.annotation, info.description, info.metadata)
+        assert same and ray[name].get_default(call_default_factory=True) == info.get_default(call_default_factory=True), name
+    assert parse([], "serve-ray").ray_config() == RayConfig()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_flags_reach_every_sub_config(command: str) -> None:
     cmd = parse(
         [
             "/models/llama",
@@ -63,7 +80,8 @@ def test_flags_reach_every_sub_config() -> None:
             "k1",
             "--admin-api-key",
             "k2",
-        ]
+        ],
+        command,
     )
     engine, server = cmd.engine_config(), cmd.server_config()
     assert (engine.model.model, engine.model.dtype, engine.model.device) == ("/models/llama", "bfloat16", "cpu")
@@ -75,13 +93,14 @@ def test_flags_reach_every_sub_config() -> None:
     assert server == ServerConfig(host="0.0.0.0", port=9001, served_model_name="base", api_key="k1", admin_api_key="k2")
 
 
-def test_environment_variables_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("command", COMMANDS)
+def test_environment_variables_and_flags_win(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_SERVE_MAX_NUM_SEQS", "7")
     monkeypatch.setenv("LORA_SERVE_PORT", "9100")
     monkeypatch.setenv("LORA_SERVE_MODEL", "/env/model")
     monkeypatch.setenv("LORA_SERVE_LORA_MODULES", "a=/x, b=/y")
     monkeypatch.setenv("LORA_SERVE_ALLOWED_LORA_DIR", '["/p"]')
-    cmd = parse(["--port", "9200"])
+    cmd = parse(["--port", "9200"], command)
     engine = cmd.engine_config()
     assert engine.scheduler.max_num_seqs == 7
     assert engine.model.model == "/env/model"
@@ -90,12 +109,21 @@ def test_environment_variables_and_flags_win(monkeypatch: pytest.MonkeyPatch) ->
     assert cmd.server_config().port == 9200
 
 
-def test_help_documents_every_config_field(capsys: pytest.CaptureFixture[str]) -> None:
+def test_ray_settings_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA_SERVE_NUM_REPLICAS", "3")
+    monkeypatch.setenv("LORA_SERVE_MAX_ADAPTERS_PER_REPLICA", "9")
+    cmd = parse(["--max-adapters-per-replica", "8", "--num-gpus-per-replica", "1", "--max-loras", "2"], "serve-ray")
+    assert cmd.ray_config() == RayConfig(num_replicas=3, max_adapters_per_replica=8, num_gpus_per_replica=1)
+    assert cmd.engine_config().lora.max_loras == 2
+
+
+@pytest.mark.parametrize(("command", "configs"), [("serve", []), ("serve-ray", [RayConfig])])
+def test_help_documents_every_config_field(command: str, configs: list, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["serve", "--help"])
+        main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for cls in [*ENGINE_PARTS.values(), ServerConfig]:
+    for cls in [*ENGINE_PARTS.values(), ServerConfig, *configs]:
         for name, info in cls.model_fields.items():
             flag = "MODEL" if name == "model" else "--" + name.replace("_", "-")
             assert flag in out
@@ -111,6 +139,10 @@ def test_help_documents_every_config_field(capsys: pytest.CaptureFixture[str]) -
         (["serve", "--lora-dtype", "float8"], "--lora-dtype"),
         (["serve", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
         (["serve", "--lora-modules", "no-equals-sign"], "name=path"),
+        (["serve-ray", "--port", "abc"], "--port"),
+        (["serve-ray", "--num-replicas", "0"], "--num-replicas"),
+        (["serve-ray", "--num-cpus-per-replica", "0"], "--num-cpus-per-replica"),
+        (["serve-ray", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

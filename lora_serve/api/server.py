@@ -21,6 +21,7 @@ from lora_serve.api.errors import install_error_handlers
 from lora_serve.api.header_timeout import HeaderTimeoutProtocol
 from lora_serve.api.quota import UploadQuota
 from lora_serve.api.state import ServerState
+from lora_serve.api.upload import UPLOAD_ROUTE
 from lora_serve.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.include_router(info.metrics_router, dependencies=[Depends(require_metrics_key)])
     install_error_handlers(app)
     # Uploads stream under their own, larger limit (max_adapter_bytes); every other body is small JSON.
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, exempt={("POST", "/v1/adapters")}, timeout_s=config.body_timeout_s)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, exempt={UPLOAD_ROUTE}, timeout_s=config.body_timeout_s)
     if config.access_log:
         app.add_middleware(AccessLog)  # outermost: it sees the 413s too
     return app

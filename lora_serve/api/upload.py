@@ -20,6 +20,7 @@ from lora_serve.api.errors import APIError, invalid_param
 from lora_serve.lora.errors import AdapterTooLargeError, UnsupportedMediaError
 from lora_serve.lora.lora_model import PICKLE_SUFFIXES
 
+UPLOAD_ROUTE = ("POST", "/v1/adapters")  # its body streams in under max_adapter_bytes, not max_body_bytes
 MULTIPART_OVERHEAD = 16 * 1024  # boundaries, part headers and the name field, on top of the files
 PICKLE_PROTO = b"\x80"  # first byte of every pickle since protocol 2 (torch.save writes one inside a zip, too)
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container around its pickle
