@@ -8,17 +8,28 @@ Every field has a docstring: `lora-serve serve --help` prints them (`serve-ray` 
 RayConfig's), and each field is also read from a `LORA_SERVE_<FIELD>` environment
 variable (see cli.py).
 Cross-field rules are checked when the config is built and raise ValueError.
+"auto" and unset defaults are resolved for the machine and model in one place,
+engine/resolve.py, and logged at start; below the engine only resolved values are read.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+LoRABackend = Literal["auto", "torch", "triton"]
+T = TypeVar("T")
+
+
+def resolved(value: T | None, field: str) -> T:
+    """A field engine/resolve.py sets when it is unset; ValueError naming it in a config that was not resolved."""
+    if value is None:
+        raise ValueError(f"{field} is unset: the engine's config is resolved first (engine/resolve.py)")
+    return value
 
 
 class _Config(BaseModel):
@@ -91,7 +102,7 @@ class LoRAConfig(_Config):
     max_lora_rank: int = Field(64, ge=1, le=1024)
     """Largest adapter rank accepted."""
 
-    lora_backend: Literal["auto", "torch", "triton"] = "auto"
+    lora_backend: LoRABackend = "auto"
     """Mixed-adapter LoRA ops. auto: fused Triton kernels on CUDA when triton imports, else plain torch
     (logged at start). triton needs CUDA (or TRITON_INTERPRET=1 with CPU tensors, for tests)."""
 

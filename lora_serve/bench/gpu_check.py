@@ -28,13 +28,11 @@ from dataclasses import replace
 import torch
 
 from ..config import LoRAConfig
-from ..engine.llm_engine import resolve_device
+from ..engine.resolve import resolve_device, resolve_dtype, resolve_lora_dtype
 from ..engine.sampling_params import SamplingParams
 from ..lora.ops.interpreter import triton_interpreted
 from ..lora.ops.selector import triton_batch_class
 from ..lora.ops.torch_ops import SegmentedLoRABatch
-from ..lora.slots import resolve_lora_dtype
-from ..model.loader import resolve_dtype
 from .kernel_check import check_projections
 from .llama_shapes import arch_of
 from .mixed_lora import Configs, interleave, report, summarise

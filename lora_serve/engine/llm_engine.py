@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from ..config import EngineConfig
+from ..config import EngineConfig, resolved
 from ..lora.catalog import AdapterLease
 from ..lora.errors import AdapterError
 from ..lora.manager import LoRAManager
@@ -19,27 +19,18 @@ from ..lora.merge_policy import MergePolicy
 from ..lora.registry import AdapterRecord
 from ..model.arch import ModelArch
 from ..model.llama import LlamaModel
-from ..model.loader import load_model, resolve_dtype
+from ..model.loader import load_model, torch_dtype
 from .detokenizer import Detokenizer
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
+from .resolve import describe, resolve_config
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default with chunked prefill
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda requested but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def _eos_token_ids(path: Path, arch: ModelArch, tokenizer) -> set[int]:
@@ -56,10 +47,13 @@ def _eos_token_ids(path: Path, arch: ModelArch, tokenizer) -> set[int]:
 class LLMEngine:
     """Built from parts (nano-vllm's shape): a loaded model, its tokenizer and the config. `from_config`
     loads them from a checkpoint; a benchmark hands in a random-weight model instead (bench/random_engine.py).
-    tokenizer None: no detokenization (outputs carry token ids only, and stop strings are not looked for)."""
+    tokenizer None: no detokenization (outputs carry token ids only, and stop strings are not looked for).
+    config is resolved against the model (engine/resolve.py; a resolved one resolves to itself) and logged."""
 
     def __init__(self, model: LlamaModel, tokenizer, config: EngineConfig, base_name: str = "base",
                  eos_token_ids: set[int] | None = None, model_path: Path | None = None):  # fmt: skip
+        config = resolve_config(config, model)
+        log.info("resolved config: %s", describe(config))
         sc = config.scheduler
         self.config = config
         self.model = model
@@ -67,15 +61,8 @@ class LLMEngine:
         self.device, self.dtype = model.device, model.dtype
         self.model_path = model_path
         self.base_name = base_name
-        self.max_model_len = sc.max_model_len or model.max_len
-        if self.max_model_len > model.max_len:
-            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the {model.max_len} positions the model was built for")
-        self.max_num_batched_tokens = sc.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        if self.max_num_batched_tokens < sc.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({sc.max_num_seqs}): "
-                "every running sequence decodes a token each step"
-            )
+        self.max_model_len = resolved(sc.max_model_len, "max_model_len")
+        self.max_num_batched_tokens = resolved(sc.max_num_batched_tokens, "max_num_batched_tokens")
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else set(self.arch.eos_token_ids)
         self.kv_cache = KVCache(self.arch, config.cache, self.dtype, self.device, self.max_model_len)
@@ -113,14 +100,13 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, model_path: Path, base_name: str | None = None) -> LLMEngine:
-        """Load the checkpoint at model_path ("auto" device and dtype resolved here) and build the engine."""
-        mc, path = config.model, Path(model_path)
-        if mc.num_threads:
-            torch.set_num_threads(mc.num_threads)
-        device = resolve_device(mc.device)
-        dtype = resolve_dtype(mc.dtype, device)
-        max_len = config.scheduler.max_model_len or ModelArch.from_dir(path).max_position_embeddings
-        model = load_model(path, dtype, device, max_len)
+        """Load the checkpoint at model_path on the device, in the dtype, the config resolves to here, and build the engine."""
+        path = Path(model_path)
+        if config.model.num_threads:
+            torch.set_num_threads(config.model.num_threads)
+        config = resolve_config(config, ModelArch.from_dir(path))
+        mc, max_len = config.model, resolved(config.scheduler.max_model_len, "max_model_len")
+        model = load_model(path, torch_dtype(mc.dtype), torch.device(mc.device), max_len)
         tokenizer = AutoTokenizer.from_pretrained(path)
         eos = _eos_token_ids(path, model.arch, tokenizer)
         return cls(model, tokenizer, config, base_name or path.name, eos, path)

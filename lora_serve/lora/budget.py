@@ -1,8 +1,8 @@
-"""How much adapter memory an engine has: LoRAConfig's budgets resolved once, and logged.
+"""How much adapter memory an engine has: LoRAConfig's budgets in bytes, sized once and logged.
 
-    lora_memory_gb   bytes of adapter weights where the LoRA matmuls read them. Auto: 10% of the
-                     GPU's memory on CUDA; 4 GiB on CPU, where that memory is the CPU tier itself
-                     (residency.py, "shared") and the bound applies to it.
+    lora_memory_gb   bytes of adapter weights where the LoRA matmuls read them (resolved by
+                     engine/resolve.py: 10% of the GPU's memory on CUDA; 4 GiB on CPU, where that
+                     memory is the CPU tier itself (residency.py, "shared") and the bound applies to it).
     CPU tier         on CUDA, four times the device budget's adapters (as float32 host copies),
                      so a request never waits for a host copy while device room is free.
     max_cpu_loras    an extra bound on the count of CPU copies, when given.
@@ -17,14 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import LoRAConfig
+from ..config import LoRAConfig, resolved
 from ..model.llama import LlamaModel
 
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
-CPU_DEFAULT_GB = 4.0
-CUDA_DEFAULT_FRACTION = 0.10
 CPU_TIER_FACTOR = 4  # CPU copies per device-resident adapter (copied mode)
 REFERENCE_RANK = 16
 
@@ -39,14 +37,10 @@ class LoRAMemory:
     device: str
 
     @classmethod
-    def resolve(cls, config: LoRAConfig, model: LlamaModel, dtype: torch.dtype) -> LoRAMemory:
+    def of(cls, config: LoRAConfig, model: LlamaModel, dtype: torch.dtype) -> LoRAMemory:
+        """config: resolved (lora_memory_gb set); dtype: the slots'."""
         shared = model.device.type == "cpu" and dtype == torch.float32
-        if config.lora_memory_gb is not None:
-            budget = int(config.lora_memory_gb * GIB)
-        elif model.device.type == "cuda":
-            budget = int(CUDA_DEFAULT_FRACTION * torch.cuda.get_device_properties(model.device).total_memory)
-        else:
-            budget = int(CPU_DEFAULT_GB * GIB)
+        budget = int(resolved(config.lora_memory_gb, "lora_memory_gb") * GIB)
         # Per projection slice (q, k, v, ... each): A [r, in] and B [out_s, r].
         reference_params = REFERENCE_RANK * sum(
             len(lin.slice_names) * lin.in_features + lin.out_features for layer in model.layers for lin in layer.linears()

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import LoRAConfig
+from ..config import LoRAConfig, resolved
 from ..model.arch import ModelArch
-from ..model.default_model import cache_root
 from . import adapter_dir
 from .budget import LoRAMemory
 from .errors import AdapterBusyError, AdapterMergedError, AdapterNotFoundError, AdapterTooLargeError
@@ -70,7 +69,7 @@ class AdapterCatalog:
         self.max_adapter_bytes = config.max_adapter_bytes
         self.base_params = base_params
         # Where uploads are stored and which folder is scanned at start.
-        self.adapter_dir = config.adapter_dir or cache_root() / "adapters"
+        self.adapter_dir = resolved(config.adapter_dir, "adapter_dir")
         # Where the load API may read from: the adapter's folder and, on every read, each of its files.
         self.allowed_dirs = tuple(Path(os.path.realpath(d)) for d in config.allowed_lora_dir)
         # An adapter's update is checked against the narrower of the base's and the slots' dtypes.

@@ -18,6 +18,7 @@ import torch
 from ..config import LoRAConfig
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
+from ..model.loader import torch_dtype
 from .budget import LoRAMemory
 from .catalog import AdapterCatalog, AdapterLease
 from .errors import AdapterError, AdapterNotFoundError
@@ -25,20 +26,21 @@ from .merge import MergedWeights
 from .ops.selector import lora_batch_class
 from .residency import LoRASequence, Residency, Seq
 from .slot_writes import SlotWriter
-from .slots import resolve_lora_dtype
 
 log = logging.getLogger(__name__)
 
 
 class LoRAManager:
+    """config: resolved (engine/resolve.py): its backend, slot dtype, budget and adapter_dir are concrete."""
+
     def __init__(self, model: LlamaModel, config: LoRAConfig, base_name: str):
         self.config = config
         self.max_loras = config.max_loras
         self.merged = MergedWeights(model)
-        self.batch_cls = lora_batch_class(model.device, config.lora_backend)
+        self.batch_cls = lora_batch_class(config.lora_backend)
         self.slot_writer = SlotWriter(model.device)  # side-stream copies from pinned memory on CUDA
-        self.slot_dtype = resolve_lora_dtype(config.lora_dtype, model.device, model.dtype)
-        self.memory = LoRAMemory.resolve(config, model, self.slot_dtype)
+        self.slot_dtype = torch_dtype(config.lora_dtype)
+        self.memory = LoRAMemory.of(config, model, self.slot_dtype)
         # Shared residency counts no device bytes (bytes_of is 0): the budget binds the CPU tier instead.
         self.residency = Residency(model, self.slot_dtype, self.memory.budget_bytes, config.max_loras, self.slot_writer)
         narrowest = min((model.dtype, self.slot_dtype), key=lambda d: torch.finfo(d).max)

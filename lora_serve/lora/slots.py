@@ -10,8 +10,8 @@ Per entry, for a projection with output slices s = 1..n (q/k/v, gate/up, or one)
      B in the nn.Linear layout, used as B.t(), which MKL multiplies about 3x faster than a
      contiguous [r, out] (shared/RESEARCH.md). The scale (alpha/r, or alpha/sqrt(r)) is applied
      in float32 by the backends, so the stored weights are the adapter's own, rounded at most once.
-Their dtype is LoRAConfig.lora_dtype (`resolve_lora_dtype`): by default float32 on CPU, where small
-bf16 matmuls cost more than fp32, and the base's dtype on CUDA, as vLLM does: a decode step reads
+Their dtype is LoRAConfig.lora_dtype, resolved by engine/resolve.py: by default float32 on CPU, where
+small bf16 matmuls cost more than fp32, and the base's dtype on CUDA, as vLLM does: a decode step reads
 every adapter of the batch, and float32 doubles those bytes.
 """
 
@@ -25,13 +25,6 @@ from ..model.linear import Linear
 from .lora_model import LoRAWeights
 
 Signature = tuple[tuple[int, int, int], ...]  # ((slice index, first column of x·Aᵀ, end column), ...)
-
-
-def resolve_lora_dtype(name: str, device: torch.device, base_dtype: torch.dtype) -> torch.dtype:
-    """The slots' dtype for LoRAConfig.lora_dtype `name` (auto: float32 on CPU, the base's dtype on CUDA)."""
-    if name == "auto":
-        return base_dtype if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 @dataclass(eq=False)

@@ -10,6 +10,7 @@ from typing import cast
 import torch
 from safetensors import safe_open
 
+from ..config import Dtype
 from .arch import ModelArch, UnsupportedModelError
 from .linear import Linear
 from .llama import LlamaModel, RMSNorm
@@ -29,10 +30,22 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+DTYPE_NAMES: dict[torch.dtype, Dtype] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES: dict[Dtype, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def torch_dtype(name: Dtype) -> torch.dtype:
+    """The dtype a resolved config names (engine/resolve.py turns "auto" into one of DTYPES)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}: the config is resolved first (engine/resolve.py)")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> Dtype:
+    """The config's name for a model's or the slots' dtype."""
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+    return DTYPE_NAMES[dtype]
 
 
 def checkpoint_files(path: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Slot dtype: what LoRAConfig.lora_dtype resolves to, and how a bf16/fp16 slot is filled."""
+"""How a slot is filled, in float32, bf16 or fp16 (what LoRAConfig.lora_dtype resolves to: tests/engine/test_resolve.py)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,10 @@ import pytest
 import torch
 
 from lora_serve.lora.lora_model import LoRAWeights
-from lora_serve.lora.slots import ProjectionSlots, resolve_lora_dtype
+from lora_serve.lora.slots import ProjectionSlots
 from lora_serve.model.linear import Linear
 
-CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)  # a device object only: no GPU is touched
-
-
-@pytest.mark.parametrize(
-    ("name", "device", "base", "expected"),
-    [
-        ("auto", CPU, torch.float32, torch.float32),
-        ("auto", CPU, torch.bfloat16, torch.float32),  # small bf16 matmuls are slow on CPU
-        ("auto", CUDA, torch.bfloat16, torch.bfloat16),
-        ("auto", CUDA, torch.float16, torch.float16),
-        ("auto", CUDA, torch.float32, torch.float32),
-        ("float32", CUDA, torch.bfloat16, torch.float32),
-        ("bfloat16", CPU, torch.float32, torch.bfloat16),
-        ("float16", CUDA, torch.bfloat16, torch.float16),
-    ],
-)
-def test_lora_dtype_resolves_per_device_and_base(name, device, base, expected):
-    assert resolve_lora_dtype(name, device, base) == expected
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])

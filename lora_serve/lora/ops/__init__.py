@@ -5,7 +5,7 @@ torch_ops.py       segmented and batched matmuls in plain torch (CPU, and CUDA w
 triton_ops.py      the CUDA backend: the fused Triton kernels' tables and launches
 triton_kernels.py  the Triton shrink and expand kernels
 interpreter.py     whether triton runs in its interpreter (CPU tensors)
-selector.py        which backend a device gets ("auto", "torch", "triton")
+selector.py        the class of a resolved backend, "torch" or "triton" (engine/resolve.py resolves "auto")
 
 Every backend is a `LoRABatch` (model/linear.py) reading one projection's `ProjectionSlots`
 (lora/slots.py). Of the rest of lora/, it may import slots.py and lora_model.py only, never the

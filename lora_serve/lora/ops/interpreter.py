@@ -1,7 +1,7 @@
 """Whether triton runs its kernels in its interpreter, on CPU tensors (TRITON_INTERPRET=1, for tests).
 
-Apart from the selector (selector.py) and the kernels (triton_kernels.py), which both read it: the
-selector imports the triton backend, so the kernels cannot import the selector back.
+Read by the kernels (triton_kernels.py) and by the resolve step (engine/resolve.py), apart from the
+selector (selector.py): that imports the triton backend, so the kernels cannot import it back.
 """
 
 from __future__ import annotations

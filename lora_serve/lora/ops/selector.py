@@ -6,20 +6,14 @@ Every backend is a `LoRABatch` (model/linear.py) built from the step's segments
           fallback on CUDA when triton does not import;
   triton  one fused shrink and one fused expand launch per projection (triton_ops.py): CUDA, or
           CPU tensors under triton's interpreter (TRITON_INTERPRET=1, for tests; interpreter.py).
-"auto" takes triton on CUDA when it imports, torch otherwise (the interpreter only when asked for). The choice and its reason are
-logged once at start ("LoRA ops: ... backend ...").
+The backend is a resolved LoRAConfig.lora_backend: engine/resolve.py picks one for "auto" (triton on
+CUDA when it imports, torch otherwise), refuses one that cannot run here, and logs the choice and why.
 """
 
 from __future__ import annotations
 
-import logging
-
-import torch
-
-from .interpreter import triton_interpreted
+from ...config import LoRABackend
 from .torch_ops import SegmentedLoRABatch
-
-log = logging.getLogger(__name__)
 
 
 def triton_batch_class() -> tuple[type | None, str]:
@@ -31,21 +25,13 @@ def triton_batch_class() -> tuple[type | None, str]:
     return TritonLoRABatch, ""
 
 
-def lora_batch_class(device: torch.device, name: str = "auto") -> type:
-    interpreted = triton_interpreted()
+def lora_batch_class(name: LoRABackend) -> type:
+    """The LoRABatch class of a resolved lora_backend, "torch" or "triton"."""
     if name == "torch":
-        reason = "asked for"
-    elif name == "auto" and device.type != "cuda":
-        reason = "CPU"
-    else:
-        if device.type != "cuda" and not interpreted:
-            raise ValueError("the triton LoRA backend needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)")
-        cls, why = triton_batch_class()
-        if cls is not None:
-            log.info("LoRA ops: triton backend on %s%s", device.type, " (interpreter)" if interpreted else "")
-            return cls
-        if name == "triton":
-            raise ValueError(f"the triton LoRA backend was asked for but {why}")
-        reason = why
-    log.info("LoRA ops: torch backend on %s (%s)", device.type, reason)
-    return SegmentedLoRABatch
+        return SegmentedLoRABatch
+    if name != "triton":
+        raise ValueError(f"lora_backend {name!r} is not torch or triton: the config is resolved first (engine/resolve.py)")
+    cls, why = triton_batch_class()
+    if cls is None:
+        raise ValueError(f"lora_backend=triton was asked for but {why}")
+    return cls

@@ -1,0 +1,137 @@
+"""The one resolve step: every "auto" and unset field of an EngineConfig made concrete for this machine and model.
+
+    device                  auto: cuda when torch sees one, else cpu
+    dtype                   auto: bfloat16 on CUDA, float32 on CPU
+    lora_dtype              auto: the base's dtype on CUDA (a decode step reads every adapter of the
+                            batch; float32 doubles those bytes), float32 on CPU (small bf16 matmuls are slower)
+    lora_backend            auto: triton on CUDA when it imports, else torch (triton on CPU tensors only
+                            under TRITON_INTERPRET=1, and only when asked for)
+    lora_memory_gb          unset: 10% of the GPU's memory on CUDA, 4 GiB on CPU
+    adapter_dir             unset: <cache>/adapters (model/default_model.py's cache_root)
+    max_model_len           unset: the model's context length
+    max_num_batched_tokens  unset: 2048
+
+A resolved config resolves to itself, so LLMEngine.from_config (before loading: device and dtype
+from this machine) and LLMEngine.__init__ (a model in hand: device and dtype are the model's) both
+run it. Below the engine (lora/manager.py, budget.py, slots, ops/selector.py, catalog.py) only
+concrete values are read. The engine logs the result once at start (`describe`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Device, Dtype, EngineConfig, LoRABackend, resolved
+from ..lora.ops.interpreter import triton_interpreted
+from ..lora.ops.selector import triton_batch_class
+from ..model.arch import ModelArch
+from ..model.default_model import cache_root
+from ..model.llama import LlamaModel
+from ..model.loader import dtype_name, torch_dtype
+
+GIB = 1 << 30
+CPU_LORA_MEMORY_GB = 4.0
+CUDA_LORA_MEMORY_FRACTION = 0.10
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default with chunked prefill
+
+
+def resolve_config(config: EngineConfig, model: LlamaModel | ModelArch) -> EngineConfig:
+    """`config` with every field above concrete; ValueError for what cannot run here.
+
+    model: the base, built (its device, dtype and positions are the engine's: explicit values must
+    agree, and max_model_len may not pass its positions), or its architecture before loading (device
+    and dtype from this machine; max_model_len defaults to the architecture's context length)."""
+    mc, sc, lc = config.model, config.scheduler, config.lora
+    if isinstance(model, LlamaModel):
+        _check_agrees("device", mc.device, model.device.type)
+        _check_agrees("dtype", mc.dtype, dtype_name(model.dtype))
+        device, dtype, context_len = model.device, model.dtype, model.max_len
+    else:
+        device = resolve_device(mc.device)
+        dtype = resolve_dtype(mc.dtype, device)
+        context_len = model.max_position_embeddings
+    max_model_len = sc.max_model_len or context_len
+    if isinstance(model, LlamaModel) and max_model_len > model.max_len:
+        raise ValueError(f"max_model_len ({max_model_len}) exceeds the {model.max_len} positions the model was built for")
+    max_num_batched_tokens = sc.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+    if max_num_batched_tokens < sc.max_num_seqs:
+        raise ValueError(
+            f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({sc.max_num_seqs}): "
+            "every running sequence decodes a token each step"
+        )
+    lora = {
+        "lora_dtype": dtype_name(resolve_lora_dtype(lc.lora_dtype, device, dtype)),
+        "lora_backend": resolve_lora_backend(lc.lora_backend, device)[0],
+        "lora_memory_gb": lc.lora_memory_gb if lc.lora_memory_gb is not None else default_lora_memory_gb(device),
+        "adapter_dir": lc.adapter_dir if lc.adapter_dir is not None else cache_root() / "adapters",
+    }
+    return config.model_copy(
+        update={
+            "model": mc.model_copy(update={"device": device.type, "dtype": dtype_name(dtype)}),
+            "scheduler": sc.model_copy(update={"max_model_len": max_model_len, "max_num_batched_tokens": max_num_batched_tokens}),
+            "lora": lc.model_copy(update=lora),
+        }
+    )
+
+
+def describe(config: EngineConfig) -> str:
+    """The resolved values in one line, the LoRA backend with why it is the one."""
+    mc, sc, lc = config.model, config.scheduler, config.lora
+    device = torch.device(mc.device)
+    backend, why = resolve_lora_backend(lc.lora_backend, device)
+    return (
+        f"device={device.type} dtype={mc.dtype} lora_dtype={lc.lora_dtype} lora_backend={backend} ({why}) "
+        f"lora_memory_gb={resolved(lc.lora_memory_gb, 'lora_memory_gb'):.2f} adapter_dir={lc.adapter_dir} "
+        f"max_model_len={sc.max_model_len} max_num_batched_tokens={sc.max_num_batched_tokens}"
+    )
+
+
+def resolve_device(name: Device) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: Dtype, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch_dtype(name)
+
+
+def resolve_lora_dtype(name: Dtype, device: torch.device, base_dtype: torch.dtype) -> torch.dtype:
+    """The slots' dtype: auto is the base's dtype on CUDA, float32 on CPU."""
+    if name == "auto":
+        return base_dtype if device.type == "cuda" else torch.float32
+    return torch_dtype(name)
+
+
+def resolve_lora_backend(name: LoRABackend, device: torch.device) -> tuple[LoRABackend, str]:
+    """(backend, why it is the one). The same pair for its own result: a torch backend on CUDA says
+    why triton was not taken (it does not import, or torch was asked for) however it was reached."""
+    if device.type != "cuda":
+        if name != "triton":
+            return "torch", "CPU"
+        if not triton_interpreted():
+            raise ValueError("lora_backend=triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)")
+    cls, why = triton_batch_class()
+    if name == "triton":
+        if cls is None:
+            raise ValueError(f"lora_backend=triton was asked for but {why}")
+        return "triton", "CUDA" if device.type == "cuda" else "interpreter"
+    if cls is None:
+        return "torch", why
+    return ("triton", "CUDA") if name == "auto" else ("torch", "asked for")
+
+
+def default_lora_memory_gb(device: torch.device) -> float:
+    """Exact in GiB: the bytes of 10% of the GPU's memory, divided by a power of two, round-trip."""
+    if device.type == "cuda":
+        return int(CUDA_LORA_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory) / GIB
+    return CPU_LORA_MEMORY_GB
+
+
+def _check_agrees(field: str, configured: str, built: str) -> None:
+    if configured not in ("auto", built):
+        raise ValueError(f"{field}={configured} but the model was built with {field} {built}")
