@@ -43,7 +43,7 @@ class _Group:
         self.segments = segments
         self.slots = [s for s, _, _ in segments]
         self.m = max(hi - lo for _, lo, hi in segments)
-        self._indices: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._indices: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def fits(segments: list[Segment]) -> bool:
