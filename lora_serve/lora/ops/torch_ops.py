@@ -126,6 +126,9 @@ def _apply_stacked(slots: ProjectionSlots, g: _Group, members: tuple[int, ...], 
         xp = xs[lo:hi].unsqueeze(1)  # [c, 1, in]
     else:
         src, dst = g.indices(members, tuple(positions), x.device)
+        # src is ascending within [lo, hi): all of it when no segment of the group is left out (its
+        # adapter has another layout here), and then the result adds to a slice of y, not row by row.
+        whole = src.numel() == hi - lo
         xp = xs.new_zeros(c * m, xs.shape[1]).index_copy_(0, dst, xs.index_select(0, src)).view(c, m, -1)
     xa = torch.bmm(xp, stack.A.transpose(1, 2))  # [c, m, R]
     xa.mul_(stack.scales)  # [c, 1, R]: each column's scale
@@ -133,6 +136,8 @@ def _apply_stacked(slots: ProjectionSlots, g: _Group, members: tuple[int, ...], 
         d = torch.bmm(xa[:, :, r0:r1], stack.B[k].transpose(1, 2))  # B[k]: [c, out_s, r]
         if dense:
             y[lo:hi, out] += d.squeeze(1).to(y.dtype)
+        elif whole:
+            y[lo:hi, out] += d.view(c * m, -1).index_select(0, dst).to(y.dtype)
         else:
             y[:, out].index_add_(0, src, d.view(c * m, -1).index_select(0, dst).to(y.dtype))
 
