@@ -172,6 +172,13 @@ def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
+def write_package(root: Path, files: dict[str, str]) -> None:
+    """A toy package for the checks' own tests: file path under root -> source."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
 def test_every_module_has_a_layer():
     assert [m for m in find_modules(SOURCE, PACKAGE) if layer(m) is None] == []
 
@@ -208,9 +215,7 @@ def test_the_graph_sees_relative_function_level_and_type_checking_imports(tmp_pa
         "model/__init__.py": "",
         "model/linear.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..lora import slots\n",
     }
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
+    write_package(root, files)
     graph, unresolved = import_graph(root, "pkg")
     assert unresolved == []
     assert graph["pkg.lora.ops.a"] == {"pkg.lora.ops.b", "pkg.lora.slots"}
@@ -261,9 +266,7 @@ def test_the_door_check_sees_residency_imports_and_attributes(tmp_path):
         "api/a.py": "from ..lora.catalog import C\nfrom ..lora import residency\n"
         "def f(engine, config):\n    engine.adapters.list(); config.lora.max_loras; engine.engine.lora.residency\n",
     }
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
+    write_package(root, files)
     assert door_violations(root, "pkg") == [
         "pkg.api.a imports pkg.lora.residency",
         "pkg.api.a reads engine.engine.lora.residency (line 4)",

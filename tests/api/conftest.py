@@ -9,9 +9,16 @@ import pytest
 
 from lora_serve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
 from lora_serve.engine.async_engine import AsyncEngine
+from tests.api.adapter_helpers import make_tiny_adapters
 from tests.api.live_server import LiveServer, live_server
 
 TINY_MAX_MODEL_LEN = 256  # small, so that context-length errors are cheap to provoke
+
+
+@pytest.fixture(scope="package")
+def peft_paths(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny adapters (adapter_helpers.TINY_ADAPTERS) in PEFT's format, by name; read only."""
+    return make_tiny_adapters(tiny_llama_dir, tmp_path_factory.mktemp("peft"))[1]
 
 
 @pytest.fixture(scope="package")

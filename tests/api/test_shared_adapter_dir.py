@@ -16,15 +16,10 @@ import openai
 import pytest
 
 from lora_serve.config import ServerConfig
-from tests.api.adapter_helpers import ADMIN, adapter_files, admin_headers, make_tiny_adapters, tiny_engine_with, upload
+from tests.api.adapter_helpers import ADMIN, adapter_files, admin_headers, tiny_engine_with, upload
 from tests.api.live_server import LiveServer, live_server
 
 NEW_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def peft_paths(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_tiny_adapters(tiny_llama_dir, tmp_path_factory.mktemp("peft"))[1]
 
 
 @pytest.fixture(scope="module")

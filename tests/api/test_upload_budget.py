@@ -15,15 +15,10 @@ import pytest
 
 from lora_serve.config import ServerConfig
 from lora_serve.lora.lora_model import WEIGHTS_FILE
-from tests.api.adapter_helpers import ADMIN, adapter_files, admin_headers, make_tiny_adapters, tiny_engine_with, upload
+from tests.api.adapter_helpers import ADMIN, adapter_files, admin_headers, tiny_engine_with, upload
 from tests.api.live_server import LiveServer, live_server
 
 SMALL, LARGE = "r4-attn", "r8-all"
-
-
-@pytest.fixture(scope="module")
-def paths(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_tiny_adapters(tiny_llama_dir, tmp_path_factory.mktemp("peft"))[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +27,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir: Path, paths: dict[str, Path], store: Path) -> Iterator[LiveServer]:
+def server(tiny_llama_dir: Path, peft_paths: dict[str, Path], store: Path) -> Iterator[LiveServer]:
     # float32 weights: the file's size is the adapter's CPU bytes (plus a small header). The budget lies between the two.
-    small, large = ((paths[n] / WEIGHTS_FILE).stat().st_size for n in (SMALL, LARGE))
+    small, large = ((peft_paths[n] / WEIGHTS_FILE).stat().st_size for n in (SMALL, LARGE))
     assert small < large
     budget_gb = (small + large) / 2 / 2**30
     with tiny_engine_with(tiny_llama_dir, store, lora_memory_gb=budget_gb) as engine:
@@ -42,8 +37,8 @@ def server(tiny_llama_dir: Path, paths: dict[str, Path], store: Path) -> Iterato
             yield live
 
 
-def test_an_adapter_over_the_budget_is_413_and_leaves_nothing(server: LiveServer, paths: dict[str, Path], store: Path) -> None:
-    resp = upload(server.base_url, LARGE, adapter_files(paths[LARGE]))
+def test_an_adapter_over_the_budget_is_413_and_leaves_nothing(server: LiveServer, peft_paths: dict[str, Path], store: Path) -> None:
+    resp = upload(server.base_url, LARGE, adapter_files(peft_paths[LARGE]))
     assert resp.status_code == 413, resp.text
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -55,8 +50,8 @@ def test_an_adapter_over_the_budget_is_413_and_leaves_nothing(server: LiveServer
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
 
 
-def test_an_adapter_within_the_budget_uploads_and_serves(server: LiveServer, paths: dict[str, Path], store: Path) -> None:
-    assert upload(server.base_url, SMALL, adapter_files(paths[SMALL])).status_code == 201
+def test_an_adapter_within_the_budget_uploads_and_serves(server: LiveServer, peft_paths: dict[str, Path], store: Path) -> None:
+    assert upload(server.base_url, SMALL, adapter_files(peft_paths[SMALL])).status_code == 201
     assert [p.name for p in store.iterdir() if not p.name.startswith(".")] == [SMALL]
     reply = httpx.post(f"{server.base_url}/v1/completions", json={"model": SMALL, "prompt": "hi", "max_tokens": 2}, timeout=60)
     assert reply.status_code == 200, reply.text
