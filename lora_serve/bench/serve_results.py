@@ -38,16 +38,23 @@ def report(results: list[dict]) -> str:
         lo, hi = ratio["total_token_throughput_range"]
         text += (f"\n\nrate={ratio['request_rate']:g}: adapters / base, same trace, median of {ratio['rounds']} paired rounds: "
                  f"total tok/s {ratio['total_token_throughput']:.3f}x ({lo:.3f}-{hi:.3f}), "
-                 f"median TPOT {ratio['median_tpot_ms']:.3f}x, median TTFT {ratio['median_ttft_ms']:.3f}x")  # fmt: skip
+                 f"median TPOT {ratio['median_tpot_ms']:.3f}x, median TTFT {ratio['median_ttft_ms']:.3f}x, "
+                 f"goodput at {SLO_FACTOR:g}x the base's median TTFT and TPOT {ratio['goodput_vs_base']:.3f}x "
+                 f"({ratio['goodput_vs_base_range'][0]:.3f}-{ratio['goodput_vs_base_range'][1]:.3f})")  # fmt: skip
     errors = sorted({e for r in results for e in r["errors"]})
     if errors:
         text += "\n\nerrors: " + "; ".join(errors[:5])
     return text
 
 
+SLO_FACTOR = 2.0  # goodput_vs_base's SLO: TTFT and TPOT each at most this many times the base's median
+
+
 def base_ratios(results: list[dict]) -> list[dict]:
-    """Per rate: adapters run / base run of the same trace, paired within each round; median and range over rounds."""
-    keys = ("total_token_throughput", "output_throughput", "median_tpot_ms", "median_ttft_ms")
+    """Per rate: adapters run / base run of the same trace, paired within each round; median and range over rounds.
+    goodput_vs_base: requests per second meeting an SLO of SLO_FACTOR x the base's median TTFT and TPOT in
+    that round, the adapters' over the base's own (the bound follows the machine, so rounds compare)."""
+    keys = ("total_token_throughput", "output_throughput", "median_tpot_ms", "median_ttft_ms", "goodput_vs_base")
     out = []
     for rate in dict.fromkeys(r["request_rate"] for r in results):
         pairs = [
@@ -56,10 +63,29 @@ def base_ratios(results: list[dict]) -> list[dict]:
             for b in results if b["target"] == "base" and b["request_rate"] == rate and b["round"] == a["round"]
         ]  # fmt: skip
         if pairs:
+            pairs = [
+                ({**a, "goodput_vs_base": _goodput_at_base_slo(a, b)}, {**b, "goodput_vs_base": _goodput_at_base_slo(b, b)})
+                for a, b in pairs
+            ]
             per_key = {k: [a[k] / b[k] if b[k] else math.nan for a, b in pairs] for k in keys}
             out.append({"request_rate": rate, "rounds": len(pairs), **{k: statistics.median(v) for k, v in per_key.items()},
                         **{f"{k}_range": (min(v), max(v)) for k, v in per_key.items()}})  # fmt: skip
     return out
+
+
+def _goodput_at_base_slo(run: dict, base: dict) -> float:
+    """Requests per second of `run` whose TTFT and TPOT are at most SLO_FACTOR x `base`'s medians."""
+
+    def tpot(x: dict) -> float:  # one-token replies have none: they pass the TPOT bound, as in metrics.is_good
+        return (x["e2el_s"] - x["ttft_s"]) / (x["output_tokens"] - 1) if x["output_tokens"] > 1 else 0.0
+
+    done = [x for x in base["records"] if x["error"] is None]
+    if not done or not run["duration"]:
+        return math.nan
+    ttft_bound = SLO_FACTOR * statistics.median(x["ttft_s"] for x in done)
+    tpot_bound = SLO_FACTOR * statistics.median(tpot(x) for x in done)
+    good = [x for x in run["records"] if x["error"] is None and x["ttft_s"] <= ttft_bound and tpot(x) <= tpot_bound]
+    return len(good) / run["duration"]
 
 
 def write(results: list[dict], result_dir: Path, label: str) -> list[Path]:

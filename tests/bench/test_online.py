@@ -74,3 +74,21 @@ def test_unknown_adapter_is_an_error_not_a_crash(server):
     results = asyncio.run(online.bench(workload, ClientConfig(url=server.base_url, progress=False)))
     assert results[0]["completed"] == 0 and results[0]["failed"] == 2
     assert "HTTP 404" in results[0]["errors"][0]
+
+
+def _run(target: str, latencies: list[tuple[float, float]], duration: float = 10.0) -> dict:
+    """A run of 9-token replies with these (TTFT, TPOT) seconds: E2E = TTFT + 8 x TPOT."""
+    records = [{"ttft_s": ttft, "e2el_s": ttft + 8 * tpot, "output_tokens": 9, "error": None} for ttft, tpot in latencies]
+    return {"target": target, "request_rate": 1.0, "round": 0, "duration": duration, "records": records,
+            "total_token_throughput": 1.0, "output_throughput": 1.0, "median_tpot_ms": 1.0, "median_ttft_ms": 1.0}  # fmt: skip
+
+
+def test_goodput_vs_base_counts_requests_within_twice_the_base_medians() -> None:
+    # The base's medians: TTFT 1.0 s, TPOT 0.1 s, so the SLO is TTFT <= 2.0 s and TPOT <= 0.2 s.
+    base = _run("base", [(0.5, 0.05), (1.0, 0.1), (1.5, 0.3)])  # the last misses the TPOT bound: 2 good
+    adapters = _run("adapters", [(1.9, 0.19), (2.1, 0.1), (0.5, 0.25), (1.99, 0.199)])  # 2 good: the first and the last
+    (ratio,) = serve_results.base_ratios([adapters, base])
+    assert ratio["goodput_vs_base"] == pytest.approx((2 / 10) / (2 / 10))
+    slower = _run("adapters", [(1.9, 0.19), (3.0, 0.1)], duration=20.0)  # 1 good in twice the time
+    (ratio,) = serve_results.base_ratios([slower, base])
+    assert ratio["goodput_vs_base"] == pytest.approx((1 / 20) / (2 / 10))
