@@ -46,7 +46,7 @@ class AdapterRecord:
     requests_served: int = 0
     deleting: bool = False  # unlisted and refused to new requests; purged when in-flight ones end
     folder_id: tuple[int, int, int] | None = None  # (st_dev, st_ino, st_ctime_ns) of its adapter_dir folder when registered; None elsewhere
-    auto_merge: bool = False  # --merge-policy auto may merge it (see LoRAManager.register)
+    auto_merge: bool = False  # --merge-policy auto may merge it (see AdapterCatalog.register)
 
 
 def check_name(name: str, base_name: str) -> None:
