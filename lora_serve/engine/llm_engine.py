@@ -230,11 +230,12 @@ class LLMEngine:
 
     # --- merged mode (between steps) ------------------------------------------------------------
 
-    def merge_adapter(self, name: str) -> None:
-        """Fold `name` into the base weights now (blocking I/O if it is not CPU-resident)."""
+    def merge_adapter(self, name: str, auto: bool = False) -> None:
+        """Fold `name` into the base weights now (blocking I/O if it is not CPU-resident). auto: the
+        merge policy's choice (LoRAManager.merge refuses an adapter not marked auto_merge)."""
         lease = self.adapters.open(name)
         try:
-            self.lora.merge(lease)
+            self.lora.merge(lease, auto)
         finally:
             lease.close()
 
@@ -272,14 +273,10 @@ class LLMEngine:
     def _merge_resident(self, name: str) -> None:
         """The merge policy's merge: of an adapter requests in this step hold in CPU memory, so opening
         it here reads nothing from disk."""
-        with self.adapters.lock:
+        with self.adapters.lock:  # held from the check to the lease: no request thread evicts the copy between
             if self.adapters.cpu_copy(name) is None:
                 raise AdapterError(f"adapter {name!r} is not in CPU memory", param="name")
-            lease = self.adapters.open(name)
-        try:
-            self.lora.merge(lease, auto=True)
-        finally:
-            lease.close()
+            self.merge_adapter(name, auto=True)
 
     def postprocess(self, seqs: list[Sequence], tokens: list[int], logprobs: list) -> list[RequestOutput]:
         outputs = []
