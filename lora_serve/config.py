@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
+CPUKernels = Literal["auto", "on", "off"]
 T = TypeVar("T")
 
 
@@ -52,6 +53,13 @@ class ModelConfig(_Config):
 
     num_threads: int | None = None
     """CPU threads for torch (default: torch's own choice, usually one per core)."""
+
+    cpu_kernels: CPUKernels = "auto"
+    """Hand-written matmuls for small batches on CPU (model/cpu_kernels.c): the base's projections and
+    LM head while a step has at most 128 rows, and float16 adapters. Built at start with the machine's
+    C compiler (cc); several times faster than torch's for decode steps. auto: used when they build on
+    this CPU (x86-64 with AVX2, FMA and F16C), else torch's matmuls, and the start log says why; on:
+    refuse to start without them; off: torch's matmuls only. Not used on CUDA."""
 
 
 class CacheConfig(_Config):

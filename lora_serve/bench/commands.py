@@ -76,6 +76,9 @@ class BenchLoRA(_BenchBase):
     max_lora_rank: int | None = Field(None, ge=1)
     """The engine's --max-lora-rank (slot width; default: --rank). `lora-serve serve` defaults to 64."""
 
+    lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Adapter weight dtype in the slots (serve's --lora-dtype; auto as there)."""
+
     def cli_cmd(self) -> None:
         from lora_serve.bench import mixed_lora
 
@@ -90,6 +93,7 @@ class BenchLoRA(_BenchBase):
             self.peft,
             self.seed,
             self.max_lora_rank,
+            self.lora_dtype,
         )
         print(mixed_lora.report(result, self.num_adapters))
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+from ..config import CacheConfig, Dtype, EngineConfig, LoRAConfig, SchedulerConfig
 from ..engine.llm_engine import LLMEngine
 from .random_adapters import ALL_LINEAR, write_random_adapter
 from .roofline import decode_ceiling, read_bandwidth
@@ -38,11 +38,13 @@ def run(
     with_peft: bool = True,
     seed: int = 0,
     max_lora_rank: int | None = None,
+    lora_dtype: Dtype = "auto",
 ) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         engine = build_engine(
-            model_path, Path(tmp), num_adapters, rank, num_seqs, prompt_len + decode_steps + 8, max_lora_rank=max_lora_rank
-        )
+            model_path, Path(tmp), num_adapters, rank, num_seqs, prompt_len + decode_steps + 8,
+            max_lora_rank=max_lora_rank, lora_dtype=lora_dtype,
+        )  # fmt: skip
         names = [f"bench-{i}" for i in range(num_adapters)]
         loras = [names[i % num_adapters] for i in range(num_seqs)]
         prompts = random_prompts(engine.arch.vocab_size, [prompt_len] * num_seqs, seed)
@@ -105,7 +107,7 @@ def interleave(
 def build_engine(
     model_path: Path, tmp: Path, num_adapters: int, rank: int, num_seqs: int, max_len: int,
     max_loras: int | None = None, targets: tuple[str, ...] = ALL_LINEAR, kv_cache_gb: float = 1.0,
-    max_lora_rank: int | None = None,
+    max_lora_rank: int | None = None, lora_dtype: Dtype = "auto",
 ) -> LLMEngine:  # fmt: skip
     """An engine whose batch of num_seqs prompts fits one step, with adapters bench-0.. written to tmp and registered
     (max_loras default: no cap, as the server's)."""
@@ -115,7 +117,7 @@ def build_engine(
                 max_num_seqs=max(num_seqs, 1), max_model_len=max(max_len, 64), max_num_batched_tokens=max(2048, num_seqs * max_len)
             ),
             cache=CacheConfig(kv_cache_memory_gb=kv_cache_gb),
-            lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank or rank),
+            lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank or rank, lora_dtype=lora_dtype),
         ),
         model_path,
     )

@@ -18,6 +18,7 @@ from ..lora.manager import LoRAManager
 from ..lora.merge_policy import MergePolicy
 from ..lora.registry import AdapterRecord
 from ..model.arch import ModelArch
+from ..model.cpu_kernels import cpu_kernels
 from ..model.llama import LlamaModel
 from ..model.loader import load_model, torch_dtype
 from .detokenizer import Detokenizer
@@ -67,6 +68,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else set(self.arch.eos_token_ids)
         self.kv_cache = KVCache(self.arch, config.cache, self.dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache)
+        model.use_cpu_kernels(cpu_kernels()[0] if config.model.cpu_kernels == "on" else None)  # before the LoRA slots read it
         self.lora = LoRAManager(self.model, config.lora, self.base_name)  # residency: engine thread only
         self.adapters = self.lora.catalog  # the door for every other thread
         self.adapters.register_startup_adapters()
@@ -217,7 +219,11 @@ class LLMEngine:
         Rows never mix (projections are row-wise, attention reads only a sequence's own KV blocks,
         see kv_cache.py), so non-finite values stay in the request that produced them: e.g. one whose
         adapter's delta overflows the dtype on this prompt. Its blocks are cleared when freed."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # logits: [len(seqs), vocab]
+        # logits: [len(seqs), vocab]. A NaN or Inf anywhere in a row makes its sum non-finite, so one
+        # reduction clears the usual batch (4 ms of isfinite over 32 x 49152 logits, 0.2 ms of sum).
+        if bool(torch.isfinite(logits.sum(dim=-1)).all()):
+            return [], seqs, logits
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # a finite row can still sum past float32's range
         if all(finite):
             return [], seqs, logits
         failed = []

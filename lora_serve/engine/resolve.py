@@ -2,8 +2,11 @@
 
     device                  auto: cuda when torch sees one, else cpu
     dtype                   auto: bfloat16 on CUDA, float32 on CPU
+    cpu_kernels             auto: on when the CPU kernels build here (model/cpu_kernels.py), else off; off on CUDA
     lora_dtype              auto: the base's dtype on CUDA (a decode step reads every adapter of the
-                            batch; float32 doubles those bytes), float32 on CPU (small bf16 matmuls are slower)
+                            batch; float32 doubles those bytes); on CPU float16 where the CPU kernels
+                            run (they read it at half float32's bytes), else float32 (torch's small
+                            bf16/fp16 matmuls are slower than float32's there)
     lora_backend            auto: triton on CUDA when it imports, else torch (triton on CPU tensors only
                             under TRITON_INTERPRET=1, and only when asked for)
     lora_memory_gb          unset: 10% of the GPU's memory on CUDA, 4 GiB on CPU
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Device, Dtype, EngineConfig, LoRABackend, resolved
+from ..config import CPUKernels, Device, Dtype, EngineConfig, LoRABackend, resolved
 from ..lora.ops.interpreter import triton_interpreted
 from ..lora.ops.selector import triton_batch_class
 from ..model.arch import ModelArch
+from ..model.cpu_kernels import cpu_kernels
 from ..model.default_model import cache_root
 from ..model.llama import LlamaModel
 from ..model.loader import dtype_name, torch_dtype
@@ -59,15 +63,16 @@ def resolve_config(config: EngineConfig, model: LlamaModel | ModelArch) -> Engin
             f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({sc.max_num_seqs}): "
             "every running sequence decodes a token each step"
         )
+    kernels = resolve_cpu_kernels(mc.cpu_kernels, device, dtype)[0]
     lora = {
-        "lora_dtype": dtype_name(resolve_lora_dtype(lc.lora_dtype, device, dtype)),
+        "lora_dtype": dtype_name(resolve_lora_dtype(lc.lora_dtype, device, dtype, kernels == "on")),
         "lora_backend": resolve_lora_backend(lc.lora_backend, device)[0],
         "lora_memory_gb": lc.lora_memory_gb if lc.lora_memory_gb is not None else default_lora_memory_gb(device),
         "adapter_dir": lc.adapter_dir if lc.adapter_dir is not None else cache_root() / "adapters",
     }
     return config.model_copy(
         update={
-            "model": mc.model_copy(update={"device": device.type, "dtype": dtype_name(dtype)}),
+            "model": mc.model_copy(update={"device": device.type, "dtype": dtype_name(dtype), "cpu_kernels": kernels}),
             "scheduler": sc.model_copy(update={"max_model_len": max_model_len, "max_num_batched_tokens": max_num_batched_tokens}),
             "lora": lc.model_copy(update=lora),
         }
@@ -79,8 +84,10 @@ def describe(config: EngineConfig) -> str:
     mc, sc, lc = config.model, config.scheduler, config.lora
     device = torch.device(mc.device)
     backend, why = resolve_lora_backend(lc.lora_backend, device)
+    kernels, kernels_why = resolve_cpu_kernels(mc.cpu_kernels, device, torch_dtype(mc.dtype))
     return (
-        f"device={device.type} dtype={mc.dtype} lora_dtype={lc.lora_dtype} lora_backend={backend} ({why}) "
+        f"device={device.type} dtype={mc.dtype} cpu_kernels={kernels} ({kernels_why}) "
+        f"lora_dtype={lc.lora_dtype} lora_backend={backend} ({why}) "
         f"lora_memory_gb={resolved(lc.lora_memory_gb, 'lora_memory_gb'):.2f} adapter_dir={lc.adapter_dir} "
         f"max_model_len={sc.max_model_len} max_num_batched_tokens={sc.max_num_batched_tokens}"
     )
@@ -100,10 +107,26 @@ def resolve_dtype(name: Dtype, device: torch.device) -> torch.dtype:
     return torch_dtype(name)
 
 
-def resolve_lora_dtype(name: Dtype, device: torch.device, base_dtype: torch.dtype) -> torch.dtype:
-    """The slots' dtype: auto is the base's dtype on CUDA, float32 on CPU."""
+def resolve_cpu_kernels(name: CPUKernels, device: torch.device, dtype: torch.dtype) -> tuple[CPUKernels, str]:
+    """("on" or "off", why). The same pair for its own result, so `describe` can say why of a resolved config."""
+    if device.type != "cpu" or dtype != torch.float32:
+        if name == "on":
+            raise ValueError(f"cpu_kernels=on needs device=cpu and dtype=float32 (this is {device.type}, {dtype_name(dtype)})")
+        return "off", "not a float32 CPU model"
+    kernels, why = cpu_kernels()  # built once per process, then cached
+    if kernels is None:
+        if name == "on":
+            raise ValueError(f"cpu_kernels=on was asked for but {why}")
+        return "off", f"{why}: torch's matmuls, slower for small batches"
+    return ("off", "asked for") if name == "off" else ("on", "built")
+
+
+def resolve_lora_dtype(name: Dtype, device: torch.device, base_dtype: torch.dtype, cpu_kernels_on: bool = False) -> torch.dtype:
+    """The slots' dtype: auto is the base's dtype on CUDA; on CPU float16 where the CPU kernels run, else float32."""
     if name == "auto":
-        return base_dtype if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return base_dtype
+        return torch.float16 if cpu_kernels_on else torch.float32
     return torch_dtype(name)
 
 

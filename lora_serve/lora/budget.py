@@ -4,7 +4,8 @@
                      engine/resolve.py: 10% of the GPU's memory on CUDA; 4 GiB on CPU, where that
                      memory is the CPU tier itself (residency.py, "shared") and the bound applies to it).
     CPU tier         on CUDA, four times the device budget's adapters (as float32 host copies),
-                     so a request never waits for a host copy while device room is free.
+                     so a request never waits for a host copy while device room is free; on CPU
+                     (float32 or float16 slots) the budget itself: the copies are read in place.
     max_cpu_loras    an extra bound on the count of CPU copies, when given.
 
 The start-up log says how many rank-16 adapters on every projection of this base each holds.
@@ -19,6 +20,7 @@ import torch
 
 from ..config import LoRAConfig, resolved
 from ..model.llama import LlamaModel
+from .slot_writes import shares_cpu_copy
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +32,16 @@ REFERENCE_RANK = 16
 @dataclass(frozen=True)
 class LoRAMemory:
     budget_bytes: int  # adapter bytes where the matmuls read them (device, or the CPU tier when shared)
-    cpu_bytes: int  # bound on the CPU tier's float32 copies, in bytes
+    cpu_bytes: int  # bound on the CPU tier's copies, in bytes
     max_cpu_loras: int | None  # bound on their count (None: bytes only)
-    shared: bool  # CPU serving, float32 slots: the CPU tier is the memory the matmuls read
+    shared: bool  # CPU serving: the CPU tier, in the slots' dtype, is the memory the matmuls read
     reference_bytes: int  # one rank-16 all-projection adapter of this base in the slots' dtype
     device: str
 
     @classmethod
     def of(cls, config: LoRAConfig, model: LlamaModel, dtype: torch.dtype) -> LoRAMemory:
         """config: resolved (lora_memory_gb set); dtype: the slots'."""
-        shared = model.device.type == "cpu" and dtype == torch.float32
+        shared = shares_cpu_copy(model.device, dtype)
         budget = int(resolved(config.lora_memory_gb, "lora_memory_gb") * GIB)
         # Per projection slice (q, k, v, ... each): A [r, in] and B [out_s, r].
         reference_params = REFERENCE_RANK * sum(

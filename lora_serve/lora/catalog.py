@@ -126,9 +126,9 @@ class AdapterCatalog:
         folder_id = adapter_dir.folder_id(path) if in_store else None
         auto_merge = not in_store or read_owner(path) is None
         model = model or self.read(name, path, origin)
-        if 4 * model.num_params > self.memory.cpu_bytes:
+        if self.writer.host_bytes(model.num_params) > self.memory.cpu_bytes:
             raise AdapterTooLargeError(
-                f"adapter {name!r} needs {4 * model.num_params / 1e6:.0f} MB of CPU memory; the adapter memory "
+                f"adapter {name!r} needs {self.writer.host_bytes(model.num_params) / 1e6:.0f} MB of CPU memory; the adapter memory "
                 f"budget (lora_memory_gb) holds {self.memory.cpu_bytes / 1e6:.0f} MB",
                 param="adapter_model",
             )
@@ -216,7 +216,7 @@ class AdapterCatalog:
                 raise
             if name in self._cpu:
                 return record
-            self._loading[name] = 4 * record.num_params
+            self._loading[name] = self.writer.host_bytes(record.num_params)
             self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_usage()[0])
         try:
             loaded = self.writer.host_copy(self.read(name, record.path, record.origin), self.residency.layout)
@@ -282,7 +282,7 @@ class AdapterCatalog:
             return True
         if name in self._loading:
             return False
-        need = 4 * self.registry.get(name).num_params  # CPU copies are float32
+        need = self.writer.host_bytes(self.registry.get(name).num_params)
         while not self._cpu_fits(1, need):
             victim = next((n for n in self._cpu if self._refs.get(n, 0) == 0), None)
             if victim is None:
@@ -293,7 +293,7 @@ class AdapterCatalog:
     def _cpu_usage(self) -> tuple[int, int]:
         """(places, bytes) the CPU tier holds: copies and reads in progress; the merged adapter's copy,
         held by the merge, never evicted and with a slot of its own, is not counted."""
-        held = [4 * m.num_params for n, m in self._cpu.items() if n != self.merged_name] + list(self._loading.values())
+        held = [self.writer.host_bytes(m.num_params) for n, m in self._cpu.items() if n != self.merged_name] + list(self._loading.values())
         return len(held), sum(held)
 
     def _cpu_fits(self, places: int, num_bytes: int) -> bool:

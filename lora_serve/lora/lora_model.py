@@ -58,7 +58,7 @@ class LoRAModel:
     num_params: int  # elements of all A and B
     num_bytes: int  # size of adapter_model.safetensors
     sha256: str  # of adapter_model.safetensors
-    flat: torch.Tensor | None = None  # [num_params] float32 holding every A and B once packed (see packed())
+    flat: torch.Tensor | None = None  # [num_params] holding every A and B once packed (see packed())
 
     @classmethod
     def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> LoRAModel:
@@ -83,15 +83,15 @@ class LoRAModel:
             sha256=hashlib.sha256(data).hexdigest(),
         )
 
-    def packed(self, projections: list[tuple[int, tuple[str, ...]]], pin: bool = False) -> LoRAModel:
-        """The same adapter with every A and B in one float32 buffer (`flat`), laid out projection by
+    def packed(self, projections: list[tuple[int, tuple[str, ...]]], pin: bool = False, dtype: torch.dtype = torch.float32) -> LoRAModel:
+        """The same adapter with every A and B in one buffer (`flat`, of `dtype`), laid out projection by
         projection ((layer, slice names) in the base's order) as [A of each targeted slice][B of each]:
         the A rows of a fused projection's slices are then one [sum of ranks, in] view (one shrink covers
         them), and a device copy of the adapter is one copy of `flat` (residency.py). pin: page-locked
         memory, from which CUDA copies are asynchronous. Returns self when already packed that way."""
-        if self.flat is not None and self.flat.is_pinned() == pin:
+        if self.flat is not None and self.flat.is_pinned() == pin and self.flat.dtype == dtype:
             return self
-        flat = torch.empty(self.num_params, dtype=torch.float32, pin_memory=pin)
+        flat = torch.empty(self.num_params, dtype=dtype, pin_memory=pin)
         weights, offset = {}, 0
         for layer, names in projections:
             keys = [(layer, n) for n in names if (layer, n) in self.weights]

@@ -38,7 +38,8 @@ class MergedWeights:
         for (layer, module), w in adapter.weights.items():
             rows = self._rows(layer, module)
             self._pristine[(layer, module)] = rows.clone()
-            rows.copy_((rows.float() + w.scale * (w.B.to(rows.device) @ w.A.to(rows.device))).to(rows.dtype))
+            b, a = w.B.to(rows.device, torch.float32), w.A.to(rows.device, torch.float32)  # float16 CPU copies too
+            rows.copy_((rows.float() + w.scale * (b @ a)).to(rows.dtype))
         self.name = adapter.name
 
     @torch.no_grad()

@@ -2,11 +2,12 @@
 
 An adapter is resident when every projection's slot table (slots.py) points at its weights. Two
 ways, chosen once per engine:
-- shared (CPU with float32 slots, the CPU default): the device is the CPU, so the entries are views
-  of the CPU tier's own copy (LoRAModel.packed) and residency costs no second copy. An entry lives
+- shared (CPU, float32 or float16 slots): the device is the CPU, so the entries are views of the
+  CPU tier's own copy (LoRAModel.packed, kept in the slots' dtype: slot_writes.py) and residency
+  costs no second copy. An entry lives
   as long as that copy: the CPU tier (its byte budget and LRU, manager.py) decides which adapters
   stay in memory, drops an adapter's entry with its copy, and never drops a copy a request holds.
-- copied (CUDA, or slots in another dtype): one device buffer per adapter, exactly its ranks'
+- copied (CUDA, or bfloat16 slots on CPU): one device buffer per adapter, exactly its ranks'
   bytes, copied from the CPU tier in one transfer (from pinned memory, on a side stream: see
   slot_writes.py). The buffers share a byte budget (LoRAConfig.lora_memory_gb); unpinned ones
   stay for reuse and are evicted least recently used first when a new adapter needs room.
@@ -29,7 +30,7 @@ from ..model.llama import LlamaModel
 from .lora_model import LoRAModel
 from .merge import negated
 from .registry import AdapterRecord
-from .slot_writes import SlotWriter
+from .slot_writes import SlotWriter, shares_cpu_copy
 from .slots import ProjectionSlots
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class Residency:
     def __init__(self, model: LlamaModel, dtype: torch.dtype, budget_bytes: int, max_loras: int | None, writer: SlotWriter):
         self.dtype = dtype
         self.device = model.device
-        self.shared = model.device.type == "cpu" and dtype == torch.float32
+        self.shared = shares_cpu_copy(model.device, dtype)
         self.budget_bytes = budget_bytes
         self.max_loras = max_loras
         self.writer = writer

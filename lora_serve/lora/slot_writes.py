@@ -20,14 +20,27 @@ from .lora_model import LoRAModel
 from .slots import ProjectionSlots
 
 
+def shares_cpu_copy(device: torch.device, slot_dtype: torch.dtype) -> bool:
+    """Whether the slots view the CPU tier's copies in place (residency.py's shared mode): on CPU, for
+    float32 slots and for float16 ones (what the CPU kernels read; the CPU tier then keeps float16).
+    Other slot dtypes on CPU are copied from float32 CPU copies, as on CUDA."""
+    return device.type == "cpu" and slot_dtype in (torch.float32, torch.float16)
+
+
 class SlotWriter:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, slot_dtype: torch.dtype):
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # The CPU tier's dtype: the slots' own where they read it in place, else float32.
+        self.host_dtype = slot_dtype if shares_cpu_copy(device, slot_dtype) else torch.float32
 
     def host_copy(self, model: LoRAModel, layout: list[tuple[int, tuple[str, ...]]]) -> LoRAModel:
-        """The CPU-tier copy of an adapter: packed per projection (LoRAModel.packed), pinned when slots
-        are on CUDA (copies from pinned memory can be asynchronous)."""
-        return model.packed(layout, pin=self.stream is not None)
+        """The CPU-tier copy of an adapter: packed per projection (LoRAModel.packed) in host_dtype,
+        pinned when slots are on CUDA (copies from pinned memory can be asynchronous)."""
+        return model.packed(layout, pin=self.stream is not None, dtype=self.host_dtype)
+
+    def host_bytes(self, num_params: int) -> int:
+        """CPU-tier bytes of an adapter of num_params parameters."""
+        return num_params * self.host_dtype.itemsize
 
     @contextmanager
     def writing(self) -> Iterator[None]:

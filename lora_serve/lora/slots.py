@@ -10,9 +10,10 @@ Per entry, for a projection with output slices s = 1..n (q/k/v, gate/up, or one)
      B in the nn.Linear layout, used as B.t(), which MKL multiplies about 3x faster than a
      contiguous [r, out] (shared/RESEARCH.md). The scale (alpha/r, or alpha/sqrt(r)) is applied
      in float32 by the backends, so the stored weights are the adapter's own, rounded at most once.
-Their dtype is LoRAConfig.lora_dtype, resolved by engine/resolve.py: by default float32 on CPU, where
-small bf16 matmuls cost more than fp32, and the base's dtype on CUDA, as vLLM does: a decode step reads
-every adapter of the batch, and float32 doubles those bytes.
+Their dtype is LoRAConfig.lora_dtype, resolved by engine/resolve.py: the base's dtype on CUDA, as vLLM
+does (a decode step reads every adapter of the batch, and float32 doubles those bytes); on CPU float16
+where the CPU kernels run (they read it in place), else float32 (torch's small bf16 matmuls cost more
+than fp32's).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ProjectionSlots:
         self.out_slices = [linear.slice_of(name) for name in linear.slice_names]
         self.in_features = linear.in_features
         self.device, self.dtype = device, dtype
+        self.kernels = linear.kernels  # the CPU kernels (model/cpu_kernels.py) when the model runs on them: float16 entries read there
         self.entries: list[SlotEntry | None] = []  # by slot; None: free, or the adapter does not target this projection
         self.version = 0  # bumped by every fill and clear: the Triton backend rebuilds its tables on change
         self.kernel_tables: object | None = None  # the Triton backend's cache (ops/triton_kernels.py's KernelTables)

@@ -17,7 +17,8 @@ from torch import nn
 
 from .arch import ModelArch
 from .attention import Attention, AttentionMetadata
-from .linear import Linear, LoRABatch
+from .cpu_kernels import CPUKernels
+from .linear import Linear, LoRABatch, linear
 from .rope import RotaryEmbedding
 
 
@@ -106,6 +107,13 @@ class LlamaModel(nn.Module):
             self.lm_head_weight = nn.Parameter(
                 torch.empty(arch.vocab_size, arch.hidden_size, dtype=dtype, device=device), requires_grad=False
             )
+        self.kernels: CPUKernels | None = None
+
+    def use_cpu_kernels(self, kernels: CPUKernels | None) -> None:
+        """Run the projections and the LM head through the CPU kernels for small batches (None: torch's matmuls)."""
+        self.kernels = kernels
+        for m in self.linears().values():
+            m.kernels = kernels
 
     def linears(self) -> dict[str, Linear]:
         """Every LoRA-capable projection by its path, e.g. 'layers.3.self_attn.qkv_proj'."""
@@ -120,4 +128,4 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x = layer(x, meta, lora)
         x = self.norm(x[meta.logits_index])
-        return F.linear(x, self.lm_head_weight).float()
+        return linear(x, self.lm_head_weight, None, self.kernels).float()

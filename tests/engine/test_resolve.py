@@ -25,9 +25,16 @@ SMALL_CACHE = CacheConfig(kv_cache_memory_gb=0.01)
 
 @pytest.fixture(autouse=True)
 def cpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Resolve as this CPU machine does, wherever the suite runs; no triton interpreter unless a test sets it."""
+    """Resolve as this CPU machine does, wherever the suite runs: no CUDA, the CPU kernels built (a test
+    may take them away), no triton interpreter unless a test sets it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(resolve, "cpu_kernels", lambda: (object(), ""))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resolve, "cpu_kernels", lambda: (None, "no C compiler (cc or gcc) on PATH"))
 
 
 def config(model: dict | None = None, scheduler: dict | None = None, lora: dict | None = None) -> EngineConfig:
@@ -37,18 +44,46 @@ def config(model: dict | None = None, scheduler: dict | None = None, lora: dict 
 def test_auto_resolves_for_this_cpu_machine_and_model() -> None:
     got = resolve_config(EngineConfig(), ARCH)
     assert (got.model.device, got.model.dtype) == ("cpu", "float32")
-    assert (got.lora.lora_dtype, got.lora.lora_backend, got.lora.lora_memory_gb) == ("float32", "torch", 4.0)
+    assert got.model.cpu_kernels == "on"
+    assert (got.lora.lora_dtype, got.lora.lora_backend, got.lora.lora_memory_gb) == ("float16", "torch", 4.0)  # read by the kernels
     assert got.lora.adapter_dir == cache_root() / "adapters"
     assert (got.scheduler.max_model_len, got.scheduler.max_num_batched_tokens) == (512, 2048)
     assert describe(got) == (
-        f"device=cpu dtype=float32 lora_dtype=float32 lora_backend=torch (CPU) lora_memory_gb=4.00 "
+        f"device=cpu dtype=float32 cpu_kernels=on (built) lora_dtype=float16 lora_backend=torch (CPU) lora_memory_gb=4.00 "
         f"adapter_dir={cache_root() / 'adapters'} max_model_len=512 max_num_batched_tokens=2048"
     )
 
 
+def test_without_the_cpu_kernels_auto_keeps_torch_and_float32_adapters_and_says_why(no_compiler) -> None:
+    got = resolve_config(EngineConfig(), ARCH)
+    assert (got.model.cpu_kernels, got.lora.lora_dtype) == ("off", "float32")
+    assert "cpu_kernels=off (no C compiler (cc or gcc) on PATH: torch's matmuls, slower for small batches)" in describe(got)
+    assert resolve_config(got, ARCH) == got
+    with pytest.raises(ValueError, match="cpu_kernels=on was asked for but no C compiler"):
+        resolve_config(config(model=dict(cpu_kernels="on")), ARCH)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (dict(cpu_kernels="off"), ("off", "asked for")),
+        (dict(dtype="bfloat16"), ("off", "not a float32 CPU model")),  # the kernels read float32 activations
+    ],
+)
+def test_cpu_kernels_off_where_asked_for_or_not_float32(fields: dict, expected: tuple[str, str]) -> None:
+    got = resolve_config(config(model=fields), ARCH)
+    assert (got.model.cpu_kernels, got.lora.lora_dtype) == (expected[0], "float32")
+    assert f"cpu_kernels={expected[0]} ({expected[1]})" in describe(got)
+
+
+def test_cpu_kernels_on_a_bfloat16_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="cpu_kernels=on needs device=cpu and dtype=float32"):
+        resolve_config(config(model=dict(cpu_kernels="on", dtype="bfloat16")), ARCH)
+
+
 def test_explicit_values_pass_through_unchanged(tmp_path: Path) -> None:
     explicit = config(
-        model=dict(device="cpu", dtype="bfloat16"),
+        model=dict(device="cpu", dtype="bfloat16", cpu_kernels="off"),
         scheduler=dict(max_model_len=1024, max_num_batched_tokens=64, max_num_seqs=8),  # past the arch's 512: the model is built for it
         lora=dict(lora_dtype="float16", lora_backend="torch", lora_memory_gb=0.5, adapter_dir=tmp_path),
     )
@@ -102,7 +137,7 @@ def test_device_cuda_without_cuda_is_refused() -> None:
 @pytest.mark.parametrize(
     ("name", "device", "base", "expected"),
     [
-        ("auto", CPU, torch.float32, torch.float32),
+        ("auto", CPU, torch.float32, torch.float32),  # without the CPU kernels
         ("auto", CPU, torch.bfloat16, torch.float32),  # small bf16 matmuls are slow on CPU
         ("auto", CUDA, torch.bfloat16, torch.bfloat16),
         ("auto", CUDA, torch.float16, torch.float16),
@@ -114,6 +149,11 @@ def test_device_cuda_without_cuda_is_refused() -> None:
 )
 def test_lora_dtype_resolves_per_device_and_base(name, device, base, expected) -> None:
     assert resolve_lora_dtype(name, device, base) == expected
+
+
+def test_with_the_cpu_kernels_auto_adapters_are_float16_and_explicit_ones_stay() -> None:
+    assert resolve_lora_dtype("auto", CPU, torch.float32, cpu_kernels_on=True) == torch.float16
+    assert resolve_lora_dtype("float32", CPU, torch.float32, cpu_kernels_on=True) == torch.float32
 
 
 @pytest.fixture
@@ -177,7 +217,7 @@ def test_the_resolved_config_is_logged_once_per_engine_start(tiny_llama_dir: Pat
     assert "lora_backend=torch (CPU) lora_memory_gb=4.00" in resolved_lines(caplog)[0]
     assert sum(r.getMessage().startswith("LoRA memory: 4.00 GiB") for r in caplog.records) == 1
     assert resolve_config(engine.config, engine.model) == engine.config
-    assert engine.lora.slot_dtype == torch.float32 and engine.adapters.adapter_dir == cache_root() / "adapters"
+    assert engine.lora.slot_dtype == torch.float16 and engine.adapters.adapter_dir == cache_root() / "adapters"
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lora_serve"):

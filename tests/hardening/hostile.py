@@ -29,12 +29,13 @@ def _edited(src: Path, config_edit: Callable[[dict], None] | None = None, tensor
     return _files(config, tensors)
 
 
-def edge_of_bound(src: Path, fraction: float = 0.5) -> dict[str, bytes]:
-    """Every projection's B scaled so that scale·‖B‖·‖A‖ is `fraction` of float32's limit (1.8e19)."""
+def edge_of_bound(src: Path, dtype: torch.dtype, fraction: float = 0.5) -> dict[str, bytes]:
+    """Every projection's B scaled so that scale·‖B‖·‖A‖ is `fraction` of the limit in `dtype`, the
+    narrowest the server runs adapters in (sqrt of its largest value: 1.8e19 in float32, 256 in float16)."""
     config = json.loads((src / CONFIG_FILE).read_text())
     tensors = load((src / WEIGHTS_FILE).read_bytes())
     scale = config["lora_alpha"] / config["r"]
-    limit = math.sqrt(torch.finfo(torch.float32).max)
+    limit = math.sqrt(torch.finfo(dtype).max)
     for name in [n for n in tensors if ".lora_A." in n]:
         b_name = name.replace(".lora_A.", ".lora_B.")
         A, B = tensors[name].double(), tensors[b_name].double()

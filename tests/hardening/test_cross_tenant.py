@@ -28,8 +28,10 @@ import httpx
 import openai
 import psutil
 import pytest
+import torch
 
 from lora_serve.config import ServerConfig
+from lora_serve.model.loader import torch_dtype
 from tests.api.adapter_helpers import TINY_ADAPTERS, adapter_files, make_tiny_adapters, tiny_engine_with, upload
 from tests.api.live_server import LiveServer, live_server
 from tests.api.test_disconnect import _wait_idle
@@ -109,7 +111,9 @@ async def hostile_round(live: LiveServer, src: Path, round_no: int) -> None:
         assert 400 <= resp.status_code < 500, (case, resp.status_code, resp.text)
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
     edge = f"edge-{round_no}"
-    assert (await asyncio.to_thread(upload, live.base_url, edge, edge_of_bound(src), ACME)).status_code == 201
+    config = live.engine.engine.config  # the narrowest of the base's and the adapters' dtypes bounds an update
+    narrowest = min(torch_dtype(config.model.dtype), torch_dtype(config.lora.lora_dtype), key=lambda d: torch.finfo(d).max)
+    assert (await asyncio.to_thread(upload, live.base_url, edge, edge_of_bound(src, narrowest), ACME)).status_code == 201
     async with httpx.AsyncClient(base_url=live.base_url, headers=headers, timeout=60) as client:
         body = {"model": edge, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 24}
         resp = await client.post("/v1/chat/completions", json=body)

@@ -60,7 +60,8 @@ def test_cpu_copies_are_lru_and_bounded_and_read_in_place_on_cpu(tiny_llama_dir,
     for name in NAMES:
         assert run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": name})["r"]["tokens"] == alone[name]
     locations = {n: engine.adapters.location(n) for n in NAMES}
-    # float32 slots on CPU share the CPU tier's copies: what is in CPU memory is what the matmuls read.
+    # On CPU (float32, or float16 with the CPU kernels) the slots share the CPU tier's copies: what is in
+    # CPU memory is what the matmuls read.
     assert [n for n, loc in locations.items() if loc == "device"] == ["a3", "a4", "a5"]
     assert engine.lora.residency.bytes_used == 0  # no second copy
     assert engine.lora.residency.names() == ["a4", "a5"]  # max_loras of the CPU copies, viewed in place
@@ -181,9 +182,9 @@ def test_lora_modules_with_a_bad_name_stop_the_start(tiny_llama_dir, adapter_pat
         make(tiny_llama_dir, {name: adapter_paths["a0"]}, max_loras=1, max_cpu_loras=1)
 
 
-@pytest.mark.parametrize(("lora_dtype", "expected"), [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
+@pytest.mark.parametrize(("lora_dtype", "expected"), [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)])
 def test_lora_dtype_reaches_the_slots_of_every_projection(tiny_llama_dir, adapter_paths, lora_dtype, expected):
-    engine = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=6, lora_dtype=lora_dtype)  # CPU: auto is float32
+    engine = make(tiny_llama_dir, adapter_paths, max_loras=2, max_cpu_loras=6, lora_dtype=lora_dtype)
     engine.add_request("r", PROMPT, greedy(12), "a3")
     engine.step()  # running: its adapter is resident and pinned
     slots = [linear.lora_slots for layer in engine.model.layers for linear in layer.linears()]

@@ -75,7 +75,7 @@ def test_an_engine_under_a_tight_budget_gives_every_adapter_its_own_tokens(tiny_
 
 def test_on_cpu_the_budget_bounds_the_shared_cpu_copies(tiny_llama_dir, adapter_paths, alone):  # noqa: F811
     fp32 = {n: 2 * b for n, b in sizes(tiny_llama_dir, adapter_paths).items()}
-    engine = make(tiny_llama_dir, adapter_paths, fp32["a4"] + fp32["a5"], "auto")
+    engine = make(tiny_llama_dir, adapter_paths, fp32["a4"] + fp32["a5"], "float32")
     assert engine.lora.residency.shared
     for name in NAMES:
         assert run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": name})["r"]["tokens"] == alone[name]
@@ -86,7 +86,7 @@ def test_on_cpu_the_budget_bounds_the_shared_cpu_copies(tiny_llama_dir, adapter_
 def test_an_adapter_larger_than_the_budget_is_refused_at_registration(tiny_llama_dir, adapter_paths):  # noqa: F811
     fp32 = {n: 2 * b for n, b in sizes(tiny_llama_dir, adapter_paths).items()}
     with pytest.raises(AdapterTooLargeError, match="lora_memory_gb"):
-        make(tiny_llama_dir, adapter_paths, fp32["a5"] - 1, "auto", names=["a5"])
+        make(tiny_llama_dir, adapter_paths, fp32["a5"] - 1, "float32", names=["a5"])
 
 
 def test_the_logged_reference_adapter_is_a_real_rank_16_adapter_on_every_projection(tiny_llama_dir, tmp_path):
@@ -95,4 +95,4 @@ def test_the_logged_reference_adapter_is_a_real_rank_16_adapter_on_every_project
 
     path = write_random_adapter(tmp_path / "r16", ModelArch.from_dir(tiny_llama_dir), rank=16, seed=0)
     engine = make(tiny_llama_dir, {"r16": path}, GIB, "auto", names=["r16"])
-    assert engine.lora.memory.reference_bytes == engine.lora.adapter_bytes("r16")  # float32 on CPU
+    assert engine.lora.memory.reference_bytes == engine.lora.adapter_bytes("r16")  # in the resolved slot dtype

@@ -12,14 +12,17 @@ contiguous run of rows (a segment, as in Punica's SGMV). Two ways to apply a ste
 - per segment: one shrink x[lo:hi]·Aᵀ over all of the adapter's slices at once, then one
   `addmm_` per slice straight into the output view (long segments: prefill, or one adapter).
 
-Rows with no adapter are in no segment and receive nothing. Both compute in float32: bf16/fp16
-slots (LoRAConfig.lora_dtype) are upcast per step; float32 slots (the CPU default) are read in place.
+Rows with no adapter are in no segment and receive nothing. Both compute in float32. float32 slots
+are read in place; float16 slots of a model on the CPU kernels (model/cpu_kernels.c; the CPU default
+where they build) are read there, converted in registers, by groups and by segments of up to
+MAX_KERNEL_ROWS rows; longer segments, and other 16-bit slots, are upcast per step.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ...model.cpu_kernels import CPUKernels
 from ..slots import ProjectionSlots, SlotEntry
 from .segments import Segment, split_passes
 from .stacks import stack_for
@@ -30,6 +33,14 @@ from .stacks import stack_for
 # around eight and lost by several times at 64 (prefill).
 MAX_SEGMENT_ROWS = 4
 MAX_PADDING = 4
+# The float16 kernels do one dot product per (row, rank) and per (row, output): bandwidth-bound and
+# fastest while rows are few (decode); a long segment (prefill) upcasts its adapter and uses MKL's GEMM.
+MAX_KERNEL_ROWS = 8
+
+
+def _kernels(slots: ProjectionSlots, y: torch.Tensor) -> CPUKernels | None:
+    """The CPU kernels when they read these slots (float16 entries) into output y, else None."""
+    return slots.kernels if slots.dtype == torch.float16 and y.dtype == torch.float32 else None
 
 
 class _Group:
@@ -119,7 +130,8 @@ def _apply_stacked(slots: ProjectionSlots, g: _Group, members: tuple[int, ...], 
     m = g.m
     xs = x if x.dtype == torch.float32 else x.float()
     lo, hi = g.segments[members[0]][1], g.segments[members[-1]][2]
-    stack, positions = stack_for(slots.stacks, entries)
+    kernels = _kernels(slots, y)
+    stack, positions = stack_for(slots.stacks, entries, float16=kernels is not None)
     c = stack.capacity
     dense = g.dense(members) and positions == list(range(c))  # rows in stack order, no stale position
     if dense:
@@ -130,10 +142,20 @@ def _apply_stacked(slots: ProjectionSlots, g: _Group, members: tuple[int, ...], 
         # adapter has another layout here), and then the result adds to a slice of y, not row by row.
         whole = src.numel() == hi - lo
         xp = xs.new_zeros(c * m, xs.shape[1]).index_copy_(0, dst, xs.index_select(0, src)).view(c, m, -1)
-    xa = torch.bmm(xp, stack.A.transpose(1, 2))  # [c, m, R]
+    if kernels is not None:
+        xa = kernels.shrink(xp.view(c * m, -1), stack.A, m).view(c, m, -1)  # [c, m, R]
+    else:
+        xa = torch.bmm(xp, stack.A.transpose(1, 2))  # [c, m, R]
     xa.mul_(stack.scales)  # [c, 1, R]: each column's scale
     for k, (out, r0, r1, _, _) in enumerate(entries[0].layout):
-        d = torch.bmm(xa[:, :, r0:r1], stack.B[k].transpose(1, 2))  # B[k]: [c, out_s, r]
+        if kernels is not None and dense:  # straight into y's rows
+            kernels.expand_add(xa[:, 0, r0:r1], stack.B[k], y[lo:hi, out], 1)
+            continue
+        if kernels is not None:
+            d = xa.new_zeros(c, m, out.stop - out.start)
+            kernels.expand_add(xa.view(c * m, -1)[:, r0:r1], stack.B[k], d.view(c * m, -1), m)
+        else:
+            d = torch.bmm(xa[:, :, r0:r1], stack.B[k].transpose(1, 2))  # B[k]: [c, out_s, r]
         if dense:
             y[lo:hi, out] += d.squeeze(1).to(y.dtype)
         elif whole:
@@ -148,10 +170,16 @@ def _apply_segments(slots: ProjectionSlots, segments: list[Segment], x: torch.Te
         entry = slots.entries[slot] if slot < len(slots.entries) else None
         if entry is None:
             continue  # this adapter does not target this projection
-        a = entry.A if entry.A.dtype == torch.float32 else entry.A.float()
         xs = x[lo:hi] if fp32 else x[lo:hi].float()
-        xa = xs @ a.t()  # [n, R]
         ys = y[lo:hi]
+        kernels = _kernels(slots, y) if hi - lo <= MAX_KERNEL_ROWS else None
+        if kernels is not None:
+            xa = kernels.shrink(xs, entry.A, hi - lo).mul_(entry.scales)  # [n, R], scaled
+            for out, r0, r1, b, _ in entry.layout:
+                kernels.expand_add(xa[:, r0:r1], b, ys[:, out], hi - lo)
+            continue
+        a = entry.A if entry.A.dtype == torch.float32 else entry.A.float()
+        xa = xs @ a.t()  # [n, R]
         for out, r0, r1, b, scale in entry.layout:
             bt = (b if b.dtype == torch.float32 else b.float()).t()  # [r, out_s]
             if fp32:
