@@ -33,6 +33,7 @@ from ..engine.sampling_params import SamplingParams
 from ..lora.ops.interpreter import triton_interpreted
 from ..lora.ops.selector import triton_batch_class
 from ..lora.ops.torch_ops import SegmentedLoRABatch
+from ..model.loader import dtype_name
 from .kernel_check import check_projections
 from .llama_shapes import arch_of
 from .mixed_lora import Configs, interleave, report, summarise
@@ -79,9 +80,12 @@ def check_shape(plan, shape: str, backends: dict[str, type], device: torch.devic
         lora_backend = plan.backend
     num_adapters = max(plan.num_adapters_list)
     max_len = plan.prompt_len + plan.decode_steps + 8
+    # The slots' dtype as printed above, explicit: the checks swap backends on one engine, so its slots must
+    # be in the layout every backend reads (not the CPU kernels' float16 one that auto would give on a CPU).
     lora = LoRAConfig(
-        max_loras=num_adapters, max_cpu_loras=num_adapters, max_lora_rank=plan.rank, lora_backend=lora_backend, lora_dtype=plan.lora_dtype
-    )
+        max_loras=num_adapters, max_cpu_loras=num_adapters, max_lora_rank=plan.rank, lora_backend=lora_backend,
+        lora_dtype=dtype_name(slot_dtype),
+    )  # fmt: skip
     engine = RandomEngine(arch, lora, device, dtype, plan.num_seqs, max_len, plan.seed)
     print(f"\nengine: LoRA ops {engine.lora.batch_cls.__name__}, {num_adapters} slots of rank {plan.rank}")
     names = _add_adapters(engine, num_adapters, plan.rank, plan.seed)

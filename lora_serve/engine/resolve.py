@@ -64,9 +64,10 @@ def resolve_config(config: EngineConfig, model: LlamaModel | ModelArch) -> Engin
             "every running sequence decodes a token each step"
         )
     kernels = resolve_cpu_kernels(mc.cpu_kernels, device, dtype)[0]
+    backend = resolve_lora_backend(lc.lora_backend, device)[0]
     lora = {
-        "lora_dtype": dtype_name(resolve_lora_dtype(lc.lora_dtype, device, dtype, kernels == "on")),
-        "lora_backend": resolve_lora_backend(lc.lora_backend, device)[0],
+        "lora_dtype": dtype_name(resolve_lora_dtype(lc.lora_dtype, device, dtype, kernels == "on" and backend == "torch")),
+        "lora_backend": backend,
         "lora_memory_gb": lc.lora_memory_gb if lc.lora_memory_gb is not None else default_lora_memory_gb(device),
         "adapter_dir": lc.adapter_dir if lc.adapter_dir is not None else cache_root() / "adapters",
     }
@@ -122,7 +123,8 @@ def resolve_cpu_kernels(name: CPUKernels, device: torch.device, dtype: torch.dty
 
 
 def resolve_lora_dtype(name: Dtype, device: torch.device, base_dtype: torch.dtype, cpu_kernels_on: bool = False) -> torch.dtype:
-    """The slots' dtype: auto is the base's dtype on CUDA; on CPU float16 where the CPU kernels run, else float32."""
+    """The slots' dtype: auto is the base's dtype on CUDA; on CPU float16 where the CPU kernels read the
+    adapters (cpu_kernels_on: they run, under the torch backend), else float32."""
     if name == "auto":
         if device.type == "cuda":
             return base_dtype

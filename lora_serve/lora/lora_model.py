@@ -45,8 +45,8 @@ TENSOR_NAME = re.compile(
 class LoRAWeights:
     """One targeted projection of one layer."""
 
-    A: torch.Tensor  # [r, in] float32, contiguous
-    B: torch.Tensor  # [out, r] float32, the nn.Linear layout: used as (x·Aᵀ)·Bᵀ
+    A: torch.Tensor  # [r, in], contiguous (float32 as loaded; packed() may hold another dtype)
+    B: torch.Tensor  # [out, r], the nn.Linear layout: used as (x·Aᵀ)·Bᵀ; packed(b_transposed=True): a view of [r, out] memory
     scale: float  # alpha / r, or alpha / sqrt(r) with rslora
 
 
@@ -59,6 +59,7 @@ class LoRAModel:
     num_bytes: int  # size of adapter_model.safetensors
     sha256: str  # of adapter_model.safetensors
     flat: torch.Tensor | None = None  # [num_params] holding every A and B once packed (see packed())
+    b_transposed: bool = False  # packed with each B stored as [r, out] (see packed())
 
     @classmethod
     def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> LoRAModel:
@@ -83,13 +84,21 @@ class LoRAModel:
             sha256=hashlib.sha256(data).hexdigest(),
         )
 
-    def packed(self, projections: list[tuple[int, tuple[str, ...]]], pin: bool = False, dtype: torch.dtype = torch.float32) -> LoRAModel:
+    def packed(
+        self,
+        projections: list[tuple[int, tuple[str, ...]]],
+        pin: bool = False,
+        dtype: torch.dtype = torch.float32,
+        b_transposed: bool = False,
+    ) -> LoRAModel:
         """The same adapter with every A and B in one buffer (`flat`, of `dtype`), laid out projection by
         projection ((layer, slice names) in the base's order) as [A of each targeted slice][B of each]:
         the A rows of a fused projection's slices are then one [sum of ranks, in] view (one shrink covers
         them), and a device copy of the adapter is one copy of `flat` (residency.py). pin: page-locked
-        memory, from which CUDA copies are asynchronous. Returns self when already packed that way."""
-        if self.flat is not None and self.flat.is_pinned() == pin and self.flat.dtype == dtype:
+        memory, from which CUDA copies are asynchronous. b_transposed: each B stored as [r, out] (B is then
+        a transposed view of it), the layout the CPU kernels read (model/cpu_kernels.c: one row of B per
+        rank, added to 64 outputs at a time). Returns self when already packed that way."""
+        if self.flat is not None and self.flat.is_pinned() == pin and self.flat.dtype == dtype and self.b_transposed == b_transposed:
             return self
         flat = torch.empty(self.num_params, dtype=dtype, pin_memory=pin)
         weights, offset = {}, 0
@@ -99,12 +108,16 @@ class LoRAModel:
             for half in ("A", "B"):
                 for key in keys:
                     src = getattr(self.weights[key], half)
-                    views[key][half] = flat[offset : offset + src.numel()].view_as(src).copy_(src)
+                    block = flat[offset : offset + src.numel()]
+                    if half == "B" and b_transposed:
+                        views[key][half] = block.view(src.shape[1], src.shape[0]).copy_(src.t()).t()
+                    else:
+                        views[key][half] = block.view_as(src).copy_(src)
                     offset += src.numel()
             weights.update({k: replace(self.weights[k], A=v["A"], B=v["B"]) for k, v in views.items()})
         if weights.keys() != self.weights.keys():
             raise ValueError(f"adapter {self.name!r} targets projections the base does not have")
-        return replace(self, weights=weights, flat=flat)
+        return replace(self, weights=weights, flat=flat, b_transposed=b_transposed)
 
     def flat_offset(self, t: torch.Tensor) -> int:
         """Where tensor `t` (a view of `flat`) starts in `flat`, in elements."""

@@ -39,7 +39,8 @@ class LoRAManager:
         self.merged = MergedWeights(model)
         self.batch_cls = lora_batch_class(config.lora_backend)
         self.slot_dtype = torch_dtype(config.lora_dtype)
-        self.slot_writer = SlotWriter(model.device, self.slot_dtype)  # side-stream copies from pinned memory on CUDA
+        read_by_kernels = model.kernels is not None and config.lora_backend == "torch"  # model/cpu_kernels.py
+        self.slot_writer = SlotWriter(model.device, self.slot_dtype, read_by_kernels)  # side-stream copies from pinned memory on CUDA
         self.memory = LoRAMemory.of(config, model, self.slot_dtype)
         # Shared residency counts no device bytes (bytes_of is 0): the budget binds the CPU tier instead.
         self.residency = Residency(model, self.slot_dtype, self.memory.budget_bytes, config.max_loras, self.slot_writer)

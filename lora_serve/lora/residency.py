@@ -81,7 +81,7 @@ class Residency:
         self.projections: list[tuple[int, tuple[str, ...], ProjectionSlots]] = []
         for i, layer in enumerate(model.layers):
             for linear in layer.linears():
-                slots = ProjectionSlots(linear, model.device, dtype)
+                slots = ProjectionSlots(linear, model.device, dtype, linear.kernels if writer.b_transposed else None)
                 linear.lora_slots = slots
                 self.projections.append((i, linear.slice_names, slots))
 
@@ -237,6 +237,5 @@ class Residency:
 
 
 def _view(flat: torch.Tensor, model: LoRAModel, t: torch.Tensor) -> torch.Tensor:
-    """The tensor of `flat` (model.flat or its device copy) at the place `t` has in model.flat."""
-    start = model.flat_offset(t)
-    return flat[start : start + t.numel()].view(t.shape)
+    """The tensor of `flat` (model.flat or its device copy) at the place, and with the strides, `t` has in model.flat."""
+    return flat.as_strided(t.shape, t.stride(), flat.storage_offset() + model.flat_offset(t))

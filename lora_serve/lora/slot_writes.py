@@ -28,15 +28,18 @@ def shares_cpu_copy(device: torch.device, slot_dtype: torch.dtype) -> bool:
 
 
 class SlotWriter:
-    def __init__(self, device: torch.device, slot_dtype: torch.dtype):
+    def __init__(self, device: torch.device, slot_dtype: torch.dtype, cpu_kernels: bool = False):
+        """cpu_kernels: the slots are read by the CPU kernels (model/cpu_kernels.py), through the torch backend."""
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # The CPU tier's dtype: the slots' own where they read it in place, else float32.
         self.host_dtype = slot_dtype if shares_cpu_copy(device, slot_dtype) else torch.float32
+        # The CPU kernels read float16 adapters with each B stored as [r, out] (LoRAModel.packed).
+        self.b_transposed = cpu_kernels and self.host_dtype == torch.float16
 
     def host_copy(self, model: LoRAModel, layout: list[tuple[int, tuple[str, ...]]]) -> LoRAModel:
         """The CPU-tier copy of an adapter: packed per projection (LoRAModel.packed) in host_dtype,
         pinned when slots are on CUDA (copies from pinned memory can be asynchronous)."""
-        return model.packed(layout, pin=self.stream is not None, dtype=self.host_dtype)
+        return model.packed(layout, pin=self.stream is not None, dtype=self.host_dtype, b_transposed=self.b_transposed)
 
     def host_bytes(self, num_params: int) -> int:
         """CPU-tier bytes of an adapter of num_params parameters."""

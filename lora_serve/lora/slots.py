@@ -8,7 +8,8 @@ Per entry, for a projection with output slices s = 1..n (q/k/v, gate/up, or one)
      ranks), so the shrink x·Aᵀ of all slices is one matmul;
   per targeted slice (output columns, first column of x·Aᵀ, end column, B [out_s, r], scale):
      B in the nn.Linear layout, used as B.t(), which MKL multiplies about 3x faster than a
-     contiguous [r, out] (shared/RESEARCH.md). The scale (alpha/r, or alpha/sqrt(r)) is applied
+     contiguous [r, out] (shared/RESEARCH.md); for the CPU kernels (float16 on CPU), a transposed
+     view of [r, out] memory, which they read a rank at a time (LoRAModel.packed's b_transposed). The scale (alpha/r, or alpha/sqrt(r)) is applied
      in float32 by the backends, so the stored weights are the adapter's own, rounded at most once.
 Their dtype is LoRAConfig.lora_dtype, resolved by engine/resolve.py: the base's dtype on CUDA, as vLLM
 does (a decode step reads every adapter of the batch, and float32 doubles those bytes); on CPU float16
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.cpu_kernels import CPUKernels
 from ..model.linear import Linear
 from .lora_model import LoRAWeights
 
@@ -39,11 +41,12 @@ class SlotEntry:
 
 
 class ProjectionSlots:
-    def __init__(self, linear: Linear, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, linear: Linear, device: torch.device, dtype: torch.dtype = torch.float32, kernels: CPUKernels | None = None):
         self.out_slices = [linear.slice_of(name) for name in linear.slice_names]
         self.in_features = linear.in_features
         self.device, self.dtype = device, dtype
-        self.kernels = linear.kernels  # the CPU kernels (model/cpu_kernels.py) when the model runs on them: float16 entries read there
+        self.kernels = kernels  # the CPU kernels (model/cpu_kernels.py) when they read these float16 entries (torch backend)
+        self.cpu_tables: dict = {}  # the torch backend's task tables for those kernels (ops/torch_ops.py)
         self.entries: list[SlotEntry | None] = []  # by slot; None: free, or the adapter does not target this projection
         self.version = 0  # bumped by every fill and clear: the Triton backend rebuilds its tables on change
         self.kernel_tables: object | None = None  # the Triton backend's cache (ops/triton_kernels.py's KernelTables)
@@ -62,7 +65,11 @@ class ProjectionSlots:
             if w is None:
                 continue
             r = w.A.shape[0]
-            B = w.B.to(self.device, self.dtype).contiguous()  # no copy when it already is (residency's views)
+            B = w.B.to(self.device, self.dtype)  # no copy when it already is (residency's views)
+            if self.kernels is not None and self.dtype == torch.float16:
+                B = B if B.t().is_contiguous() else B.t().contiguous().t()  # the CPU kernels read [r, out] memory
+            elif not (B.is_contiguous() or B.t().is_contiguous()):
+                B = B.contiguous()
             layout.append((self.out_slices[s], row, row + r, B, float(w.scale)))
             signature += ((s, row, row + r),)
             row += r

@@ -16,12 +16,12 @@ loaded). Row-major; "rows of stride ld" means row i starts at p + i * ld, column
 
   linear  y[m, n] = sum_k x[m, k] * W[n, k]            x: fp32 [M, K] rows of stride ldx, W: fp32 [N, K]
                                                        contiguous, y: fp32 [M, N] rows of stride ldy
-  shrink  out[row, r] = sum_k x[row, k] * A[g, r, k]   row = g * M + i; x: fp32 rows of stride ldx,
-                                                       A: fp16 [G, R, K], out: fp32 [G * M, R] contiguous
-  expand  y[row, o] += sum_j h[row, j] * B[g, o, j]    h: fp32 rows of stride ldh (r columns read),
-                                                       B: fp16 [G, O, r], y: fp32 rows of stride ldy
+  shrink  per segment of rows, x·Aᵀ of its adapter, scaled per column      (lora_shrink_seg_f16)
+  expand  per segment and output slice, y += (x·Aᵀ)·Bᵀ of its adapter      (lora_expand_seg_f16)
+          adapters are read where they lie (arrays of pointers): nothing is stacked, gathered or padded.
 */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 static inline float hsum(__m256 v) {
@@ -47,13 +47,18 @@ static inline __m256 load_f16(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
-/* sum_k a[k] * x[k] over n elements, a in float16. */
+/* sum_k a[k] * x[k] over n elements, a in float16 (two accumulators: the FMA's latency, not its
+   throughput, bounds one chain). */
 static inline float dot_f16(const uint16_t *a, const float *x, long n) {
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     long k = 0;
+    for (; k + 16 <= n; k += 16) {
+        acc = _mm256_fmadd_ps(load_f16(a + k), _mm256_loadu_ps(x + k), acc);
+        acc1 = _mm256_fmadd_ps(load_f16(a + k + 8), _mm256_loadu_ps(x + k + 8), acc1);
+    }
     for (; k + 8 <= n; k += 8)
         acc = _mm256_fmadd_ps(load_f16(a + k), _mm256_loadu_ps(x + k), acc);
-    float s = hsum(acc);
+    float s = hsum(_mm256_add_ps(acc, acc1));
     for (; k < n; k++)
         s += _cvtsh_ss(a[k]) * x[k];
     return s;
@@ -108,35 +113,63 @@ void linear_f32(const float *x, long ldx, const float *W, float *y, long ldy, lo
     }
 }
 
-void lora_shrink_f16(const float *x, long ldx, const uint16_t *A, float *out,
-                     long G, long M, long K, long R, int num_threads) {
-    /* Each (group, rank) pair reads its row of A once and applies it to the group's M rows. */
+/* The LoRA shrink over a step's segments: rows [lo[s], hi[s]) use adapter s, whose A is fp16 [R[s], K]
+   at A[s] and whose per-column scales are fp32 [R[s]] at scale[s]. out[t, r] = scale[s][r] * x[t]·A[s][r]
+   for r < R[s] (out: fp32 rows of stride ldo >= max R; other columns and rows are not written). */
+void lora_shrink_seg_f16(const float *x, long ldx, long K, long S, const long *lo, const long *hi,
+                         const uint16_t *const *A, const long *R, const float *const *scale,
+                         float *out, long ldo, long max_r, int num_threads) {
 #pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
-    for (long g = 0; g < G; g++) {
-        for (long r = 0; r < R; r++) {
-            const uint16_t *a = A + (g * R + r) * K;
-            for (long i = 0; i < M; i++) {
-                long row = g * M + i;
-                out[row * R + r] = dot_f16(a, x + row * ldx, K);
-            }
+    for (long s = 0; s < S; s++) {
+        for (long r = 0; r < max_r; r++) {
+            if (r >= R[s])
+                continue;
+            const uint16_t *a = A[s] + r * K; /* read once from memory, then from L1 for each row */
+            float sc = scale[s][r];
+            for (long t = lo[s]; t < hi[s]; t++)
+                out[t * ldo + r] = sc * dot_f16(a, x + t * ldx, K);
         }
     }
 }
 
-#define OUT_BLOCK 64 /* outputs per task: enough tasks for the threads when G * M is 1 */
+#define OUT_BLOCK 64 /* outputs per task: enough tasks for the threads when a step has few segments */
 
-void lora_expand_f16(const float *h, long ldh, const uint16_t *B, float *y, long ldy,
-                     long G, long M, long O, long r, int num_threads) {
-    long blocks = (O + OUT_BLOCK - 1) / OUT_BLOCK;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
-    for (long g = 0; g < G; g++) {
-        for (long ob = 0; ob < blocks; ob++) {
-            long end = (ob + 1) * OUT_BLOCK < O ? (ob + 1) * OUT_BLOCK : O;
-            for (long o = ob * OUT_BLOCK; o < end; o++) {
-                const uint16_t *b = B + (g * O + o) * r;
-                for (long i = 0; i < M; i++) {
-                    long row = g * M + i;
-                    y[row * ldy + o] += dot_f16(b, h + row * ldh, r);
+/* The LoRA expand over tasks, one per (segment, targeted output slice): for rows [lo[i], hi[i]),
+   y[t, ycol[i] + o] += sum_j h[t, hcol[i] + j] * B[i][j, o] for o < O[i], j < r[i], with B fp16 [r[i], O[i]]
+   (the transpose of PEFT's B: each rank's row is added to 64 outputs held in 8 registers, no horizontal sums).
+   Tasks of one call write disjoint parts of y (segments of a pass share no row; slices share no column). */
+void lora_expand_seg_f16(const float *h, long ldh, float *y, long ldy, long n,
+                         const long *lo, const long *hi, const long *hcol, const long *r,
+                         const uint16_t *const *B, const long *ycol, const long *O, long max_blocks, int num_threads) {
+#pragma omp parallel for collapse(2) schedule(dynamic, 4) num_threads(num_threads)
+    for (long i = 0; i < n; i++) {
+        for (long ob = 0; ob < max_blocks; ob++) {
+            long o0 = ob * OUT_BLOCK, width = O[i] - o0 < OUT_BLOCK ? O[i] - o0 : OUT_BLOCK;
+            if (width <= 0)
+                continue;
+            const uint16_t *b = B[i] + o0; /* rank j's outputs at b + j * O[i] */
+            for (long t = lo[i]; t < hi[i]; t++) {
+                float *yr = y + t * ldy + ycol[i] + o0;
+                const float *hr = h + t * ldh + hcol[i];
+                if (width == OUT_BLOCK) {
+                    __m256 acc[8];
+                    for (int q = 0; q < 8; q++)
+                        acc[q] = _mm256_loadu_ps(yr + 8 * q);
+                    for (long j = 0; j < r[i]; j++) {
+                        __m256 hv = _mm256_set1_ps(hr[j]);
+                        const uint16_t *bj = b + j * O[i];
+                        for (int q = 0; q < 8; q++)
+                            acc[q] = _mm256_fmadd_ps(load_f16(bj + 8 * q), hv, acc[q]);
+                    }
+                    for (int q = 0; q < 8; q++)
+                        _mm256_storeu_ps(yr + 8 * q, acc[q]);
+                } else { /* the last, narrower block of a slice whose width is not a multiple of 64 */
+                    for (long o = 0; o < width; o++) {
+                        float acc = yr[o];
+                        for (long j = 0; j < r[i]; j++)
+                            acc = fmaf(_cvtsh_ss(b[j * O[i] + o]), hr[j], acc);
+                        yr[o] = acc;
+                    }
                 }
             }
         }

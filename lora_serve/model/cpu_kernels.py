@@ -23,6 +23,7 @@ import threading
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .default_model import cache_root
@@ -40,11 +41,11 @@ class CPUKernels:
         self._linear = lib.linear_f32
         self._linear.argtypes = [_P, _L, _P, _P, _L, _L, _L, _L, _I]
         self._linear.restype = None
-        self._shrink = lib.lora_shrink_f16
-        self._shrink.argtypes = [_P, _L, _P, _P, _L, _L, _L, _L, _I]
+        self._shrink = lib.lora_shrink_seg_f16
+        self._shrink.argtypes = [_P, _L, _L, _L, _P, _P, _P, _P, _P, _P, _L, _L, _I]
         self._shrink.restype = None
-        self._expand = lib.lora_expand_f16
-        self._expand.argtypes = [_P, _L, _P, _P, _L, _L, _L, _L, _L, _I]
+        self._expand = lib.lora_expand_seg_f16
+        self._expand.argtypes = [_P, _L, _P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _L, _I]
         self._expand.restype = None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,26 +64,79 @@ class CPUKernels:
         self._linear(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y if bias is None else y.add_(bias)
 
-    def shrink(self, x: torch.Tensor, A: torch.Tensor, m: int) -> torch.Tensor:
-        """x: [G * m, K] float32 with unit column stride; A: [G, R, K] (or [R, K] for G = 1) float16,
-        contiguous. Returns x·Aᵀ per group: [G * m, R] float32."""
-        A3 = A if A.dim() == 3 else A.unsqueeze(0)
-        g, r, k = A3.shape
-        if x.shape != (g * m, k) or x.stride(1) != 1 or x.dtype != torch.float32 or A3.dtype != torch.float16 or not A3.is_contiguous():
-            raise ValueError(f"shrink: x {tuple(x.shape)} {x.dtype}, A {tuple(A3.shape)} {A3.dtype}, m={m}")
-        out = torch.empty(g * m, r, dtype=torch.float32)
-        self._shrink(x.data_ptr(), x.stride(0), A3.data_ptr(), out.data_ptr(), g, m, k, r, torch.get_num_threads())
-        return out
+    def lora_shrink(self, x: torch.Tensor, out: torch.Tensor, tasks: ShrinkTasks) -> None:
+        """out[t, :R] = scale·(x[t]·Aᵀ) for the rows t of each segment, with that segment's adapter.
+        x: [T, K] float32, unit column stride; out: [T, >= tasks.max_r] float32 contiguous."""
+        t, k = x.shape
+        if x.dtype != torch.float32 or x.stride(1) != 1 or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"lora_shrink: x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype}")
+        if out.shape[0] != t or out.shape[1] < tasks.max_r or tasks.k != k or tasks.max_row > t:
+            raise ValueError(f"lora_shrink: segments for K={tasks.k} up to row {tasks.max_row}, rank {tasks.max_r}; x {tuple(x.shape)}")
+        self._shrink(x.data_ptr(), x.stride(0), k, *tasks.args, out.data_ptr(), out.stride(0), tasks.max_r, torch.get_num_threads())
 
-    def expand_add(self, h: torch.Tensor, B: torch.Tensor, y: torch.Tensor, m: int) -> None:
-        """y += h·Bᵀ per group, in place. h: [G * m, r] float32, B: [G, O, r] (or [O, r]) float16 contiguous,
-        y: [G * m, O] float32; h and y with unit column stride (views of wider tensors are fine)."""
-        B3 = B if B.dim() == 3 else B.unsqueeze(0)
-        g, o, r = B3.shape
-        ok = h.shape == (g * m, r) and y.shape == (g * m, o) and h.stride(1) == 1 and y.stride(1) == 1
-        if not ok or h.dtype != torch.float32 or y.dtype != torch.float32 or B3.dtype != torch.float16 or not B3.is_contiguous():
-            raise ValueError(f"expand: h {tuple(h.shape)} {h.dtype}, B {tuple(B3.shape)} {B3.dtype}, y {tuple(y.shape)} {y.dtype}, m={m}")
-        self._expand(h.data_ptr(), h.stride(0), B3.data_ptr(), y.data_ptr(), y.stride(0), g, m, o, r, torch.get_num_threads())
+    def lora_expand(self, h: torch.Tensor, y: torch.Tensor, tasks: ExpandTasks) -> None:
+        """y[t, slice] += h[t, cols]·Bᵀ per task (segment, output slice), in place. h: [T, >= the tasks'
+        columns] float32 contiguous (lora_shrink's out); y: [T, out] float32, unit column stride."""
+        if h.dtype != torch.float32 or not h.is_contiguous() or y.dtype != torch.float32 or y.stride(1) != 1:
+            raise ValueError(f"lora_expand: h {tuple(h.shape)} {h.dtype}, y {tuple(y.shape)} {y.dtype}")
+        if tasks.max_row > min(h.shape[0], y.shape[0]) or tasks.h_cols > h.shape[1] or tasks.y_cols > y.shape[1]:
+            raise ValueError(
+                f"lora_expand: tasks reach row {tasks.max_row}, columns {tasks.h_cols}/{tasks.y_cols}; h {tuple(h.shape)}, y {tuple(y.shape)}"
+            )
+        self._expand(h.data_ptr(), h.stride(0), y.data_ptr(), y.stride(0), *tasks.args, tasks.max_blocks, torch.get_num_threads())
+
+
+OUT_BLOCK = 64  # cpu_kernels.c's outputs per expand task
+
+
+class ShrinkTasks:
+    """The shrink's table, one entry per segment: rows [lo, hi) and its adapter's A (float16 [R, K],
+    contiguous) and column scales (float32 [R]), by address. Holds those tensors, so the addresses stay valid."""
+
+    def __init__(self, rows: list[tuple[int, int]], A: list[torch.Tensor], scales: list[torch.Tensor], k: int):
+        for a, sc in zip(A, scales):
+            if a.dtype != torch.float16 or not a.is_contiguous() or a.shape[1] != k or sc.dtype != torch.float32 or not sc.is_contiguous():
+                raise ValueError(f"ShrinkTasks: A {tuple(a.shape)} {a.dtype}, scales {tuple(sc.shape)} {sc.dtype}, K={k}")
+        self.k = k
+        self.keep = [*A, *scales]
+        ranks = [a.shape[0] for a in A]
+        self.max_r = max(ranks, default=0)
+        self.max_row = max((hi for _, hi in rows), default=0)
+        lo, hi, a_ptr, r, s_ptr = (
+            _array(c) for c in ([lo for lo, _ in rows], [hi for _, hi in rows], _addresses(A), ranks, _addresses(scales))
+        )
+        self._arrays = (lo, hi, a_ptr, r, s_ptr)
+        self.args = (len(rows), *(a.ctypes.data for a in self._arrays))  # S, lo, hi, A, R, scale
+
+
+class ExpandTasks:
+    """The expand's table, one entry per (segment, output slice): rows [lo, hi), the slice's columns of h
+    [hcol, hcol + r), its B ([O, r] viewing float16 [r, O] memory, the CPU kernels' layout:
+    LoRAModel.packed's b_transposed) by address, and its output columns [ycol, ycol + O)."""
+
+    def __init__(self, tasks: list[tuple[int, int, int, torch.Tensor, int]]):
+        """tasks: (lo, hi, hcol, B, ycol) each."""
+        for *_, b, _ in tasks:
+            if b.dtype != torch.float16 or b.dim() != 2 or not b.t().is_contiguous():
+                raise ValueError(f"ExpandTasks: B {tuple(b.shape)} {b.dtype} with strides {b.stride()}: [O, r] over [r, O] memory is read")
+        self.keep = [b for *_, b, _ in tasks]
+        r = [b.shape[1] for b in self.keep]
+        o = [b.shape[0] for b in self.keep]
+        self.max_row = max((hi for _, hi, *_ in tasks), default=0)
+        self.h_cols = max((hcol + w for (_, _, hcol, _, _), w in zip(tasks, r)), default=0)
+        self.y_cols = max((ycol + w for (*_, ycol), w in zip(tasks, o)), default=0)
+        self.max_blocks = (max(o, default=0) + OUT_BLOCK - 1) // OUT_BLOCK
+        columns = ([t[0] for t in tasks], [t[1] for t in tasks], [t[2] for t in tasks], r, _addresses(self.keep), [t[4] for t in tasks], o)
+        self._arrays = tuple(_array(c) for c in columns)
+        self.args = (len(tasks), *(a.ctypes.data for a in self._arrays))  # n, lo, hi, hcol, r, B, ycol, O
+
+
+def _addresses(tensors: list[torch.Tensor]) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+def _array(values: list[int]) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
 
 
 _lock = threading.Lock()

@@ -13,8 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lora_serve.config import ServerConfig
+from lora_serve.config import EngineConfig, ServerConfig
+from lora_serve.engine.resolve import resolve_config
 from lora_serve.lora.lora_model import WEIGHTS_FILE
+from lora_serve.model.arch import ModelArch
+from lora_serve.model.loader import torch_dtype
 from tests.api.adapter_helpers import ADMIN, adapter_files, admin_headers, tiny_engine_with, upload
 from tests.api.live_server import LiveServer, live_server
 
@@ -28,10 +31,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path, peft_paths: dict[str, Path], store: Path) -> Iterator[LiveServer]:
-    # float32 weights: the file's size is the adapter's CPU bytes (plus a small header). The budget lies between the two.
+    # The files hold float32 weights: a file's size is the adapter's CPU bytes in float32 (plus a small header),
+    # half that where the CPU tier keeps float16 (with the CPU kernels). The budget lies between the two adapters.
     small, large = ((peft_paths[n] / WEIGHTS_FILE).stat().st_size for n in (SMALL, LARGE))
     assert small < large
-    budget_gb = (small + large) / 2 / 2**30
+    lora_dtype = resolve_config(EngineConfig(), ModelArch.from_dir(tiny_llama_dir)).lora.lora_dtype
+    budget_gb = (small + large) / 2 / 2**30 * torch_dtype(lora_dtype).itemsize / 4
     with tiny_engine_with(tiny_llama_dir, store, lora_memory_gb=budget_gb) as engine:
         with live_server(engine, ServerConfig(served_model_name="tiny", admin_api_key=ADMIN)) as live:
             yield live

@@ -67,22 +67,46 @@ def test_linear_refuses_what_it_cannot_read(kernels):
         kernels.linear(torch.randn(2, 8), torch.randn(4, 8).half())
 
 
-@pytest.mark.parametrize("groups,m,r", [(1, 1, 16), (1, 5, 12), (7, 1, 8), (3, 4, 4), (2, 2, 48)])
-def test_shrink_and_expand_match_float64(kernels, groups, m, r):
-    g = torch.Generator().manual_seed(groups * 100 + m * 10 + r)
-    k, o = 72, 40
-    x = torch.randn(groups * m, k, generator=g)
-    A = (torch.randn(groups, r, k, generator=g) / 8).half()
-    B = (torch.randn(groups, o, r, generator=g) / 8).half()
-    xa = kernels.shrink(x, A, m)  # [G * m, r]
-    want = torch.einsum("gmk,grk->gmr", x.double().view(groups, m, k), A.double()).reshape(groups * m, r)
-    torch.testing.assert_close(xa.double(), want, rtol=1e-5, atol=1e-5)
-    y = torch.randn(groups * m, o + 6, generator=g)  # expand adds into a column slice of a wider output
-    before = y.clone()
-    kernels.expand_add(xa, B, y[:, 3 : 3 + o], m)
-    delta = torch.einsum("gmr,gor->gmo", xa.double().view(groups, m, r), B.double()).reshape(groups * m, o)
-    torch.testing.assert_close(y[:, 3 : 3 + o].double(), before[:, 3 : 3 + o].double() + delta, rtol=1e-5, atol=1e-5)
-    assert torch.equal(y[:, :3], before[:, :3]) and torch.equal(y[:, 3 + o :], before[:, 3 + o :])
+def test_shrink_and_expand_over_segments_match_float64(kernels):
+    """Segments of mixed ranks (tails past a multiple of 8 included), one to nine rows, rows of no segment
+    in between; expand tasks per (segment, slice) into column slices of a wider output."""
+    g = torch.Generator().manual_seed(3)
+    k, t = 72, 20
+    x = torch.randn(t, k, generator=g)
+    rows = [(0, 1), (1, 4), (6, 15), (15, 16)]  # rows 4, 5 and 16.. have no adapter
+    ranks = [16, 4, 12, 48]
+    A = [(torch.randn(r, k, generator=g) / 8).half() for r in ranks]
+    scales = [torch.rand(r, generator=g) + 0.5 for r in ranks]
+    shrink = ck.ShrinkTasks(rows, A, scales, k)
+    h = torch.full((t, 48), float("nan"))
+    kernels.lora_shrink(x, h, shrink)
+    for (lo, hi), a, sc in zip(rows, A, scales):
+        want = (x[lo:hi].double() @ a.double().t()) * sc.double()
+        torch.testing.assert_close(h[lo:hi, : a.shape[0]].double(), want, rtol=1e-5, atol=1e-5)
+    assert h[4:6].isnan().all() and h[16:].isnan().all()  # rows of no segment are not written
+
+    y0 = torch.randn(t, 150, generator=g)
+    tasks, want = [], y0.double().clone()
+    for (lo, hi), r in zip(rows, ranks):
+        # two slices of the segment's columns: 136 outputs (two blocks of 64 and a tail of 8), and 7
+        for hcol, width, ycol, out in ((0, r // 2, 3, 136), (r // 2, r - r // 2, 140, 7)):
+            b = (torch.randn(width, out, generator=g) / 8).half().t()  # [out, width] over [width, out] memory
+            tasks.append((lo, hi, hcol, b, ycol))
+            want[lo:hi, ycol : ycol + out] += h[lo:hi, hcol : hcol + width].double() @ b.double().t()
+    y = y0.clone()
+    kernels.lora_expand(h, y, ck.ExpandTasks(tasks))
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[4:6], y0[4:6]) and torch.equal(y[16:], y0[16:])
+
+
+def test_segment_tables_refuse_what_the_kernels_cannot_read(kernels):
+    with pytest.raises(ValueError):
+        ck.ShrinkTasks([(0, 1)], [torch.randn(4, 8)], [torch.ones(4)], 8)  # float32 A
+    with pytest.raises(ValueError):
+        ck.ExpandTasks([(0, 1, 0, torch.randn(8, 4).half(), 0)])  # [O, r] memory: the kernels read [r, O]
+    tasks = ck.ShrinkTasks([(0, 5)], [torch.randn(4, 8).half()], [torch.ones(4)], 8)
+    with pytest.raises(ValueError):
+        kernels.lora_shrink(torch.randn(3, 8), torch.empty(3, 4), tasks)  # segment past the last row
 
 
 def test_builds_into_an_empty_cache_once_then_loads_without_a_compiler(fresh_build, monkeypatch):

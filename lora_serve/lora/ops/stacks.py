@@ -25,13 +25,11 @@ from ..slots import SlotEntry
 
 
 class AdapterStack:
-    def __init__(self, entries: list[SlotEntry], float16: bool = False):
-        # float16: the entries' own float16 weights, for the CPU kernels (cpu_kernel.py); else float32.
-        dtype = torch.float16 if float16 else torch.float32
+    def __init__(self, entries: list[SlotEntry]):
         self.refs = [weakref.ref(e) for e in entries]  # per position: the entry copied there
-        self.A = torch.stack([e.A for e in entries]).to(dtype)  # [C, R, in]
+        self.A = torch.stack([e.A for e in entries]).float()  # [C, R, in]
         self.scales = torch.stack([e.scales for e in entries])  # [C, 1, R]
-        self.B = [torch.stack([e.layout[k][3] for e in entries]).to(dtype) for k in range(len(entries[0].layout))]
+        self.B = [torch.stack([e.layout[k][3] for e in entries]).float() for k in range(len(entries[0].layout))]
         self.num_patches = 0  # adapters copied into a position (for tests)
 
     @property
@@ -63,13 +61,13 @@ class AdapterStack:
         self.num_patches += 1
 
 
-def stack_for(cache: dict, entries: list[SlotEntry], float16: bool = False) -> tuple[AdapterStack, list[int]]:
+def stack_for(cache: dict, entries: list[SlotEntry]) -> tuple[AdapterStack, list[int]]:
     """The block for entries of one signature on a projection (cache: that projection's stacks, by
-    signature) and each entry's position in it, patched or rebuilt as needed (float16: see AdapterStack)."""
+    signature) and each entry's position in it, patched or rebuilt as needed."""
     signature = entries[0].signature
     stack = cache.get(signature)
     positions = None if stack is None else stack.positions(entries)
     if stack is None or positions is None:
-        stack = cache[signature] = AdapterStack(entries, float16)
+        stack = cache[signature] = AdapterStack(entries)
         positions = list(range(len(entries)))
     return stack, positions

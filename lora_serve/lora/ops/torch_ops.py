@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ...model.cpu_kernels import CPUKernels
+from ...model.cpu_kernels import CPUKernels, ExpandTasks, ShrinkTasks
 from ..slots import ProjectionSlots, SlotEntry
 from .segments import Segment, split_passes
 from .stacks import stack_for
@@ -33,14 +33,10 @@ from .stacks import stack_for
 # around eight and lost by several times at 64 (prefill).
 MAX_SEGMENT_ROWS = 4
 MAX_PADDING = 4
-# The float16 kernels do one dot product per (row, rank) and per (row, output): bandwidth-bound and
-# fastest while rows are few (decode); a long segment (prefill) upcasts its adapter and uses MKL's GEMM.
-MAX_KERNEL_ROWS = 8
-
-
-def _kernels(slots: ProjectionSlots, y: torch.Tensor) -> CPUKernels | None:
-    """The CPU kernels when they read these slots (float16 entries) into output y, else None."""
-    return slots.kernels if slots.dtype == torch.float16 and y.dtype == torch.float32 else None
+# The CPU kernels do one dot product per (row, rank) and per (row, output): bandwidth-bound and
+# fastest while a segment's rows are few (decode, short chunks); a longer segment (prefill) upcasts its
+# adapter and runs MKL's GEMM.
+MAX_KERNEL_ROWS = 16
 
 
 class _Group:
@@ -100,10 +96,49 @@ class SegmentedLoRABatch:
 
     def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (base output, updated in place)
+        if slots.kernels is not None and slots.dtype == torch.float16 and x.dtype == y.dtype == torch.float32:
+            for segments, group in self.passes:
+                short = [seg for seg in segments if seg[2] - seg[1] <= MAX_KERNEL_ROWS] + (group.segments if group else [])
+                _apply_kernels(slots, slots.kernels, short, x, y)
+                _apply_segments(slots, [seg for seg in segments if seg[2] - seg[1] > MAX_KERNEL_ROWS], x, y)
+            return
         for segments, group in self.passes:
             if group is not None:
                 _apply_group(slots, group, x, y)
             _apply_segments(slots, segments, x, y)
+
+
+def _apply_kernels(slots: ProjectionSlots, kernels: CPUKernels, segments: list[Segment], x: torch.Tensor, y: torch.Tensor) -> None:
+    """Segments of one pass (no shared row) through the CPU kernels: one shrink and one expand call for
+    all of them, each adapter read where it lies (float16, at its exact ranks)."""
+    if not segments:
+        return
+    shrink, expand = _kernel_tasks(slots, segments)
+    h = x.new_empty(x.shape[0], max(shrink.max_r, 1))  # [T, R]: row t's scaled x·Aᵀ (rows of no segment unread)
+    kernels.lora_shrink(x, h, shrink)
+    kernels.lora_expand(h, y, expand)
+
+
+def _kernel_tasks(slots: ProjectionSlots, segments: list[Segment]) -> tuple[ShrinkTasks, ExpandTasks]:
+    """The kernels' task tables for these segments on this projection, kept while the slots do not change
+    (a decode batch keeps its segments for several steps)."""
+    cache = slots.cpu_tables
+    if cache.get("version") != slots.version or len(cache) > 64:
+        cache.clear()
+        cache["version"] = slots.version
+    key = tuple(segments)
+    if key not in cache:
+        rows, As, scales, expand = [], [], [], []
+        for slot, lo, hi in segments:
+            entry = slots.entries[slot] if slot < len(slots.entries) else None
+            if entry is None or hi == lo:
+                continue  # no delta for these rows on this projection
+            rows.append((lo, hi))
+            As.append(entry.A)
+            scales.append(entry.scales)
+            expand += [(lo, hi, r0, b, out.start) for out, r0, _, b, _ in entry.layout]
+        cache[key] = (ShrinkTasks(rows, As, scales, slots.in_features), ExpandTasks(expand))
+    return cache[key]
 
 
 def _layouts(slots: ProjectionSlots, group: _Group) -> dict[tuple, list[int]]:
@@ -130,8 +165,7 @@ def _apply_stacked(slots: ProjectionSlots, g: _Group, members: tuple[int, ...], 
     m = g.m
     xs = x if x.dtype == torch.float32 else x.float()
     lo, hi = g.segments[members[0]][1], g.segments[members[-1]][2]
-    kernels = _kernels(slots, y)
-    stack, positions = stack_for(slots.stacks, entries, float16=kernels is not None)
+    stack, positions = stack_for(slots.stacks, entries)
     c = stack.capacity
     dense = g.dense(members) and positions == list(range(c))  # rows in stack order, no stale position
     if dense:
@@ -142,20 +176,10 @@ def _apply_stacked(slots: ProjectionSlots, g: _Group, members: tuple[int, ...], 
         # adapter has another layout here), and then the result adds to a slice of y, not row by row.
         whole = src.numel() == hi - lo
         xp = xs.new_zeros(c * m, xs.shape[1]).index_copy_(0, dst, xs.index_select(0, src)).view(c, m, -1)
-    if kernels is not None:
-        xa = kernels.shrink(xp.view(c * m, -1), stack.A, m).view(c, m, -1)  # [c, m, R]
-    else:
-        xa = torch.bmm(xp, stack.A.transpose(1, 2))  # [c, m, R]
+    xa = torch.bmm(xp, stack.A.transpose(1, 2))  # [c, m, R]
     xa.mul_(stack.scales)  # [c, 1, R]: each column's scale
     for k, (out, r0, r1, _, _) in enumerate(entries[0].layout):
-        if kernels is not None and dense:  # straight into y's rows
-            kernels.expand_add(xa[:, 0, r0:r1], stack.B[k], y[lo:hi, out], 1)
-            continue
-        if kernels is not None:
-            d = xa.new_zeros(c, m, out.stop - out.start)
-            kernels.expand_add(xa.view(c * m, -1)[:, r0:r1], stack.B[k], d.view(c * m, -1), m)
-        else:
-            d = torch.bmm(xa[:, :, r0:r1], stack.B[k].transpose(1, 2))  # B[k]: [c, out_s, r]
+        d = torch.bmm(xa[:, :, r0:r1], stack.B[k].transpose(1, 2))  # B[k]: [c, out_s, r]
         if dense:
             y[lo:hi, out] += d.squeeze(1).to(y.dtype)
         elif whole:
@@ -172,12 +196,6 @@ def _apply_segments(slots: ProjectionSlots, segments: list[Segment], x: torch.Te
             continue  # this adapter does not target this projection
         xs = x[lo:hi] if fp32 else x[lo:hi].float()
         ys = y[lo:hi]
-        kernels = _kernels(slots, y) if hi - lo <= MAX_KERNEL_ROWS else None
-        if kernels is not None:
-            xa = kernels.shrink(xs, entry.A, hi - lo).mul_(entry.scales)  # [n, R], scaled
-            for out, r0, r1, b, _ in entry.layout:
-                kernels.expand_add(xa[:, r0:r1], b, ys[:, out], hi - lo)
-            continue
         a = entry.A if entry.A.dtype == torch.float32 else entry.A.float()
         xa = xs @ a.t()  # [n, R]
         for out, r0, r1, b, scale in entry.layout:

@@ -12,6 +12,7 @@ import torch
 
 from lora_serve.lora.lora_model import LoRAWeights
 from lora_serve.lora.slots import ProjectionSlots
+from lora_serve.model.cpu_kernels import CPUKernels
 from lora_serve.model.linear import Linear
 
 Terms = dict[int, list[tuple[slice, LoRAWeights]]]  # slot -> (output columns, weights) per targeted slice
@@ -25,12 +26,14 @@ def random_slots(
     scale_of: Callable[[int], float],
     b_std: float = 1.0,
     slot_dtype: torch.dtype = torch.float32,
+    kernels: CPUKernels | None = None,
 ) -> tuple[ProjectionSlots, Terms]:
     """Slots of a projection with output `slices` {name: size}, filled per `ranks` {slot: {slice: rank}}
-    (an untargeted slice is absent) with A ~ N(0, 1), B ~ N(0, b_std²) and scale `scale_of(slot)`."""
+    (an untargeted slice is absent) with A ~ N(0, 1), B ~ N(0, b_std²) and scale `scale_of(slot)`.
+    kernels: the CPU kernels, as residency hands them to the slots they read (float16 slots)."""
     g = torch.Generator().manual_seed(seed)
     linear = Linear(in_features, slices, bias=False, dtype=torch.float32, device=torch.device("cpu"))
-    slots = ProjectionSlots(linear, torch.device("cpu"), slot_dtype)
+    slots = ProjectionSlots(linear, torch.device("cpu"), slot_dtype, kernels)
     terms: Terms = {}
     for slot, by_slice in ranks.items():
         weights = [

@@ -15,15 +15,16 @@ import pytest
 import torch
 
 from lora_serve.lora.lora_model import LoRAWeights
-from lora_serve.lora.ops.torch_ops import SegmentedLoRABatch
+from lora_serve.lora.ops.torch_ops import MAX_KERNEL_ROWS, SegmentedLoRABatch
+from lora_serve.model.cpu_kernels import cpu_kernels
 
 from .random_slots import random_slots, reference
 
 IN, SLICES, MAX_RANK, NUM_SLOTS = 48, {"q_proj": 32, "k_proj": 16, "v_proj": 16}, 16, 9
 
 
-def run(segments, layouts, rows: int, seed: int = 0, dtype=torch.float32, slot_dtype=torch.float32):
-    slots, terms = random_slots(IN, SLICES, layouts, seed, lambda slot: 0.5 + slot, slot_dtype=slot_dtype)
+def run(segments, layouts, rows: int, seed: int = 0, dtype=torch.float32, slot_dtype=torch.float32, kernels=None):
+    slots, terms = random_slots(IN, SLICES, layouts, seed, lambda slot: 0.5 + slot, slot_dtype=slot_dtype, kernels=kernels)
     x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     y0 = torch.randn(rows, sum(SLICES.values()), generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
     y = y0.clone()
@@ -62,8 +63,17 @@ def test_slots_that_do_not_target_a_projection_add_exactly_nothing():
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def kernels():
+    k, why = cpu_kernels()
+    if k is None:
+        pytest.skip(f"CPU kernels unavailable here: {why}")
+    return k
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_random_layouts_mixed_ranks_and_overlap(seed):
+@pytest.mark.parametrize("cpu_kernels_on", [False, True], ids=["torch", "cpu-kernels-fp16"])
+def test_random_layouts_mixed_ranks_and_overlap(request, seed, cpu_kernels_on):
     rng = random.Random(seed)
     used = rng.sample(range(NUM_SLOTS - 1), rng.randint(1, 6))
     same = rng.random() < 0.5  # one shared layout (grouped) or mixed ranks and targets (per segment)
@@ -81,8 +91,15 @@ def test_random_layouts_mixed_ranks_and_overlap(seed):
     layouts[merged] = {"q_proj": 3, "v_proj": 7}
     if row:
         segments.append((merged, 0, row))
-    _, y, ref, y0 = run(segments, layouts, rows=max(rows, 1), seed=seed)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    if cpu_kernels_on:  # float16 slots read by the CPU kernels, one shrink and one expand call per pass
+        _, y, ref, y0 = run(
+            segments, layouts, rows=max(rows, 1), seed=seed, slot_dtype=torch.float16, kernels=request.getfixturevalue("kernels")
+        )
+        delta = (ref - y0.double()).abs().max().item()
+        assert (y.double() - ref).abs().max().item() <= 2e-3 * max(delta, 1e-6)  # float16 weights: 2^-11 rounding
+    else:
+        _, y, ref, y0 = run(segments, layouts, rows=max(rows, 1), seed=seed)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
     assert torch.equal(y[row:], y0[row:])
 
 
@@ -127,6 +144,32 @@ def test_half_precision_slots_match_float64(grouped, slot_dtype, dtype):
     tolerance = 2e-2 if torch.bfloat16 in (dtype, slot_dtype) else 2e-3
     assert (y.double() - ref).abs().max().item() <= tolerance * delta
     assert torch.equal(y[adapter_rows:], y0[adapter_rows:])
+
+
+def test_cpu_kernels_take_decode_rows_and_short_chunks_and_leave_long_segments_to_torch(kernels):
+    """Float16 slots on the CPU kernels: segments of up to MAX_KERNEL_ROWS rows go through the kernels
+    (their task tables kept for the next step while the slots do not change), a prefill-sized one through
+    torch's GEMM; with a merged adapter's negation over every row, as a second pass."""
+    n = MAX_KERNEL_ROWS + 9
+    segments = [(0, 0, 1), (1, 1, 2), (2, 2, 2 + n), (3, 2 + n, 4 + n), (8, 0, 4 + n)]
+    layouts = {0: ALL16, 1: {"q_proj": 5, "v_proj": 16}, 2: ALL16, 3: {"k_proj": 1}, 8: {"q_proj": 3, "v_proj": 7}}
+    slots, terms = random_slots(IN, SLICES, layouts, 7, lambda slot: 0.5 + slot, slot_dtype=torch.float16, kernels=kernels)
+    x = torch.randn(6 + n, IN, generator=torch.Generator().manual_seed(8))
+    y0 = torch.randn(6 + n, sum(SLICES.values()), generator=torch.Generator().manual_seed(9))
+    ref = reference(x, y0, segments, terms)
+    delta = (ref - y0.double()).abs().max().item()
+    for _ in range(2):  # the second step reads the kept tables
+        y = y0.clone()
+        SegmentedLoRABatch(segments).apply(slots, x, y)
+        assert (y.double() - ref).abs().max().item() <= 2e-3 * delta
+        assert torch.equal(y[4 + n :], y0[4 + n :])
+    # One table: the first pass's short segments; the prefill segment and the negation over every row
+    # (the second pass) are longer than MAX_KERNEL_ROWS and ran on torch.
+    assert [k for k in slots.cpu_tables if k != "version"] == [((0, 0, 1), (1, 1, 2), (3, 2 + n, 4 + n))]
+    slots.clear(3)  # a slot change drops the tables: its entry's weights may be gone
+    SegmentedLoRABatch(segments).apply(slots, x, y0.clone())
+    assert slots.cpu_tables["version"] == slots.version
+    assert [k for k in slots.cpu_tables if k != "version"] == [((0, 0, 1), (1, 1, 2), (3, 2 + n, 4 + n))]
 
 
 def test_a_kept_stack_is_patched_as_adapters_come_and_go_and_stays_exact():
