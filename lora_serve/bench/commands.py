@@ -297,6 +297,21 @@ class BenchWriteAdapters(BaseModel):
         print(f"# wrote {self.num_adapters} adapters of rank {self.rank} to {self.out}")
 
 
+class BenchMatmuls(_BenchBase):
+    """The base's projections and LM head: torch's F.linear vs the CPU kernels, beside the bandwidth floor."""
+
+    rows: CliVariadicArg[list[int]] = [1, 8, 32, 128, 256]
+    """Rows (tokens in the step) to time."""
+
+    repeats: int = Field(5, ge=1)
+    """Alternating torch/kernels rounds after a warm-up round (medians reported)."""
+
+    def cli_cmd(self) -> None:
+        from lora_serve.bench import matmuls
+
+        print(matmuls.report(matmuls.run(self._setup(), self.rows, self.repeats)))
+
+
 class BenchCommand(BaseModel):
     """Benchmarks, measured side by side in one run (ratios are what to compare across machines)."""
 
@@ -320,6 +335,9 @@ class BenchCommand(BaseModel):
 
     gpu_check: CliSubCommand[BenchGPUCheck]
     """The fused LoRA kernels and their throughput at Llama shapes (random weights; made for a CUDA machine)."""
+
+    matmuls: CliSubCommand[BenchMatmuls]
+    """A step's base matmuls: torch vs the CPU kernels, beside this machine's bandwidth floor."""
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

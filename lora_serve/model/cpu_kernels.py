@@ -66,9 +66,9 @@ class CPUKernels:
 
     def lora_shrink(self, x: torch.Tensor, out: torch.Tensor, tasks: ShrinkTasks) -> None:
         """out[t, :R] = scale·(x[t]·Aᵀ) for the rows t of each segment, with that segment's adapter.
-        x: [T, K] float32, unit column stride; out: [T, >= tasks.max_r] float32 contiguous."""
+        x: [T, K] and out: [T, >= tasks.max_r], float32 with unit column strides."""
         t, k = x.shape
-        if x.dtype != torch.float32 or x.stride(1) != 1 or out.dtype != torch.float32 or not out.is_contiguous():
+        if x.dtype != torch.float32 or x.stride(1) != 1 or out.dtype != torch.float32 or out.stride(1) != 1:
             raise ValueError(f"lora_shrink: x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype}")
         if out.shape[0] != t or out.shape[1] < tasks.max_r or tasks.k != k or tasks.max_row > t:
             raise ValueError(f"lora_shrink: segments for K={tasks.k} up to row {tasks.max_row}, rank {tasks.max_r}; x {tuple(x.shape)}")
@@ -76,8 +76,8 @@ class CPUKernels:
 
     def lora_expand(self, h: torch.Tensor, y: torch.Tensor, tasks: ExpandTasks) -> None:
         """y[t, slice] += h[t, cols]·Bᵀ per task (segment, output slice), in place. h: [T, >= the tasks'
-        columns] float32 contiguous (lora_shrink's out); y: [T, out] float32, unit column stride."""
-        if h.dtype != torch.float32 or not h.is_contiguous() or y.dtype != torch.float32 or y.stride(1) != 1:
+        columns] (lora_shrink's out) and y: [T, out], float32 with unit column strides."""
+        if h.dtype != torch.float32 or h.stride(1) != 1 or y.dtype != torch.float32 or y.stride(1) != 1:
             raise ValueError(f"lora_expand: h {tuple(h.shape)} {h.dtype}, y {tuple(y.shape)} {y.dtype}")
         if tasks.max_row > min(h.shape[0], y.shape[0]) or tasks.h_cols > h.shape[1] or tasks.y_cols > y.shape[1]:
             raise ValueError(

@@ -17,9 +17,10 @@ from torch import nn
 
 from .cpu_kernels import CPUKernels
 
-# Rows up to which the CPU kernels beat torch's F.linear (MKL), weights cold in memory: 2.5x at 8
-# rows, 1.6x at 32, 1.2x at 128, slower from ~200 (2-vCPU EPYC, SmolLM2-135M's shapes).
-MAX_KERNEL_ROWS = 128
+# Rows up to which the CPU kernels beat torch's F.linear (MKL) over a step's weights, cold in memory
+# (`lora-serve bench matmuls`, 2-vCPU EPYC, SmolLM2-135M): 2.1x at 8 rows, 1.6x at 32, 1.3x at 64,
+# even at 96, slower past it.
+MAX_KERNEL_ROWS = 64
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels: CPUKernels | None) -> torch.Tensor:
