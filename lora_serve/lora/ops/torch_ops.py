@@ -203,10 +203,10 @@ def _apply_segments(slots: ProjectionSlots, segments: list[Segment], x: torch.Te
         entry = slots.entries[slot] if slot < len(slots.entries) else None
         if entry is None:
             continue  # this adapter does not target this projection
-        xs = x[lo:hi] if fp32 else x[lo:hi].float()
-        ys = y[lo:hi]
         a = entry.A if entry.A.dtype == torch.float32 else entry.A.float()
+        xs = x[lo:hi] if fp32 else x[lo:hi].float()
         xa = xs @ a.t()  # [n, R]
+        ys = y[lo:hi]
         for out, r0, r1, b, scale in entry.layout:
             bt = (b if b.dtype == torch.float32 else b.float()).t()  # [r, out_s]
             if fp32:
