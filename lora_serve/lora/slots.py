@@ -8,9 +8,10 @@ Per entry, for a projection with output slices s = 1..n (q/k/v, gate/up, or one)
      ranks), so the shrink x·Aᵀ of all slices is one matmul;
   per targeted slice (output columns, first column of x·Aᵀ, end column, B [out_s, r], scale):
      B in the nn.Linear layout, used as B.t(), which MKL multiplies about 3x faster than a
-     contiguous [r, out] (shared/RESEARCH.md); for the CPU kernels (float16 on CPU), a transposed
-     view of [r, out] memory, which they read a rank at a time (LoRAModel.packed's b_transposed). The scale (alpha/r, or alpha/sqrt(r)) is applied
-     in float32 by the backends, so the stored weights are the adapter's own, rounded at most once.
+     contiguous [r, out] (on a 2-vCPU EPYC); for the CPU kernels (float16 on CPU), a transposed
+     view of [r, out] memory, which they read a rank at a time (LoRAModel.packed's b_transposed).
+     The scale (alpha/r, or alpha/sqrt(r)) is applied in float32 by the backends, so the stored
+     weights are the adapter's own, rounded at most once.
 Their dtype is LoRAConfig.lora_dtype, resolved by engine/resolve.py: the base's dtype on CUDA, as vLLM
 does (a decode step reads every adapter of the batch, and float32 doubles those bytes); on CPU float16
 where the CPU kernels run (they read it in place), else float32 (torch's small bf16 matmuls cost more
