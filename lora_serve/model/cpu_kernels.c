@@ -5,10 +5,9 @@ Why hand-written: a decode step reads every weight once for a handful of rows, s
 memory bandwidth, and MKL's sgemm does not stream at it for such shapes. `lora-serve bench matmuls`
 on a 2-vCPU EPYC (SmolLM2-135M's projections and LM head, weights cold in DRAM, 2 threads): 1.8x
 torch's F.linear at 1 row, 2.1-2.4x at 8, 1.6x at 32, 1.3x at 64, even at 96 (model/linear.py's
-MAX_KERNEL_ROWS). For adapters,
-torch has no matmul that reads float16 and accumulates in float32 on these CPUs (its float16 bmm is
-several times slower than float32's), and upcasting first reads the weights twice; here the
-conversion happens in registers (vcvtph2ps).
+MAX_KERNEL_ROWS). For adapters, torch has no matmul that reads float16 and accumulates in float32 on
+these CPUs (its float16 bmm is several times slower than float32's), and upcasting first reads the
+weights twice; here the conversion happens in registers (vcvtph2ps).
 
 Every output element is one dot product accumulated in float32 in a fixed order (8 lanes, then a
 horizontal sum), whatever the number of rows: a row's result does not depend on its batch.
