@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
+from lora_serve.model.cpu_kernels import CPUKernels, cpu_kernels
 from lora_serve.model.default_model import resolve_model_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,3 +91,12 @@ def _hermetic_cache() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORA_SERVE_CACHE", str(TEST_CACHE))
         yield
+
+
+@pytest.fixture(scope="session")
+def kernels() -> CPUKernels:
+    """The CPU kernels (lora_serve/model/cpu_kernels.py), built once; a test that needs them skips where they cannot build."""
+    k, why = cpu_kernels()
+    if k is None:
+        pytest.skip(f"CPU kernels unavailable here: {why}")
+    return k

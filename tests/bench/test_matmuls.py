@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from lora_serve.bench import matmuls
-from lora_serve.model.cpu_kernels import cpu_kernels
+from lora_serve.model.cpu_kernels import CPUKernels
 
 
-def test_reports_each_row_count_against_the_bandwidth_floor(tiny_llama_dir: Path) -> None:
-    if cpu_kernels()[0] is None:
-        pytest.skip(cpu_kernels()[1])
+def test_reports_each_row_count_against_the_bandwidth_floor(tiny_llama_dir: Path, kernels: CPUKernels) -> None:
     rows = matmuls.run(tiny_llama_dir, [1, 5], repeats=1)
     assert [r["rows"] for r in rows] == [1, 5]
     # tiny Llama: 2 layers x (q/k/v, o, gate/up, down) + the untied LM head, float32

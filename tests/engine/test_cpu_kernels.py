@@ -29,9 +29,7 @@ def engine(model_dir, cpu_kernels: str, lora_dtype: str = "float32", modules: li
 
 
 @pytest.mark.slow
-def test_kernels_and_torch_give_the_same_tokens_and_logprobs_for_base_and_mixed_adapters(default_model_dir, tmp_path):
-    if ck.cpu_kernels()[0] is None:
-        pytest.skip(f"CPU kernels unavailable here: {ck.cpu_kernels()[1]}")
+def test_kernels_and_torch_give_the_same_tokens_and_logprobs_for_base_and_mixed_adapters(default_model_dir, tmp_path, kernels):
     _, paths = make_peft_adapters(default_model_dir, tmp_path, ADAPTERS)
     modules = [f"{n}={p}" for n, p in paths.items()]
     on, off = engine(default_model_dir, "on", modules=modules), engine(default_model_dir, "off", modules=modules)

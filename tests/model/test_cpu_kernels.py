@@ -11,14 +11,6 @@ import torch.nn.functional as F
 from lora_serve.model import cpu_kernels as ck
 
 
-@pytest.fixture(scope="module")
-def kernels() -> ck.CPUKernels:
-    k, why = ck.cpu_kernels()
-    if k is None:
-        pytest.skip(f"CPU kernels unavailable here: {why}")
-    return k
-
-
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """cpu_kernels() forgets its cached result and builds into an empty cache folder; restored after."""

@@ -16,7 +16,6 @@ import torch
 
 from lora_serve.lora.lora_model import LoRAWeights
 from lora_serve.lora.ops.torch_ops import SegmentedLoRABatch
-from lora_serve.model.cpu_kernels import cpu_kernels
 
 from .random_slots import random_slots, reference
 
@@ -61,14 +60,6 @@ def test_slots_that_do_not_target_a_projection_add_exactly_nothing():
     assert batch.passes[0][1] is not None
     assert torch.equal(y[1], y0[1])
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    k, why = cpu_kernels()
-    if k is None:
-        pytest.skip(f"CPU kernels unavailable here: {why}")
-    return k
 
 
 @pytest.mark.parametrize("seed", range(6))
