@@ -12,8 +12,10 @@ The HTTP layer calls only this class:
     engine.tokenizer, engine.model_path, engine.max_model_len
 
 Torch releases the GIL inside its kernels, so the event loop stays responsive while
-a step runs. Requests and aborts reach the loop thread through a queue and are
-applied between steps; outputs go back through `call_soon_threadsafe`.
+a step runs. The engine thread owns the CPU threads of torch ops (intra_op.py): the model loads
+on a thread that ends, and other threads run torch ops on one thread. Requests and aborts reach
+the loop thread through a queue and are applied between steps; outputs go back through
+`call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..config import EngineConfig
 from ..lora.catalog import AdapterCatalog, AdapterLease
 from ..lora.registry import AdapterRecord
 from ..model.default_model import resolve_model_path
+from .intra_op import claim_intra_op_threads, run_on_own_thread
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -53,13 +56,20 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._acquirers = ThreadPoolExecutor(MAX_ACQUIRE_THREADS, thread_name_prefix="lora-serve-acquire")
-        self._thread = threading.Thread(target=self._loop, name="lora-serve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(engine.num_threads,), name="lora-serve-engine", daemon=True)
+        self._claimed = threading.Event()
         self._thread.start()
+        self._claimed.wait()  # threads that first use torch from here on run its ops serially
 
     @classmethod
     def from_config(cls, config: EngineConfig, base_name: str | None = None) -> AsyncEngine:
-        """base_name: the base model's id in the API (default: the model directory's name)."""
-        return cls(LLMEngine.from_config(config, resolve_model_path(config.model.model), base_name))
+        """base_name: the base model's id in the API (default: the model directory's name). Loads on a
+        thread of its own, whose OpenMP workers end with it (intra_op.py)."""
+
+        def load() -> LLMEngine:  # the first start converts the embedded model's GGUF, with torch ops too
+            return LLMEngine.from_config(config, resolve_model_path(config.model.model), base_name)
+
+        return cls(run_on_own_thread(load, "lora-serve-load"))
 
     # --- what the API reads ---------------------------------------------------------------------
 
@@ -224,13 +234,17 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
-    def _loop(self) -> None:
+    def _loop(self, num_threads: int) -> None:
         try:
+            claim_intra_op_threads(num_threads)
+            self._claimed.set()
             self._run_loop()
         except BaseException as exc:  # the loop itself broke: nothing queued can progress any more
             self._error = exc
             log.exception("engine loop died")
             self._fail_streams(f"engine died: {type(exc).__name__}")
+        finally:
+            self._claimed.set()
 
     def _fail_streams(self, message: str) -> None:
         with self._lock:

@@ -22,6 +22,7 @@ from ..model.cpu_kernels import cpu_kernels
 from ..model.llama import LlamaModel
 from ..model.loader import load_model, torch_dtype
 from .detokenizer import Detokenizer
+from .intra_op import default_num_threads
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
@@ -65,6 +66,7 @@ class LLMEngine:
         self.max_model_len = resolved(sc.max_model_len, "max_model_len")
         self.max_num_batched_tokens = resolved(sc.max_num_batched_tokens, "max_num_batched_tokens")
         self.tokenizer = tokenizer
+        self.num_threads = config.model.num_threads or default_num_threads()  # of CPU ops, on the thread that steps
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else set(self.arch.eos_token_ids)
         self.kv_cache = KVCache(self.arch, config.cache, self.dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache)
