@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.cpu_kernels import CPUKernels
+from ..model.cpu_kernels import CPUKernels, SlotTable
 from ..model.linear import Linear
 from .lora_model import LoRAWeights
 
@@ -47,7 +47,8 @@ class ProjectionSlots:
         self.in_features = linear.in_features
         self.device, self.dtype = device, dtype
         self.kernels = kernels  # the CPU kernels (model/cpu_kernels.py) when they read these float16 entries (torch backend)
-        self.cpu_tables: dict = {}  # the torch backend's task tables for those kernels (ops/torch_ops.py)
+        # What those kernels read, kept in step with the entries by fill and clear.
+        self.kernel_table = SlotTable(self.in_features) if kernels is not None and dtype == torch.float16 else None
         self.entries: list[SlotEntry | None] = []  # by slot; None: free, or the adapter does not target this projection
         self.version = 0  # bumped by every fill and clear: the Triton backend rebuilds its tables on change
         self.kernel_tables: object | None = None  # the Triton backend's cache (ops/triton_kernels.py's KernelTables)
@@ -74,24 +75,28 @@ class ProjectionSlots:
             layout.append((self.out_slices[s], row, row + r, B, float(w.scale)))
             signature += ((s, row, row + r),)
             row += r
-        while len(self.entries) <= slot:
-            self.entries.append(None)
-        self.version += 1
         if not layout:
-            self.entries[slot] = None
+            self.clear(slot)
             return
         if packed_A is None:
             packed_A = torch.cat([w.A for w in weights if w is not None]).to(self.device, self.dtype)
         if packed_A.shape != (row, self.in_features):
             raise ValueError(f"packed A is {tuple(packed_A.shape)}, the slices need {(row, self.in_features)}")
-        scales = torch.cat([torch.full((r1 - r0,), scale) for _, r0, r1, _, scale in layout]).view(1, row)
-        self.entries[slot] = SlotEntry(packed_A, layout, signature, scales.to(self.device))
+        scales = torch.cat([torch.full((r1 - r0,), scale) for _, r0, r1, _, scale in layout]).view(1, row).to(self.device)
+        while len(self.entries) <= slot:
+            self.entries.append(None)
+        self.entries[slot] = SlotEntry(packed_A, layout, signature, scales)
+        self.version += 1
+        if self.kernel_table is not None:
+            self.kernel_table.set(slot, packed_A, scales.view(row), [(r0, b, out.start) for out, r0, _, b, _ in layout])
 
     def clear(self, slot: int) -> None:
         while len(self.entries) <= slot:  # every slot a batch names has a row, here and in the kernels' tables
             self.entries.append(None)
         self.entries[slot] = None
         self.version += 1
+        if self.kernel_table is not None:
+            self.kernel_table.set(slot, None)
 
     def wait_written(self) -> None:
         """Make the current CUDA stream wait for the last slot write (no-op on CPU or when none is pending)."""

@@ -16,9 +16,9 @@ loaded). Row-major; "rows of stride ld" means row i starts at p + i * ld, column
 
   linear  y[m, n] = sum_k x[m, k] * W[n, k]            x: fp32 [M, K] rows of stride ldx, W: fp32 [N, K]
                                                        contiguous, y: fp32 [M, N] rows of stride ldy
-  shrink  per segment of rows, x·Aᵀ of its adapter, scaled per column      (lora_shrink_seg_f16)
-  expand  per segment and output slice, y += (x·Aᵀ)·Bᵀ of its adapter      (lora_expand_seg_f16)
-          adapters are read where they lie (arrays of pointers): nothing is stacked, gathered or padded.
+  lora    per segment of rows, y += scale·(x·Aᵀ)·Bᵀ of its adapter (lora_seg_f16): the shrink, then the
+          expand, in one parallel region; adapters are read where they lie (a table of pointers by
+          slot): nothing is stacked, gathered or padded.
 */
 #include <immintrin.h>
 #include <math.h>
@@ -113,64 +113,71 @@ void linear_f32(const float *x, long ldx, const float *W, float *y, long ldy, lo
     }
 }
 
-/* The LoRA shrink over a step's segments: rows [lo[s], hi[s]) use adapter s, whose A is fp16 [R[s], K]
-   at A[s] and whose per-column scales are fp32 [R[s]] at scale[s]. out[t, r] = scale[s][r] * x[t]·A[s][r]
-   for r < R[s] (out: fp32 rows of stride ldo >= max R; other columns and rows are not written). */
-void lora_shrink_seg_f16(const float *x, long ldx, long K, long S, const long *lo, const long *hi,
-                         const uint16_t *const *A, const long *R, const float *const *scale,
-                         float *out, long ldo, long max_r, int num_threads) {
-#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
-    for (long s = 0; s < S; s++) {
-        for (long r = 0; r < max_r; r++) {
-            if (r >= R[s])
-                continue;
-            const uint16_t *a = A[s] + r * K; /* read once from memory, then from L1 for each row */
-            float sc = scale[s][r];
-            for (long t = lo[s]; t < hi[s]; t++)
-                out[t * ldo + r] = sc * dot_f16(a, x + t * ldx, K);
+/* The LoRA delta of one pass's segments on one projection, in one parallel region: y += scale·(x·Aᵀ)·Bᵀ
+   per segment, with that segment's adapter, read where it lies (pointers in the slot table).
+
+   seg: S rows of (slot, lo, hi): rows [lo, hi) of x, h and y use the adapter in `slot`; a pass's
+        segments share no row.
+   slot_info: per slot (slot, 5 longs): address of A, fp16 [R, K] (0: the adapter does not target this
+        projection), R, address of its column scales (fp32 [R]), first expand block, block count.
+   blocks: per expand block (6 longs): first column of h (hcol), rank r, address of B at the block's
+        first output (fp16 [r, O] rows of stride ldb, the transpose of PEFT's B: LoRAModel.packed's
+        b_transposed), ldb, first output column of y (ycol), width <= 64.
+   Shrink: h[t, c] = scale[c] * x[t]·A[c] for c < R (h: fp32 rows of stride ldh >= max R; other
+   columns and rows are not written). Expand: y[t, ycol + o] += sum_j h[t, hcol + j] * B[j * ldb + o],
+   each rank's row added to 64 outputs held in 8 registers (no horizontal sums). */
+#define OUT_BLOCK 64
+
+static void expand_block(const float *hr, float *yr, const uint16_t *b, long ldb, long r, long width) {
+    if (width == OUT_BLOCK) {
+        __m256 acc[8];
+        for (int q = 0; q < 8; q++)
+            acc[q] = _mm256_loadu_ps(yr + 8 * q);
+        for (long j = 0; j < r; j++) {
+            __m256 hv = _mm256_set1_ps(hr[j]);
+            const uint16_t *bj = b + j * ldb;
+            for (int q = 0; q < 8; q++)
+                acc[q] = _mm256_fmadd_ps(load_f16(bj + 8 * q), hv, acc[q]);
         }
+        for (int q = 0; q < 8; q++)
+            _mm256_storeu_ps(yr + 8 * q, acc[q]);
+        return;
+    }
+    for (long o = 0; o < width; o++) { /* the last, narrower block of a slice */
+        float acc = yr[o];
+        for (long j = 0; j < r; j++)
+            acc = fmaf(_cvtsh_ss(b[j * ldb + o]), hr[j], acc);
+        yr[o] = acc;
     }
 }
 
-#define OUT_BLOCK 64 /* outputs per task: enough tasks for the threads when a step has few segments */
-
-/* The LoRA expand over tasks, one per (segment, targeted output slice): for rows [lo[i], hi[i]),
-   y[t, ycol[i] + o] += sum_j h[t, hcol[i] + j] * B[i][j, o] for o < O[i], j < r[i], with B fp16 [r[i], O[i]]
-   (the transpose of PEFT's B: each rank's row is added to 64 outputs held in 8 registers, no horizontal sums).
-   Tasks of one call write disjoint parts of y (segments of a pass share no row; slices share no column). */
-void lora_expand_seg_f16(const float *h, long ldh, float *y, long ldy, long n,
-                         const long *lo, const long *hi, const long *hcol, const long *r,
-                         const uint16_t *const *B, const long *ycol, const long *O, long max_blocks, int num_threads) {
-#pragma omp parallel for collapse(2) schedule(dynamic, 4) num_threads(num_threads)
-    for (long i = 0; i < n; i++) {
-        for (long ob = 0; ob < max_blocks; ob++) {
-            long o0 = ob * OUT_BLOCK, width = O[i] - o0 < OUT_BLOCK ? O[i] - o0 : OUT_BLOCK;
-            if (width <= 0)
-                continue;
-            const uint16_t *b = B[i] + o0; /* rank j's outputs at b + j * O[i] */
-            for (long t = lo[i]; t < hi[i]; t++) {
-                float *yr = y + t * ldy + ycol[i] + o0;
-                const float *hr = h + t * ldh + hcol[i];
-                if (width == OUT_BLOCK) {
-                    __m256 acc[8];
-                    for (int q = 0; q < 8; q++)
-                        acc[q] = _mm256_loadu_ps(yr + 8 * q);
-                    for (long j = 0; j < r[i]; j++) {
-                        __m256 hv = _mm256_set1_ps(hr[j]);
-                        const uint16_t *bj = b + j * O[i];
-                        for (int q = 0; q < 8; q++)
-                            acc[q] = _mm256_fmadd_ps(load_f16(bj + 8 * q), hv, acc[q]);
-                    }
-                    for (int q = 0; q < 8; q++)
-                        _mm256_storeu_ps(yr + 8 * q, acc[q]);
-                } else { /* the last, narrower block of a slice whose width is not a multiple of 64 */
-                    for (long o = 0; o < width; o++) {
-                        float acc = yr[o];
-                        for (long j = 0; j < r[i]; j++)
-                            acc = fmaf(_cvtsh_ss(b[j * O[i] + o]), hr[j], acc);
-                        yr[o] = acc;
-                    }
-                }
+void lora_seg_f16(const float *x, long ldx, long K, float *h, long ldh, float *y, long ldy,
+                  long S, const long *seg, const long *slot_info, const long *blocks,
+                  long max_r, long max_blocks, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for collapse(2) schedule(static)
+        for (long s = 0; s < S; s++) {
+            for (long c = 0; c < max_r; c++) {
+                const long *seg_s = seg + 3 * s, *info = slot_info + 5 * seg_s[0];
+                if (info[0] == 0 || c >= info[1])
+                    continue;
+                const uint16_t *a = (const uint16_t *)info[0] + c * K; /* from memory once, then L1 */
+                float sc = ((const float *)info[2])[c];
+                for (long t = seg_s[1]; t < seg_s[2]; t++)
+                    h[t * ldh + c] = sc * dot_f16(a, x + t * ldx, K);
+            }
+        }
+        /* the implicit barrier: every h row is written before any is read */
+#pragma omp for collapse(2) schedule(dynamic, 4)
+        for (long s = 0; s < S; s++) {
+            for (long q = 0; q < max_blocks; q++) {
+                const long *seg_s = seg + 3 * s, *info = slot_info + 5 * seg_s[0];
+                if (q >= info[4])
+                    continue;
+                const long *blk = blocks + 6 * (info[3] + q);
+                for (long t = seg_s[1]; t < seg_s[2]; t++)
+                    expand_block(h + t * ldh + blk[0], y + t * ldy + blk[4], (const uint16_t *)blk[2], blk[3], blk[1], blk[5]);
             }
         }
     }

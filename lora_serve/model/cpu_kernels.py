@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -41,12 +42,9 @@ class CPUKernels:
         self._linear = lib.linear_f32
         self._linear.argtypes = [_P, _L, _P, _P, _L, _L, _L, _L, _I]
         self._linear.restype = None
-        self._shrink = lib.lora_shrink_seg_f16
-        self._shrink.argtypes = [_P, _L, _L, _L, _P, _P, _P, _P, _P, _P, _L, _L, _I]
-        self._shrink.restype = None
-        self._expand = lib.lora_expand_seg_f16
-        self._expand.argtypes = [_P, _L, _P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _L, _I]
-        self._expand.restype = None
+        self._lora = lib.lora_seg_f16
+        self._lora.argtypes = [_P, _L, _L, _P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _I]
+        self._lora.restype = None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """F.linear for float32: x [M, K] with unit column stride, weight [N, K] contiguous -> [M, N]."""
@@ -64,79 +62,115 @@ class CPUKernels:
         self._linear(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y if bias is None else y.add_(bias)
 
-    def lora_shrink(self, x: torch.Tensor, out: torch.Tensor, tasks: ShrinkTasks) -> None:
-        """out[t, :R] = scale·(x[t]·Aᵀ) for the rows t of each segment, with that segment's adapter.
-        x: [T, K] and out: [T, >= tasks.max_r], float32 with unit column strides."""
+    def lora(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, segments: SegmentTable, table: SlotTable) -> None:
+        """y[t] += scale·(x[t]·Aᵀ)·Bᵀ for the rows t of each segment, with its slot's adapter in `table`, in
+        place; h[t, :R] receives the scaled x[t]·Aᵀ. x: [T, K], h: [T, >= table.max_r], y: [T, out], all
+        float32 with unit column strides."""
         t, k = x.shape
-        if x.dtype != torch.float32 or x.stride(1) != 1 or out.dtype != torch.float32 or out.stride(1) != 1:
-            raise ValueError(f"lora_shrink: x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype}")
-        if out.shape[0] != t or out.shape[1] < tasks.max_r or tasks.k != k or tasks.max_row > t:
-            raise ValueError(f"lora_shrink: segments for K={tasks.k} up to row {tasks.max_row}, rank {tasks.max_r}; x {tuple(x.shape)}")
-        self._shrink(x.data_ptr(), x.stride(0), k, *tasks.args, out.data_ptr(), out.stride(0), tasks.max_r, torch.get_num_threads())
-
-    def lora_expand(self, h: torch.Tensor, y: torch.Tensor, tasks: ExpandTasks) -> None:
-        """y[t, slice] += h[t, cols]·Bᵀ per task (segment, output slice), in place. h: [T, >= the tasks'
-        columns] (lora_shrink's out) and y: [T, out], float32 with unit column strides."""
-        if h.dtype != torch.float32 or h.stride(1) != 1 or y.dtype != torch.float32 or y.stride(1) != 1:
-            raise ValueError(f"lora_expand: h {tuple(h.shape)} {h.dtype}, y {tuple(y.shape)} {y.dtype}")
-        if tasks.max_row > min(h.shape[0], y.shape[0]) or tasks.h_cols > h.shape[1] or tasks.y_cols > y.shape[1]:
+        if any(v.dtype != torch.float32 or v.stride(1) != 1 for v in (x, h, y)):
+            raise ValueError(f"lora: x {tuple(x.shape)} {x.dtype}, h {tuple(h.shape)} {h.dtype}, y {tuple(y.shape)} {y.dtype}")
+        if h.shape[0] != t or y.shape[0] != t or h.shape[1] < table.max_r or y.shape[1] < table.y_cols or table.k != k:
             raise ValueError(
-                f"lora_expand: tasks reach row {tasks.max_row}, columns {tasks.h_cols}/{tasks.y_cols}; h {tuple(h.shape)}, y {tuple(y.shape)}"
+                f"lora: slots for K={table.k}, rank {table.max_r}, {table.y_cols} outputs; x {tuple(x.shape)}, h {tuple(h.shape)}, y {tuple(y.shape)}"
             )
-        self._expand(h.data_ptr(), h.stride(0), y.data_ptr(), y.stride(0), *tasks.args, tasks.max_blocks, torch.get_num_threads())
+        if segments.max_row > t or segments.max_slot >= table.num_slots:
+            raise ValueError(f"lora: segments reach row {segments.max_row} and slot {segments.max_slot}; {t} rows, {table.num_slots} slots")
+        self._lora(x.data_ptr(), x.stride(0), k, h.data_ptr(), h.stride(0), y.data_ptr(), y.stride(0),
+                   *segments.args, *table.args, torch.get_num_threads())  # fmt: skip
 
 
-OUT_BLOCK = 64  # cpu_kernels.c's outputs per expand task
+OUT_BLOCK = 64  # cpu_kernels.c's outputs per expand block
 
 
-class ShrinkTasks:
-    """The shrink's table, one entry per segment: rows [lo, hi) and its adapter's A (float16 [R, K],
-    contiguous) and column scales (float32 [R]), by address. Holds those tensors, so the addresses stay valid."""
+class SegmentTable:
+    """A pass's segments (slot, lo, hi) as the kernels read them; built once per step, read by every projection."""
 
-    def __init__(self, rows: list[tuple[int, int]], A: list[torch.Tensor], scales: list[torch.Tensor], k: int):
-        for a, sc in zip(A, scales):
-            if a.dtype != torch.float16 or not a.is_contiguous() or a.shape[1] != k or sc.dtype != torch.float32 or not sc.is_contiguous():
-                raise ValueError(f"ShrinkTasks: A {tuple(a.shape)} {a.dtype}, scales {tuple(sc.shape)} {sc.dtype}, K={k}")
+    def __init__(self, segments: list[tuple[int, int, int]]):
+        self._seg = np.array(segments, dtype=np.int64).reshape(-1, 3)
+        self.max_row = max((hi for _, _, hi in segments), default=0)
+        self.max_slot = max((slot for slot, _, _ in segments), default=-1)
+        if any(slot < 0 or not 0 <= lo <= hi for slot, lo, hi in segments):
+            raise ValueError(f"SegmentTable: segments {segments}")
+        self.args = (len(segments), self._seg.ctypes.data)
+
+
+class SlotTable:
+    """One projection's resident adapters by slot, as the kernels read them: per slot, the address of its A
+    (float16 [R, K], contiguous), R and the address of its column scales (float32 [R]); per 64 outputs of
+    each targeted slice, an expand block (the slice's B, float16 [r, O] memory, at the block's first
+    output). Kept in step with the slots (lora/slots.py calls `set` on every fill and clear), so a step
+    builds no table: it hands the kernels its segments. Holds the tensors whose addresses it stores."""
+
+    def __init__(self, k: int):
         self.k = k
-        self.keep = [*A, *scales]
-        ranks = [a.shape[0] for a in A]
-        self.max_r = max(ranks, default=0)
-        self.max_row = max((hi for _, hi in rows), default=0)
-        lo, hi, a_ptr, r, s_ptr = (
-            _array(c) for c in ([lo for lo, _ in rows], [hi for _, hi in rows], _addresses(A), ranks, _addresses(scales))
-        )
-        self._arrays = (lo, hi, a_ptr, r, s_ptr)
-        self.args = (len(rows), *(a.ctypes.data for a in self._arrays))  # S, lo, hi, A, R, scale
+        self._info = np.zeros((0, 5), dtype=np.int64)  # per slot: A address (0: none), R, scales address, first block, count
+        self._blocks = np.zeros((0, 6), dtype=np.int64)  # hcol, r, B address, ldb, ycol, width
+        self._num_blocks = 0  # rows of _blocks in use (those of cleared slots included, until compacted)
+        self._keep: list[tuple | None] = []  # per slot: what `set` was given
+        self.max_r = self.y_cols = self.max_blocks = 0  # upper bounds over every slot set so far
+        self.args: tuple[int, ...] = ()
+        self._update_args()
 
+    @property
+    def num_slots(self) -> int:
+        return len(self._keep)
 
-class ExpandTasks:
-    """The expand's table, one entry per (segment, output slice): rows [lo, hi), the slice's columns of h
-    [hcol, hcol + r), its B ([O, r] viewing float16 [r, O] memory, the CPU kernels' layout:
-    LoRAModel.packed's b_transposed) by address, and its output columns [ycol, ycol + O)."""
+    def set(self, slot: int, A: torch.Tensor | None, scales: torch.Tensor | None = None,
+            slices: Sequence[tuple[int, torch.Tensor, int]] = ()) -> None:  # fmt: skip
+        """Point `slot` at an adapter (A None: none, or it does not target this projection). slices: per
+        targeted slice, (first column of x·Aᵀ, B [O, r] viewing float16 [r, O] memory, first output column)."""
+        if A is not None:
+            assert scales is not None
+            if A.dtype != torch.float16 or not A.is_contiguous() or A.dim() != 2 or A.shape[1] != self.k:
+                raise ValueError(f"SlotTable: A {tuple(A.shape)} {A.dtype}, K={self.k}")
+            if scales.dtype != torch.float32 or not scales.is_contiguous() or scales.numel() != A.shape[0]:
+                raise ValueError(f"SlotTable: scales {tuple(scales.shape)} {scales.dtype} for rank {A.shape[0]}")
+            for hcol, b, _ in slices:
+                if b.dtype != torch.float16 or b.dim() != 2 or not b.t().is_contiguous() or hcol + b.shape[1] > A.shape[0]:
+                    raise ValueError(f"SlotTable: B {tuple(b.shape)} {b.dtype}, strides {b.stride()}: [O, r] over [r, O] memory is read")
+        while len(self._keep) <= slot:
+            self._keep.append(None)
+        if len(self._info) < len(self._keep):
+            self._info = np.concatenate([self._info, np.zeros((len(self._keep) * 2 - len(self._info), 5), dtype=np.int64)])
+        self._keep[slot] = None if A is None else (A, scales, list(slices))
+        self._info[slot] = 0
+        if A is not None:
+            self._info[slot, :3] = (A.data_ptr(), A.shape[0], scales.data_ptr())  # type: ignore[union-attr]
+            self._info[slot, 3:] = self._add_blocks(slices)
+            self.max_r = max(self.max_r, A.shape[0])
+        if self._num_blocks > 2 * sum(int(c) for c in self._info[: len(self._keep), 4]) + 1024:
+            self._compact()
+        self._update_args()
 
-    def __init__(self, tasks: list[tuple[int, int, int, torch.Tensor, int]]):
-        """tasks: (lo, hi, hcol, B, ycol) each."""
-        for *_, b, _ in tasks:
-            if b.dtype != torch.float16 or b.dim() != 2 or not b.t().is_contiguous():
-                raise ValueError(f"ExpandTasks: B {tuple(b.shape)} {b.dtype} with strides {b.stride()}: [O, r] over [r, O] memory is read")
-        self.keep = [b for *_, b, _ in tasks]
-        r = [b.shape[1] for b in self.keep]
-        o = [b.shape[0] for b in self.keep]
-        self.max_row = max((hi for _, hi, *_ in tasks), default=0)
-        self.h_cols = max((hcol + w for (_, _, hcol, _, _), w in zip(tasks, r)), default=0)
-        self.y_cols = max((ycol + w for (*_, ycol), w in zip(tasks, o)), default=0)
-        self.max_blocks = (max(o, default=0) + OUT_BLOCK - 1) // OUT_BLOCK
-        columns = ([t[0] for t in tasks], [t[1] for t in tasks], [t[2] for t in tasks], r, _addresses(self.keep), [t[4] for t in tasks], o)
-        self._arrays = tuple(_array(c) for c in columns)
-        self.args = (len(tasks), *(a.ctypes.data for a in self._arrays))  # n, lo, hi, hcol, r, B, ycol, O
+    def _add_blocks(self, slices) -> tuple[int, int]:
+        rows = []
+        for hcol, b, ycol in slices:
+            o, r = b.shape
+            for o0 in range(0, o, OUT_BLOCK):
+                width = min(OUT_BLOCK, o - o0)
+                rows.append((hcol, r, b.data_ptr() + 2 * o0, o, ycol + o0, width))  # 2: bytes per float16
+                self.y_cols = max(self.y_cols, ycol + o0 + width)
+        first = self._num_blocks
+        need = first + len(rows)
+        if need > len(self._blocks):
+            grown = np.zeros((max(need, 2 * len(self._blocks)), 6), dtype=np.int64)
+            grown[:first] = self._blocks[:first]
+            self._blocks = grown
+        if rows:
+            self._blocks[first:need] = rows
+        self._num_blocks = need
+        self.max_blocks = max(self.max_blocks, len(rows))
+        return first, len(rows)
 
+    def _compact(self) -> None:
+        """Drop the blocks of cleared and re-set slots: rebuild from what each slot holds."""
+        self._num_blocks = 0
+        for slot, kept in enumerate(self._keep):
+            if kept is not None:
+                self._info[slot, 3:] = self._add_blocks(kept[2])
 
-def _addresses(tensors: list[torch.Tensor]) -> list[int]:
-    return [t.data_ptr() for t in tensors]
-
-
-def _array(values: list[int]) -> np.ndarray:
-    return np.array(values, dtype=np.int64)
+    def _update_args(self) -> None:
+        self.args = (self._info.ctypes.data, self._blocks.ctypes.data, self.max_r, self.max_blocks)
 
 
 _lock = threading.Lock()

@@ -59,46 +59,88 @@ def test_linear_refuses_what_it_cannot_read(kernels):
         kernels.linear(torch.randn(2, 8), torch.randn(4, 8).half())
 
 
-def test_shrink_and_expand_over_segments_match_float64(kernels):
+def test_lora_over_segments_matches_float64(kernels):
     """Segments of mixed ranks (tails past a multiple of 8 included), one to nine rows, rows of no segment
-    in between; expand tasks per (segment, slice) into column slices of a wider output."""
+    in between, a slot that does not target the projection; each adapter's slices add into column
+    slices of a wider output (136 outputs: two blocks of 64 and a tail of 8; and 7)."""
     g = torch.Generator().manual_seed(3)
     k, t = 72, 20
     x = torch.randn(t, k, generator=g)
-    rows = [(0, 1), (1, 4), (6, 15), (15, 16)]  # rows 4, 5 and 16.. have no adapter
-    ranks = [16, 4, 12, 48]
-    A = [(torch.randn(r, k, generator=g) / 8).half() for r in ranks]
-    scales = [torch.rand(r, generator=g) + 0.5 for r in ranks]
-    shrink = ck.ShrinkTasks(rows, A, scales, k)
-    h = torch.full((t, 48), float("nan"))
-    kernels.lora_shrink(x, h, shrink)
-    for (lo, hi), a, sc in zip(rows, A, scales):
-        want = (x[lo:hi].double() @ a.double().t()) * sc.double()
-        torch.testing.assert_close(h[lo:hi, : a.shape[0]].double(), want, rtol=1e-5, atol=1e-5)
-    assert h[4:6].isnan().all() and h[16:].isnan().all()  # rows of no segment are not written
-
-    y0 = torch.randn(t, 150, generator=g)
-    tasks, want = [], y0.double().clone()
-    for (lo, hi), r in zip(rows, ranks):
-        # two slices of the segment's columns: 136 outputs (two blocks of 64 and a tail of 8), and 7
+    ranks = {0: 16, 2: 4, 3: 12, 5: 48}  # slot -> rank; slot 1 holds an adapter that skips this projection
+    segments = [(0, 0, 1), (2, 1, 4), (1, 4, 6), (3, 6, 15), (5, 15, 16)]  # rows 16.. have no adapter
+    table = ck.SlotTable(k)
+    table.set(4, (torch.randn(8, k, generator=g) / 8).half(), torch.ones(8), [])  # set, then cleared: not read
+    table.set(4, None)
+    table.set(1, None)
+    weights = {}
+    for slot, r in ranks.items():
+        a = (torch.randn(r, k, generator=g) / 8).half()
+        sc = torch.rand(r, generator=g) + 0.5
+        slices = []
         for hcol, width, ycol, out in ((0, r // 2, 3, 136), (r // 2, r - r // 2, 140, 7)):
-            b = (torch.randn(width, out, generator=g) / 8).half().t()  # [out, width] over [width, out] memory
-            tasks.append((lo, hi, hcol, b, ycol))
-            want[lo:hi, ycol : ycol + out] += h[lo:hi, hcol : hcol + width].double() @ b.double().t()
+            slices.append((hcol, (torch.randn(width, out, generator=g) / 8).half().t(), ycol))  # [out, width] over [width, out] memory
+        table.set(slot, a, sc, slices)
+        weights[slot] = (a, sc, slices)
+    h = torch.full((t, 48), float("nan"))
+    y0 = torch.randn(t, 150, generator=g)
     y = y0.clone()
-    kernels.lora_expand(h, y, ck.ExpandTasks(tasks))
+    kernels.lora(x, h, y, ck.SegmentTable(segments), table)
+
+    want = y0.double().clone()
+    for slot, lo, hi in segments:
+        if slot not in weights:
+            continue
+        a, sc, slices = weights[slot]
+        xa = (x[lo:hi].double() @ a.double().t()) * sc.double()
+        torch.testing.assert_close(h[lo:hi, : a.shape[0]].double(), xa, rtol=1e-5, atol=1e-5)
+        for hcol, b, ycol in slices:
+            want[lo:hi, ycol : ycol + b.shape[0]] += xa[:, hcol : hcol + b.shape[1]] @ b.double().t()
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert h[4:6].isnan().all() and h[16:].isnan().all()  # rows of no adapter here: h not written, y unchanged
     assert torch.equal(y[4:6], y0[4:6]) and torch.equal(y[16:], y0[16:])
 
 
-def test_segment_tables_refuse_what_the_kernels_cannot_read(kernels):
+def test_a_slot_table_follows_its_slots_through_many_sets(kernels):
+    """Slots re-set and cleared many times (the blocks of old adapters compacted away) read only what each slot holds now."""
+    g = torch.Generator().manual_seed(4)
+    k, out = 16, 130
+    table = ck.SlotTable(k)
+    held = {}
+    for i in range(600):
+        slot = i % 7
+        if i % 5 == 0:
+            table.set(slot, None)
+            held.pop(slot, None)
+            continue
+        r = 1 + i % 9
+        a, sc = torch.randn(r, k, generator=g).half(), torch.rand(r, generator=g)
+        b = torch.randn(r, out, generator=g).half().t()
+        table.set(slot, a, sc, [(0, b, 0)])
+        held[slot] = (a, sc, b)
+    x = torch.randn(7, k, generator=g)
+    y = torch.zeros(7, out)
+    kernels.lora(x, torch.empty(7, table.max_r), y, ck.SegmentTable([(s, s, s + 1) for s in range(7)]), table)
+    for s in range(7):
+        want = torch.zeros(out, dtype=torch.float64)
+        if s in held:
+            a, sc, b = held[s]
+            want = ((x[s].double() @ a.double().t()) * sc.double()) @ b.double().t()
+        torch.testing.assert_close(y[s].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_and_slot_tables_refuse_what_the_kernels_cannot_read(kernels):
+    table = ck.SlotTable(8)
     with pytest.raises(ValueError):
-        ck.ShrinkTasks([(0, 1)], [torch.randn(4, 8)], [torch.ones(4)], 8)  # float32 A
+        table.set(0, torch.randn(4, 8), torch.ones(4))  # float32 A
     with pytest.raises(ValueError):
-        ck.ExpandTasks([(0, 1, 0, torch.randn(8, 4).half(), 0)])  # [O, r] memory: the kernels read [r, O]
-    tasks = ck.ShrinkTasks([(0, 5)], [torch.randn(4, 8).half()], [torch.ones(4)], 8)
+        table.set(0, torch.randn(4, 8).half(), torch.ones(4), [(0, torch.randn(8, 4).half(), 0)])  # [O, r] memory: [r, O] is read
+    table.set(0, torch.randn(4, 8).half(), torch.ones(4), [(0, torch.randn(4, 8).half().t(), 0)])
     with pytest.raises(ValueError):
-        kernels.lora_shrink(torch.randn(3, 8), torch.empty(3, 4), tasks)  # segment past the last row
+        kernels.lora(torch.randn(3, 8), torch.empty(3, 4), torch.zeros(3, 8), ck.SegmentTable([(0, 0, 5)]), table)  # past the last row
+    with pytest.raises(ValueError):
+        kernels.lora(torch.randn(3, 8), torch.empty(3, 4), torch.zeros(3, 8), ck.SegmentTable([(1, 0, 3)]), table)  # no such slot
+    with pytest.raises(ValueError):
+        ck.SegmentTable([(0, 3, 2)])
 
 
 def test_builds_into_an_empty_cache_once_then_loads_without_a_compiler(fresh_build, monkeypatch):

@@ -16,19 +16,18 @@ Rows with no adapter are in no segment and receive nothing. Both compute in floa
 are read in place, other 16-bit slots upcast per step.
 
 A third way, for float16 slots read by the CPU kernels (model/cpu_kernels.c; the CPU default where
-they build): per pass, one shrink and one expand call over every segment, decode rows and prefill
-chunks alike, each adapter read where it lies and converted in registers; nothing stacked or padded.
+they build): per pass, one kernel call over every segment, decode rows and prefill chunks alike,
+each adapter read where it lies and converted in registers; nothing stacked or padded, and no table
+built per step (the slots keep the kernels' table by slot, slots.py).
 Measured against upcasting for MKL's GEMM (SmolLM2-135M, 2 threads): a 32 x 64-token prefill with 32
 adapters 0.79x -> ~1.0x the base's, a 1024-token one with one adapter 0.91x -> ~1.0x.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from ...model.cpu_kernels import CPUKernels, ExpandTasks, ShrinkTasks
+from ...model.cpu_kernels import SegmentTable
 from ..slots import ProjectionSlots, SlotEntry
 from .segments import Segment, split_passes
 from .stacks import stack_for
@@ -88,6 +87,7 @@ class SegmentedLoRABatch:
     def __init__(self, segments: list[Segment]):
         self.segments = segments
         self._buffer: torch.Tensor | None = None  # the CPU kernels' x·Aᵀ, reused by every projection (_scratch)
+        self._segment_tables: list[SegmentTable] | None = None
         # Per pass: the short segments as one group when they fit, the rest one by one.
         self.passes: list[tuple[list[Segment], _Group | None]] = []
         for p in split_passes([s for s in segments if s[2] > s[1]]):  # empty ones dropped
@@ -96,6 +96,12 @@ class SegmentedLoRABatch:
                 self.passes.append(([seg for seg in p if seg[2] - seg[1] > MAX_SEGMENT_ROWS], _Group(short)))
             else:
                 self.passes.append((p, None))
+
+    def _kernel_segments(self) -> list[SegmentTable]:
+        """The passes' segments as the CPU kernels read them, built on the step's first projection."""
+        if self._segment_tables is None:
+            self._segment_tables = [SegmentTable(segments + (group.segments if group else [])) for segments, group in self.passes]
+        return self._segment_tables
 
     def _scratch(self, rows: int, cols: int) -> torch.Tensor:
         """A [rows, cols] float32 view of one buffer the step's projections share (allocating per projection
@@ -106,48 +112,18 @@ class SegmentedLoRABatch:
 
     def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (base output, updated in place)
-        if slots.kernels is not None and slots.dtype == torch.float16 and x.dtype == y.dtype == torch.float32:
-            for segments, group in self.passes:
-                _apply_kernels(slots, slots.kernels, segments + (group.segments if group else []), x, y, self._scratch)
+        table = slots.kernel_table
+        if slots.kernels is not None and table is not None and x.dtype == y.dtype == torch.float32:
+            # One kernel call per pass: its segments, decode rows and prefill chunks alike, each adapter read
+            # where it lies (float16, at its exact ranks); h [T, R] is row t's scaled x·Aᵀ.
+            h = self._scratch(x.shape[0], max(table.max_r, 1))
+            for table_of_pass in self._kernel_segments():
+                slots.kernels.lora(x, h, y, table_of_pass, table)
             return
         for segments, group in self.passes:
             if group is not None:
                 _apply_group(slots, group, x, y)
             _apply_segments(slots, segments, x, y)
-
-
-def _apply_kernels(slots: ProjectionSlots, kernels: CPUKernels, segments: list[Segment], x: torch.Tensor, y: torch.Tensor,
-                   scratch: Callable[[int, int], torch.Tensor]) -> None:  # fmt: skip
-    """Segments of one pass (no shared row) through the CPU kernels: one shrink and one expand call for
-    all of them, each adapter read where it lies (float16, at its exact ranks)."""
-    if not segments:
-        return
-    shrink, expand = _kernel_tasks(slots, segments)
-    h = scratch(x.shape[0], max(shrink.max_r, 1))  # [T, R]: row t's scaled x·Aᵀ (rows of no segment unread)
-    kernels.lora_shrink(x, h, shrink)
-    kernels.lora_expand(h, y, expand)
-
-
-def _kernel_tasks(slots: ProjectionSlots, segments: list[Segment]) -> tuple[ShrinkTasks, ExpandTasks]:
-    """The kernels' task tables for these segments on this projection, kept while the slots do not change
-    (a decode batch keeps its segments for several steps)."""
-    cache = slots.cpu_tables
-    if cache.get("version") != slots.version or len(cache) > 64:
-        cache.clear()
-        cache["version"] = slots.version
-    key = tuple(segments)
-    if key not in cache:
-        rows, As, scales, expand = [], [], [], []
-        for slot, lo, hi in segments:
-            entry = slots.entries[slot] if slot < len(slots.entries) else None
-            if entry is None or hi == lo:
-                continue  # no delta for these rows on this projection
-            rows.append((lo, hi))
-            As.append(entry.A)
-            scales.append(entry.scales)
-            expand += [(lo, hi, r0, b, out.start) for out, r0, _, b, _ in entry.layout]
-        cache[key] = (ShrinkTasks(rows, As, scales, slots.in_features), ExpandTasks(expand))
-    return cache[key]
 
 
 def _layouts(slots: ProjectionSlots, group: _Group) -> dict[tuple, list[int]]:
