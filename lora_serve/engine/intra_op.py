@@ -3,10 +3,10 @@
 torch's CPU ops and the CPU kernels (model/cpu_kernels.c) run their parallel regions on OpenMP
 (libgomp). libgomp keeps a pool of worker threads for every thread that has run a parallel region,
 and while its workers outnumber the CPUs it stops spin-waiting between regions: each region then
-starts with a futex wake-up of its workers. On a 2-vCPU VM (`python` microbenchmark of the kernels'
-1-row LoRA shrink, issue #13's profile in docs/benchmarks.md) that took a call from 8 us to 85 us,
-and a server whose model loaded on the main thread and whose adapters loaded on executor threads had
-three pools on two CPUs, for a decode step of ~360 parallel regions.
+starts with a futex wake-up of its workers. On a 2-vCPU VM that took the CPU kernels' 1-row LoRA
+shrink from 8 us to 85 us (docs/benchmarks.md, "OpenMP pools and slot tables"), and a server
+whose model loaded on the main thread and whose adapters loaded on executor threads had three
+pools on two CPUs, for a decode step of ~360 parallel regions.
 
 So, for AsyncEngine: the model loads on a thread of its own that ends, its pool with it
 (`run_on_own_thread`); the engine thread takes the configured count, and every thread that first uses
