@@ -23,9 +23,11 @@ from .serve_config import ClientConfig, WorkloadConfig
 from .workload import RequestSpec, make_trace
 
 
-async def send_one(client: httpx.AsyncClient, spec: RequestSpec, model: str, timeout_s: float) -> RequestRecord:
-    """One streamed completion; chunk arrival times give TTFT and ITL, the usage chunk the token counts."""
+async def send_one(client: httpx.AsyncClient, spec: RequestSpec, model: str, timeout_s: float, extra: dict | None = None) -> RequestRecord:
+    """One streamed completion; chunk arrival times give TTFT and ITL, the usage chunk the token counts.
+    extra: fields added to the body (llama.cpp's per-request adapters)."""
     body = {
+        **(extra or {}),
         "model": model,
         "prompt": spec.prompt,
         "max_tokens": spec.output_len,
@@ -68,13 +70,14 @@ async def send_one(client: httpx.AsyncClient, spec: RequestSpec, model: str, tim
 async def run_trace(
     client: httpx.AsyncClient,
     trace: list[RequestSpec],
-    model_of: Callable[[RequestSpec], str],
+    model_of: Callable[[RequestSpec], str | tuple[str, dict]],
     concurrency: int | None,
     timeout_s: float,
     duration_s: float | None = None,
     on_done: Callable[[RequestRecord], object] | None = None,
 ) -> tuple[list[RequestRecord], float]:
-    """(records, wall seconds). Requests start at their arrival times; a semaphore caps those in flight."""
+    """(records, wall seconds). Requests start at their arrival times; a semaphore caps those in flight.
+    model_of gives a request's model, or (model, extra body fields)."""
     gate = asyncio.Semaphore(concurrency or len(trace) or 1)
     start = time.perf_counter()
 
@@ -83,7 +86,9 @@ async def run_trace(
         async with gate:
             if duration_s is not None and time.perf_counter() - start > duration_s:
                 return None  # closed loop past --duration: not sent
-            rec = await send_one(client, spec, model_of(spec), timeout_s)
+            target = model_of(spec)
+            model, extra = target if isinstance(target, tuple) else (target, None)
+            rec = await send_one(client, spec, model, timeout_s, extra)
         if on_done:
             on_done(rec)
         return rec
@@ -126,7 +131,10 @@ async def _measure(
     """One pass of the trace at `rate` to `target` (adapters or base): the aggregate, run settings and records."""
     from tqdm import tqdm
 
-    model_of = (lambda s: base) if target == "base" else (lambda s: s.adapter or base)
+    if cfg.llama_cpp_loras:  # llama.cpp names adapters in the body, beside the base model
+        model_of = (lambda s: base) if target == "base" else (lambda s: (base, cfg.extra_body(s.adapter)))
+    else:
+        model_of = (lambda s: base) if target == "base" else (lambda s: s.adapter or base)
     bar = tqdm(total=len(trace), desc=f"{cfg.label} {target} rate={rate:g} round {round_}", unit="req", disable=not cfg.progress)
     records, wall = await run_trace(client, trace, model_of, workload.concurrency, cfg.timeout_s, workload.duration, lambda r: bar.update())
     bar.close()

@@ -133,6 +133,19 @@ class ClientConfig(BaseModel):
     progress: bool = True
     """Show a tqdm progress bar."""
 
+    llama_cpp_loras: CliVariadicArg[list[str]] = Field(default_factory=list)
+    """For a comparison with llama.cpp's llama-server: the adapter names in the order of its --lora-scaled
+    files (loaded at scale 0). A request for adapter i then names the base model and sends llama.cpp's
+    `"lora": [{"id": i, "scale": 1}]` (docs/benchmarks.md gives the recipe)."""
+
+    def extra_body(self, adapter: str | None) -> dict:
+        """Request fields beside the OpenAI ones for a request to `adapter` (None: the base)."""
+        if not self.llama_cpp_loras or adapter is None:
+            return {}
+        if adapter not in self.llama_cpp_loras:
+            raise ValueError(f"adapter {adapter!r} is not in --llama-cpp-loras {self.llama_cpp_loras}")
+        return {"lora": [{"id": self.llama_cpp_loras.index(adapter), "scale": 1.0}]}
+
     @model_validator(mode="after")
     def _check_client(self) -> ClientConfig:
         self.slos()  # raises on a malformed entry

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
+import httpx
 import pytest
 
 from lora_serve.bench import online, serve_results
@@ -92,3 +94,36 @@ def test_goodput_vs_base_counts_requests_within_twice_the_base_medians() -> None
     slower = _run("adapters", [(1.9, 0.19), (3.0, 0.1)], duration=20.0)  # 1 good in twice the time
     (ratio,) = serve_results.base_ratios([slower, base])
     assert ratio["goodput_vs_base"] == pytest.approx((1 / 20) / (2 / 10))
+
+
+def test_llama_cpp_mode_names_the_base_and_the_adapter_in_llama_cpps_field() -> None:
+    """With --llama-cpp-loras, a request for adapter i names the base model and carries `lora: [{id: i, scale: 1}]`
+    (llama-server's per-request adapters); base requests carry no `lora`. A stand-in server records the bodies."""
+    bodies: list[dict] = []
+
+    def llama_server(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        n = body["max_tokens"]
+        chunks = [{"choices": [{"index": 0, "text": "x"}]}] * n + [{"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": n}}]
+        sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+
+    names = ["french", "json", "pirate"]
+    cfg = ClientConfig(url="http://llama", base_model="smollm2", llama_cpp_loras=names, progress=False)
+    workload = WorkloadConfig(adapters=names, popularity="uniform", num_requests=12, input_len=[4], output_len=[3], concurrency=4)
+    trace = list(online.make_trace(workload, cfg.vocab_size))
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(base_url=cfg.url, transport=httpx.MockTransport(llama_server)) as client:
+            return [await online._measure(client, workload, cfg, trace, math.inf, target, "smollm2", 0) for target in ("adapters", "base")]
+
+    adapters, base = asyncio.run(run())
+    assert adapters["completed"] == base["completed"] == 12
+    sent, base_sent = bodies[:12], bodies[12:]
+    assert all(b["model"] == "smollm2" for b in bodies)
+    assert sorted(b["lora"][0]["id"] for b in sent) == sorted(names.index(str(spec.adapter)) for spec in trace)
+    assert all(b["lora"] == [{"id": b["lora"][0]["id"], "scale": 1.0}] for b in sent)
+    assert not any("lora" in b for b in base_sent)
+    with pytest.raises(ValueError, match="not in --llama-cpp-loras"):
+        cfg.extra_body("unknown")
