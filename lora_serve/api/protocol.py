@@ -7,17 +7,19 @@ Unknown fields are ignored, as OpenAI clients send fields we have no use for.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from lora_serve.engine.sampling_params import SEED_MAX, SEED_MIN
+from lora_serve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_PENALTY, SEED_MAX, SEED_MIN
 
 # Pydantic builds a model per message and per content part (~10-30 us each), so a 4 MiB body of
 # empty ones would hold the event loop for seconds: both are counted on the raw JSON first.
 MAX_MESSAGES = 2048  # OpenAI's own limit on `messages`
 MAX_CONTENT_PARTS = 2048  # text parts in all messages together
+TOKEN_ID = re.compile(r"0|[1-9][0-9]*")  # a logit_bias key: one spelling per token id
 
 
 class _Request(BaseModel):
@@ -62,8 +64,24 @@ class SamplingRequest(_Request):
 
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
+    """Subtracted from the logit of every token already in the output."""
+
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
+    """Subtracted from a token's logit once per time it is already in the output."""
+
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> bias in [-100, 100] added to its logit (each id in the vocabulary, at most max_logit_bias)."""
+
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """Extension (vLLM): tokens of the prompt or the output have a positive logit divided by it, a negative one multiplied."""
+
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    """Extension (vLLM): keep only tokens at least min_p times as likely as the most likely one."""
+
+    min_tokens: int = Field(0, ge=0)
+    """Extension (vLLM): no EOS, stop_token_ids or stop strings end the output before it has this many tokens."""
+
     user: str | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     """Extension (vLLM): token ids that end generation (at most max_stop_token_ids, each in the vocabulary)."""
@@ -78,11 +96,14 @@ class SamplingRequest(_Request):
             raise ValueError("only n=1 is supported")
         return n
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("penalties are not supported; only 0 is accepted")
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not TOKEN_ID.fullmatch(key):
+                raise ValueError(f'keys are token ids written in decimal, like "50256"; {key!r} is not')
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"biases lie in [-100, 100]; token {key} has {bias}")
         return value
 
     @field_validator("stream_options")
@@ -100,6 +121,10 @@ class SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
 
 
 class TextPart(BaseModel):

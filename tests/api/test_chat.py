@@ -120,6 +120,10 @@ def test_null_fields_mean_defaults(server: LiveServer) -> None:
             "top_logprobs",
             "presence_penalty",
             "frequency_penalty",
+            "logit_bias",
+            "repetition_penalty",
+            "min_p",
+            "min_tokens",
             "user",
             "max_completion_tokens",
         ]
