@@ -2,7 +2,9 @@
 
 Field-level checks live here so that pydantic names the offending param; the server's
 configurable limits (limits.py) and checks that need the tokenizer happen in exchange.py.
-Unknown fields are ignored, as OpenAI clients send fields we have no use for.
+The fields declared here are honoured; the OpenAI fields with nothing to act on are no-ops or
+refused (field_policy.py); any other field is refused with OpenAI's "Unrecognized request
+argument supplied" (errors.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from lora_serve.api.field_policy import ChatFieldPolicy, CompletionFieldPolicy, MessageFieldPolicy
 from lora_serve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_PENALTY, SEED_MAX, SEED_MIN
 
 # Pydantic builds a model per message and per content part (~10-30 us each), so a 4 MiB body of
@@ -22,8 +25,8 @@ MAX_CONTENT_PARTS = 2048  # text parts in all messages together
 TOKEN_ID = re.compile(r"0|[1-9][0-9]*")  # a logit_bias key: one spelling per token id
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -36,12 +39,15 @@ class _Request(BaseModel):
         return value
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestBody):
     include_usage: bool = False
     """Send a last chunk with `usage` and no choices."""
 
+    include_obfuscation: bool | None = None
+    """No-op: OpenAI pads stream chunks against a side channel of its network; here there is none to pad."""
 
-class SamplingRequest(_Request):
+
+class SamplingRequest(RequestBody):
     """Fields shared by chat and completions requests."""
 
     model: str | None = None
@@ -82,7 +88,6 @@ class SamplingRequest(_Request):
     min_tokens: int = Field(0, ge=0)
     """Extension (vLLM): no EOS, stop_token_ids or stop strings end the output before it has this many tokens."""
 
-    user: str | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     """Extension (vLLM): token ids that end generation (at most max_stop_token_ids, each in the vocabulary)."""
 
@@ -127,12 +132,14 @@ class SamplingRequest(_Request):
         return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
 
 
-class TextPart(BaseModel):
+class TextPart(RequestBody):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: dict[str, Any] | None = None
+    """No-op: a caching hint (field_policy.py)."""
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestBody, MessageFieldPolicy):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -158,13 +165,10 @@ class ChatMessage(_Request):
         return message
 
 
-class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    """Newer name of max_tokens; wins when both are given."""
+class ChatMessages(RequestBody):
+    """A conversation, counted on the raw JSON before pydantic builds its models."""
 
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -177,6 +181,14 @@ class ChatCompletionRequest(SamplingRequest):
         if parts > MAX_CONTENT_PARTS:
             raise ValueError(f"{parts} content parts given; at most {MAX_CONTENT_PARTS} in all messages together")
         return messages
+
+
+class ChatCompletionRequest(SamplingRequest, ChatMessages, ChatFieldPolicy):
+    max_completion_tokens: int | None = Field(None, ge=1)
+    """Newer name of max_tokens; wins when both are given."""
+
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -193,15 +205,12 @@ class ChatCompletionRequest(SamplingRequest):
         return self.max_tokens, "max_tokens"
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(SamplingRequest, CompletionFieldPolicy):
     prompt: str | list[int] | list[str]
     """Text, one text in a list, or token ids."""
 
     logprobs: int | None = Field(None, ge=0, le=5)
     """Return the sampled token's logprob and the top N alternatives."""
-
-    echo: Literal[False] = False
-    suffix: None = None
 
     @field_validator("prompt")
     @classmethod

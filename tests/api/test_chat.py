@@ -126,6 +126,9 @@ def test_null_fields_mean_defaults(server: LiveServer) -> None:
             "min_tokens",
             "user",
             "max_completion_tokens",
+            "tools",
+            "tool_choice",
+            "response_format",
         ]
     )
     body = {"model": server.model, "messages": MESSAGES, "max_tokens": 3, **nulls}
