@@ -30,7 +30,7 @@ def keyed_server(tiny_engine: AsyncEngine) -> Iterator[LiveServer]:
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}],
     ids=["none", "wrong-key", "no-scheme", "basic-scheme"],
 )
-@pytest.mark.parametrize("route", ["/v1/models", "/v1/models/tiny", "/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("route", ["/v1/models", "/v1/models/tiny", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
 def test_rejected_without_the_key(keyed_server: LiveServer, headers: dict, route: str) -> None:
     method = httpx.get if route.startswith("/v1/models") else httpx.post
     kwargs = {} if route.startswith("/v1/models") else {"json": {"prompt": "hi", "messages": []}}
