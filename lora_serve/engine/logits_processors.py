@@ -6,8 +6,10 @@ In vLLM's order, each as batched tensor ops over the rows that ask for it:
     repetition_penalty  t in the prompt or output: logits[t] / p if logits[t] > 0, else logits[t] * p  (vLLM, HF)
     frequency_penalty   logits[t] -= f * count(t in the output)                           (OpenAI)
     presence_penalty    logits[t] -= p * (count(t in the output) > 0)                     (OpenAI)
-A batch where no row asks for any of them gets its logits back as they are, uncopied. Every op is
-elementwise or within a row, so a row's result does not depend on the rest of the batch (seeded
+A batch where no row asks for any of them gets its logits back as they are, uncopied. The penalties
+touch only the (row, token) pairs of the prompts and outputs, found with one torch.unique over the
+batch's keys row * V + token, so they cost O(tokens), not O(rows x vocabulary). Every op is
+elementwise on distinct pairs, so a row's result does not depend on the rest of the batch (seeded
 requests stay reproducible). Logprobs are not taken from these logits: the sampler reports the
 model's own distribution, as vLLM does by default (logprobs_mode raw_logprobs).
 """
@@ -71,36 +73,32 @@ def mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """Over the (row, token) pairs the rows' prompts and outputs hold, never over the whole vocabulary:
+    a row's prompt and output are some hundreds of tokens, its vocabulary tens of thousands."""
     vocab_size, dev = logits.shape[1], logits.device
     params = [seqs[i].params for i in rows]
-    index = torch.tensor(rows, device=dev)
-    sub = logits[index]  # [R, V]
-    counts = output_counts([seqs[i].output_token_ids for i in rows], vocab_size, dev)  # [R, V]
-    in_output = counts > 0
+    batch_row = torch.tensor(rows, device=dev)
+    # Keys row * V + token: one per distinct token of each row's output, with its count there.
+    out_keys, out_counts = torch.unique(
+        torch.cat([torch.tensor(seqs[i].output_token_ids, dtype=torch.long, device=dev) + r * vocab_size for r, i in enumerate(rows)]),
+        return_counts=True,
+    )
     if any(p.repetition_penalty != 1 for p in params):
-        seen = in_output | torch.stack([prompt_mask(seqs[i], vocab_size, dev) for i in rows])
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=dev).unsqueeze(1)
-        penalty = torch.where(seen, penalty, 1.0)
-        sub = torch.where(sub > 0, sub / penalty, sub * penalty)
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=dev).unsqueeze(1)
-    presence = torch.tensor([p.presence_penalty for p in params], device=dev).unsqueeze(1)
-    logits[index] = sub - frequency * counts - presence * in_output
+        prompts = [prompt_tokens(seqs[i], dev) + r * vocab_size for r, i in enumerate(rows)]
+        seen = torch.unique(torch.cat([out_keys, *prompts]))
+        row = seen // vocab_size
+        at = (batch_row[row], seen % vocab_size)
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)[row]
+        values = logits[at]
+        logits[at] = torch.where(values > 0, values / penalty, values * penalty)
+    row = out_keys // vocab_size
+    frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)[row]
+    presence = torch.tensor([p.presence_penalty for p in params], device=dev)[row]
+    logits.index_put_((batch_row[row], out_keys % vocab_size), -(frequency * out_counts + presence), accumulate=True)
 
 
-def output_counts(outputs: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[R, V] float32: how many times each row's output holds each token (one scatter_add over the padded ids)."""
-    width = max(map(len, outputs))
-    # Padding points at an extra column, dropped after the scatter.
-    padded = torch.tensor([ids + [vocab_size] * (width - len(ids)) for ids in outputs], dtype=torch.long, device=device)
-    counts = torch.zeros(len(outputs), vocab_size + 1, device=device)
-    counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
-    return counts[:, :vocab_size]
-
-
-def prompt_mask(seq: Sequence, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[V] bool: the tokens of seq's prompt; built at its first penalised step, then kept on the sequence."""
-    if seq.prompt_mask is None:
-        mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        mask[torch.tensor(seq.prompt_token_ids, device=device)] = True
-        seq.prompt_mask = mask
-    return seq.prompt_mask
+def prompt_tokens(seq: Sequence, device: torch.device) -> torch.Tensor:
+    """The distinct tokens of seq's prompt; found at its first penalised step, then kept on the sequence."""
+    if seq.prompt_tokens is None:
+        seq.prompt_tokens = torch.unique(torch.tensor(seq.prompt_token_ids, dtype=torch.long, device=device))
+    return seq.prompt_tokens
