@@ -92,7 +92,8 @@ def _prompt_ids(state: ServerState, req: TokenizeRequest) -> list[int]:
 async def tokenize(req: TokenizeRequest, request: Request, state: ServerState = Depends(get_state)) -> TokenizeResponse:
     await _check_model(state, req.model, request)
     ids = await asyncio.to_thread(_prompt_ids, state, req)
-    strs = state.engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    convert = state.engine.tokenizer.convert_ids_to_tokens
+    strs = await asyncio.to_thread(convert, ids) if req.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=state.engine.max_model_len, tokens=ids, token_strs=strs)
 
 
