@@ -78,11 +78,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: list[int])
     vocab_size, dev = logits.shape[1], logits.device
     params = [seqs[i].params for i in rows]
     batch_row = torch.tensor(rows, device=dev)
-    # Keys row * V + token: one per distinct token of each row's output, with its count there.
-    out_keys, out_counts = torch.unique(
-        torch.cat([torch.tensor(seqs[i].output_token_ids, dtype=torch.long, device=dev) + r * vocab_size for r, i in enumerate(rows)]),
-        return_counts=True,
-    )
+    # Keys row * V + token (built on the host, moved once): one per distinct token of each row's output, with its count.
+    keys = torch.cat([torch.tensor(seqs[i].output_token_ids, dtype=torch.long) + r * vocab_size for r, i in enumerate(rows)])
+    out_keys, out_counts = torch.unique(keys.to(dev), return_counts=True)
     if any(p.repetition_penalty != 1 for p in params):
         prompts = [prompt_tokens(seqs[i], dev) + r * vocab_size for r, i in enumerate(rows)]
         seen = torch.unique(torch.cat([out_keys, *prompts]))
