@@ -73,9 +73,10 @@ def _prompt_ids(state: ServerState, req: TokenizeRequest) -> list[int]:
     if req.messages is None:
         if req.prompt is None:
             raise invalid_param("prompt", "give prompt or messages")
-        for name in ("add_generation_prompt", "continue_final_message"):
-            if getattr(req, name):
-                raise invalid_param(name, f"{name} applies only to messages")
+        if req.add_generation_prompt is not None:
+            raise invalid_param("add_generation_prompt", "add_generation_prompt applies only to messages")
+        if req.continue_final_message:
+            raise invalid_param("continue_final_message", "continue_final_message applies only to messages")
         check_prompt_size(state.config, max_len, prompt_param="prompt", num_chars=len(req.prompt))
         return tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
     if req.prompt is not None:
