@@ -237,6 +237,10 @@ class ServerConfig(_Config):
     """Most stop_token_ids in one request (a set, looked up once per generated token): enough for
     every special token of a Llama 3 vocabulary."""
 
+    max_logit_bias: int = Field(1024, ge=0)
+    """Most logit_bias entries in one request (each must be in the vocabulary). Each is added to the
+    request's logits at every step."""
+
     max_prompt_chars_per_token: int = Field(32, ge=1)
     """A prompt is refused before it is tokenized (400, code "limit_exceeded") when its text has more
     characters than this times its token limit (max_prompt_tokens, else max_model_len), and a chat

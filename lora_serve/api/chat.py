@@ -20,12 +20,35 @@ from lora_serve.api.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    ChatMessage,
     UsageInfo,
 )
 from lora_serve.api.state import ServerState, get_state
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 
 router = APIRouter()
+
+
+def chat_prompt_ids(
+    tokenizer,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """The prompt the model reads for `messages`: the tokenizer's chat template, then its text encoded
+    (by default without special tokens: the rendered template already holds BOS where the model wants it).
+    Blocking. The generation routes use the defaults; /tokenize may ask for others (tokenize.py)."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [m.for_template() for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+        )
+    except (TemplateError, ValueError) as exc:  # e.g. templates that demand alternating user/assistant turns
+        raise invalid_param("messages", f"the model's chat template rejected the messages: {exc}") from exc
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 class ChatExchange(Exchange[ChatCompletionResponse]):
@@ -46,14 +69,7 @@ class ChatExchange(Exchange[ChatCompletionResponse]):
         return sum(m.num_chars for m in self.req.messages), len(self.req.messages)
 
     def prompt_token_ids(self) -> list[int]:
-        tokenizer = self.state.engine.tokenizer
-        messages = [m.for_template() for m in self.req.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except TemplateError as exc:  # e.g. templates that demand alternating user/assistant turns
-            raise invalid_param("messages", f"the model's chat template rejected the messages: {exc}") from exc
-        # Encode without special tokens: the rendered template already holds BOS where the model wants it.
-        return tokenizer.encode(text, add_special_tokens=False)
+        return chat_prompt_ids(self.state.engine.tokenizer, self.req.messages)
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.req.logprobs:

@@ -3,7 +3,8 @@
 Handlers cover our own `APIError`, the LoRA layer's `AdapterError` (its own status and
 param, wherever in a request it is raised), Starlette's `HTTPException` (404 for unknown routes,
 405), request validation (pydantic's 422 becomes OpenAI's 400 naming the offending
-param) and anything unexpected (500, logged here, never a traceback in the body).
+param; a field no model declares gets OpenAI's "Unrecognized request argument supplied: <name>")
+and anything unexpected (500, logged here, never a traceback in the body).
 """
 
 from __future__ import annotations
@@ -82,9 +83,11 @@ def param_from_loc(loc: Sequence[str | int]) -> str | None:
 
 
 def _validation_message(err: dict) -> str:
+    param = param_from_loc(err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":  # a field no model declares: OpenAI's wording
+        return f"Unrecognized request argument supplied: {param}"
     # Custom validators' messages read better without pydantic's "Value error, " prefix.
     message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    param = param_from_loc(err.get("loc", ()))
     return f"{param}: {message}" if param else message
 
 

@@ -78,7 +78,7 @@ def check_before_tokenizing(
 ) -> str | None:
     """Every check that needs no tokenizer, so that a refused request costs no tokenizer time: the
     engine's health, the model (404), the limits, the prompt's size in characters and messages,
-    stop_token_ids. Returns the adapter's name (None: the base); raises APIError naming the param."""
+    stop_token_ids and logit_bias. Returns the adapter's name (None: the base); raises APIError naming the param."""
     if not state.engine.is_healthy:  # checked here, before a stream's 200 goes out
         raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "the engine is not healthy", SERVER_ERROR)
     lora_name = state.models.resolve(req.model, viewer)
@@ -88,12 +88,15 @@ def check_before_tokenizing(
         max_tokens_param=fields.max_tokens_param,
         stops=req.stop_list,
         num_stop_token_ids=len(req.stop_token_ids),
+        num_logit_bias=len(req.logit_bias or ()),
         top_logprobs=fields.top_logprobs,
         top_logprobs_param=fields.top_logprobs_param,
     )
     vocab_size = len(state.engine.tokenizer)
     if any(not 0 <= t < vocab_size for t in req.stop_token_ids):
         raise invalid_param("stop_token_ids", f"token ids must be in [0, {vocab_size})")
+    if any(t >= vocab_size for t in req.token_bias):  # keys are decimal, never negative (protocol.py)
+        raise invalid_param("logit_bias", f"token ids must be in [0, {vocab_size})")
     check_prompt_size(
         state.config,
         state.engine.max_model_len,
@@ -134,13 +137,21 @@ def prepare(
             f"completion). Please reduce the length of the {prompt_param} or {max_tokens_param}.",
             code="context_length_exceeded",
         )
+    if req.min_tokens > max_tokens:
+        raise invalid_param("min_tokens", f"min_tokens is {req.min_tokens}; this completion has room for {max_tokens} tokens at most")
     params = SamplingParams(
         max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
         # Below SAMPLING_EPS a temperature overflows logits / T and a top_p rounds to 0 in float32,
         # either making NaN probabilities: treat them as greedy and as "the top token only".
         temperature=req.temperature if req.temperature >= SAMPLING_EPS else 0.0,
         top_p=max(req.top_p, SAMPLING_EPS),
         top_k=max(req.top_k, 0),
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logit_bias=req.token_bias,
         seed=req.seed,
         stop=req.stop_list,
         stop_token_ids=req.stop_token_ids,

@@ -1,4 +1,4 @@
-"""GET /v1/models, /health, /version (open), /metrics (Prometheus text format; its own key, see auth.py)."""
+"""GET /v1/models, /v1/models/{model}, /health, /version (open), /metrics (Prometheus text format; its own key, see auth.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from lora_serve import __version__
 from lora_serve.api.auth import principal_of
-from lora_serve.api.models import ModelList
+from lora_serve.api.models import ModelCard, ModelList
 from lora_serve.api.state import ServerState, get_state
 
 v1_router = APIRouter()
@@ -22,6 +22,14 @@ metrics_router = APIRouter()
 async def list_models(request: Request, state: ServerState = Depends(get_state)) -> ModelList:
     await asyncio.to_thread(state.engine.adapters.drop_removed)  # what other replicas deleted from --adapter-dir
     return state.models.model_list(principal_of(request))
+
+
+@v1_router.get("/models/{model:path}")
+async def retrieve_model(model: str, request: Request, state: ServerState = Depends(get_state)) -> ModelCard:
+    """The base or an adapter the caller may see, by any name a request's `model` takes: the base's id may hold
+    '/' (e.g. --served-model-name org/name), hence the path parameter."""
+    await asyncio.to_thread(state.models.sync, model)
+    return state.models.card(model, principal_of(request))
 
 
 @open_router.get("/health")

@@ -25,6 +25,7 @@ def check_limits(
     max_tokens_param: str,
     stops: list[str],
     num_stop_token_ids: int,
+    num_logit_bias: int,
     top_logprobs: int,
     top_logprobs_param: str,
 ) -> None:
@@ -39,6 +40,8 @@ def check_limits(
     if num_stop_token_ids > c.max_stop_token_ids:
         msg = f"{num_stop_token_ids} stop_token_ids given; the limit is {c.max_stop_token_ids}"
         raise _over("stop_token_ids", msg)
+    if num_logit_bias > c.max_logit_bias:
+        raise _over("logit_bias", f"{num_logit_bias} logit_bias entries given; the limit is {c.max_logit_bias}")
     if top_logprobs > c.max_top_logprobs:
         raise _over(top_logprobs_param, f"{top_logprobs_param} is {top_logprobs}; the limit is {c.max_top_logprobs}")
 

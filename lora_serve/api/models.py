@@ -1,4 +1,4 @@
-"""Model names the API accepts, and `GET /v1/models`.
+"""Model names the API accepts, and `GET /v1/models` and `GET /v1/models/{model}`.
 
 A request's `model` names what it runs on (vLLM's convention):
     "<base id>"            the base model, no adapter
@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from lora_serve.api.errors import APIError
 from lora_serve.api.tenants import OPEN, Principal
 from lora_serve.lora.catalog import AdapterCatalog
+from lora_serve.lora.registry import AdapterRecord
 
 
 class ModelCard(BaseModel):
@@ -69,6 +70,13 @@ class ModelRegistry:
     def adapter_name(self, model: str | None) -> str | None:
         return adapter_name(model, self.base_name)
 
+    def sync(self, name: str | None) -> None:
+        """Bring the adapter `name` names (if any) in line with --adapter-dir, which another replica may
+        have changed, before resolve(). Blocking (a stat): callers run it on a worker thread."""
+        adapter = adapter_name(name, self.base_name)
+        if adapter is not None:
+            self.adapters.sync_with_adapter_dir(adapter)
+
     def resolve(self, name: str | None, viewer: Principal = OPEN) -> str | None:
         """The lora_name a request's `model` field selects (None: the base model); 404 if unknown or not visible."""
         adapter = adapter_name(name, self.base_name)
@@ -84,23 +92,30 @@ class ModelRegistry:
         )
 
     def model_list(self, viewer: Principal = OPEN) -> ModelList:
-        base = ModelCard(
-            id=self.base_name,
-            created=self.created,
-            root=viewer.shown_path(self.model_path),
-            max_model_len=self.max_model_len,
-        )
         merged = self.merged_name()
         adapters = [
-            ModelCard(
-                id=record.name,
-                created=record.created,
-                root=viewer.shown_path(record.path),
-                parent=self.base_name,
-                max_model_len=self.max_model_len,
-                merged=record.name == merged,
-            )
+            self._adapter_card(record, viewer, merged)
             for record in sorted(self.adapters.list(), key=lambda r: r.name)
             if viewer.can_see(self.owner_of(record.name))
         ]
-        return ModelList(data=[base, *adapters])
+        return ModelList(data=[self._base_card(viewer), *adapters])
+
+    def card(self, name: str, viewer: Principal = OPEN) -> ModelCard:
+        """The card of what `name` selects, in any spelling a request's `model` may use; 404 as resolve()."""
+        adapter = self.resolve(name, viewer)
+        if adapter is None:
+            return self._base_card(viewer)
+        return self._adapter_card(self.adapters.get(adapter), viewer, self.merged_name())
+
+    def _base_card(self, viewer: Principal) -> ModelCard:
+        return ModelCard(id=self.base_name, created=self.created, root=viewer.shown_path(self.model_path), max_model_len=self.max_model_len)
+
+    def _adapter_card(self, record: AdapterRecord, viewer: Principal, merged: str | None) -> ModelCard:
+        return ModelCard(
+            id=record.name,
+            created=record.created,
+            root=viewer.shown_path(record.path),
+            parent=self.base_name,
+            max_model_len=self.max_model_len,
+            merged=record.name == merged,
+        )

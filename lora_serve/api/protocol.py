@@ -2,26 +2,31 @@
 
 Field-level checks live here so that pydantic names the offending param; the server's
 configurable limits (limits.py) and checks that need the tokenizer happen in exchange.py.
-Unknown fields are ignored, as OpenAI clients send fields we have no use for.
+The fields declared here are honoured; the OpenAI fields with nothing to act on are no-ops or
+refused (field_policy.py); any other field is refused with OpenAI's "Unrecognized request
+argument supplied" (errors.py).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from lora_serve.engine.sampling_params import SEED_MAX, SEED_MIN
+from lora_serve.api.field_policy import ChatFieldPolicy, CompletionFieldPolicy, MessageFieldPolicy
+from lora_serve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_PENALTY, SEED_MAX, SEED_MIN
 
 # Pydantic builds a model per message and per content part (~10-30 us each), so a 4 MiB body of
 # empty ones would hold the event loop for seconds: both are counted on the raw JSON first.
 MAX_MESSAGES = 2048  # OpenAI's own limit on `messages`
 MAX_CONTENT_PARTS = 2048  # text parts in all messages together
+TOKEN_ID = re.compile(r"0|[1-9][0-9]*")  # a logit_bias key: one spelling per token id
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -34,12 +39,15 @@ class _Request(BaseModel):
         return value
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestBody):
     include_usage: bool = False
     """Send a last chunk with `usage` and no choices."""
 
+    include_obfuscation: bool | None = None
+    """No-op: OpenAI pads stream chunks against a side channel of its network; here there is none to pad."""
 
-class SamplingRequest(_Request):
+
+class SamplingRequest(RequestBody):
     """Fields shared by chat and completions requests."""
 
     model: str | None = None
@@ -62,9 +70,24 @@ class SamplingRequest(_Request):
 
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    user: str | None = None
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
+    """Subtracted from the logit of every token already in the output."""
+
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
+    """Subtracted from a token's logit once per time it is already in the output."""
+
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> bias in [-100, 100] added to its logit (each id in the vocabulary, at most max_logit_bias)."""
+
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """Extension (vLLM): tokens of the prompt or the output have a positive logit divided by it, a negative one multiplied."""
+
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    """Extension (vLLM): keep only tokens at least min_p times as likely as the most likely one."""
+
+    min_tokens: int = Field(0, ge=0)
+    """Extension (vLLM): no EOS, stop_token_ids or stop strings end the output before it has this many tokens."""
+
     stop_token_ids: list[int] = Field(default_factory=list)
     """Extension (vLLM): token ids that end generation (at most max_stop_token_ids, each in the vocabulary)."""
 
@@ -78,11 +101,14 @@ class SamplingRequest(_Request):
             raise ValueError("only n=1 is supported")
         return n
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("penalties are not supported; only 0 is accepted")
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not TOKEN_ID.fullmatch(key):
+                raise ValueError(f'keys are token ids written in decimal, like "50256"; {key!r} is not')
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"biases lie in [-100, 100]; token {key} has {bias}")
         return value
 
     @field_validator("stream_options")
@@ -101,13 +127,19 @@ class SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def token_bias(self) -> dict[int, float]:
+        return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
 
-class TextPart(BaseModel):
+
+class TextPart(RequestBody):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: dict[str, Any] | None = None
+    """No-op: a caching hint (field_policy.py)."""
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestBody, MessageFieldPolicy):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -133,13 +165,10 @@ class ChatMessage(_Request):
         return message
 
 
-class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    """Newer name of max_tokens; wins when both are given."""
+class ChatMessages(RequestBody):
+    """A conversation, counted on the raw JSON before pydantic builds its models."""
 
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -152,6 +181,14 @@ class ChatCompletionRequest(SamplingRequest):
         if parts > MAX_CONTENT_PARTS:
             raise ValueError(f"{parts} content parts given; at most {MAX_CONTENT_PARTS} in all messages together")
         return messages
+
+
+class ChatCompletionRequest(SamplingRequest, ChatMessages, ChatFieldPolicy):
+    max_completion_tokens: int | None = Field(None, ge=1)
+    """Newer name of max_tokens; wins when both are given."""
+
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -168,15 +205,12 @@ class ChatCompletionRequest(SamplingRequest):
         return self.max_tokens, "max_tokens"
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(SamplingRequest, CompletionFieldPolicy):
     prompt: str | list[int] | list[str]
     """Text, one text in a list, or token ids."""
 
     logprobs: int | None = Field(None, ge=0, le=5)
     """Return the sampled token's logprob and the top N alternatives."""
-
-    echo: Literal[False] = False
-    suffix: None = None
 
     @field_validator("prompt")
     @classmethod

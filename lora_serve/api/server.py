@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI
 
 from lora_serve import __version__
-from lora_serve.api import adapters, chat, completions, info
+from lora_serve.api import adapters, chat, completions, info, tokenize
 from lora_serve.api.access_log import AccessLog
 from lora_serve.api.auth import require_admin_key, require_api_key, require_metrics_key, require_tenant_key
 from lora_serve.api.body_limit import BodyLimit
@@ -51,6 +51,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     v1.include_router(completions.router)
     v1.include_router(info.v1_router)
     app.include_router(v1)
+    app.include_router(tokenize.router, dependencies=[Depends(require_api_key)], tags=["vllm"])  # vLLM serves them outside /v1
     # Management needs a management key (not the user key), so its routers are apart, tagged apart:
     # tenants manage their own uploads; merging and loading by path change everyone's model.
     tenant = APIRouter(prefix="/v1", dependencies=[Depends(require_tenant_key)], tags=["admin"])

@@ -3,7 +3,9 @@
 Each step decodes only a short window of tokens (prefix_offset..end), so the cost
 per token stays constant however long the output grows. Text ending in an
 incomplete UTF-8 character (U+FFFD) waits for the next token. Text that could be
-the start of a stop string is held back from streaming until it is decided.
+the start of a stop string is held back from streaming until it is decided. Stop
+strings count from the token after min_tokens on (vLLM): one that ends earlier is
+part of the output.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Detokenizer:
         seq.output_text += full[len(prefix) :]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         stops = seq.params.stop
-        if not stops:
+        if not stops or len(ids) <= seq.params.min_tokens:
             return False
         search_from = max(0, old_len - max(map(len, stops)) + 1)
         hits = [i for i in (seq.output_text.find(s, search_from) for s in stops) if i >= 0]

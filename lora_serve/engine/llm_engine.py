@@ -124,8 +124,12 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if n + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length {self.max_model_len}")
-        if not all(0 <= t < self.arch.vocab_size for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must lie in [0, {self.arch.vocab_size})")
+        vocab_size = self.arch.vocab_size
+        if not all(0 <= t < vocab_size for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+        # Both index the logits (logit_bias; stop_token_ids under min_tokens).
+        if not all(0 <= t < vocab_size for t in (*params.logit_bias, *params.stop_token_ids)):
+            raise ValueError(f"logit_bias and stop_token_ids token ids must lie in [0, {vocab_size})")
 
     def add_request(
         self,
@@ -202,7 +206,7 @@ class LLMEngine:
             return []
         ready, logits = self.run_batch(batch)
         failed, ready, logits = self.fail_non_finite(ready, logits)
-        tokens, logprobs = sample(logits, ready)
+        tokens, logprobs = sample(logits, ready, self.eos_token_ids)
         outputs = failed + self.postprocess(ready, tokens, logprobs)
         if self.merge_policy is not None:
             self.apply_merge_policy(batch)
@@ -300,7 +304,8 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        may_stop = len(seq.output_token_ids) >= p.min_tokens  # the sampler masks EOS and stop_token_ids before
+        if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
             return "stop"
         if self.tokenizer is not None and self.detokenizer.append(seq):
             return "stop"

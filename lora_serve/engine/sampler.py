@@ -1,15 +1,20 @@
 """Next-token choice for a batch whose rows each have their own sampling parameters.
 
-Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then
-draw with the sequence's own torch.Generator, so a seeded request gives the same
-tokens whatever else shares its batch. Logprobs come from the unmodified model
-distribution (log_softmax of the raw logits), as OpenAI and vLLM report them.
+The request's logit_bias, min_tokens and penalties apply first, to greedy and sampled rows alike
+(logits_processors.py). Greedy rows then take the argmax. Sampled rows are divided by their
+temperature (those with min_p together, filtered by it as one batch), then filtered by top-k and
+top-p, and draw with the sequence's own torch.Generator, so a seeded request gives the same
+tokens whatever else shares its batch. Logprobs come from the unmodified model distribution
+(log_softmax of the raw logits), as OpenAI and vLLM report them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Set
+
 import torch
 
+from .logits_processors import adjust_logits
 from .outputs import TokenLogprob
 from .sequence import Sequence
 
@@ -28,17 +33,42 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-    # logits: [B, V] float32
-    tokens = logits.argmax(-1).tolist()
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            continue
-        probs = _filter(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
+def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop the tokens less likely than min_p times the row's most likely one (vLLM's min_p; the top token stays).
+    logits: [R, V] already divided by temperature, min_p: [R]."""
+    probs = logits.softmax(-1)
+    threshold = probs.amax(-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _draw(logits: torch.Tensor, seqs: list[Sequence], rows: list[int], tokens: list[int]) -> None:
+    """tokens[i] for each sampled row i; logits: [B, V] after the logits processors. The rows with min_p are
+    filtered as one batch; the others are divided by their temperature one row at a time (a plain batch is not copied)."""
+    with_min_p = [i for i in rows if seqs[i].params.min_p > 0]
+    filtered: dict[int, torch.Tensor] = {}
+    if with_min_p:
+        dev = logits.device
+        temperature = torch.tensor([seqs[i].params.temperature for i in with_min_p], device=dev).unsqueeze(1)
+        min_p = torch.tensor([seqs[i].params.min_p for i in with_min_p], device=dev)
+        filtered = dict(zip(with_min_p, min_p_filter(logits[with_min_p] / temperature, min_p)))
+    for i in rows:
+        p = seqs[i].params
+        scaled = filtered[i] if i in filtered else logits[i] / p.temperature
+        probs = _filter(scaled, p.top_k, p.top_p).softmax(-1)
         if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
             continue  # degenerate parameters (e.g. a denormal temperature): keep the argmax, fail nobody
-        tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        tokens[i] = int(torch.multinomial(probs, 1, generator=seqs[i].generator))
+
+
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Set[int] = frozenset()
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    # logits: [B, V] float32
+    adjusted = adjust_logits(logits, seqs, eos_token_ids)
+    tokens = adjusted.argmax(-1).tolist()
+    drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if drawn:
+        _draw(adjusted, seqs, drawn, tokens)
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs]
     if wanted:

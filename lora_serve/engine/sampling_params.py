@@ -1,4 +1,4 @@
-"""What a request asks of generation: length, sampling, stops, logprobs."""
+"""What a request asks of generation: length, sampling, penalties, stops, logprobs."""
 
 from __future__ import annotations
 
@@ -9,14 +9,28 @@ from dataclasses import dataclass, field
 # A seed is a 64-bit signed integer, as in OpenAI's API and vLLM; torch.Generator.manual_seed
 # takes [-2**63, 2**64) (a negative seed s seeds 2**64 + s), so every such seed is accepted.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI)
+MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100] (OpenAI)
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
+    min_tokens: int = 0
+    """EOS and stop_token_ids are masked, and stop strings not looked for, until this many tokens are out (vLLM)."""
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k
+    min_p: float = 0.0
+    """Keep only tokens at least min_p times as likely as the most likely one, after temperature (vLLM; 0: off)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the output holds (OpenAI)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the output holds it (OpenAI)."""
+    repetition_penalty: float = 1.0
+    """Tokens of the prompt or the output: a positive logit is divided by it, a negative one multiplied (vLLM, HF; 1: off)."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> added to its logit before the choice (OpenAI)."""
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: Iterable[int] = field(default_factory=frozenset)
@@ -29,12 +43,23 @@ class SamplingParams:
         # The API layer validates user input with param names first; these are the engine's own invariants.
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError("temperature must be a finite number >= 0")
         if not (0 < self.top_p <= 1):
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [{-MAX_PENALTY}, {MAX_PENALTY}]")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be a finite number > 0")
+        if any(t < 0 or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias.items()):
+            raise ValueError(f"logit_bias maps token ids >= 0 to biases in [{-MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
         if self.top_logprobs < 0:
             raise ValueError("top_logprobs must be >= 0")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
@@ -44,3 +69,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

@@ -35,6 +35,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V are in the cache
     num_bypassed: int = 0  # later arrivals admitted while it waited (bounded: see scheduler.py)
+    prompt_tokens: torch.Tensor | None = None  # the prompt's distinct token ids: repetition_penalty (logits_processors.py)
     finish_reason: str | None = None
     # Detokenizer state (see detokenizer.py).
     output_text: str = ""

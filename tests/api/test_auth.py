@@ -30,10 +30,10 @@ def keyed_server(tiny_engine: AsyncEngine) -> Iterator[LiveServer]:
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}],
     ids=["none", "wrong-key", "no-scheme", "basic-scheme"],
 )
-@pytest.mark.parametrize("route", ["/v1/models", "/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("route", ["/v1/models", "/v1/models/tiny", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
 def test_rejected_without_the_key(keyed_server: LiveServer, headers: dict, route: str) -> None:
-    method = httpx.get if route == "/v1/models" else httpx.post
-    kwargs = {} if route == "/v1/models" else {"json": {"prompt": "hi", "messages": []}}
+    method = httpx.get if route.startswith("/v1/models") else httpx.post
+    kwargs = {} if route.startswith("/v1/models") else {"json": {"prompt": "hi", "messages": []}}
     resp = method(keyed_server.base_url + route, headers=headers, **kwargs)
     assert resp.status_code == 401
     error = resp.json()["error"]
@@ -43,6 +43,7 @@ def test_rejected_without_the_key(keyed_server: LiveServer, headers: dict, route
 def test_openai_client_with_and_without_key(keyed_server: LiveServer) -> None:
     with pytest.raises(openai.AuthenticationError):
         keyed_server.client(api_key="wrong").models.list()
+    assert keyed_server.client(api_key=KEY).models.retrieve("tiny").id == "tiny"
     resp = keyed_server.client(api_key=KEY).chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )

@@ -120,8 +120,15 @@ def test_null_fields_mean_defaults(server: LiveServer) -> None:
             "top_logprobs",
             "presence_penalty",
             "frequency_penalty",
+            "logit_bias",
+            "repetition_penalty",
+            "min_p",
+            "min_tokens",
             "user",
             "max_completion_tokens",
+            "tools",
+            "tool_choice",
+            "response_format",
         ]
     )
     body = {"model": server.model, "messages": MESSAGES, "max_tokens": 3, **nulls}

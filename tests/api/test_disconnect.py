@@ -25,7 +25,8 @@ def _wait_idle(engine: AsyncEngine, timeout: float = IDLE_WITHIN) -> None:
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
 def test_stream_closed_after_two_chunks(server: LiveServer, route: str) -> None:
-    body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "stream": True, **LONG}
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if route == "/v1/chat/completions" else {"prompt": "hi"}
+    body = {**prompt, "stream": True, **LONG}
     with httpx.Client(base_url=server.base_url) as client, client.stream("POST", route, json=body) as resp:
         assert resp.status_code == 200
         chunks = []

@@ -31,6 +31,7 @@ LIMITS = ServerConfig(
     max_stop_strings=2,
     max_stop_chars=8,
     max_stop_token_ids=4,
+    max_logit_bias=3,
     max_prompt_chars_per_token=32,  # so 32 x 32 = 1024 characters before tokenizing
     max_top_logprobs=3,
     max_body_bytes=4096,
@@ -86,6 +87,7 @@ OVER_A_LIMIT = {
     "stop-count": (COMPLETIONS, {"prompt": "hi", "stop": ["a", "b", "c"]}, "stop"),
     "stop-length": (CHAT, {"messages": HI, "stop": "x" * 9}, "stop"),
     "stop_token_ids-count": (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [1, 2, 3, 4, 5]}, "stop_token_ids"),
+    "logit_bias-count": (CHAT, {"messages": HI, "logit_bias": {str(t): 1 for t in range(4)}}, "logit_bias"),
     "top_logprobs": (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 4}, "top_logprobs"),
     "completions-logprobs": (COMPLETIONS, {"prompt": "hi", "logprobs": 4}, "logprobs"),
 }

@@ -12,13 +12,16 @@ from lora_serve.api.models import ModelRegistry
 
 
 class FakeAdapters:
-    """The two AdapterRegistry methods ModelRegistry reads."""
+    """The AdapterRegistry methods ModelRegistry reads."""
 
     def __init__(self, *names: str) -> None:
         self.records = [SimpleNamespace(name=n, path=Path(f"/adapters/{n}"), created=1) for n in names]
 
     def contains(self, name: str) -> bool:
         return any(r.name == name for r in self.records)
+
+    def get(self, name: str) -> SimpleNamespace:
+        return next(r for r in self.records if r.name == name)
 
     def list(self) -> list:
         return self.records
@@ -56,3 +59,18 @@ def test_model_list_has_base_then_adapters_by_name() -> None:
         ("a", "base", "/adapters/a"),
         ("b", "base", "/adapters/b"),
     ]
+
+
+@pytest.mark.parametrize(("model", "card_id", "parent"), [("base", "base", None), ("a", "a", "base"), ("base:b", "b", "base")])
+def test_card_of_any_spelling_is_the_listed_card(model: str, card_id: str, parent: str | None) -> None:
+    models = _registry()
+    card = models.card(model)
+    assert (card.id, card.parent) == (card_id, parent)
+    assert card in models.model_list().data
+
+
+@pytest.mark.parametrize("model", ["nope", "base:nope", "other:a"])
+def test_card_of_an_unknown_name_is_404(model: str) -> None:
+    with pytest.raises(APIError) as info:
+        _registry().card(model)
+    assert (info.value.status, info.value.code) == (404, "model_not_found")

@@ -71,13 +71,19 @@ def _as_missing(resp: httpx.Response) -> dict:
 def test_completions_and_models_show_the_upload_only_to_its_tenant_and_admins(server: LiveServer, key: str) -> None:
     resp = _complete(server, key, PRIVATE)
     models = httpx.get(server.base_url + "/v1/models", headers=_auth(key)).json()["data"]
+    card = httpx.get(f"{server.base_url}/v1/models/{PRIVATE}", headers=_auth(key))
+    tokens = httpx.post(server.base_url + "/tokenize", json={"model": PRIVATE, "prompt": "hi"}, headers=_auth(key))
     if SEES[key]:
         assert resp.status_code == 200 and resp.json()["model"] == PRIVATE
         assert PRIVATE in [m["id"] for m in models]
+        assert card.json() == next(m for m in models if m["id"] == PRIVATE)
+        assert tokens.status_code == 200
     else:
         missing = _complete(server, key, MISSING)
         assert (resp.status_code, _as_missing(resp)) == (404, missing.json())
         assert PRIVATE not in [m["id"] for m in models]
+        for refused in (card, tokens):
+            assert (refused.status_code, _as_missing(refused)) == (404, missing.json())
 
 
 @pytest.mark.parametrize("key", [ACME, OPS, LEGACY_ADMIN, GLOBEX])
