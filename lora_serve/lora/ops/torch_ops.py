@@ -16,11 +16,14 @@ Rows with no adapter are in no segment and receive nothing. Both compute in floa
 are read in place, other 16-bit slots upcast per step.
 
 A third way, for float16 slots read by the CPU kernels (model/cpu_kernels.c; the CPU default where
-they build): per pass, one kernel call over every segment, decode rows and prefill chunks alike,
-each adapter read where it lies and converted in registers; nothing stacked or padded, and no table
-built per step (the slots keep the kernels' table by slot, slots.py).
-Measured against upcasting for MKL's GEMM (SmolLM2-135M, 2 threads): a 32 x 64-token prefill with 32
-adapters 0.79x -> ~1.0x the base's, a 1024-token one with one adapter 0.91x -> ~1.0x.
+they build): per pass, one kernel call over every segment of up to 64 rows, decode rows and short
+prefill chunks alike, each adapter read where it lies and converted in registers; nothing stacked or
+padded, and no table built per step (the slots keep the kernels' table by slot, slots.py). Longer
+segments go per segment, as above.
+Measured against upcasting for MKL's GEMM (SmolLM2-135M, 2 threads, 2-vCPU EPYC): a 32 x 64-token
+prefill with 32 adapters 0.79x -> ~1.0x the base's, a 1024-token one with one adapter 0.91x -> ~1.0x;
+on a Xeon with AVX-512, where MKL is faster than these AVX2 kernels on long segments, that one
+adapter's 2048-token prefill was 0.71x on the kernels and 0.99x on MKL, hence KERNEL_SEGMENT_ROWS.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ from .stacks import stack_for
 # around eight and lost by several times at 64 (prefill).
 MAX_SEGMENT_ROWS = 4
 MAX_PADDING = 4
+
+# Segments longer than this (prefill chunks) skip the CPU kernels for MKL's GEMM over the adapter upcast
+# to float32, as the base's projections do past model/linear.py's MAX_KERNEL_ROWS. `lora-serve bench lora`
+# on a 2-vCPU Xeon with AVX-512 (docs/benchmarks.md): a 2048-token prefill on one adapter 0.71x -> 0.99x
+# the base's; 64-row segments stay as fast on the kernels.
+KERNEL_SEGMENT_ROWS = 64
 
 
 class _Group:
@@ -87,7 +96,7 @@ class SegmentedLoRABatch:
     def __init__(self, segments: list[Segment]):
         self.segments = segments
         self._buffer: torch.Tensor | None = None  # the CPU kernels' x·Aᵀ, reused by every projection (_scratch)
-        self._segment_tables: list[SegmentTable] | None = None
+        self._segment_tables: list[tuple[SegmentTable, list[Segment]]] | None = None
         # Per pass: the short segments as one group when they fit, the rest one by one.
         self.passes: list[tuple[list[Segment], _Group | None]] = []
         for p in split_passes([s for s in segments if s[2] > s[1]]):  # empty ones dropped
@@ -97,10 +106,15 @@ class SegmentedLoRABatch:
             else:
                 self.passes.append((p, None))
 
-    def _kernel_segments(self) -> list[SegmentTable]:
-        """The passes' segments as the CPU kernels read them, built on the step's first projection."""
+    def _kernel_segments(self) -> list[tuple[SegmentTable, list[Segment]]]:
+        """Per pass: its segments of at most KERNEL_SEGMENT_ROWS rows as the CPU kernels read them, and the
+        longer ones (prefill chunks) for MKL's GEMM; built on the step's first projection."""
         if self._segment_tables is None:
-            self._segment_tables = [SegmentTable(segments + (group.segments if group else [])) for segments, group in self.passes]
+            self._segment_tables = []
+            for segments, group in self.passes:
+                every = segments + (group.segments if group else [])
+                short = [s for s in every if s[2] - s[1] <= KERNEL_SEGMENT_ROWS]
+                self._segment_tables.append((SegmentTable(short), [s for s in every if s[2] - s[1] > KERNEL_SEGMENT_ROWS]))
         return self._segment_tables
 
     def _scratch(self, rows: int, cols: int) -> torch.Tensor:
@@ -114,11 +128,12 @@ class SegmentedLoRABatch:
         # x: [T, in], y: [T, out] (base output, updated in place)
         table = slots.kernel_table
         if slots.kernels is not None and table is not None and x.dtype == y.dtype == torch.float32:
-            # One kernel call per pass: its segments, decode rows and prefill chunks alike, each adapter read
-            # where it lies (float16, at its exact ranks); h [T, R] is row t's scaled x·Aᵀ.
+            # One kernel call per pass for its segments up to 64 rows, each adapter read where it lies
+            # (float16, at its exact ranks; h [T, R] is row t's scaled x·Aᵀ); longer ones on MKL.
             h = self._scratch(x.shape[0], max(table.max_r, 1))
-            for table_of_pass in self._kernel_segments():
-                slots.kernels.lora(x, h, y, table_of_pass, table)
+            for short, long in self._kernel_segments():
+                slots.kernels.lora(x, h, y, short, table)
+                _apply_segments(slots, long, x, y)
             return
         for segments, group in self.passes:
             if group is not None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lora_serve.lora.lora_model import LoRAWeights
-from lora_serve.lora.ops.torch_ops import SegmentedLoRABatch
+from lora_serve.lora.ops.torch_ops import KERNEL_SEGMENT_ROWS, SegmentedLoRABatch
 
 from .random_slots import random_slots, reference
 
@@ -138,21 +138,29 @@ def test_half_precision_slots_match_float64(grouped, slot_dtype, dtype):
 
 
 def test_cpu_kernels_take_every_segment_and_follow_the_slots(kernels):
-    """Float16 slots on the CPU kernels: decode rows and a prefill-sized segment in one call per pass, the
-    merged adapter's negation over every row in a second; after a slot is cleared its rows receive
-    nothing, and once refilled with other weights they receive those."""
-    segments = [(0, 0, 1), (1, 1, 2), (2, 2, 42), (3, 42, 44), (8, 0, 44)]
-    layouts = {0: ALL16, 1: {"q_proj": 5, "v_proj": 16}, 2: ALL16, 3: {"k_proj": 1}, 8: {"q_proj": 3, "v_proj": 7}}
+    """Float16 slots on the CPU kernels: decode rows and a prefill-sized segment in one call per pass, one
+    longer than the kernels take (MKL's), the merged adapter's negation over every row in a second pass;
+    after a slot is cleared its rows receive nothing, and once refilled with other weights they receive those."""
+    segments = [(0, 0, 1), (1, 1, 2), (2, 2, 42), (3, 42, 44), (4, 44, 44 + KERNEL_SEGMENT_ROWS + 1), (8, 0, 44)]
+    rows = 44 + KERNEL_SEGMENT_ROWS + 1
+    layouts = {
+        0: ALL16,
+        1: {"q_proj": 5, "v_proj": 16},
+        2: ALL16,
+        3: {"k_proj": 1},
+        4: {"q_proj": 8, "k_proj": 2},
+        8: {"q_proj": 3, "v_proj": 7},
+    }
     slots, terms = random_slots(IN, SLICES, layouts, 7, lambda slot: 0.5 + slot, slot_dtype=torch.float16, kernels=kernels)
-    x = torch.randn(46, IN, generator=torch.Generator().manual_seed(8))
-    y0 = torch.randn(46, sum(SLICES.values()), generator=torch.Generator().manual_seed(9))
+    x = torch.randn(rows + 2, IN, generator=torch.Generator().manual_seed(8))
+    y0 = torch.randn(rows + 2, sum(SLICES.values()), generator=torch.Generator().manual_seed(9))
 
     def check(terms) -> None:
         ref = reference(x, y0, segments, terms)
         y = y0.clone()
         SegmentedLoRABatch(segments).apply(slots, x, y)
         assert (y.double() - ref).abs().max().item() <= 2e-3 * (ref - y0.double()).abs().max().item()
-        assert torch.equal(y[44:], y0[44:])  # base rows
+        assert torch.equal(y[rows:], y0[rows:])  # base rows
 
     check(terms)
     slots.clear(3)
