@@ -57,9 +57,12 @@ class ModelConfig(_Config):
     cpu_kernels: CPUKernels = "auto"
     """Hand-written matmuls for small batches on CPU (model/cpu_kernels.c): the base's projections and
     LM head while a step has at most 64 rows, and float16 adapters. Built at start with the machine's
-    C compiler (cc); about 2x torch's matmuls at decode batches of 1-8 rows. auto: used when they build on
-    this CPU (x86-64 with AVX2, FMA and F16C), else torch's matmuls, and the start log says why; on:
-    refuse to start without them; off: torch's matmuls only. Not used on CUDA."""
+    C compiler (cc); about 2x torch's matmuls at decode batches of 1-8 rows on an AVX2 EPYC, less where
+    MKL has AVX-512. auto: used when they build on this CPU (x86-64 with AVX2, FMA and F16C), else
+    torch's matmuls, and the start log says why; the base's matmuls go to them only at the step sizes
+    where they beat torch's here, measured at the first start on a machine (~2 s, then cached;
+    model/kernel_rows.py); on: refuse to start without them, and use them at every step size up to
+    64 rows; off: torch's matmuls only. Not used on CUDA."""
 
 
 class CacheConfig(_Config):

@@ -4,22 +4,20 @@
 
 For each row count: every projection of every layer and the LM head, in the order a step runs them, once
 through torch's F.linear (MKL on CPU) and once through the CPU kernels (model/cpu_kernels.c), alternating
-within each of `repeats` rounds (medians). The weights are the model's own: 540 MB for SmolLM2-135M in
+within each of `repeats` rounds (medians; model/kernel_rows.py, which makes the same measurement at
+a server's first start to choose the row counts the kernels take). The weights are the model's own: 540 MB for SmolLM2-135M in
 float32, far past the caches, as in serving. The floor is the time to read those bytes once at the read
 bandwidth measured in the same run (roofline.py); a decode step cannot go below it.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ..model.cpu_kernels import CPUKernels, cpu_kernels
-from ..model.llama import LlamaModel
+from ..model.cpu_kernels import cpu_kernels
+from ..model.kernel_rows import measure
 from ..model.loader import load_model
 from .roofline import read_bandwidth
 from .table import markdown_table
@@ -30,28 +28,14 @@ def run(model_path: Path, rows: list[int], repeats: int = 5) -> list[dict]:
     if kernels is None:
         raise SystemExit(f"the CPU kernels are unavailable here: {why}")
     model = load_model(model_path, torch.float32, torch.device("cpu"), 64)
-    weights = [lin.weight for layer in model.layers for lin in layer.linears()] + [model.lm_head_weight]
+    weights = model.step_weights()
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     floor_ms = nbytes / read_bandwidth() * 1e3
-    out = []
-    for n in rows:
-        times: dict[str, list[float]] = {"torch": [], "kernels": []}
-        for _ in range(repeats + 1):  # the first round warms up and is dropped
-            for name in times:
-                times[name].append(_one_pass(model, weights, n, kernels if name == "kernels" else None))
-        t, k = (statistics.median(times[name][1:]) for name in ("torch", "kernels"))
-        out.append({"rows": n, "torch_ms": t, "kernels_ms": k, "speedup": t / k, "floor_ms": floor_ms, "weight_bytes": nbytes})
-    return out
-
-
-def _one_pass(model: LlamaModel, weights: list[torch.Tensor], rows: int, kernels: CPUKernels | None) -> float:
-    """Milliseconds for one x·Wᵀ through every weight in order (x: [rows, in] of each weight's width)."""
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-    start = time.perf_counter()
-    for w in weights:
-        x = inputs[w.shape[1]]
-        kernels.linear(x, w) if kernels is not None else F.linear(x, w)
-    return (time.perf_counter() - start) * 1e3
+    times = measure(weights, kernels, tuple(rows), repeats)
+    return [
+        {"rows": n, "torch_ms": t, "kernels_ms": k, "speedup": t / k, "floor_ms": floor_ms, "weight_bytes": nbytes}
+        for n, (t, k) in times.items()
+    ]
 
 
 def report(rows: list[dict]) -> str:

@@ -19,6 +19,7 @@ from ..lora.merge_policy import MergePolicy
 from ..lora.registry import AdapterRecord
 from ..model.arch import ModelArch
 from ..model.cpu_kernels import cpu_kernels
+from ..model.kernel_rows import ALL_BUCKETS, kernel_buckets
 from ..model.llama import LlamaModel
 from ..model.loader import load_model, torch_dtype
 from .detokenizer import Detokenizer
@@ -53,7 +54,10 @@ class LLMEngine:
     config is resolved against the model (engine/resolve.py; a resolved one resolves to itself) and logged."""
 
     def __init__(self, model: LlamaModel, tokenizer, config: EngineConfig, base_name: str = "base",
-                 eos_token_ids: set[int] | None = None, model_path: Path | None = None):  # fmt: skip
+                 eos_token_ids: set[int] | None = None, model_path: Path | None = None,
+                 kernels_asked: str | None = None):  # fmt: skip
+        """kernels_asked: the cpu_kernels setting before resolution, when `config` is already resolved."""
+        kernels_asked = kernels_asked or config.model.cpu_kernels
         config = resolve_config(config, model)
         log.info("resolved config: %s", describe(config))
         sc = config.scheduler
@@ -70,7 +74,11 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else set(self.arch.eos_token_ids)
         self.kv_cache = KVCache(self.arch, config.cache, self.dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache)
-        model.use_cpu_kernels(cpu_kernels()[0] if config.model.cpu_kernels == "on" else None)  # before the LoRA slots read it
+        kernels = cpu_kernels()[0] if config.model.cpu_kernels == "on" else None
+        # auto: the base's matmuls go to the kernels at the step sizes where they win on this machine (measured
+        # once per machine and model shape, model/kernel_rows.py); on: at every size up to 64 rows.
+        buckets = kernel_buckets(model.step_weights(), kernels) if kernels is not None and kernels_asked == "auto" else ALL_BUCKETS
+        model.use_cpu_kernels(kernels, buckets)  # before the LoRA slots read it
         self.lora = LoRAManager(self.model, config.lora, self.base_name)  # residency: engine thread only
         self.adapters = self.lora.catalog  # the door for every other thread
         self.adapters.register_startup_adapters()
@@ -108,12 +116,13 @@ class LLMEngine:
         path = Path(model_path)
         if config.model.num_threads:
             torch.set_num_threads(config.model.num_threads)
+        kernels_asked = config.model.cpu_kernels
         config = resolve_config(config, ModelArch.from_dir(path))
         mc, max_len = config.model, resolved(config.scheduler.max_model_len, "max_model_len")
         model = load_model(path, torch_dtype(mc.dtype), torch.device(mc.device), max_len)
         tokenizer = AutoTokenizer.from_pretrained(path)
         eos = _eos_token_ids(path, model.arch, tokenizer)
-        return cls(model, tokenizer, config, base_name or path.name, eos, path)
+        return cls(model, tokenizer, config, base_name or path.name, eos, path, kernels_asked)
 
     # --- requests -------------------------------------------------------------------------------
 

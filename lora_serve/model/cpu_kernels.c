@@ -4,8 +4,8 @@ has few rows, and the LoRA shrink and expand over float16 adapter weights.
 Why hand-written: a decode step reads every weight once for a handful of rows, so it is bound by
 memory bandwidth, and MKL's sgemm does not stream at it for such shapes. `lora-serve bench matmuls`
 on a 2-vCPU EPYC (SmolLM2-135M's projections and LM head, weights cold in DRAM, 2 threads): 1.8x
-torch's F.linear at 1 row, 2.1-2.4x at 8, 1.6x at 32, 1.3x at 64, even at 96 (model/linear.py's
-MAX_KERNEL_ROWS). For adapters, torch has no matmul that reads float16 and accumulates in float32 on
+torch's F.linear at 1 row, 2.1-2.4x at 8, 1.6x at 32, 1.3x at 64, even at 96; on a Xeon with AVX-512,
+which MKL uses, only around 8 rows (model/kernel_rows.py measures where they win). For adapters, torch has no matmul that reads float16 and accumulates in float32 on
 these CPUs (its float16 bmm is several times slower than float32's), and upcasting first reads the
 weights twice; here the conversion happens in registers (vcvtph2ps).
 

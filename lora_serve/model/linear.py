@@ -16,16 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_kernels import CPUKernels
-
-# Rows up to which the CPU kernels beat torch's F.linear (MKL) over a step's weights, cold in memory
-# (`lora-serve bench matmuls`, 2-vCPU EPYC, SmolLM2-135M): 2.1x at 8 rows, 1.6x at 32, 1.3x at 64,
-# even at 96, slower past it.
-MAX_KERNEL_ROWS = 64
+from .kernel_rows import ALL_BUCKETS, bucket_of
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels: CPUKernels | None) -> torch.Tensor:
-    """F.linear, through the CPU kernels when they are given and the rows are few. x: [T, in] -> [T, out]."""
-    if kernels is not None and x.shape[0] <= MAX_KERNEL_ROWS and x.dtype == torch.float32:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels: CPUKernels | None,
+           kernel_buckets: frozenset[int] = ALL_BUCKETS) -> torch.Tensor:  # fmt: skip
+    """F.linear, through the CPU kernels when they are given and the rows' bucket is one they take on this
+    machine (kernel_rows.py: at most 64 rows). x: [T, in] -> [T, out]."""
+    if kernels is not None and x.dtype == torch.float32 and bucket_of(x.shape[0]) in kernel_buckets:
         return kernels.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -56,7 +54,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.lora_slots: LoRASlots | None = None
-        self.kernels: CPUKernels | None = None  # set by LlamaModel.use_cpu_kernels
+        self.kernels: CPUKernels | None = None  # set by LlamaModel.use_cpu_kernels (the LoRA slots read it too)
+        self.kernel_buckets = ALL_BUCKETS  # the step sizes whose base matmul the kernels take (kernel_rows.py)
 
     @property
     def out_features(self) -> int:
@@ -67,7 +66,7 @@ class Linear(nn.Module):
         return slice(self.slice_offsets[i], self.slice_offsets[i] + self.slice_sizes[i])
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias, self.kernels)  # [T, out]
+        y = linear(x, self.weight, self.bias, self.kernels, self.kernel_buckets)  # [T, out]
         if lora is not None and self.lora_slots is not None:
             self.lora_slots.wait_written()  # CUDA: a slot fill still copying on its side stream
             lora.apply(self.lora_slots, x, y)

@@ -18,6 +18,7 @@ from torch import nn
 from .arch import ModelArch
 from .attention import Attention, AttentionMetadata
 from .cpu_kernels import CPUKernels
+from .kernel_rows import ALL_BUCKETS
 from .linear import Linear, LoRABatch, linear
 from .rope import RotaryEmbedding
 
@@ -108,12 +109,20 @@ class LlamaModel(nn.Module):
                 torch.empty(arch.vocab_size, arch.hidden_size, dtype=dtype, device=device), requires_grad=False
             )
         self.kernels: CPUKernels | None = None
+        self.kernel_buckets = ALL_BUCKETS
 
-    def use_cpu_kernels(self, kernels: CPUKernels | None) -> None:
-        """Run the projections and the LM head through the CPU kernels for small batches (None: torch's matmuls)."""
+    def use_cpu_kernels(self, kernels: CPUKernels | None, buckets: frozenset[int] = ALL_BUCKETS) -> None:
+        """Run the projections and the LM head through the CPU kernels for steps whose rows fall in `buckets`
+        (kernel_rows.py); None: torch's matmuls. The LoRA slots read float16 adapters through them either way."""
         self.kernels = kernels
+        self.kernel_buckets = buckets
         for m in self.linears().values():
             m.kernels = kernels
+            m.kernel_buckets = buckets
+
+    def step_weights(self) -> list[torch.Tensor]:
+        """Every projection's weight and the LM head's, in the order a step multiplies by them."""
+        return [lin.weight for layer in self.layers for lin in layer.linears()] + [self.lm_head_weight]
 
     def linears(self) -> dict[str, Linear]:
         """Every LoRA-capable projection by its path, e.g. 'layers.3.self_attn.qkv_proj'."""
@@ -128,4 +137,4 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x = layer(x, meta, lora)
         x = self.norm(x[meta.logits_index])
-        return linear(x, self.lm_head_weight, None, self.kernels).float()
+        return linear(x, self.lm_head_weight, None, self.kernels, self.kernel_buckets).float()

@@ -43,7 +43,7 @@ MAX_SEGMENT_ROWS = 4
 MAX_PADDING = 4
 
 # Segments longer than this (prefill chunks) skip the CPU kernels for MKL's GEMM over the adapter upcast
-# to float32, as the base's projections do past model/linear.py's MAX_KERNEL_ROWS. `lora-serve bench lora`
+# to float32, as the base's projections do past 64 rows (model/kernel_rows.py). `lora-serve bench lora`
 # on a 2-vCPU Xeon with AVX-512 (docs/benchmarks.md): a 2048-token prefill on one adapter 0.71x -> 0.99x
 # the base's; 64-row segments stay as fast on the kernels.
 KERNEL_SEGMENT_ROWS = 64
