@@ -184,9 +184,7 @@ class Exchange(ABC, Generic[R]):
         removed its folder; a stat, on a worker thread), check what needs no tokenizer, then template
         and tokenize the prompt on a worker thread (never on the event loop) and check its tokens.
         APIError if the request is bad."""
-        name = state.models.adapter_name(req.model)
-        if name is not None:
-            await asyncio.to_thread(state.engine.adapters.sync_with_adapter_dir, name)
+        await state.models.sync(req.model)
         exchange = cls(state, req)
         fields = exchange.fields()
         lora_name = check_before_tokenizing(state, req, viewer, fields, *exchange.prompt_size())

@@ -28,7 +28,7 @@ async def list_models(request: Request, state: ServerState = Depends(get_state))
 async def retrieve_model(model: str, request: Request, state: ServerState = Depends(get_state)) -> ModelCard:
     """The base or an adapter the caller may see, by any name a request's `model` takes: the base's id may hold
     '/' (e.g. --served-model-name org/name), hence the path parameter."""
-    await asyncio.to_thread(state.models.sync, model)
+    await state.models.sync(model)
     return state.models.card(model, principal_of(request))
 
 

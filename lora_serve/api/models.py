@@ -12,6 +12,7 @@ reported exactly as an unknown one.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -70,12 +71,12 @@ class ModelRegistry:
     def adapter_name(self, model: str | None) -> str | None:
         return adapter_name(model, self.base_name)
 
-    def sync(self, name: str | None) -> None:
+    async def sync(self, name: str | None) -> None:
         """Bring the adapter `name` names (if any) in line with --adapter-dir, which another replica may
-        have changed, before resolve(). Blocking (a stat): callers run it on a worker thread."""
+        have added, replaced or removed, before resolve(): a stat, on a worker thread (none for the base)."""
         adapter = adapter_name(name, self.base_name)
         if adapter is not None:
-            self.adapters.sync_with_adapter_dir(adapter)
+            await asyncio.to_thread(self.adapters.sync_with_adapter_dir, adapter)
 
     def resolve(self, name: str | None, viewer: Principal = OPEN) -> str | None:
         """The lora_name a request's `model` field selects (None: the base model); 404 if unknown or not visible."""

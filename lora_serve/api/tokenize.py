@@ -63,7 +63,7 @@ class DetokenizeResponse(BaseModel):
 
 
 async def _check_model(state: ServerState, model: str | None, request: Request) -> None:
-    await asyncio.to_thread(state.models.sync, model)
+    await state.models.sync(model)
     state.models.resolve(model, principal_of(request))
 
 
