@@ -176,13 +176,17 @@ class SlotTable:
 _lock = threading.Lock()
 
 
+def build_key() -> str:
+    """Names one build of the kernels: the hash of their source and compiler flags."""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+
+
 @cache
 def _load() -> tuple[CPUKernels | None, str]:
     missing = _missing_cpu_features()
     if missing:
         return None, missing
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"lora_cpu_{key}.so"
+    target = cache_root() / "kernels" / f"lora_cpu_{build_key()}.so"
     try:
         if not target.exists():  # built before (or into an image, deploy/Dockerfile): no compiler needed
             compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernels import FLAGS, SOURCE, CPUKernels
+from .cpu_kernels import CPUKernels, build_key
 from .default_model import cache_root
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def _key(weights: list[torch.Tensor]) -> str:
         _cpu_model(),
         str(torch.get_num_threads()),
         torch.__version__,
-        hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16],
+        build_key(),
         json.dumps([list(w.shape) for w in weights]),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
