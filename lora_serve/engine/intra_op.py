@@ -3,8 +3,8 @@
 torch's CPU ops and the CPU kernels (model/cpu_kernels.c) run their parallel regions on OpenMP
 (libgomp). libgomp keeps a pool of worker threads for every thread that has run a parallel region,
 and while its workers outnumber the CPUs it stops spin-waiting between regions: each region then
-starts with a futex wake-up of its workers. On a 2-vCPU VM that took the CPU kernels' 1-row LoRA
-shrink from 8 us to 85 us (docs/benchmarks.md, "OpenMP pools and slot tables"), and a server
+starts with a futex wake-up of its workers. On a 2-vCPU VM that took one LoRA kernel call from
+28 us to 119 us (docs/benchmarks.md, "OpenMP pools and slot tables", with the script), and a server
 whose model loaded on the main thread and whose adapters loaded on executor threads had three
 pools on two CPUs, for a decode step of ~360 parallel regions.
 
