@@ -26,7 +26,7 @@ from .detokenizer import Detokenizer
 from .intra_op import default_num_threads
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
-from .outputs import RequestOutput
+from .outputs import RequestOutput, TokenLogprob
 from .resolve import describe, resolve_config
 from .sampler import sample
 from .sampling_params import SamplingParams
@@ -329,6 +329,10 @@ class LLMEngine:
         new_lps = seq.logprobs[seq.num_sent_tokens :] if seq.params.logprobs else []
         seq.num_sent_chars = max(seq.num_sent_chars, end)
         seq.num_sent_tokens = len(seq.output_token_ids)
+        prompt_lps: list[TokenLogprob | None] | None = None
+        if seq.params.prompt_logprobs is not None and seq.output_token_ids and not seq.prompt_logprobs_sent:
+            prompt_lps = [None, *seq.prompt_logprobs]  # all recorded: the prompt is prefilled before the first token
+            seq.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_ids,
@@ -337,4 +341,5 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_token_ids),
             finish_reason=seq.finish_reason,
+            prompt_logprobs=prompt_lps,
         )

@@ -24,6 +24,9 @@ class RequestOutput:
     num_output_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With SamplingParams.prompt_logprobs, once, in the first delta that has an output token: one entry
+    per prompt token, None for the first (no position precedes it)."""
 
     @property
     def finished(self) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Set
 import torch
 
 from .logits_processors import adjust_logits
+from .logprobs import token_logprobs
 from .outputs import TokenLogprob
 from .sequence import Sequence
 
@@ -72,12 +73,7 @@ def sample(
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs]
     if wanted:
-        lp = torch.log_softmax(logits[wanted], dim=-1)
-        for row, i in enumerate(wanted):
-            k = seqs[i].params.top_logprobs
-            top: list[tuple[int, float]] = []
-            if k > 0:
-                vals, ids = torch.topk(lp[row], k)
-                top = list(zip(ids.tolist(), vals.tolist()))
-            logprobs[i] = TokenLogprob(tokens[i], float(lp[row, tokens[i]]), top)
+        num_top = [seqs[i].params.top_logprobs for i in wanted]
+        for i, lp in zip(wanted, token_logprobs(logits[wanted], [tokens[i] for i in wanted], num_top)):
+            logprobs[i] = lp
     return tokens, logprobs

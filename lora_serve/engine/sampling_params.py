@@ -38,6 +38,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    """The logprob of every prompt token after the first, with this many top alternatives each (vLLM's
+    name; None: none). Needs the logits of every prompt position, so no cached prefix may skip one."""
 
     def __post_init__(self) -> None:
         # The API layer validates user input with param names first; these are the engine's own invariants.
@@ -62,6 +65,8 @@ class SamplingParams:
             raise ValueError(f"logit_bias maps token ids >= 0 to biases in [{-MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
         if self.top_logprobs < 0:
             raise ValueError("top_logprobs must be >= 0")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError("prompt_logprobs must be >= 0 (or None)")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be a 64-bit signed integer, in [{SEED_MIN}, {SEED_MAX}]")
         self.stop_token_ids = frozenset(self.stop_token_ids)

@@ -9,11 +9,11 @@ from lora_serve.engine.sampling_params import SamplingParams
 def run_to_completion(
     engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], lora: dict[str, str | None] | None = None
 ) -> dict[str, dict]:
-    """Submit all requests at once, step until done; per request: token ids, text, finish reason, logprobs
-    (also for requests that were already in the engine)."""
+    """Submit all requests at once, step until done; per request: token ids, text, finish reason, logprobs,
+    and each prompt_logprobs the outputs carried (also for requests that were already in the engine)."""
 
     def new() -> dict:
-        return {"tokens": [], "text": "", "finish_reason": None, "logprobs": []}
+        return {"tokens": [], "text": "", "finish_reason": None, "logprobs": [], "prompt_logprobs": []}
 
     results = {rid: new() for rid in requests}
     for rid, (prompt, params) in requests.items():
@@ -24,6 +24,8 @@ def run_to_completion(
             r["tokens"] += out.new_token_ids
             r["text"] += out.new_text
             r["logprobs"] += out.new_logprobs
+            if out.prompt_logprobs is not None:
+                r["prompt_logprobs"].append(out.prompt_logprobs)
             r["finish_reason"] = out.finish_reason
     return results
 
