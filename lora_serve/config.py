@@ -217,8 +217,17 @@ class ServerConfig(_Config):
     Admin keys are not limited. None: no limit."""
 
     max_queue: int = Field(256, ge=0)
-    """Most generation requests admitted but not yet in the running batch. Past it a request
-    gets 429 (type "rate_limit_error") with a Retry-After header instead of waiting."""
+    """Most generation requests admitted but not yet in the running batch (one with several choices,
+    n or a prompt list, counts once per choice). Once it is reached a request gets 429 (type
+    "rate_limit_error") with a Retry-After header instead of waiting."""
+
+    max_n: int = Field(16, ge=1)
+    """Most choices (n) a chat or completions request may ask for per prompt; past it: 400, code
+    "limit_exceeded" (vLLM sets none). Each choice is a sequence of its own in the engine."""
+
+    max_prompts: int = Field(256, ge=1)
+    """Most prompts in one /v1/completions request's prompt list; past it: 400, code "limit_exceeded".
+    A request runs prompts x n sequences, and max_queue counts it as that many requests."""
 
     retry_after_s: int = Field(1, ge=1)
     """Seconds sent in the Retry-After header of a 429 for a full queue."""

@@ -29,7 +29,9 @@ class Admission:
         self.num_in_flight = 0  # touched only on the event loop thread
 
     @contextmanager
-    def admit(self, num_running: int) -> Iterator[Deadline]:
+    def admit(self, num_running: int, num_seqs: int = 1) -> Iterator[Deadline]:
+        """num_seqs: the engine sequences the request runs (its choices); they count as that many requests.
+        A request is admitted while the queue is not full, however many it brings, so none waits forever."""
         if self.num_in_flight - num_running >= self.max_queue:
             raise APIError(
                 HTTPStatus.TOO_MANY_REQUESTS,
@@ -38,11 +40,11 @@ class Admission:
                 code="queue_full",
                 headers={"Retry-After": str(self.retry_after_s)},
             )
-        self.num_in_flight += 1
+        self.num_in_flight += num_seqs
         try:
             yield Deadline(self.timeout_s)
         finally:
-            self.num_in_flight -= 1
+            self.num_in_flight -= num_seqs
 
 
 class Deadline:

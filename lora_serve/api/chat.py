@@ -68,30 +68,33 @@ class ChatExchange(Exchange[ChatCompletionResponse]):
     def prompt_size(self) -> tuple[int, int]:
         return sum(m.num_chars for m in self.req.messages), len(self.req.messages)
 
-    def prompt_token_ids(self) -> list[int]:
-        return chat_prompt_ids(self.state.engine.tokenizer, self.req.messages)
+    def prompts_token_ids(self) -> list[list[int]]:
+        return [chat_prompt_ids(self.state.engine.tokenizer, self.req.messages)]
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.req.logprobs:
             return None
         return chat_logprobs(self.state.token_text, logprobs, self.req.top_logprobs or 0)
 
-    def response(self, done: Completion) -> ChatCompletionResponse:
+    def choice(self, index: int, done: Completion) -> ChatChoice:
         message = AssistantMessage(content=done.text)
-        choice = ChatChoice(message=message, logprobs=self._logprobs(done.logprobs), finish_reason=done.finish_reason)
-        usage = UsageInfo.of(done.num_prompt_tokens, done.num_output_tokens)
-        return ChatCompletionResponse(id=self.prep.request_id, model=self.prep.model, choices=[choice], usage=usage)
+        return ChatChoice(index=index, message=message, logprobs=self._logprobs(done.logprobs), finish_reason=done.finish_reason)
+
+    def make_response(self, choices: list[ChatChoice], usage: UsageInfo) -> ChatCompletionResponse:
+        return ChatCompletionResponse(id=self.prep.request_id, model=self.prep.model, choices=choices, usage=usage)
 
     def make_chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.prep.request_id, model=self.prep.model, choices=choices, usage=usage)
 
     def first_chunks(self) -> list[ChatCompletionChunk]:
-        return [self.make_chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])]
+        """Each choice's role, in a chunk of its own."""
+        role = ChatDelta(role="assistant", content="")
+        return [self.make_chunk([ChatChunkChoice(index=c.index, delta=role)]) for c in self.prep.choices]
 
-    def delta_chunk(self, out: RequestOutput) -> ChatCompletionChunk:
+    def delta_chunk(self, index: int, out: RequestOutput) -> ChatCompletionChunk:
         delta = ChatDelta(content=out.new_text)
         logprobs = self._logprobs(out.new_logprobs)
-        return self.make_chunk([ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=out.finish_reason)])
+        return self.make_chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=out.finish_reason)])
 
 
 @router.post("/chat/completions", response_model=None)

@@ -1,8 +1,14 @@
 """One request between the OpenAI wire format and the engine, for chat and completions alike.
 
     exchange = await ChatExchange.open(state, req, viewer)  # adapter synced with --adapter-dir, checks done
-    exchange.prep                                           # what the engine runs
-    exchange.response(done) / exchange.first_chunks(), exchange.chunk(out), exchange.usage_chunk(last)
+    exchange.prep                                           # what the engine runs: one sequence per choice
+    exchange.response(dones) / exchange.first_chunks(), exchange.chunk(out), exchange.usage_chunk(counts)
+
+A request fans out into choices: each of its prompts (a completions prompt list; a chat has one), n
+times each, choice index prompt_index * n + j (OpenAI's order). Every choice is an engine request of its
+own, `<response id>-<index>`, and all are added together, so they share steps. A seeded request gives
+choice j the seed seed + j: the choices differ, yet come back the same (vLLM's rule). `choice()` turns
+one finished choice into the response's, once per choice; usage counts each prompt once.
 
 The FastAPI routes (chat.py, completions.py) and the Ray Serve replicas (deploy/ray_replica.py)
 both serve through it, with generation.py running the engine and writing the SSE stream.
@@ -11,9 +17,10 @@ both serve through it, with generation.py running the engine and writing the SSE
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Generic, TypeVar
@@ -25,8 +32,9 @@ from lora_serve.api.limits import check_limits, check_prompt_size, check_prompt_
 from lora_serve.api.protocol import SamplingRequest, UsageInfo
 from lora_serve.api.state import ServerState
 from lora_serve.api.tenants import OPEN, Principal
+from lora_serve.engine.async_engine import EngineRequest
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
-from lora_serve.engine.sampling_params import SamplingParams
+from lora_serve.engine.sampling_params import SEED_MIN, SamplingParams
 
 SAMPLING_EPS = 1e-6  # smaller than any top-token probability for vocabularies under a million
 
@@ -35,21 +43,44 @@ R = TypeVar("R", bound=BaseModel)  # an exchange's whole, non-streamed response
 
 
 @dataclass
-class PreparedRequest:
-    request_id: str
-    model: str  # echoed in responses
-    lora_name: str | None
-    prompt_token_ids: list[int]
+class ChoiceRequest:
+    """One choice of a request, as the engine runs it."""
+
+    request_id: str  # the engine's: <response id>-<index>
+    index: int  # in the response: prompt_index * n + j
+    prompt_index: int
     params: SamplingParams
 
 
 @dataclass
+class PreparedRequest:
+    request_id: str  # the response's id
+    model: str  # echoed in responses
+    lora_name: str | None
+    prompts: list[list[int]]  # the token ids of each prompt
+    choices: list[ChoiceRequest]  # in index order
+    index_of: dict[str, int] = field(init=False)  # engine request id -> choice index
+
+    def __post_init__(self) -> None:
+        self.index_of = {c.request_id: c.index for c in self.choices}
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Usage's prompt_tokens: each prompt once, however many choices share it."""
+        return sum(len(p) for p in self.prompts)
+
+    def engine_requests(self) -> list[EngineRequest]:
+        return [(c.request_id, self.prompts[c.prompt_index], c.params) for c in self.choices]
+
+
+@dataclass
 class Completion:
-    """A whole non-streamed generation, gathered from the engine's deltas."""
+    """A whole non-streamed choice, gathered from the engine's deltas."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # asked for by echo with logprobs
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
@@ -66,6 +97,8 @@ class RequestFields:
     logprobs: bool
     top_logprobs: int
     top_logprobs_param: str = "top_logprobs"
+    num_prompts: int = 1
+    prompt_logprobs: int | None = None  # top alternatives per prompt token (None: no prompt logprobs)
 
 
 def check_before_tokenizing(
@@ -91,6 +124,8 @@ def check_before_tokenizing(
         num_logit_bias=len(req.logit_bias or ()),
         top_logprobs=fields.top_logprobs,
         top_logprobs_param=fields.top_logprobs_param,
+        n=req.n,
+        num_prompts=fields.num_prompts,
     )
     vocab_size = len(state.engine.tokenizer)
     if any(not 0 <= t < vocab_size for t in req.stop_token_ids):
@@ -108,9 +143,25 @@ def check_before_tokenizing(
 
 
 def prepare(
-    state: ServerState, req: SamplingRequest, fields: RequestFields, lora_name: str | None, prompt_token_ids: list[int]
+    state: ServerState, req: SamplingRequest, fields: RequestFields, lora_name: str | None, prompts: list[list[int]]
 ) -> PreparedRequest:
-    """Check the prompt's tokens against the context and limits, then build what the engine runs."""
+    """Check each prompt's tokens against the context and limits, then build what the engine runs: n choices
+    of each prompt, seeded seed + j (wrapped into the 64-bit signed range) when the request is."""
+    request_id = f"{fields.id_prefix}-{uuid.uuid4().hex}"
+    choices = []
+    for prompt_index, prompt_token_ids in enumerate(prompts):
+        params = sampling_params(state, req, fields, prompt_token_ids)
+        for j in range(req.n):
+            index = prompt_index * req.n + j
+            seed = None if req.seed is None else (req.seed + j - SEED_MIN) % 2**64 + SEED_MIN
+            choice_params = params if j == 0 else dataclasses.replace(params, seed=seed)
+            choices.append(ChoiceRequest(f"{request_id}-{index}", index, prompt_index, choice_params))
+    return PreparedRequest(request_id, req.model or state.models.base_name, lora_name, prompts, choices)
+
+
+def sampling_params(state: ServerState, req: SamplingRequest, fields: RequestFields, prompt_token_ids: list[int]) -> SamplingParams:
+    """Check one prompt's tokens against the context and limits; the SamplingParams of its first choice.
+    max_tokens 0 (echo alone) runs one token, which the exchange drops."""
     prompt_param, max_tokens, max_tokens_param = fields.prompt_param, fields.max_tokens, fields.max_tokens_param
     max_len = state.engine.max_model_len
     num_prompt = len(prompt_token_ids)
@@ -139,8 +190,8 @@ def prepare(
         )
     if req.min_tokens > max_tokens:
         raise invalid_param("min_tokens", f"min_tokens is {req.min_tokens}; this completion has room for {max_tokens} tokens at most")
-    params = SamplingParams(
-        max_tokens=max_tokens,
+    return SamplingParams(
+        max_tokens=max(max_tokens, 1),
         min_tokens=req.min_tokens,
         # Below SAMPLING_EPS a temperature overflows logits / T and a top_p rounds to 0 in float32,
         # either making NaN probabilities: treat them as greedy and as "the top token only".
@@ -158,13 +209,7 @@ def prepare(
         ignore_eos=req.ignore_eos,
         logprobs=fields.logprobs,
         top_logprobs=fields.top_logprobs,
-    )
-    return PreparedRequest(
-        request_id=f"{fields.id_prefix}-{uuid.uuid4().hex}",
-        model=req.model or state.models.base_name,
-        lora_name=lora_name,
-        prompt_token_ids=prompt_token_ids,
-        params=params,
+        prompt_logprobs=fields.prompt_logprobs,
     )
 
 
@@ -182,14 +227,14 @@ class Exchange(ABC, Generic[R]):
     async def open(cls: type[E], state: ServerState, req: SamplingRequest, viewer: Principal = OPEN) -> E:
         """Sync the named adapter with --adapter-dir (another replica may have added, replaced or
         removed its folder; a stat, on a worker thread), check what needs no tokenizer, then template
-        and tokenize the prompt on a worker thread (never on the event loop) and check its tokens.
+        and tokenize the prompts on a worker thread (never on the event loop) and check their tokens.
         APIError if the request is bad."""
         await state.models.sync(req.model)
         exchange = cls(state, req)
         fields = exchange.fields()
         lora_name = check_before_tokenizing(state, req, viewer, fields, *exchange.prompt_size())
-        prompt_token_ids = await asyncio.to_thread(exchange.prompt_token_ids)
-        exchange.prep = prepare(state, req, fields, lora_name, prompt_token_ids)
+        prompts = await asyncio.to_thread(exchange.prompts_token_ids)
+        exchange.prep = prepare(state, req, fields, lora_name, prompts)
         return exchange
 
     @abstractmethod
@@ -197,32 +242,45 @@ class Exchange(ABC, Generic[R]):
 
     @abstractmethod
     def prompt_size(self) -> tuple[int, int]:
-        """(characters, chat messages) of the prompt, measured without the tokenizer."""
+        """(characters, chat messages) of the largest prompt, measured without the tokenizer."""
 
     @abstractmethod
-    def prompt_token_ids(self) -> list[int]:
-        """The prompt as the engine runs it. Blocking (chat template, tokenizer): open() runs it on a worker thread."""
+    def prompts_token_ids(self) -> list[list[int]]:
+        """Each prompt as the engine runs it. Blocking (chat template, tokenizer): open() runs it on a worker thread."""
 
     @abstractmethod
-    def response(self, done: Completion) -> R:
-        """The whole, non-streamed response."""
+    def choice(self, index: int, done: Completion) -> BaseModel:
+        """Choice `index` of the whole, non-streamed response."""
+
+    @abstractmethod
+    def make_response(self, choices: list, usage: UsageInfo) -> R: ...
 
     @abstractmethod
     def make_chunk(self, choices: list, usage: UsageInfo | None = None) -> BaseModel: ...
 
     @abstractmethod
-    def delta_chunk(self, out: RequestOutput) -> BaseModel:
-        """The stream chunk of one engine delta."""
+    def delta_chunk(self, index: int, out: RequestOutput) -> BaseModel:
+        """The stream chunk of one engine delta of choice `index`."""
+
+    def response(self, dones: list[Completion]) -> R:
+        """The whole, non-streamed response; dones: each choice, in index order."""
+        choices = [self.choice(index, done) for index, done in enumerate(dones)]
+        return self.make_response(choices, self.usage(done.num_output_tokens for done in dones))
+
+    def usage(self, num_output_tokens: Iterable[int]) -> UsageInfo:
+        """Each prompt counted once; the completion tokens of every choice."""
+        return UsageInfo.of(self.prep.num_prompt_tokens, sum(num_output_tokens))
 
     def first_chunks(self) -> Sequence[BaseModel]:
         """Sent before any generated text."""
         return []
 
     def chunk(self, out: RequestOutput) -> BaseModel | None:
-        if not (out.new_text or out.finished or (self.prep.params.logprobs and out.new_logprobs)):
+        if not (out.new_text or out.finished or out.new_logprobs):
             return None  # tokens held back mid-character or by a possible stop string
-        return self.delta_chunk(out)
+        return self.delta_chunk(self.prep.index_of[out.request_id], out)
 
-    def usage_chunk(self, last: RequestOutput) -> BaseModel:
-        """The last chunk, no choices, when the request asked for stream_options.include_usage."""
-        return self.make_chunk([], UsageInfo.of(last.num_prompt_tokens, last.num_output_tokens))
+    def usage_chunk(self, num_output_tokens: Iterable[int]) -> BaseModel:
+        """The last chunk, no choices, when the request asked for stream_options.include_usage;
+        num_output_tokens: each choice's."""
+        return self.make_chunk([], self.usage(num_output_tokens))

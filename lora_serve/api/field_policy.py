@@ -64,8 +64,6 @@ MESSAGE_REFUSED: dict[str, tuple[Accepts, str]] = {
     "annotations": (_empty, "an assistant message's annotations must be empty"),
 }
 COMPLETION_REFUSED: dict[str, tuple[Accepts, str]] = {
-    "best_of": (lambda v: v == 1, "only best_of=1 is supported"),
-    "echo": (lambda v: v is False, "echo is not supported"),
     "suffix": (_empty, "suffix is not supported"),
 }
 
@@ -116,8 +114,6 @@ class CompletionFieldPolicy(BaseModel):
 
     user: str | None = None
 
-    best_of: int | None = None
-    echo: bool | None = None
     suffix: str | None = None
 
     _refuse_completion = _refusal(COMPLETION_REFUSED)

@@ -44,17 +44,20 @@ def _raise_if_failed(out: RequestOutput) -> None:
 
 
 async def generate(request: Request | None, state: ServerState, prep: PreparedRequest) -> AsyncGenerator[RequestOutput, None]:
-    """The engine's deltas for one request, raced against the client's disconnect and the deadline.
+    """The engine's deltas for every choice of one request, interleaved, raced against the client's disconnect
+    and the deadline.
 
-    Admission comes first (429 when the wait queue is full). Each delta is awaited as a task
-    beside a disconnect watcher; when the client goes first (499) or the deadline passes (504),
-    that task is cancelled, which closes the engine's stream and so aborts the sequence.
+    Admission comes first (429 when the wait queue is full; the choices count as that many requests). Each
+    delta is awaited as a task beside a disconnect watcher; when the client goes first (499) or the deadline
+    passes (504), that task is cancelled, which closes the engine's stream and so aborts every choice.
     """
     if request is not None:
         request.state.model, request.state.adapter = prep.model, prep.lora_name  # for the access log
-    start, first = time.perf_counter(), None
-    with state.admission.admit(state.engine.num_running()) as deadline:
-        outputs = state.engine.generate(prep.request_id, prep.prompt_token_ids, prep.params, lora_name=prep.lora_name)
+    start = time.perf_counter()
+    first: dict[str, float] = {}  # engine request id -> when its first token came
+    num_output: dict[str, int] = {}  # engine request id -> tokens generated so far
+    with state.admission.admit(state.engine.num_running(), len(prep.choices)) as deadline:
+        outputs = state.engine.generate_many(prep.engine_requests(), lora_name=prep.lora_name)
         loop = asyncio.get_running_loop()
         disconnected = loop.create_task(_wait_for_disconnect(request)) if request else loop.create_future()
         next_out: asyncio.Future[RequestOutput] | None = None
@@ -70,16 +73,18 @@ async def generate(request: Request | None, state: ServerState, prep: PreparedRe
                 out = _result(next_out)
                 if out is None:
                     return
+                num_output[out.request_id] = out.num_output_tokens
                 if request is not None:
-                    request.state.usage = (out.num_prompt_tokens, out.num_output_tokens)
-                first = first or time.perf_counter()
+                    request.state.usage = (prep.num_prompt_tokens, sum(num_output.values()))
+                now = time.perf_counter()
+                first.setdefault(out.request_id, now)
                 if out.finished:
-                    state.metrics.observe(prep.lora_name, start, first, time.perf_counter(), out)
+                    state.metrics.observe(prep.lora_name, start, first[out.request_id], now, out)
                 yield out
         finally:
             disconnected.cancel()
             if next_out is not None and not next_out.done():
-                next_out.cancel()  # raises inside the engine's stream, whose cleanup aborts the sequence
+                next_out.cancel()  # raises inside the engine's stream, whose cleanup aborts every choice
                 await asyncio.wait({next_out})
             await outputs.aclose()
 
@@ -100,19 +105,25 @@ def _result(next_out: asyncio.Future[RequestOutput]) -> RequestOutput | None:
     return out
 
 
-async def generate_all(request: Request | None, state: ServerState, prep: PreparedRequest) -> Completion:
-    done = Completion()
-    texts: list[str] = []
+async def generate_all(request: Request | None, state: ServerState, prep: PreparedRequest) -> list[Completion]:
+    """Every choice, whole, in index order."""
+    dones = [Completion() for _ in prep.choices]
+    texts: list[list[str]] = [[] for _ in prep.choices]
     async with aclosing(generate(request, state, prep)) as outputs:
         async for out in outputs:
-            texts.append(out.new_text)
+            index = prep.index_of[out.request_id]
+            done = dones[index]
+            texts[index].append(out.new_text)
             done.token_ids.extend(out.new_token_ids)
             done.logprobs.extend(out.new_logprobs)
+            if out.prompt_logprobs is not None:
+                done.prompt_logprobs = out.prompt_logprobs
             done.finish_reason = out.finish_reason
             done.num_prompt_tokens = out.num_prompt_tokens
             done.num_output_tokens = out.num_output_tokens
-    done.text = "".join(texts)
-    return done
+    for done, parts in zip(dones, texts):
+        done.text = "".join(parts)
+    return dones
 
 
 async def respond(request: Request, exchange: Exchange[R]) -> R | StreamingResponse:
@@ -127,8 +138,8 @@ def event_stream_response(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 async def sse_events(request: Request | None, exchange: Exchange) -> AsyncGenerator[str, None]:
-    """The stream's events: `first_chunks`, a chunk per engine delta (None: none), the usage chunk
-    if asked for, then `data: [DONE]`.
+    """The stream's events: `first_chunks`, a chunk per engine delta of any choice (None: none), the usage
+    chunk once, if asked for, then `data: [DONE]`.
 
     Awaits the engine's first delta before returning, so that a request the engine refuses
     (unknown adapter, no room) raises APIError here and still gets a real HTTP error status;
@@ -140,18 +151,19 @@ async def sse_events(request: Request | None, exchange: Exchange) -> AsyncGenera
 
 
 async def _events(exchange: Exchange, outputs: AsyncGenerator[RequestOutput, None], first: RequestOutput) -> AsyncGenerator[str, None]:
-    last = first
+    num_output = {first.request_id: first.num_output_tokens}  # engine request id -> tokens generated so far
     async with aclosing(outputs):
         try:
             for payload in [*exchange.first_chunks(), exchange.chunk(first)]:
                 if payload is not None:
                     yield _sse(payload)
-            async for last in outputs:
-                payload = exchange.chunk(last)
+            async for out in outputs:
+                num_output[out.request_id] = out.num_output_tokens
+                payload = exchange.chunk(out)
                 if payload is not None:
                     yield _sse(payload)
             if exchange.req.include_usage:
-                yield _sse(exchange.usage_chunk(last))
+                yield _sse(exchange.usage_chunk(num_output.values()))
         except APIError as err:
             yield _sse(err.to_dict())
     yield "data: [DONE]\n\n"

@@ -28,8 +28,14 @@ def check_limits(
     num_logit_bias: int,
     top_logprobs: int,
     top_logprobs_param: str,
+    n: int = 1,
+    num_prompts: int = 1,
 ) -> None:
     c = config
+    if n > c.max_n:
+        raise _over("n", f"n is {n}; the limit is {c.max_n}")
+    if num_prompts > c.max_prompts:
+        raise _over("prompt", f"{num_prompts} prompts given; the limit is {c.max_prompts}")
     if c.max_tokens_limit is not None and max_tokens is not None and max_tokens > c.max_tokens_limit:
         raise _over(max_tokens_param, f"{max_tokens_param} is {max_tokens}; the limit is {c.max_tokens_limit}")
     if len(stops) > c.max_stop_strings:

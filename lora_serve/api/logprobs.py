@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from lora_serve.api.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
@@ -37,14 +38,23 @@ def chat_logprobs(token_text: TokenText, logprobs: list[TokenLogprob], num_top: 
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(token_text: TokenText, logprobs: list[TokenLogprob], num_top: int, text_offset: int) -> CompletionLogprobs:
-    """`text_offset` is where the first of these tokens starts in the completion text."""
+def completion_logprobs(
+    token_text: TokenText,
+    logprobs: list[TokenLogprob],
+    num_top: int,
+    text_offset: int,
+    echoed: Sequence[int] = (),
+    echoed_logprobs: Sequence[TokenLogprob | None] = (),
+) -> CompletionLogprobs:
+    """`text_offset` is where the first of these tokens starts in the choice's text. echoed: prompt token
+    ids put before the completion's tokens (echo), with their logprobs (None for the first: nothing precedes it)."""
     out = CompletionLogprobs()
-    for lp in logprobs:
-        text = token_text(lp.token_id)
+    entries = [*zip(echoed, echoed_logprobs), *((lp.token_id, lp) for lp in logprobs)]
+    for token_id, lp in entries:
+        text = token_text(token_id)
         out.tokens.append(text)
-        out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({token_text(tid): tlp for tid, tlp in lp.top[:num_top]})
+        out.token_logprobs.append(None if lp is None else lp.logprob)
+        out.top_logprobs.append(None if lp is None else {token_text(tid): tlp for tid, tlp in lp.top[:num_top]})
         out.text_offset.append(text_offset)
         text_offset += len(text)
     return out

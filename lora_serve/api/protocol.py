@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -63,7 +63,9 @@ class SamplingRequest(RequestBody):
     top_k: int = Field(0, ge=-1)
     """Extension: keep the k most likely tokens (0 or -1: no limit)."""
 
-    n: int = 1
+    n: int = Field(1, ge=1)
+    """Choices to generate for each prompt (at most the server's max_n); each is its own sequence, with seed + j when seeded."""
+
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     """A 64-bit signed integer, as in OpenAI's API and vLLM."""
@@ -93,13 +95,6 @@ class SamplingRequest(RequestBody):
 
     ignore_eos: bool = False
     """Extension (vLLM): keep generating past the end-of-sequence token."""
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("logit_bias")
     @classmethod
@@ -206,22 +201,55 @@ class ChatCompletionRequest(SamplingRequest, ChatMessages, ChatFieldPolicy):
 
 
 class CompletionRequest(SamplingRequest, CompletionFieldPolicy):
-    prompt: str | list[int] | list[str]
-    """Text, one text in a list, or token ids."""
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """Text, token ids, or a list of texts or of token-id lists: n choices for each prompt, in order."""
+
+    max_tokens: int | None = Field(None, ge=0)
+    """Most tokens to generate (None: up to max_model_len); 0 only with echo: the prompt alone (vLLM)."""
 
     logprobs: int | None = Field(None, ge=0, le=5)
-    """Return the sampled token's logprob and the top N alternatives."""
+    """Return the sampled token's logprob and the top N alternatives (with echo, the prompt's tokens' too)."""
 
-    @field_validator("prompt")
+    echo: bool = False
+    """Each choice's text starts with its prompt (and its logprobs with the prompt tokens': the first is null)."""
+
+    best_of: int | None = None
+    """Accepted only equal to n (vLLM has dropped it): the server returns every choice it generates."""
+
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _single_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(first := prompt[0], str):
-            if len(prompt) != 1:
-                raise ValueError("only one prompt per request is supported")
-            return first
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("prompt must not be empty")
-        return cast("str | list[int]", prompt)  # a list of strings was returned above
+    def _one_kind_of_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            kinds = {_prompt_kind(p) for p in prompt}
+            if len(kinds) > 1 or None in kinds:
+                raise ValueError("a prompt list holds strings, token ids, or lists of token ids: one kind, not a mix")
+        return prompt
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n")  # declared before best_of; absent if it failed its own checks
+        if best_of is not None and n is not None and best_of != n:
+            raise ValueError(f"best_of must equal n ({n}) or be omitted: every choice generated is returned (vLLM has dropped best_of)")
+        return best_of
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a text or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]
+        return list(prompt)
+
+
+def _prompt_kind(item: Any) -> str | None:
+    if isinstance(item, str):
+        return "text"
+    if isinstance(item, int) and not isinstance(item, bool):
+        return "token id"
+    return "token ids" if isinstance(item, list) else None
 
 
 # ---- responses ----
@@ -257,8 +285,8 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

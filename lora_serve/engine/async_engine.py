@@ -5,6 +5,7 @@ The HTTP layer calls only this class:
     engine = AsyncEngine.from_config(EngineConfig(...))
     async for out in engine.generate(request_id, prompt_token_ids, SamplingParams(...), lora_name=None):
         ...  # out is a RequestOutput delta; the last one has finish_reason set
+    engine.generate_many([(request_id, prompt_token_ids, params), ...], lora_name)  # added together, deltas interleaved
     engine.abort(request_id)        # also happens when the consumer stops iterating
     engine.adapters                 # the adapter catalog (lora/catalog.py): register, look up, list
     await engine.merge_adapter(name), await engine.remove_adapter(record), ...   # on the engine thread
@@ -26,6 +27,7 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from typing import Any
 
 from ..config import EngineConfig
@@ -36,6 +38,8 @@ from .intra_op import claim_intra_op_threads, run_on_own_thread
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+
+EngineRequest = tuple[str, list[int], SamplingParams]  # request id, prompt token ids, sampling
 
 log = logging.getLogger(__name__)
 
@@ -125,35 +129,63 @@ class AsyncEngine:
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream output deltas. Raises at once for a request that can never run: ValueError,
         or lora.errors.AdapterError (unknown or unreadable adapter)."""
-        self.engine.check_request(prompt_token_ids, params)
+        async with aclosing(self.generate_many([(request_id, prompt_token_ids, params)], lora_name)) as outputs:
+            async for out in outputs:
+                yield out
+
+    async def generate_many(self, requests: list[EngineRequest], lora_name: str | None = None) -> AsyncGenerator[RequestOutput, None]:
+        """Stream the deltas of several requests on one model (the choices of one API request: its prompts,
+        n of each), interleaved as they come; tell them apart by request_id. They reach the engine in one
+        command, so they are queued together and share steps. Ends when all have finished; closed before,
+        it aborts the rest. Raises at once, adding none, if one can never run (as generate)."""
+        for _, prompt_token_ids, params in requests:
+            self.engine.check_request(prompt_token_ids, params)
         if not self.is_healthy:
             raise RuntimeError("the engine is not running")
+        ids = [request_id for request_id, _, _ in requests]
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        if len(set(ids)) != len(ids):
+            raise ValueError("the request ids of one call must differ")
         with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already running")
-            self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        lease = None
-        if lora_name is not None:
-            try:  # disk -> CPU here, on a worker thread, never on the engine loop
-                lease = await self.open_adapter(lora_name)
-            except BaseException:
-                with self._lock:
+            taken = next((i for i in ids if i in self._streams), None)
+            if taken is not None:
+                raise ValueError(f"request id {taken!r} is already running")
+            for request_id in ids:
+                self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        leases: list[AdapterLease | None] = [None] * len(requests)
+        try:  # disk -> CPU here, on a worker thread, never on the engine loop; one lease per request, closed as it ends
+            if lora_name is not None:
+                for i in range(len(requests)):
+                    leases[i] = await self.open_adapter(lora_name)
+        except BaseException:
+            for lease in leases:
+                if lease is not None:
+                    lease.close()
+            with self._lock:
+                for request_id in ids:
                     self._streams.pop(request_id, None)
-                raise
-        # The lease is the engine's from here: add_request closes it if it refuses the request.
-        self._pending[request_id] = lora_name
-        self._submit(lambda: self._add(request_id, prompt_token_ids, params, lease))
-        finished = False
+            raise
+        # The leases are the engine's from here: add_request closes one if it refuses its request.
+        for request_id in ids:
+            self._pending[request_id] = lora_name
+
+        def add_all() -> None:
+            for (request_id, prompt_token_ids, params), lease in zip(requests, leases):
+                self._add(request_id, prompt_token_ids, params, lease)
+
+        self._submit(add_all)
+        unfinished = set(ids)
         try:
-            while not finished:
+            while unfinished:
                 out = await stream.get()
-                finished = out.finished
+                if out.finished:
+                    unfinished.discard(out.request_id)
                 yield out
         finally:
             with self._lock:
-                self._streams.pop(request_id, None)
-            if not finished:
+                for request_id in ids:
+                    self._streams.pop(request_id, None)
+            for request_id in unfinished:
                 self.abort(request_id)
 
     async def open_adapter(self, lora_name: str) -> AdapterLease:

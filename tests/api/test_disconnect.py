@@ -50,3 +50,12 @@ def test_non_stream_client_timeout_aborts(server: LiveServer) -> None:
 def test_server_still_serves_after_disconnects(server: LiveServer) -> None:
     resp = server.client().completions.create(model=server.model, prompt="hi", max_tokens=3)
     assert resp.usage.completion_tokens <= 3
+
+
+def test_closing_a_stream_of_several_choices_aborts_them_all(server: LiveServer) -> None:
+    body = {"prompt": ["hi", "there"], "n": 2, "stream": True, **LONG}
+    with httpx.Client(base_url=server.base_url) as client, client.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        next(line for line in resp.iter_lines() if line.startswith("data: "))
+        assert server.engine.num_running() == 4  # added together: all in the running batch
+    _wait_idle(server.engine)

@@ -61,8 +61,6 @@ REFUSED = [
     (CHAT, {"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
     (CHAT, {"messages": [*MESSAGES, {**ASSISTANT, "tool_calls": [{"id": "1", "type": "function"}]}]}, "messages[1].tool_calls"),
     (CHAT, {"messages": [*MESSAGES, {**ASSISTANT, "refusal": "no"}]}, "messages[1].refusal"),
-    (COMPLETIONS, {"best_of": 2}, "best_of"),
-    (COMPLETIONS, {"echo": True}, "echo"),
     (COMPLETIONS, {"suffix": "end"}, "suffix"),
 ]
 UNRECOGNIZED = [

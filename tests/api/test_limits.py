@@ -35,6 +35,8 @@ LIMITS = ServerConfig(
     max_prompt_chars_per_token=32,  # so 32 x 32 = 1024 characters before tokenizing
     max_top_logprobs=3,
     max_body_bytes=4096,
+    max_n=3,
+    max_prompts=2,
 )
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -90,6 +92,10 @@ OVER_A_LIMIT = {
     "logit_bias-count": (CHAT, {"messages": HI, "logit_bias": {str(t): 1 for t in range(4)}}, "logit_bias"),
     "top_logprobs": (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 4}, "top_logprobs"),
     "completions-logprobs": (COMPLETIONS, {"prompt": "hi", "logprobs": 4}, "logprobs"),
+    "n": (CHAT, {"messages": HI, "n": 4}, "n"),
+    "completions-n": (COMPLETIONS, {"prompt": "hi", "n": 4}, "n"),
+    "prompt-count": (COMPLETIONS, {"prompt": ["a", "b", "c"]}, "prompt"),
+    "a-prompt-of-a-list": (COMPLETIONS, {"prompt": ["hi", "word " * 40]}, "prompt"),
 }
 
 
@@ -134,7 +140,8 @@ BAD_FIELDS = {
     "prompt-empty": (COMPLETIONS, {"prompt": []}, 400, "prompt", None),
     "max_tokens-0": (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
     "max_tokens-string": (CHAT, {"messages": HI, "max_tokens": "eight"}, 400, "max_tokens", None),
-    "n-2": (CHAT, {"messages": HI, "n": 2}, 400, "n", None),
+    "n-0": (CHAT, {"messages": HI, "n": 0}, 400, "n", None),
+    "a-prompt-of-a-list-past-context": (COMPLETIONS, {"prompt": [[5], [5] * 300]}, 400, "prompt", "context_length_exceeded"),
     "temperature-negative": (CHAT, {"messages": HI, "temperature": -1}, 400, "temperature", None),
 }
 
