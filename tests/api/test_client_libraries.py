@@ -1,6 +1,7 @@
 """The client libraries people point at OpenAI-compatible servers, unmodified, against a live server:
-LangChain's ChatOpenAI and LiteLLM, on the base and on adapters (named in `model`, as with vLLM).
-Each library's answer must be the one the official `openai` client gets for the same request (greedy)."""
+LangChain's ChatOpenAI and OpenAI (completions) and LiteLLM, on the base and on adapters (named in `model`,
+as with vLLM). Each library's answer must be the one the official `openai` client gets for the same request
+(greedy). The completions clients send a batch as one request with a list of prompts."""
 
 from __future__ import annotations
 
@@ -88,3 +89,29 @@ def test_litellm_reports_a_missing_adapter_as_not_found(live: LiveServer) -> Non
             model="openai/no-such-adapter", api_base=f"{live.base_url}/v1", api_key="unused",
             messages=[{"role": "user", "content": QUESTION}], max_tokens=4,
         )  # fmt: skip
+
+
+PROMPTS = ["The sky is", "Water boils at", "My favourite food is"]
+
+
+def _alone(live: LiveServer, model: str) -> list[str]:
+    """What the openai client gets for each of PROMPTS sent alone."""
+    client = live.client()
+    return [client.completions.create(model=model, prompt=p, temperature=0, max_tokens=MAX_TOKENS).choices[0].text for p in PROMPTS]
+
+
+@pytest.mark.parametrize("model", ["tiny", "r8-all"])
+def test_langchain_completions_batch_is_one_prompt_list(live: LiveServer, model: str) -> None:
+    llm = langchain_openai.OpenAI(
+        base_url=f"{live.base_url}/v1", api_key="unused", model=model, temperature=0, max_tokens=MAX_TOKENS, max_retries=0
+    )
+    assert llm.batch(PROMPTS) == _alone(live, model)
+
+
+@pytest.mark.parametrize("model", ["tiny", "r4-attn"])
+def test_litellm_text_completion_of_a_prompt_list(live: LiveServer, model: str) -> None:
+    resp = litellm.text_completion(
+        model=f"text-completion-openai/{model}", api_base=f"{live.base_url}/v1", api_key="unused",
+        prompt=PROMPTS, temperature=0, max_tokens=MAX_TOKENS,
+    )  # fmt: skip
+    assert [c.text for c in resp.choices] == _alone(live, model)
