@@ -68,6 +68,22 @@ def test_chunked_under_preemption(tiny_llama_dir: Path):
     assert tight.scheduler.num_preemptions > 0 and tight.kv_cache.usage == 0.0
 
 
+def test_prompt_logprobs_under_preemption_are_those_of_whole_prefill(tiny_llama_dir: Path):
+    """Each prompt position's logprob is recorded once, in the chunk that runs it, and not again when a
+    preempted sequence recomputes its prefix; it is sent once, with the first token."""
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    whole = run_to_completion(engine(tiny_llama_dir, **WHOLE), requests(params))
+    tight = engine(tiny_llama_dir, kv_gb=264 * 512 / 2**30, max_num_batched_tokens=32, long_prefill_token_threshold=24)
+    parts = run_to_completion(tight, requests(params))
+    assert tight.scheduler.num_preemptions > 0
+    for rid, n in zip(whole, LENGTHS):
+        ((want,), (got,)) = whole[rid]["prompt_logprobs"], parts[rid]["prompt_logprobs"]
+        assert len(got) == len(want) == n and got[0] is None
+        assert [lp.token_id for lp in got[1:]] == [lp.token_id for lp in want[1:]]
+        assert [lp.logprob for lp in got[1:]] == pytest.approx([lp.logprob for lp in want[1:]], abs=1e-4)
+        assert [t for lp in got[1:] for t, _ in lp.top] == [t for lp in want[1:] for t, _ in lp.top]
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     arch = ModelArch.from_dir(tiny_llama_dir)
