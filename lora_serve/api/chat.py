@@ -80,6 +80,11 @@ class ChatExchange(Exchange[ChatCompletionResponse]):
         message = AssistantMessage(content=done.text)
         return ChatChoice(index=index, message=message, logprobs=self._logprobs(done.logprobs), finish_reason=done.finish_reason)
 
+    def response(self, dones: list[Completion]) -> ChatCompletionResponse:
+        response = super().response(dones)
+        response.prompt_logprobs = self.prompt_logprobs(0, dones[0].prompt_logprobs)  # every choice shares the prompt
+        return response
+
     def make_response(self, choices: list[ChatChoice], usage: UsageInfo) -> ChatCompletionResponse:
         return ChatCompletionResponse(id=self.prep.request_id, model=self.prep.model, choices=choices, usage=usage)
 

@@ -77,7 +77,8 @@ class CompletionExchange(Exchange[CompletionResponse]):
         if self.req.echo:
             text = self.prompt_texts[prompt_index] + text
         lps = self._logprobs(logprobs, 0, prompt_index, done.prompt_logprobs if self.req.echo else None)
-        return CompletionChoice(index=index, text=text, logprobs=lps, finish_reason=finish_reason)
+        prompt_lps = self.prompt_logprobs(prompt_index, done.prompt_logprobs)
+        return CompletionChoice(index=index, text=text, logprobs=lps, finish_reason=finish_reason, prompt_logprobs=prompt_lps)
 
     def usage(self, num_output_tokens) -> UsageInfo:
         return super().usage([] if self.prompt_only else num_output_tokens)

@@ -29,7 +29,8 @@ from pydantic import BaseModel
 
 from lora_serve.api.errors import SERVER_ERROR, APIError, invalid_param
 from lora_serve.api.limits import check_limits, check_prompt_size, check_prompt_tokens
-from lora_serve.api.protocol import SamplingRequest, UsageInfo
+from lora_serve.api.logprobs import prompt_logprobs
+from lora_serve.api.protocol import PromptLogprobs, SamplingRequest, UsageInfo
 from lora_serve.api.state import ServerState
 from lora_serve.api.tenants import OPEN, Principal
 from lora_serve.engine.async_engine import EngineRequest
@@ -126,6 +127,7 @@ def check_before_tokenizing(
         top_logprobs_param=fields.top_logprobs_param,
         n=req.n,
         num_prompts=fields.num_prompts,
+        prompt_logprobs=req.prompt_logprobs,
     )
     vocab_size = len(state.engine.tokenizer)
     if any(not 0 <= t < vocab_size for t in req.stop_token_ids):
@@ -209,8 +211,13 @@ def sampling_params(state: ServerState, req: SamplingRequest, fields: RequestFie
         ignore_eos=req.ignore_eos,
         logprobs=fields.logprobs,
         top_logprobs=fields.top_logprobs,
-        prompt_logprobs=fields.prompt_logprobs,
+        prompt_logprobs=_most(fields.prompt_logprobs, req.prompt_logprobs),
     )
+
+
+def _most(a: int | None, b: int | None) -> int | None:
+    """Enough top alternatives for both asks (None: neither asks)."""
+    return b if a is None else a if b is None else max(a, b)
 
 
 class Exchange(ABC, Generic[R]):
@@ -279,6 +286,12 @@ class Exchange(ABC, Generic[R]):
         if not (out.new_text or out.finished or out.new_logprobs):
             return None  # tokens held back mid-character or by a possible stop string
         return self.delta_chunk(self.prep.index_of[out.request_id], out)
+
+    def prompt_logprobs(self, prompt_index: int, logprobs: list[TokenLogprob | None] | None) -> PromptLogprobs | None:
+        """vLLM's prompt_logprobs of one prompt, when the request asks for them."""
+        if self.req.prompt_logprobs is None or logprobs is None:
+            return None
+        return prompt_logprobs(self.state.token_text, self.prep.prompts[prompt_index], logprobs, self.req.prompt_logprobs)
 
     def usage_chunk(self, num_output_tokens: Iterable[int]) -> BaseModel:
         """The last chunk, no choices, when the request asked for stream_options.include_usage;

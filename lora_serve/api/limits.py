@@ -30,8 +30,11 @@ def check_limits(
     top_logprobs_param: str,
     n: int = 1,
     num_prompts: int = 1,
+    prompt_logprobs: int | None = None,
 ) -> None:
     c = config
+    if prompt_logprobs is not None and prompt_logprobs > c.max_top_logprobs:
+        raise _over("prompt_logprobs", f"prompt_logprobs is {prompt_logprobs}; the limit is {c.max_top_logprobs}")
     if n > c.max_n:
         raise _over("n", f"n is {n}; the limit is {c.max_n}")
     if num_prompts > c.max_prompts:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lora_serve.api.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from lora_serve.api.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptLogprob, PromptLogprobs, TopLogprob
 from lora_serve.engine.outputs import TokenLogprob
 
 
@@ -57,4 +57,19 @@ def completion_logprobs(
         out.top_logprobs.append(None if lp is None else {token_text(tid): tlp for tid, tlp in lp.top[:num_top]})
         out.text_offset.append(text_offset)
         text_offset += len(text)
+    return out
+
+
+def prompt_logprobs(token_text: TokenText, prompt: list[int], logprobs: Sequence[TokenLogprob | None], num_top: int) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token, None for the first, then {token id: logprob, rank, text} of
+    the prompt's token, then of the num_top most likely ones."""
+    out: PromptLogprobs = []
+    for token_id, lp in zip(prompt, logprobs):
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {token_id: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=token_text(token_id))}
+        for rank, (tid, tlp) in enumerate(lp.top[:num_top], start=1):
+            entry.setdefault(tid, PromptLogprob(logprob=tlp, rank=rank, decoded_token=token_text(tid)))
+        out.append(entry)
     return out

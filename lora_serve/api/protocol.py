@@ -96,6 +96,10 @@ class SamplingRequest(RequestBody):
     ignore_eos: bool = False
     """Extension (vLLM): keep generating past the end-of-sequence token."""
 
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    """Extension (vLLM): the response's prompt_logprobs gives each prompt token's logprob, rank and this many
+    top alternatives (the first token: null). Not with stream, as in vLLM."""
+
     @field_validator("logit_bias")
     @classmethod
     def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -104,6 +108,13 @@ class SamplingRequest(RequestBody):
                 raise ValueError(f'keys are token ids written in decimal, like "50256"; {key!r} is not')
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise ValueError(f"biases lie in [-100, 100]; token {key} has {bias}")
+        return value
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs is not available with stream (as in vLLM)")
         return value
 
     @field_validator("stream_options")
@@ -275,6 +286,17 @@ class TopLogprob(BaseModel):
     bytes: list[int] | None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of a prompt position's prompt_logprobs, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]  # one entry per prompt token, None for the first
+
+
 class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
@@ -313,6 +335,7 @@ class ChatChoice(BaseModel):
 class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, of the one prompt
 
 
 class ChatDelta(BaseModel):
@@ -337,6 +360,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, of this choice's prompt
 
 
 class CompletionResponse(_Response):

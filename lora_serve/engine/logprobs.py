@@ -13,17 +13,21 @@ from .outputs import TokenLogprob
 from .sequence import Sequence
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[TokenLogprob]:
-    """Row i's logprob of token_ids[i] and its num_top[i] most likely tokens, best first.
-    logits: [R, V] float32, raw (no penalty, bias or temperature applied)."""
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int], with_rank: bool = False) -> list[TokenLogprob]:
+    """Row i's logprob of token_ids[i] and its num_top[i] most likely tokens, best first (with_rank: and the
+    token's rank). logits: [R, V] float32, raw (no penalty, bias or temperature applied)."""
     lp = torch.log_softmax(logits, dim=-1)  # [R, V]
-    chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
+    chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device).unsqueeze(1))  # [R, 1]
+    ranks: list[int | None] = [None] * len(token_ids)
+    if with_rank:
+        ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+    out = [TokenLogprob(t, c, rank=r) for t, c, r in zip(token_ids, chosen.squeeze(1).tolist(), ranks)]
     k = max(num_top, default=0)
-    if k == 0:
-        return [TokenLogprob(t, c) for t, c in zip(token_ids, chosen)]
-    values, ids = torch.topk(lp, k, dim=-1)  # [R, k]: one topk for all rows, each cut to its own k
-    tops = [list(zip(i[:n], v[:n])) for i, v, n in zip(ids.tolist(), values.tolist(), num_top)]
-    return [TokenLogprob(t, c, top) for t, c, top in zip(token_ids, chosen, tops)]
+    if k > 0:
+        values, ids = torch.topk(lp, k, dim=-1)  # [R, k]: one topk for all rows, each cut to its own k
+        for lp_out, i, v, n in zip(out, ids.tolist(), values.tolist(), num_top):
+            lp_out.top = list(zip(i[:n], v[:n]))
+    return out
 
 
 def prompt_positions(seq: Sequence, start: int, end: int) -> range:
@@ -38,4 +42,4 @@ def record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, positions: range
     """logits: [len(positions), V] float32, of those positions of seq's prompt."""
     num_top = seq.params.prompt_logprobs or 0
     next_ids = seq.prompt_token_ids[positions.start + 1 : positions.stop + 1]
-    seq.prompt_logprobs += token_logprobs(logits, next_ids, [num_top] * len(next_ids))
+    seq.prompt_logprobs += token_logprobs(logits, next_ids, [num_top] * len(next_ids), with_rank=True)

@@ -1,7 +1,7 @@
 """echo on /v1/completions, with the prompt's logprobs (lm-evaluation-harness's loglikelihood call:
-echo, max_tokens 1, logprobs 1, temperature 0, a prompt list). The prompt tokens' logprobs must be
-transformers' log_softmax over the same prompt on the same weights (PEFT's for an adapter), here with
-prompts prefilled in chunks of 16 tokens beside other requests."""
+echo, max_tokens 1, logprobs 1, temperature 0, a prompt list), and vLLM's prompt_logprobs extension.
+The prompt tokens' logprobs must be transformers' log_softmax over the same prompt on the same weights
+(PEFT's for an adapter), here with prompts prefilled in chunks of 16 tokens beside other requests."""
 
 from __future__ import annotations
 
@@ -131,3 +131,34 @@ def test_a_stream_sends_each_prompt_first(live: LiveServer, max_tokens: int) -> 
         assert len(firsts[index].logprobs.tokens) >= len(live.engine.tokenizer.encode(prompt))  # type: ignore[attr-defined]
         assert texts[index] == choice.text
         assert token_logprobs[index] == choice.logprobs.token_logprobs
+
+
+def _rank_bounds(row: torch.Tensor, value: float) -> tuple[int, int]:
+    """The ranks a token of this logprob may have, allowing for float noise between ties."""
+    return int((row > value + ATOL).sum()) + 1, int((row > value - ATOL).sum()) + 1
+
+
+def _check_vllm_prompt_logprobs(got: list, ids: list[int], ref: torch.Tensor, num_top: int, decode) -> None:
+    assert got[0] is None and len(got) == len(ids)
+    for p, entry in enumerate(got[1:]):
+        token = ids[p + 1]
+        actual = entry[str(token)]  # JSON keys: token ids as strings, as vLLM's
+        assert actual["logprob"] == pytest.approx(ref[p, token].item(), abs=ATOL)
+        low, high = _rank_bounds(ref[p], ref[p, token].item())
+        assert low <= actual["rank"] <= high and actual["decoded_token"] == decode([token])
+        best = sorted((v["logprob"] for v in entry.values()), reverse=True)[:num_top]  # the top ones, and the prompt's token
+        assert best == pytest.approx(torch.topk(ref[p], num_top).values.tolist(), abs=ATOL)
+
+
+def test_vllm_prompt_logprobs_on_completions_and_chat(live: LiveServer, peft) -> None:
+    client, tokenizer = live.client(), live.engine.tokenizer
+    resp = client.completions.create(model=ADAPTER, prompt=PROMPTS, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 2})
+    for choice, text in zip(resp.choices, PROMPTS):
+        ids = tokenizer.encode(text)
+        _check_vllm_prompt_logprobs(choice.model_extra["prompt_logprobs"], ids, reference(peft[0], ADAPTER, ids), 2, tokenizer.decode)
+        assert not choice.text.startswith(text)  # no echo
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, n=2, extra_body={"prompt_logprobs": 1})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert chat.usage.prompt_tokens == len(ids)
+    _check_vllm_prompt_logprobs(chat.model_extra["prompt_logprobs"], ids, reference(peft[0], None, ids), 1, tokenizer.decode)

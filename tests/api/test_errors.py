@@ -72,6 +72,9 @@ CASES = [
     ("empty-token-prompt", COMPLETIONS, {"prompt": []}, 400, BAD, "prompt", None),
     ("token-id-out-of-vocab", COMPLETIONS, {"prompt": [10**9]}, 400, BAD, "prompt", None),
     ("max-tokens-0-without-echo", COMPLETIONS, {"max_tokens": 0}, 400, BAD, "max_tokens", None),
+    ("prompt-logprobs-streamed", COMPLETIONS, {"prompt_logprobs": 1, "stream": True}, 400, BAD, "prompt_logprobs", None),
+    ("prompt-logprobs-above-20", CHAT, {"prompt_logprobs": 21}, 400, BAD, "prompt_logprobs", None),
+    ("prompt-logprobs-negative", COMPLETIONS, {"prompt_logprobs": -1}, 400, BAD, "prompt_logprobs", None),
     ("chat-max-tokens-over-context", CHAT, {"max_tokens": TINY_MAX_MODEL_LEN}, 400, BAD, "max_tokens", "context_length_exceeded"),
     (
         "completion-max-tokens-over-context",

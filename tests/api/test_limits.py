@@ -92,6 +92,7 @@ OVER_A_LIMIT = {
     "logit_bias-count": (CHAT, {"messages": HI, "logit_bias": {str(t): 1 for t in range(4)}}, "logit_bias"),
     "top_logprobs": (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 4}, "top_logprobs"),
     "completions-logprobs": (COMPLETIONS, {"prompt": "hi", "logprobs": 4}, "logprobs"),
+    "prompt_logprobs": (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 4}, "prompt_logprobs"),
     "n": (CHAT, {"messages": HI, "n": 4}, "n"),
     "completions-n": (COMPLETIONS, {"prompt": "hi", "n": 4}, "n"),
     "prompt-count": (COMPLETIONS, {"prompt": ["a", "b", "c"]}, "prompt"),
