@@ -81,7 +81,7 @@ class Completion:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # asked for by echo with logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # asked for by echo with logprobs, or prompt_logprobs
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
