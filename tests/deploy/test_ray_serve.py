@@ -224,6 +224,14 @@ def test_streams_are_the_single_process_server_events(ray_url: str, reference: L
     assert events(payloads) == events(sse(reference.base_url, path, body))
 
 
+def test_n_and_a_prompt_list_are_the_single_process_server_choices(ray_url: str, reference: LiveServer) -> None:
+    body = {"model": "c-all", "prompt": [PROMPT, PROMPT[:4]], "n": 2, "logprobs": 1, "echo": True, **GREEDY}
+    reply = post(ray_url, "completions", body)
+    assert reply.status_code == 200, reply.text
+    assert [c["index"] for c in reply.json()["choices"]] == [0, 1, 2, 3]
+    assert comparable(reply.json()) == comparable(post(reference.base_url, "completions", body).json())
+
+
 def test_a_warm_adapter_is_served_where_it_is_warm(ray_url: str) -> None:
     """Ray routes an adapter's requests to replicas that hold it: once warm, no request loads it again.
     (Earlier tests may have left it warm on both replicas, so which replica answers is not asserted.)"""
@@ -335,7 +343,7 @@ def test_unknown_or_escaping_adapter_is_404(ray_url: str, reference: LiveServer,
     [
         ("completions", {"model": BASE, "prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
         ("chat/completions", {"model": BASE, "messages": [], "stream": True}, "messages"),
-        ("chat/completions", {"model": BASE, "messages": MESSAGES, "n": 2}, "n"),
+        ("chat/completions", {"model": BASE, "messages": MESSAGES, "n": 0}, "n"),
         ("completions", {"model": "c-all", "prompt": PROMPT, "max_tokens": 300}, "max_tokens"),  # past max_model_len
     ],
 )
