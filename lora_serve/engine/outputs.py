@@ -24,6 +24,7 @@ class RequestOutput:
     num_output_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (OpenAI's cached_tokens)
 
     @property
     def finished(self) -> bool:
