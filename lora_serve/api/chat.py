@@ -79,7 +79,7 @@ class ChatExchange(Exchange[ChatCompletionResponse]):
     def response(self, done: Completion) -> ChatCompletionResponse:
         message = AssistantMessage(content=done.text)
         choice = ChatChoice(message=message, logprobs=self._logprobs(done.logprobs), finish_reason=done.finish_reason)
-        usage = UsageInfo.of(done.num_prompt_tokens, done.num_output_tokens)
+        usage = UsageInfo.of(done.num_prompt_tokens, done.num_output_tokens, done.num_cached_tokens)
         return ChatCompletionResponse(id=self.prep.request_id, model=self.prep.model, choices=[choice], usage=usage)
 
     def make_chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:

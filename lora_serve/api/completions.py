@@ -52,7 +52,7 @@ class CompletionExchange(Exchange[CompletionResponse]):
 
     def response(self, done: Completion) -> CompletionResponse:
         choice = CompletionChoice(text=done.text, logprobs=self._logprobs(done.logprobs, 0), finish_reason=done.finish_reason)
-        usage = UsageInfo.of(done.num_prompt_tokens, done.num_output_tokens)
+        usage = UsageInfo.of(done.num_prompt_tokens, done.num_output_tokens, done.num_cached_tokens)
         return CompletionResponse(id=self.prep.request_id, model=self.prep.model, choices=[choice], usage=usage)
 
     def make_chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:

@@ -53,6 +53,7 @@ class Completion:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt's, found in the prefix cache
 
 
 @dataclass(frozen=True)
@@ -225,4 +226,4 @@ class Exchange(ABC, Generic[R]):
 
     def usage_chunk(self, last: RequestOutput) -> BaseModel:
         """The last chunk, no choices, when the request asked for stream_options.include_usage."""
-        return self.make_chunk([], UsageInfo.of(last.num_prompt_tokens, last.num_output_tokens))
+        return self.make_chunk([], UsageInfo.of(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens))

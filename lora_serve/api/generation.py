@@ -111,6 +111,7 @@ async def generate_all(request: Request | None, state: ServerState, prep: Prepar
             done.finish_reason = out.finish_reason
             done.num_prompt_tokens = out.num_prompt_tokens
             done.num_output_tokens = out.num_output_tokens
+            done.num_cached_tokens = out.num_cached_tokens
     done.text = "".join(texts)
     return done
 
