@@ -9,11 +9,11 @@ from lora_serve.engine.sampling_params import SamplingParams
 def run_to_completion(
     engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], lora: dict[str, str | None] | None = None
 ) -> dict[str, dict]:
-    """Submit all requests at once, step until done; per request: token ids, text, finish reason, logprobs
-    (also for requests that were already in the engine)."""
+    """Submit all requests at once, step until done; per request: token ids, text, finish reason, logprobs,
+    prompt tokens found in the prefix cache (also for requests that were already in the engine)."""
 
     def new() -> dict:
-        return {"tokens": [], "text": "", "finish_reason": None, "logprobs": []}
+        return {"tokens": [], "text": "", "finish_reason": None, "logprobs": [], "cached_tokens": 0}
 
     results = {rid: new() for rid in requests}
     for rid, (prompt, params) in requests.items():
@@ -25,6 +25,7 @@ def run_to_completion(
             r["text"] += out.new_text
             r["logprobs"] += out.new_logprobs
             r["finish_reason"] = out.finish_reason
+            r["cached_tokens"] = out.num_cached_tokens
     return results
 
 
