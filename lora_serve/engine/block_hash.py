@@ -17,6 +17,7 @@ to collide would hand one request another's K/V.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from array import array
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 ROOT_TAG = "lora-serve prefix cache v1"
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every scheduled sequence, every step: a few distinct pairs
 def root_hash(merged_identity: str | None, adapter_identity: str | None) -> bytes:
     return hashlib.sha256(json.dumps([ROOT_TAG, merged_identity, adapter_identity]).encode()).digest()
 
