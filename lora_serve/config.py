@@ -72,6 +72,11 @@ class CacheConfig(_Config):
     kv_cache_memory_gb: float = Field(2.0, gt=0)
     """Memory for the preallocated KV cache, in GiB. When it is full, new requests wait."""
 
+    enable_prefix_caching: bool = True
+    """Automatic prefix caching: reuse the KV of full blocks an earlier request computed for the same
+    leading tokens with the same weights (the base, or an adapter identified by the sha256 of its weights
+    and config, never by its name); freed blocks stay cached until their memory is needed."""
+
 
 class SchedulerConfig(_Config):
     max_num_seqs: int = Field(64, ge=1)

@@ -8,6 +8,8 @@ with echo returns the prompt alone (vLLM): the engine runs one token, which is d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -80,8 +82,8 @@ class CompletionExchange(Exchange[CompletionResponse]):
         prompt_lps = self.prompt_logprobs(prompt_index, done.prompt_logprobs)
         return CompletionChoice(index=index, text=text, logprobs=lps, finish_reason=finish_reason, prompt_logprobs=prompt_lps)
 
-    def usage(self, num_output_tokens) -> UsageInfo:
-        return super().usage([] if self.prompt_only else num_output_tokens)
+    def usage(self, counts: Mapping[int, tuple[int, int]]) -> UsageInfo:
+        return super().usage({i: (0, cached) for i, (_, cached) in counts.items()} if self.prompt_only else counts)
 
     def make_response(self, choices: list[CompletionChoice], usage: UsageInfo) -> CompletionResponse:
         return CompletionResponse(id=self.prep.request_id, model=self.prep.model, choices=choices, usage=usage)

@@ -20,7 +20,7 @@ import asyncio
 import dataclasses
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Generic, TypeVar
@@ -85,6 +85,7 @@ class Completion:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt's, found in the prefix cache
 
 
 @dataclass(frozen=True)
@@ -272,11 +273,13 @@ class Exchange(ABC, Generic[R]):
     def response(self, dones: list[Completion]) -> R:
         """The whole, non-streamed response; dones: each choice, in index order."""
         choices = [self.choice(index, done) for index, done in enumerate(dones)]
-        return self.make_response(choices, self.usage(done.num_output_tokens for done in dones))
+        return self.make_response(choices, self.usage({i: (d.num_output_tokens, d.num_cached_tokens) for i, d in enumerate(dones)}))
 
-    def usage(self, num_output_tokens: Iterable[int]) -> UsageInfo:
-        """Each prompt counted once; the completion tokens of every choice."""
-        return UsageInfo.of(self.prep.num_prompt_tokens, sum(num_output_tokens))
+    def usage(self, counts: Mapping[int, tuple[int, int]]) -> UsageInfo:
+        """counts: choice index -> (its output tokens, its prompt tokens found in the prefix cache). Each prompt
+        counted once, with the cached tokens its first choice found; the completion tokens of every choice."""
+        cached = sum(counts.get(p * self.req.n, (0, 0))[1] for p in range(len(self.prep.prompts)))
+        return UsageInfo.of(self.prep.num_prompt_tokens, sum(out for out, _ in counts.values()), cached)
 
     def first_chunks(self) -> Sequence[BaseModel]:
         """Sent before any generated text."""
@@ -293,7 +296,6 @@ class Exchange(ABC, Generic[R]):
             return None
         return prompt_logprobs(self.state.token_text, self.prep.prompts[prompt_index], logprobs, self.req.prompt_logprobs)
 
-    def usage_chunk(self, num_output_tokens: Iterable[int]) -> BaseModel:
-        """The last chunk, no choices, when the request asked for stream_options.include_usage;
-        num_output_tokens: each choice's."""
-        return self.make_chunk([], self.usage(num_output_tokens))
+    def usage_chunk(self, counts: Mapping[int, tuple[int, int]]) -> BaseModel:
+        """The last chunk, no choices, when the request asked for stream_options.include_usage (counts: as usage's)."""
+        return self.make_chunk([], self.usage(counts))

@@ -121,6 +121,7 @@ async def generate_all(request: Request | None, state: ServerState, prep: Prepar
             done.finish_reason = out.finish_reason
             done.num_prompt_tokens = out.num_prompt_tokens
             done.num_output_tokens = out.num_output_tokens
+            done.num_cached_tokens = out.num_cached_tokens
     for done, parts in zip(dones, texts):
         done.text = "".join(parts)
     return dones
@@ -151,19 +152,23 @@ async def sse_events(request: Request | None, exchange: Exchange) -> AsyncGenera
 
 
 async def _events(exchange: Exchange, outputs: AsyncGenerator[RequestOutput, None], first: RequestOutput) -> AsyncGenerator[str, None]:
-    num_output = {first.request_id: first.num_output_tokens}  # engine request id -> tokens generated so far
+    counts: dict[int, tuple[int, int]] = {}  # choice index -> (tokens generated so far, prompt tokens cached)
+
+    def count(out: RequestOutput) -> RequestOutput:
+        counts[exchange.prep.index_of[out.request_id]] = (out.num_output_tokens, out.num_cached_tokens)
+        return out
+
     async with aclosing(outputs):
         try:
-            for payload in [*exchange.first_chunks(), exchange.chunk(first)]:
+            for payload in [*exchange.first_chunks(), exchange.chunk(count(first))]:
                 if payload is not None:
                     yield _sse(payload)
             async for out in outputs:
-                num_output[out.request_id] = out.num_output_tokens
-                payload = exchange.chunk(out)
+                payload = exchange.chunk(count(out))
                 if payload is not None:
                     yield _sse(payload)
             if exchange.req.include_usage:
-                yield _sse(exchange.usage_chunk(num_output.values()))
+                yield _sse(exchange.usage_chunk(counts))
         except APIError as err:
             yield _sse(err.to_dict())
     yield "data: [DONE]\n\n"

@@ -4,7 +4,7 @@ Two kinds of series, on a registry of the app's own (no process-wide state):
 - read from the engine at scrape time (`EngineCollector`): the series Kubernetes' Gateway
   API Inference Extension reads to route LoRA traffic, under vLLM's names
   (`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`,
-  `vllm:lora_requests_info`), and lora-serve's adapter cache state (residency per tier,
+  `vllm:lora_requests_info`, `vllm:prefix_cache_queries`, `vllm:prefix_cache_hits`), and lora-serve's adapter cache state (residency per tier,
   loads, evictions, load time, merges);
 - recorded per finished request (`RequestMetrics`): requests, tokens, time to first token
   and time per output token, each labelled with the adapter ("" for the base model).
@@ -39,7 +39,10 @@ class EngineCollector:
         running, waiting = e.adapters_in_flight()
         yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch.", value=e.num_running())
         yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to run.", value=e.num_waiting())
-        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage, 1 means full.", value=e.engine.kv_cache.usage)
+        kv = e.engine.kv_cache
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage, 1 means full.", value=kv.usage)
+        yield CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", value=kv.num_prefix_queries)
+        yield CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", value=kv.num_prefix_hits)
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Adapters of running and waiting requests (value: the time of the scrape).",

@@ -122,6 +122,40 @@ class BenchPrefillStall(_BenchBase):
         print(prefill_stall.report(rows, self.long_prompt_len))
 
 
+class BenchPrefixCache(_BenchBase):
+    """Prefix caching cold vs warm: requests behind one long shared system prompt, on the base and on adapters."""
+
+    system_len: int = Field(1024, ge=1)
+    """Tokens of the system prompt every request starts with."""
+
+    question_len: int = Field(32, ge=1)
+    """Tokens of each request's own question after it."""
+
+    num_requests: int = Field(16, ge=1)
+    """Requests per round, submitted at once."""
+
+    num_adapters: int = Field(2, ge=0)
+    """Random adapters the requests are spread over, round-robin with the base."""
+
+    rank: int = Field(16, ge=1)
+    """Adapter rank (all seven projections)."""
+
+    max_tokens: int = Field(16, ge=1)
+    """Greedy output tokens per request."""
+
+    repeats: int = Field(3, ge=1)
+    """Rounds per mode, cold and warm alternating (medians are reported)."""
+
+    def cli_cmd(self) -> None:
+        from lora_serve.bench import prefix_cache
+
+        rows = prefix_cache.run(
+            self._setup(), self.system_len, self.question_len, self.num_requests, self.num_adapters, self.rank,
+            self.max_tokens, self.repeats, self.seed,
+        )  # fmt: skip
+        print(prefix_cache.report(rows))
+
+
 class BenchEngine(_BenchBase):
     """Offline: prefill, decode and whole-run throughput vs the number of distinct adapters (base / merged / unmerged, interleaved)."""
 
@@ -326,6 +360,9 @@ class BenchCommand(BaseModel):
 
     prefill_stall: CliSubCommand[BenchPrefillStall]
     """Streams' inter-token latency while a long prompt is prefilled, per prefill chunk size."""
+
+    prefix_cache: CliSubCommand[BenchPrefixCache]
+    """Prefix caching: TTFT and throughput cold vs warm behind a long shared system prompt."""
 
     serve: CliSubCommand[BenchServe]
     """Online: a running server under a seeded multi-adapter trace."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,5 +58,6 @@ def random_lora_model(name: str, arch: ModelArch, rank: int, seed: int, targets=
         weights=weights,
         num_params=sum(w.A.numel() + w.B.numel() for w in weights.values()),
         num_bytes=0,
-        sha256="",
+        # Its weights are a function of these: a digest of them names its content (LoRAModel.identity).
+        sha256=hashlib.sha256(repr(("random", arch, rank, seed, tuple(targets))).encode()).hexdigest(),
     )

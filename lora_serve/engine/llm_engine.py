@@ -95,12 +95,13 @@ class LLMEngine:
             self.lora,
             max_lora_bypass=sc.max_lora_bypass,
             long_prefill_token_threshold=sc.long_prefill_token_threshold,
+            merged_identity=lambda: self.lora.merged.identity,
         )
         self.detokenizer = Detokenizer(tokenizer)
         self._rng = random.Random(config.model.seed)
         self._seqs: dict[str, Sequence] = {}
         log.info(
-            "engine: %s (%s) on %s, %s, max_model_len=%d, KV cache %d blocks x %d tokens",
+            "engine: %s (%s) on %s, %s, max_model_len=%d, KV cache %d blocks x %d tokens, prefix caching %s",
             model_path or "a model built in memory",
             self.arch.architecture,
             self.device,
@@ -108,6 +109,7 @@ class LLMEngine:
             self.max_model_len,
             self.kv_cache.num_usable_blocks,
             self.kv_cache.block_size,
+            "on" if config.cache.enable_prefix_caching else "off",
         )
 
     @classmethod
@@ -184,7 +186,9 @@ class LLMEngine:
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after a failed step) and free what they held."""
-        return [self._fail(seq, message) for seq in list(self._seqs.values())]
+        outputs = [self._fail(seq, message) for seq in list(self._seqs.values())]
+        self.kv_cache.reset_prefix_cache()
+        return outputs
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         self._finish(seq, "error")
@@ -213,7 +217,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        ready, logits = self.run_batch(batch)
+        try:
+            ready, logits = self.run_batch(batch)
+        except BaseException:
+            self.kv_cache.reset_prefix_cache()  # blocks cached in this step may hold partial K/V
+            raise
         failed, ready, logits = self.fail_non_finite(ready, logits)
         tokens, logprobs = sample(logits, ready, self.eos_token_ids)
         outputs = failed + self.postprocess(ready, tokens, logprobs)
@@ -340,6 +348,7 @@ class LLMEngine:
             new_logprobs=new_lps,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_token_ids),
+            num_cached_tokens=seq.num_prefix_cached_tokens or 0,
             finish_reason=seq.finish_reason,
             prompt_logprobs=prompt_lps,
         )

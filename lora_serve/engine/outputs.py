@@ -28,6 +28,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     """With SamplingParams.prompt_logprobs, once, in the first delta that has an output token: one entry
     per prompt token, None for the first (no position precedes it)."""
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (OpenAI's cached_tokens)
 
     @property
     def finished(self) -> bool:

@@ -18,12 +18,18 @@ been blocks everything behind it, as first come, first served would, until it is
 FCFS). So a request whose adapter finds every slot pinned gets the next one that frees up, since later
 requests stop pinning slots (cf. SGLang's LoRA-aware scheduling, S-LoRA's VTC). The KV cache is first
 come, first served in that order: when the next in line does not fit, nobody behind it is admitted.
+
+Prefix caching (kv_cache.py): a waiting sequence is admitted from the longest chain of cached blocks
+holding its first tokens, keyed with the weights in use this step (`merged_identity`); it then needs
+only the blocks, and the step's budget, of the rest. Sequences admitted together with one prompt share
+its blocks as soon as the first one's chunk schedules them, so the prompt is prefilled once. Preempted
+blocks stay cached: a preempted sequence is usually readmitted from its own blocks.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,13 +66,17 @@ class Scheduler:
         admission: AdapterAdmission | None = None,
         max_lora_bypass: int = 16,
         long_prefill_token_threshold: int | None = None,
+        merged_identity: Callable[[], str | None] | None = None,
     ):
+        """merged_identity: the identity of the adapter merged into the base weights now (None: none),
+        which every row's K/V depends on (block_hash.py)."""
         self.kv = kv_cache
         self.max_chunk = long_prefill_token_threshold or max_num_batched_tokens
         self.max_lora_bypass = max_lora_bypass
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.admission = admission
+        self.merged_identity = merged_identity or (lambda: None)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -79,20 +89,21 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
-        seqs, chunks = self._schedule_running(budget)
-        admitted, admitted_chunks = self._admit(budget - sum(chunks))
+        merged = self.merged_identity()  # merges happen between steps: one value for the whole step
+        seqs, chunks = self._schedule_running(budget, merged)
+        admitted, admitted_chunks = self._admit(budget - sum(chunks), merged)
         return ScheduledBatch(seqs + admitted, chunks + admitted_chunks)
 
-    def _chunk(self, seq: Sequence, budget: int) -> int:
-        return min(seq.num_new_tokens, self.max_chunk, budget)
+    def _chunk(self, num_new_tokens: int, budget: int) -> int:
+        return min(num_new_tokens, self.max_chunk, budget)
 
-    def _schedule_running(self, budget: int) -> tuple[list[Sequence], list[int]]:
+    def _schedule_running(self, budget: int, merged: str | None) -> tuple[list[Sequence], list[int]]:
         scheduled: list[Sequence] = []
         chunks: list[int] = []
         queue = sorted(self.running, key=lambda s: s.num_new_tokens > 1)  # decodes first, oldest first
         while queue:
             seq = queue.pop(0)
-            n = self._chunk(seq, budget)
+            n = self._chunk(seq.num_new_tokens, budget)
             if n == 0:
                 continue  # the budget is spent: it keeps its blocks and goes on next step
             while not self.kv.can_allocate(seq, seq.num_cached_tokens + n):
@@ -101,20 +112,22 @@ class Scheduler:
                     break
                 self._preempt(queue.pop())
             else:
-                self.kv.allocate(seq, seq.num_cached_tokens + n)
+                self.kv.allocate(seq, seq.num_cached_tokens + n, merged_identity=merged)
                 scheduled.append(seq)
                 chunks.append(n)
                 budget -= n
         return scheduled, chunks
 
-    def _admit(self, budget: int) -> tuple[list[Sequence], list[int]]:
+    def _admit(self, budget: int, merged: str | None) -> tuple[list[Sequence], list[int]]:
         admitted: list[Sequence] = []
         chunks: list[int] = []
         no_slot: set[str | None] = set()  # adapters that found every slot pinned (slots free only between steps)
         while len(self.running) < self.max_num_seqs and budget > 0:
             for seq in self._admission_order(no_slot):  # computed again after each admission
-                n = self._chunk(seq, budget)
-                if not self.kv.can_allocate(seq, seq.num_cached_tokens + n):
+                hits = self.kv.cached_prefix(seq, merged)
+                num_hit = len(hits) * self.kv.block_size
+                n = self._chunk(seq.num_tokens - num_hit, budget)
+                if not self.kv.can_allocate(seq, num_hit + n, hits):
                     return admitted, chunks  # nobody behind it in this order jumps it for memory
                 if self.admission is not None and not self.admission.try_admit(seq):
                     no_slot.add(seq.lora_name)
@@ -123,7 +136,7 @@ class Scheduler:
             else:
                 break  # nobody left who can be admitted this step
             self._overtake(seq)
-            self.kv.allocate(seq, seq.num_cached_tokens + n)
+            self.kv.allocate(seq, num_hit + n, hits, merged)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             admitted.append(seq)
@@ -163,10 +176,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Remove a sequence (finished or aborted) and return its blocks and adapter pin at once."""
+        """Remove a sequence (finished or aborted) and return its blocks and adapter pin at once. The
+        blocks of one that failed ("error") are not kept cached."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            self.kv.free(seq)
+            self.kv.free(seq, keep_cached=reason != "error")
             if self.admission is not None:
                 self.admission.release_slot(seq)
         elif seq.status is SequenceStatus.WAITING:

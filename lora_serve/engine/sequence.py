@@ -34,6 +34,11 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V are in the cache
+    # Prefix caching (kv_cache.py): the chain's root (None: none yet, or it stopped caching), the keys
+    # of its full blocks, and the prompt tokens found cached at its first admission (usage's cached_tokens).
+    hash_root: bytes | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_prefix_cached_tokens: int | None = None
     num_bypassed: int = 0  # later arrivals admitted while it waited (bounded: see scheduler.py)
     prompt_tokens: torch.Tensor | None = None  # the prompt's distinct token ids: repetition_penalty (logits_processors.py)
     finish_reason: str | None = None
@@ -59,6 +64,23 @@ class Sequence:
     def num_new_tokens(self) -> int:
         """Tokens this step must run through the model: the uncached tail (whole prompt at first, then 1)."""
         return self.num_tokens - self.num_cached_tokens
+
+    @property
+    def adapter_identity(self) -> str | None:
+        """Its adapter's identity (lora/lora_model.py LoRAModel.identity) as its lease opened it; None: the base."""
+        return self.lease.record.identity if self.lease is not None else None
+
+    @property
+    def is_prefix_cacheable(self) -> bool:
+        """Known weights compute its K/V, so its blocks may be keyed and shared: the base, or an adapter
+        it holds a lease on (an adapter named without one has no known identity)."""
+        return self.lora_name is None or self.lease is not None
+
+    @property
+    def may_reuse_cached_prefix(self) -> bool:
+        """It may start from cached blocks instead of computing its prompt: not when it asks for prompt
+        logprobs, which need the logits of every prompt position (its blocks are still cached for others)."""
+        return self.params.prompt_logprobs is None
 
     def token_ids(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)

@@ -119,6 +119,15 @@ class LoRAModel:
             raise ValueError(f"adapter {self.name!r} targets projections the base does not have")
         return replace(self, weights=weights, flat=flat, b_transposed=b_transposed)
 
+    @property
+    def identity(self) -> str:
+        """What the adapter computes, as a digest: the weights file's sha256 with, for every projection it
+        modifies, its rank and scale as parsed from the config (alpha, rsLoRA, rank_pattern, targets all
+        land there). Equal for two names of one adapter, different after any change to its weights or
+        math; the prefix cache keys K/V by it (engine/block_hash.py), never by the name."""
+        terms = sorted((layer, module, w.A.shape[0], w.scale) for (layer, module), w in self.weights.items())
+        return hashlib.sha256(json.dumps([self.sha256, terms]).encode()).hexdigest()
+
     def flat_offset(self, t: torch.Tensor) -> int:
         """Where tensor `t` (a view of `flat`) starts in `flat`, in elements."""
         assert self.flat is not None

@@ -25,6 +25,7 @@ class MergedWeights:
     def __init__(self, model: LlamaModel):
         self.model = model
         self.name: str | None = None
+        self.identity: str | None = None  # the merged adapter's LoRAModel.identity: every row's K/V depends on it
         self._pristine: dict[tuple[int, str], torch.Tensor] = {}  # (layer, module) -> W0 rows
 
     def _rows(self, layer: int, module: str) -> torch.Tensor:
@@ -41,6 +42,7 @@ class MergedWeights:
             b, a = w.B.to(rows.device, torch.float32), w.A.to(rows.device, torch.float32)  # float16 CPU copies too
             rows.copy_((rows.float() + w.scale * (b @ a)).to(rows.dtype))
         self.name = adapter.name
+        self.identity = adapter.identity
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -48,6 +50,7 @@ class MergedWeights:
             self._rows(layer, module).copy_(original)
         self._pristine.clear()
         self.name = None
+        self.identity = None
 
 
 def negated(adapter: LoRAModel) -> list[tuple[tuple[int, str], LoRAWeights]]:

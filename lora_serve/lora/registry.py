@@ -41,7 +41,8 @@ class AdapterRecord:
     targets: list[str]
     num_params: int
     num_bytes: int
-    sha256: str
+    sha256: str  # of adapter_model.safetensors
+    identity: str  # of what it computes (LoRAModel.identity): the prefix cache's key, never the name
     created: int = field(default_factory=lambda: int(time.time()))
     requests_served: int = 0
     deleting: bool = False  # unlisted and refused to new requests; purged when in-flight ones end
@@ -99,6 +100,7 @@ class AdapterRegistry:
             num_params=model.num_params,
             num_bytes=model.num_bytes,
             sha256=model.sha256,
+            identity=model.identity,
             folder_id=folder_id,
             auto_merge=auto_merge,
         )

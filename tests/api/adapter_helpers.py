@@ -17,7 +17,7 @@ from lora_serve.engine.async_engine import AsyncEngine
 from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
 from tests.api.live_server import LiveServer, live_server
 from tests.lora.conftest import ATTN, MLP, make_peft_adapters
-from tests.lora.test_peft_parity import reference
+from tests.lora.peft_reference import reference
 
 MAX_RANK = 16
 B_STD = 0.05  # larger than the suite's default: on the tiny model this makes every adapter change greedy tokens

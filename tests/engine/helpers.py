@@ -10,10 +10,10 @@ def run_to_completion(
     engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], lora: dict[str, str | None] | None = None
 ) -> dict[str, dict]:
     """Submit all requests at once, step until done; per request: token ids, text, finish reason, logprobs,
-    and each prompt_logprobs the outputs carried (also for requests that were already in the engine)."""
+    each prompt_logprobs the outputs carried, prompt tokens found in the prefix cache (also for requests that were already in the engine)."""
 
     def new() -> dict:
-        return {"tokens": [], "text": "", "finish_reason": None, "logprobs": [], "prompt_logprobs": []}
+        return {"tokens": [], "text": "", "finish_reason": None, "logprobs": [], "prompt_logprobs": [], "cached_tokens": 0}
 
     results = {rid: new() for rid in requests}
     for rid, (prompt, params) in requests.items():
@@ -27,6 +27,7 @@ def run_to_completion(
             if out.prompt_logprobs is not None:
                 r["prompt_logprobs"].append(out.prompt_logprobs)
             r["finish_reason"] = out.finish_reason
+            r["cached_tokens"] = out.num_cached_tokens
     return results
 
 

@@ -46,8 +46,9 @@ def poison(engine: LLMEngine, request_id: str) -> None:
 
 
 def assert_free_blocks_zero(engine: LLMEngine) -> None:
+    """Every free block without a prefix-cache key (the next to be handed out) and the pad block are zero."""
     kv = engine.kv_cache
-    free = torch.tensor(kv._free + [PAD_BLOCK])
+    free = torch.tensor([b for b in kv.pool.free_blocks() if not kv.pool.is_cached(b)] + [PAD_BLOCK])
     for layer in kv.k + kv.v:
         assert torch.count_nonzero(layer.view(kv.num_blocks, -1)[free]) == 0
 

@@ -12,7 +12,8 @@ from lora_serve.engine.sampling_params import SamplingParams
 from lora_serve.model.arch import ModelArch
 
 from ..engine.helpers import chat_ids, run_to_completion
-from .test_peft_parity import check_against, params, reference
+from .peft_reference import check_against, reference
+from .test_peft_parity import params
 
 PROMPT = list(range(700, 740))
 

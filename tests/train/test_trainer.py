@@ -25,7 +25,7 @@ from lora_serve.train.trainer import add_lora, assistant_loss, train
 from ..api.adapter_helpers import tiny_engine_with
 from ..api.live_server import live_server
 from ..engine.helpers import chat_ids, run_to_completion
-from ..lora.test_peft_parity import check_against, reference
+from ..lora.peft_reference import check_against, reference
 
 EXAMPLES = [
     ("Hi there", "Arr, matey! Ahoy."),
