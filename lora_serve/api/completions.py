@@ -8,6 +8,8 @@ with echo returns the prompt alone (vLLM): the engine runs one token, which is d
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -80,7 +82,7 @@ class CompletionExchange(Exchange[CompletionResponse]):
         prompt_lps = self.prompt_logprobs(prompt_index, done.prompt_logprobs)
         return CompletionChoice(index=index, text=text, logprobs=lps, finish_reason=finish_reason, prompt_logprobs=prompt_lps)
 
-    def usage(self, num_output_tokens) -> UsageInfo:
+    def usage(self, num_output_tokens: Iterable[int]) -> UsageInfo:
         return super().usage([] if self.prompt_only else num_output_tokens)
 
     def make_response(self, choices: list[CompletionChoice], usage: UsageInfo) -> CompletionResponse:
