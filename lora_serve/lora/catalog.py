@@ -16,7 +16,9 @@ running ones free) and finish. Serving on CPU, the CPU tier is the memory the ma
 apart, as its negated copy has a slot of its own; at most one copy more is resident meanwhile,
 and it is not held by a request that could wait. Reading from disk never happens on the engine
 thread, so decoding goes on while an adapter loads. Replicas may share adapter_dir
-(adapter_dir.py): a name is brought in line with that folder on the next request naming it.
+(adapter_dir.py): a name is brought in line with that folder on the next request naming it. A copy
+read again after eviction must hold the weights registered under the name (their identity, which
+also keys their cached K/V): files rewritten in place meanwhile are refused (AdapterChangedError).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..config import LoRAConfig, resolved
 from ..model.arch import ModelArch
 from . import adapter_dir
 from .budget import LoRAMemory
-from .errors import AdapterBusyError, AdapterMergedError, AdapterNotFoundError, AdapterTooLargeError
+from .errors import AdapterBusyError, AdapterChangedError, AdapterMergedError, AdapterNotFoundError, AdapterTooLargeError
 from .lora_model import LoRAModel
 from .registry import AdapterRecord, AdapterRegistry
 from .residency import Residency
@@ -219,7 +221,13 @@ class AdapterCatalog:
             self._loading[name] = self.writer.host_bytes(record.num_params)
             self.peak_cpu_loras = max(self.peak_cpu_loras, self._cpu_usage()[0])
         try:
-            loaded = self.writer.host_copy(self.read(name, record.path, record.origin), self.residency.layout)
+            model = self.read(name, record.path, record.origin)
+            if model.identity != record.identity:  # rewritten in place: serving it under this registration would mix weights
+                raise AdapterChangedError(
+                    f"adapter {name!r} changed on disk since it was registered; load it again to serve the new weights",
+                    param="model",
+                )
+            loaded = self.writer.host_copy(model, self.residency.layout)
         except BaseException:
             with self._cpu_freed:
                 self._loading.pop(name, None)

@@ -51,6 +51,14 @@ class AdapterMergedError(AdapterError):
     code = "adapter_merged"
 
 
+class AdapterChangedError(AdapterError):
+    """Its files changed in place since it was registered: read again, they are other weights than those
+    its name stands for (and its cached K/V is keyed by: engine/block_hash.py)."""
+
+    status = 409
+    code = "adapter_changed"
+
+
 class AdapterBusyError(AdapterError):
     """Every CPU place (max_cpu_loras) holds an adapter in use, and the caller would not wait for one."""
 

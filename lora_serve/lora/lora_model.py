@@ -11,6 +11,7 @@ before it is parsed, and pickled weights (.bin/.pt) are refused rather than unpi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -119,7 +120,7 @@ class LoRAModel:
             raise ValueError(f"adapter {self.name!r} targets projections the base does not have")
         return replace(self, weights=weights, flat=flat, b_transposed=b_transposed)
 
-    @property
+    @functools.cached_property  # a copy made with replace() computes its own
     def identity(self) -> str:
         """What the adapter computes, as a digest: the weights file's sha256 with, for every projection it
         modifies, its rank and scale as parsed from the config (alpha, rsLoRA, rank_pattern, targets all

@@ -13,6 +13,7 @@ import pytest
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.engine.sampling_params import SamplingParams
+from lora_serve.lora.errors import AdapterChangedError
 
 from ..lora.conftest import ATTN, make_peft_adapters
 from ..lora.peft_reference import check_against, reference
@@ -40,7 +41,7 @@ def engine(base: Path, caching: bool = True, lora_modules: list[str] = (), merge
     config = EngineConfig(
         cache=CacheConfig(kv_cache_memory_gb=0.01, block_size=BLOCK, enable_prefix_caching=caching),
         scheduler=SchedulerConfig(max_num_seqs=16, max_model_len=256),
-        lora=LoRAConfig(max_loras=4, max_lora_rank=16, lora_modules=list(lora_modules), merge=merge, **lora),
+        lora=LoRAConfig(**{"max_loras": 4, "max_lora_rank": 16, **lora}, lora_modules=list(lora_modules), merge=merge),
     )
     return LLMEngine.from_config(config, base)
 
@@ -173,3 +174,21 @@ def test_preempted_sequences_come_back_to_their_cached_blocks(tiny_llama_dir: Pa
     tight = LLMEngine.from_config(config, tiny_llama_dir)
     assert tokens(run_to_completion(tight, reqs)) == tokens(whole)
     assert tight.scheduler.num_preemptions > 0 and tight.kv_cache.num_prefix_hits > 0
+
+
+def test_an_adapter_rewritten_in_place_is_refused_when_read_again(tiny_llama_dir: Path, peft, tmp_path: Path):
+    """Files overwritten under a registration (a retrained adapter saved into the same folder) are other
+    weights than its name stands for, and than its cached K/V came from: read again, they are refused."""
+    _, paths = peft
+    folder = shutil.copytree(paths["r4-attn"], tmp_path / "x")
+    e = engine(tiny_llama_dir, lora_modules=[f"x={folder}", f"y={paths['r8-all']}"], max_loras=1, max_cpu_loras=1)
+    prompt = SYSTEM + [5, 6, 7]
+    run_to_completion(e, {"old": (prompt, GREEDY)}, {"old": "x"})
+    for f in paths["r8-rslora"].iterdir():  # in place: the folder itself is not replaced
+        (folder / f.name).write_bytes(f.read_bytes())
+    run_to_completion(e, {"y": (prompt, GREEDY)}, {"y": "y"})  # x's CPU copy makes room for y's
+    with pytest.raises(AdapterChangedError):
+        e.add_request("new", prompt, GREEDY, "x")
+    e.adapters.unregister("x")  # loaded again, it is the new weights, and shares nothing with the old
+    e.adapters.register("x", folder, "lora-modules")
+    assert run_to_completion(e, {"new": (prompt, GREEDY)}, {"new": "x"})["new"]["cached_tokens"] == 0
