@@ -158,15 +158,21 @@ async def _events(exchange: Exchange, outputs: AsyncGenerator[RequestOutput, Non
         counts[exchange.prep.index_of[out.request_id]] = (out.num_output_tokens, out.num_cached_tokens)
         return out
 
+    def event(payload: BaseModel) -> str:
+        if exchange.req.continuous_usage:  # vLLM's continuous_usage_stats: every chunk carries the usage so far
+            payload = payload.model_copy(update={"usage": exchange.usage(counts)})
+        return _sse(payload)
+
     async with aclosing(outputs):
         try:
-            for payload in [*exchange.first_chunks(), exchange.chunk(count(first))]:
-                if payload is not None:
-                    yield _sse(payload)
-            async for out in outputs:
+            for head in exchange.first_chunks():
+                yield event(head)
+            out: RequestOutput | None = first
+            while out is not None:
                 payload = exchange.chunk(count(out))
                 if payload is not None:
-                    yield _sse(payload)
+                    yield event(payload)
+                out = await anext(outputs, None)
             if exchange.req.include_usage:
                 yield _sse(exchange.usage_chunk(counts))
         except APIError as err:

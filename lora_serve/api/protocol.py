@@ -43,6 +43,10 @@ class StreamOptions(RequestBody):
     include_usage: bool = False
     """Send a last chunk with `usage` and no choices."""
 
+    continuous_usage_stats: bool = False
+    """Extension (vLLM): with include_usage, every chunk also carries the usage so far (load testers such as
+    guidellm ask for it)."""
+
     include_obfuscation: bool | None = None
     """No-op: OpenAI pads stream chunks against a side channel of its network; here there is none to pad."""
 
@@ -132,6 +136,10 @@ class SamplingRequest(RequestBody):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options is not None and self.stream_options.continuous_usage_stats
 
     @property
     def token_bias(self) -> dict[int, float]:

@@ -53,6 +53,18 @@ def test_stream_without_include_usage_has_no_usage_chunk(server: LiveServer) -> 
     assert all(c.usage is None for c in chunks)
 
 
+def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(server: LiveServer) -> None:
+    """vLLM's extension, which load testers (guidellm) send: each chunk counts the tokens streamed until then."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    kwargs = dict(model=server.model, messages=MESSAGES, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    chunks = list(server.client().chat.completions.create(**kwargs, stream=True, stream_options=options))
+    assert all(c.usage is not None for c in chunks)
+    tokens = [c.usage.completion_tokens for c in chunks]
+    assert tokens == sorted(tokens) and tokens[0] == 0 and tokens[-1] == 6
+    assert {c.usage.prompt_tokens for c in chunks} == {chunks[-1].usage.prompt_tokens}
+    assert chunks[-1].choices == []  # and the usage chunk still ends the stream
+
+
 def test_same_seed_same_text_different_seeds_differ(server: LiveServer) -> None:
     client = server.client()
 

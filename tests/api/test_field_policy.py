@@ -69,11 +69,7 @@ UNRECOGNIZED = [
     (CHAT, {"skip_special_tokens": False}, "skip_special_tokens"),
     (CHAT, {"chat_template_kwargs": {}}, "chat_template_kwargs"),
     (CHAT, {"messages": [{"role": "user", "content": "hi", "weight": 1}]}, "messages[0].weight"),
-    (
-        CHAT,
-        {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
-        "stream_options.continuous_usage_stats",
-    ),
+    (CHAT, {"stream": True, "stream_options": {"include_usage": True, "per_chunk": True}}, "stream_options.per_chunk"),
     (COMPLETIONS, {"messages": MESSAGES}, "messages"),
     (COMPLETIONS, {"include_stop_str_in_output": True}, "include_stop_str_in_output"),
     (COMPLETIONS, {"foo": None}, "foo"),
