@@ -178,13 +178,14 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence (finished or aborted) and return its blocks and adapter pin at once. The
         blocks of one that failed ("error") are not kept cached."""
+        # Blocks and pin first, then the queue: a thread that sees the engine idle sees them returned too.
         if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
             self.kv.free(seq, keep_cached=reason != "error")
             if self.admission is not None:
                 self.admission.release_slot(seq)
+            self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
             self.kv.free(seq)
+            self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
