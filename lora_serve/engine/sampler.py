@@ -1,11 +1,13 @@
 """Next-token choice for a batch whose rows each have their own sampling parameters.
 
-The request's logit_bias, min_tokens and penalties apply first, to greedy and sampled rows alike
-(logits_processors.py). Greedy rows then take the argmax. Sampled rows are divided by their
-temperature (those with min_p together, filtered by it as one batch), then filtered by top-k and
-top-p, and draw with the sequence's own torch.Generator, so a seeded request gives the same
-tokens whatever else shares its batch. Logprobs come from the unmodified model distribution
-(log_softmax of the raw logits), as OpenAI and vLLM report them.
+A row with a grammar (structured outputs) first has the tokens it forbids masked to -inf
+(grammar_bitmask.py); a batch without one is not copied for it. The request's logit_bias,
+min_tokens and penalties apply next, to greedy and sampled rows alike (logits_processors.py).
+Greedy rows then take the argmax. Sampled rows are divided by their temperature (those with min_p
+together, filtered by it as one batch), then filtered by top-k and top-p, and draw with the
+sequence's own torch.Generator, so a seeded request gives the same tokens whatever else shares its
+batch. Logprobs come from the unmodified model distribution (log_softmax of the raw logits, before
+any mask), as OpenAI and vLLM report them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Set
 
 import torch
 
+from .grammar_bitmask import GrammarBitmask
 from .logits_processors import adjust_logits
 from .outputs import TokenLogprob
 from .sequence import Sequence
@@ -61,10 +64,11 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], rows: list[int], tokens: l
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Set[int] = frozenset()
+    logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Set[int] = frozenset(), grammar: GrammarBitmask | None = None
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    # logits: [B, V] float32
-    adjusted = adjust_logits(logits, seqs, eos_token_ids)
+    # logits: [B, V] float32. grammar: the masks of the rows with one (None: no row has one, nothing is copied).
+    allowed = logits if grammar is None else grammar.apply(logits, seqs)
+    adjusted = adjust_logits(allowed, seqs, eos_token_ids)
     tokens = adjusted.argmax(-1).tolist()
     drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if drawn:

@@ -12,6 +12,8 @@ from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import xgrammar as xgr
+
     from ..lora.catalog import AdapterLease
 
 
@@ -35,6 +37,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V are in the cache
     num_bypassed: int = 0  # later arrivals admitted while it waited (bounded: see scheduler.py)
+    matcher: xgr.GrammarMatcher | None = None  # params.grammar's state: the tokens accepted so far (grammar_bitmask.py)
     prompt_tokens: torch.Tensor | None = None  # the prompt's distinct token ids: repetition_penalty (logits_processors.py)
     finish_reason: str | None = None
     # Detokenizer state (see detokenizer.py).
