@@ -88,6 +88,6 @@ class GrammarCompiler:
                 compiled = compiler.compile_grammar(choice_grammar(json.loads(spec.value)))
             else:
                 compiled = compiler.compile_grammar(spec.value)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's native checks raise RuntimeError
             raise ValueError(_NATIVE_PREFIX.sub("", str(exc)).strip()) from exc
         return Grammar(spec, compiled)

@@ -2,12 +2,14 @@
 
     pending = GrammarBitmask.fill(seqs_to_sample, vocab_size, pool)   # None when no row has a grammar
     ... the forward pass ...
-    logits = pending.apply(logits, seqs)                              # [B, V]: a copy, constrained rows masked
+    raw = pending.apply(logits, seqs)   # constrained rows masked in place; their raw logits kept
+    ... the choice of tokens ...
+    pending.restore(logits, raw)        # for the logprobs, which are the model's own
 
 A row's mask depends only on the tokens its matcher has accepted, all known before the forward pass,
 so the masks are filled on a worker thread during it (xgrammar's fill is ~5 us a row for 49152 ids)
-and the sampler waits only if that worker is still busy. Unconstrained rows are neither copied
-into nor out of the bitmask: xgrammar's CPU kernel masks only the listed rows, in place.
+and the sampler waits only if that worker is still busy. Only the constrained rows are copied and
+masked (xgrammar's CPU kernel masks the listed rows in place): the other rows of the batch cost nothing.
 """
 
 from __future__ import annotations
@@ -41,16 +43,24 @@ class GrammarBitmask:
 
         return cls(constrained, bitmask, pool.submit(fill_all))
 
-    def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """logits [B, V] of `seqs` (some may have been dropped since fill, e.g. non-finite rows) -> a copy
-        where each constrained row allows only its grammar's tokens."""
+    def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor]:
+        """Mask logits [B, V] of `seqs` in place (some may have been dropped since fill, e.g. non-finite rows):
+        each constrained row allows only its grammar's tokens. Returns those rows and their logits before [R, V]."""
         self.filled.result()
         at = [(b, self.rows[seq]) for b, seq in enumerate(seqs) if seq in self.rows]
-        logits = logits.clone()
-        if not at:
-            return logits
-        # The kernel pairs logits row i with bitmask row i: lay the filled rows out at their batch rows.
-        full = torch.zeros((logits.shape[0], self.bitmask.shape[1]), dtype=self.bitmask.dtype)
-        full[[b for b, _ in at]] = self.bitmask[[r for _, r in at]]
-        xgr.apply_token_bitmask_inplace(logits, full.to(logits.device), indices=[b for b, _ in at])
-        return logits
+        rows = [b for b, _ in at]
+        raw = logits[rows]  # a copy (advanced indexing)
+        if rows:
+            # The kernel pairs logits row i with bitmask row i: lay the filled rows out at their batch rows.
+            full = torch.zeros((logits.shape[0], self.bitmask.shape[1]), dtype=self.bitmask.dtype)
+            full[rows] = self.bitmask[[r for _, r in at]]
+            with torch.inference_mode():  # the model's logits are an inference tensor
+                xgr.apply_token_bitmask_inplace(logits, full.to(logits.device), indices=rows)
+        return rows, raw
+
+    @staticmethod
+    def restore(logits: torch.Tensor, masked: tuple[list[int], torch.Tensor]) -> None:
+        """Put back the raw logits of the rows apply() masked."""
+        rows, raw = masked
+        with torch.inference_mode():
+            logits[rows] = raw

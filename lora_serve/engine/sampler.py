@@ -1,7 +1,7 @@
 """Next-token choice for a batch whose rows each have their own sampling parameters.
 
 A row with a grammar (structured outputs) first has the tokens it forbids masked to -inf
-(grammar_bitmask.py); a batch without one is not copied for it. The request's logit_bias,
+(grammar_bitmask.py, in place; only those rows are copied, to be restored for the logprobs). The request's logit_bias,
 min_tokens and penalties apply next, to greedy and sampled rows alike (logits_processors.py).
 Greedy rows then take the argmax. Sampled rows are divided by their temperature (those with min_p
 together, filtered by it as one batch), then filtered by top-k and top-p, and draw with the
@@ -66,13 +66,15 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], rows: list[int], tokens: l
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Set[int] = frozenset(), grammar: GrammarBitmask | None = None
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    # logits: [B, V] float32. grammar: the masks of the rows with one (None: no row has one, nothing is copied).
-    allowed = logits if grammar is None else grammar.apply(logits, seqs)
-    adjusted = adjust_logits(allowed, seqs, eos_token_ids)
+    # logits: [B, V] float32. grammar: the masks of the rows with one (None: no row has one).
+    masked = grammar.apply(logits, seqs) if grammar is not None else None
+    adjusted = adjust_logits(logits, seqs, eos_token_ids)
     tokens = adjusted.argmax(-1).tolist()
     drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if drawn:
         _draw(adjusted, seqs, drawn, tokens)
+    if grammar is not None and masked is not None:
+        grammar.restore(logits, masked)  # the logprobs are the model's own, before the mask
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs]
     if wanted:
