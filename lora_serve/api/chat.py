@@ -26,7 +26,7 @@ from lora_serve.api.protocol import (
     UsageInfo,
 )
 from lora_serve.api.state import ServerState, get_state
-from lora_serve.api.tool_calls import assistant_reply, reply_delta
+from lora_serve.api.tool_calls import ReplyStream, assistant_reply
 from lora_serve.api.tool_prompt import builtin_rendering, renders_tools, tool_specs
 from lora_serve.api.tools import FunctionDefinition, ToolMode
 from lora_serve.engine.grammar import GrammarSpec
@@ -69,13 +69,14 @@ def chat_prompt_ids(
 class ChatExchange(Exchange[ChatCompletionResponse]):
     req: ChatCompletionRequest
 
-    def __init__(self, state: ServerState, req: ChatCompletionRequest):
-        super().__init__(state, req)
-        self.held: list[RequestOutput] = []  # streamed with tools: the deltas, until the reply can be parsed
-
     @cached_property
     def tool_mode(self) -> ToolMode:
         return self.req.tool_mode()
+
+    @cached_property
+    def reply_stream(self) -> ReplyStream:
+        """Streamed with tools: what of the reply may be sent yet (tool_calls.py)."""
+        return ReplyStream(self.tool_mode)
 
     def grammar_spec(self) -> tuple[GrammarSpec, str] | None:
         """A forced tool_choice constrains the output to its calls (tools.py), so nothing else may constrain it."""
@@ -123,16 +124,12 @@ class ChatExchange(Exchange[ChatCompletionResponse]):
 
     def delta_chunk(self, out: RequestOutput) -> ChatCompletionChunk | None:
         if self.tool_mode.kind == "none":
-            delta, finish_reason = ChatDelta(content=out.new_text), out.finish_reason
-            logprobs = self._logprobs(out.new_logprobs)
-        elif not out.finished:
-            self.held.append(out)
-            return None
+            delta, finish_reason, token_logprobs = ChatDelta(content=out.new_text), out.finish_reason, out.new_logprobs
+        elif (sent := self.reply_stream.push(out)) is not None:
+            delta, finish_reason, token_logprobs = sent
         else:
-            held, self.held = [*self.held, out], []
-            text = "".join(o.new_text for o in held)
-            message, finish_reason = assistant_reply(text, out.finish_reason, self.tool_mode)
-            delta, logprobs = reply_delta(message), self._logprobs([lp for o in held for lp in o.new_logprobs])
+            return None
+        logprobs = self._logprobs(token_logprobs)
         return self.make_chunk([ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
 
 

@@ -10,8 +10,12 @@
   if any, is the content. No valid block: the text is the content.
 A reply with calls has `content` null unless text surrounds them, and `finish_reason` "tool_calls"
 (when the generation stopped on its own). A forced reply cut short by max_tokens is not valid JSON:
-it comes back as text, with finish_reason "length". A streamed reply with tools is held until the
-generation ends, then sent as one delta (reply_delta) that the OpenAI client and LangChain accumulate.
+it comes back as text, with finish_reason "length".
+
+Streamed (ReplyStream): a forced reply is held until the generation ends; an auto reply streams its text
+as content until a `<tool_call>` may begin (the characters that could start one wait), and holds the rest.
+At the end what was held goes out as one delta, its calls whole (reply_delta), which the OpenAI
+client and LangChain accumulate as they do OpenAI's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from typing import Any
 
 from lora_serve.api.protocol import AssistantMessage, ChatDelta
 from lora_serve.api.tools import FunctionCall, ToolCall, ToolCallDelta, ToolMode
+from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 
+TOOL_CALL_TAG = "<tool_call>"
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
@@ -85,3 +91,42 @@ def reply_delta(message: AssistantMessage) -> ChatDelta:
     """A held reply as one stream delta: its content and every call, each whole."""
     calls = [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(message.tool_calls or ())]
     return ChatDelta(content=message.content, tool_calls=calls or None)
+
+
+def _partial_tag(text: str) -> int:
+    """How many characters at the end of text could begin TOOL_CALL_TAG."""
+    return next((k for k in range(min(len(TOOL_CALL_TAG) - 1, len(text)), 0, -1) if text.endswith(TOOL_CALL_TAG[:k])), 0)
+
+
+class ReplyStream:
+    """One streamed reply with tools (module docstring): the engine's deltas in, what to send out."""
+
+    def __init__(self, mode: ToolMode):
+        self.mode = mode
+        self.text = ""
+        self.num_sent = 0  # characters of text sent as content
+        self.holding = mode.forced  # from here on, everything waits for the end
+        self.held_logprobs: list[TokenLogprob] = []
+
+    def push(self, out: RequestOutput) -> tuple[ChatDelta, str | None, list[TokenLogprob]] | None:
+        """(the delta to send, its finish_reason, the logprobs of its tokens); None: nothing to send yet."""
+        self.text += out.new_text
+        if out.finished:
+            return self._finish(out)
+        if not self.holding and (tag := self.text.find(TOOL_CALL_TAG, self.num_sent)) >= 0:
+            self.holding = True
+            return self._send(tag, out.new_logprobs)
+        if self.holding:
+            self.held_logprobs += out.new_logprobs
+            return None
+        return self._send(len(self.text) - _partial_tag(self.text), out.new_logprobs)
+
+    def _send(self, end: int, logprobs: list[TokenLogprob]) -> tuple[ChatDelta, str | None, list[TokenLogprob]] | None:
+        content, self.num_sent = self.text[self.num_sent : end], end
+        return (ChatDelta(content=content), None, logprobs) if content or logprobs else None
+
+    def _finish(self, out: RequestOutput) -> tuple[ChatDelta, str | None, list[TokenLogprob]]:
+        rest = self.text[self.num_sent :]
+        message, finish_reason = assistant_reply(rest, out.finish_reason, self.mode)
+        logprobs = [*self.held_logprobs, *out.new_logprobs]
+        return reply_delta(message), finish_reason, logprobs

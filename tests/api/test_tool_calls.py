@@ -11,8 +11,9 @@ import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
-from lora_serve.api.tool_calls import assistant_reply
+from lora_serve.api.tool_calls import ReplyStream, assistant_reply
 from lora_serve.api.tools import FunctionDefinition, ToolMode
+from lora_serve.engine.outputs import RequestOutput
 from tests.api.conftest import EMBEDDED_ADAPTER
 from tests.api.live_server import LiveServer
 
@@ -130,3 +131,28 @@ def test_auto_replies_are_parsed_for_tool_call_blocks(text: str, content: str | 
     assert message.content == content
     assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or ()] == calls
     assert finish_reason == ("tool_calls" if calls else "stop")
+
+
+def test_auto_streams_text_until_a_call_may_begin() -> None:
+    pieces = ["Let me ", "check <", "tool", '_call>{"name": "get_time", ', '"arguments": {"timezone": "CET"}}</tool_call>', ""]
+    stream = ReplyStream(AUTO)
+    sent = []
+    for i, piece in enumerate(pieces):
+        out = RequestOutput("r", [i], piece, [], 5, i + 1, finish_reason="stop" if i == len(pieces) - 1 else None)
+        sent.append(stream.push(out))
+    deltas = [s for s in sent if s is not None]
+    assert "".join(d.content or "" for d, _, _ in deltas) == "Let me check "  # "<" waits: it could begin a call
+    delta, finish_reason, _ = deltas[-1]
+    assert finish_reason == "tool_calls" and [c.index for c in delta.tool_calls] == [0]
+    assert (delta.tool_calls[0].function.name, json.loads(delta.tool_calls[0].function.arguments)) == ("get_time", {"timezone": "CET"})
+
+
+def test_auto_without_calls_streams_what_it_would_return_whole(embedded_server: LiveServer) -> None:
+    client = embedded_server.client()
+    ask = {"model": EMBEDDED_ADAPTER, "messages": ASK, "tools": TOOLS, "max_tokens": 24, "temperature": 0}
+    whole = client.chat.completions.create(**ask).choices[0]
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert len(chunks) > 3  # streamed as it comes, not held to the end
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.message.tool_calls is None and streamed == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
