@@ -1,6 +1,9 @@
-"""POST /v1/chat/completions: the tokenizer's chat template turns messages into a prompt."""
+"""POST /v1/chat/completions: the tokenizer's chat template turns messages (and tools) into a prompt."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -12,7 +15,6 @@ from lora_serve.api.exchange import Completion, Exchange, RequestFields
 from lora_serve.api.generation import respond
 from lora_serve.api.logprobs import chat_logprobs
 from lora_serve.api.protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -24,6 +26,10 @@ from lora_serve.api.protocol import (
     UsageInfo,
 )
 from lora_serve.api.state import ServerState, get_state
+from lora_serve.api.tool_calls import ReplyStream, assistant_reply
+from lora_serve.api.tool_prompt import builtin_rendering, renders_tools, tool_specs
+from lora_serve.api.tools import FunctionDefinition, ToolMode
+from lora_serve.engine.grammar import GrammarSpec
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 
 router = APIRouter()
@@ -35,16 +41,25 @@ def chat_prompt_ids(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     add_special_tokens: bool = False,
+    tools: Sequence[FunctionDefinition] = (),
 ) -> list[int]:
-    """The prompt the model reads for `messages`: the tokenizer's chat template, then its text encoded
-    (by default without special tokens: the rendered template already holds BOS where the model wants it).
-    Blocking. The generation routes use the defaults; /tokenize may ask for others (tokenize.py)."""
+    """The prompt the model reads for `messages` and `tools`: the tokenizer's chat template (tools, tool calls
+    and results as tool_prompt.py renders them), then its text encoded (by default without special tokens:
+    the rendered template already holds BOS where the model wants it). Blocking. The generation routes use
+    the defaults; /tokenize may ask for others (tokenize.py)."""
+    template_messages = [m.for_template() for m in messages]
+    extra = {}
+    if not renders_tools(tokenizer):
+        template_messages = builtin_rendering(template_messages, tools)
+    elif tools:
+        extra["tools"] = tool_specs(tools)
     try:
         text = tokenizer.apply_chat_template(
-            [m.for_template() for m in messages],
+            template_messages,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tokenize=False,
+            **extra,
         )
     except (TemplateError, ValueError) as exc:  # e.g. templates that demand alternating user/assistant turns
         raise invalid_param("messages", f"the model's chat template rejected the messages: {exc}") from exc
@@ -53,6 +68,24 @@ def chat_prompt_ids(
 
 class ChatExchange(Exchange[ChatCompletionResponse]):
     req: ChatCompletionRequest
+
+    @cached_property
+    def tool_mode(self) -> ToolMode:
+        return self.req.tool_mode()
+
+    @cached_property
+    def reply_streams(self) -> dict[int, ReplyStream]:
+        """Streamed with tools: what of each choice's reply may be sent yet (tool_calls.py), by choice index."""
+        return {c.index: ReplyStream(self.tool_mode) for c in self.prep.choices}
+
+    def grammar_spec(self) -> tuple[GrammarSpec, str] | None:
+        """A forced tool_choice constrains the output to its calls (tools.py), so nothing else may constrain it."""
+        free, forced = super().grammar_spec(), self.tool_mode.grammar_spec()
+        if forced is None:
+            return free
+        if free is not None:
+            raise invalid_param(free[1], f"tool_choice {self.tool_mode.kind} constrains the output, so {free[1]} cannot")
+        return forced, "tools"
 
     def fields(self) -> RequestFields:
         max_tokens, max_tokens_param = self.req.max_tokens_param
@@ -69,7 +102,8 @@ class ChatExchange(Exchange[ChatCompletionResponse]):
         return sum(m.num_chars for m in self.req.messages), len(self.req.messages)
 
     def prompts_token_ids(self) -> list[list[int]]:
-        return [chat_prompt_ids(self.state.engine.tokenizer, self.req.messages)]
+        tools = self.tool_mode.tools if self.tool_mode.kind != "none" else ()
+        return [chat_prompt_ids(self.state.engine.tokenizer, self.req.messages, tools=tools)]
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.req.logprobs:
@@ -77,8 +111,8 @@ class ChatExchange(Exchange[ChatCompletionResponse]):
         return chat_logprobs(self.state.token_text, logprobs, self.req.top_logprobs or 0)
 
     def choice(self, index: int, done: Completion) -> ChatChoice:
-        message = AssistantMessage(content=done.text)
-        return ChatChoice(index=index, message=message, logprobs=self._logprobs(done.logprobs), finish_reason=done.finish_reason)
+        message, finish_reason = assistant_reply(done.text, done.finish_reason, self.tool_mode)
+        return ChatChoice(index=index, message=message, logprobs=self._logprobs(done.logprobs), finish_reason=finish_reason)
 
     def response(self, dones: list[Completion]) -> ChatCompletionResponse:
         response = super().response(dones)
@@ -96,10 +130,15 @@ class ChatExchange(Exchange[ChatCompletionResponse]):
         role = ChatDelta(role="assistant", content="")
         return [self.make_chunk([ChatChunkChoice(index=c.index, delta=role)]) for c in self.prep.choices]
 
-    def delta_chunk(self, index: int, out: RequestOutput) -> ChatCompletionChunk:
-        delta = ChatDelta(content=out.new_text)
-        logprobs = self._logprobs(out.new_logprobs)
-        return self.make_chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=out.finish_reason)])
+    def delta_chunk(self, index: int, out: RequestOutput) -> ChatCompletionChunk | None:
+        if self.tool_mode.kind == "none":
+            delta, finish_reason, token_logprobs = ChatDelta(content=out.new_text), out.finish_reason, out.new_logprobs
+        elif (sent := self.reply_streams[index].push(out)) is not None:
+            delta, finish_reason, token_logprobs = sent
+        else:
+            return None
+        logprobs = self._logprobs(token_logprobs)
+        return self.make_chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
 
 
 @router.post("/chat/completions", response_model=None)

@@ -34,6 +34,7 @@ from lora_serve.api.protocol import PromptLogprobs, SamplingRequest, UsageInfo
 from lora_serve.api.state import ServerState
 from lora_serve.api.tenants import OPEN, Principal
 from lora_serve.engine.async_engine import EngineRequest
+from lora_serve.engine.grammar import Grammar, GrammarSpec
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 from lora_serve.engine.sampling_params import SEED_MIN, SamplingParams
 
@@ -145,6 +146,18 @@ def check_before_tokenizing(
     return lora_name
 
 
+async def compile_grammar(state: ServerState, spec: GrammarSpec, param: str) -> Grammar:
+    """Compile on a worker thread, never the event loop's or the engine's (the compiler caches it);
+    a 400 naming `param` when it cannot compile."""
+    compiler = state.engine.grammar_compiler
+    if compiler is None:
+        raise invalid_param(param, "structured outputs need the model's tokenizer, which this engine has not loaded")
+    try:
+        return await asyncio.to_thread(compiler.compile, spec)
+    except ValueError as exc:
+        raise invalid_param(param, f"invalid {spec.kind.replace('_', ' ')}: {exc}") from exc
+
+
 def prepare(
     state: ServerState, req: SamplingRequest, fields: RequestFields, lora_name: str | None, prompts: list[list[int]]
 ) -> PreparedRequest:
@@ -235,15 +248,24 @@ class Exchange(ABC, Generic[R]):
     async def open(cls: type[E], state: ServerState, req: SamplingRequest, viewer: Principal = OPEN) -> E:
         """Sync the named adapter with --adapter-dir (another replica may have added, replaced or
         removed its folder; a stat, on a worker thread), check what needs no tokenizer, then template
-        and tokenize the prompts on a worker thread (never on the event loop) and check their tokens.
-        APIError if the request is bad."""
+        and tokenize the prompts on a worker thread (never on the event loop) and check their tokens, then
+        compile the output's grammar, if any, on a worker thread too. APIError if the request is bad."""
         await state.models.sync(req.model)
         exchange = cls(state, req)
         fields = exchange.fields()
         lora_name = check_before_tokenizing(state, req, viewer, fields, *exchange.prompt_size())
+        grammar = exchange.grammar_spec()
         prompts = await asyncio.to_thread(exchange.prompts_token_ids)
         exchange.prep = prepare(state, req, fields, lora_name, prompts)
+        if grammar is not None:
+            compiled = await compile_grammar(state, *grammar)  # once: each choice's sequence gets its own matcher
+            for choice in exchange.prep.choices:
+                choice.params.grammar = compiled
         return exchange
+
+    def grammar_spec(self) -> tuple[GrammarSpec, str] | None:
+        """What the output must match, and the param that asked (structured_outputs.py); None: free text."""
+        return self.req.grammar_spec()
 
     @abstractmethod
     def fields(self) -> RequestFields: ...
@@ -267,8 +289,8 @@ class Exchange(ABC, Generic[R]):
     def make_chunk(self, choices: list, usage: UsageInfo | None = None) -> BaseModel: ...
 
     @abstractmethod
-    def delta_chunk(self, index: int, out: RequestOutput) -> BaseModel:
-        """The stream chunk of one engine delta of choice `index`."""
+    def delta_chunk(self, index: int, out: RequestOutput) -> BaseModel | None:
+        """The stream chunk of one engine delta of choice `index` (None: nothing to send yet)."""
 
     def response(self, dones: list[Completion]) -> R:
         """The whole, non-streamed response; dones: each choice, in index order."""

@@ -1,13 +1,15 @@
 """The OpenAI request fields lora-serve does not act on, and what it does with each: nothing is silently ignored.
 
-The fields it honours are in protocol.py. Of the others, a field is either
+The fields it honours are in protocol.py, structured_outputs.py (response_format, vLLM's guided_*)
+and tools.py (tools, tool_choice, parallel_tool_calls). Of the others, a field is either
 - a no-op, accepted with any value of its type, when a self-hosted server has nothing it could do with
   it: `user`, `safety_identifier`, `metadata`, `store` (there is no platform to store completions on),
   `service_tier` (one tier), `prompt_cache_key`, `prompt_cache_retention`, `prompt_cache_options`
   (caching hints; the output is the same), `prediction` (a latency hint; OpenAI's output is the same
-  without it), `parallel_tool_calls` (no tools are ever called), `stream_options.include_obfuscation`;
+  without it), `stream_options.include_obfuscation`;
 - or refused with a 400 naming it, unless it asks for what the server does anyway (null, the empty
-  list, `"none"`, `{"type": "text"}`, `["text"]`): the REFUSED tables below.
+  list, `"none"`, `["text"]`): the REFUSED tables below. The deprecated `functions` and
+  `function_call` are refused in favour of `tools` and `tool_choice`.
 A field in neither list, nor in protocol.py, is refused as OpenAI refuses it: "Unrecognized request
 argument supplied: <name>" (errors.py).
 """
@@ -42,13 +44,10 @@ def _refusal(table: dict[str, tuple[Accepts, str]]) -> Any:
     return field_validator(*table)(classmethod(check))
 
 
-NO_TOOLS = "tool calling is not supported"
+DEPRECATED_FUNCTIONS = "the deprecated function calling fields are not supported; use tools and tool_choice"
 CHAT_REFUSED: dict[str, tuple[Accepts, str]] = {
-    "response_format": (lambda v: v == {"type": "text"}, 'structured output is not supported; only {"type": "text"}'),
-    "tools": (_empty, f"{NO_TOOLS}; tools must be empty"),
-    "functions": (_empty, f"{NO_TOOLS}; functions must be empty"),
-    "tool_choice": (lambda v: v == "none", f'{NO_TOOLS}; tool_choice may only be "none"'),
-    "function_call": (lambda v: v == "none", f'{NO_TOOLS}; function_call may only be "none"'),
+    "functions": (_empty, f"{DEPRECATED_FUNCTIONS}; functions must be empty"),
+    "function_call": (lambda v: v == "none", f'{DEPRECATED_FUNCTIONS}; function_call may only be "none"'),
     "audio": (_never, "audio output is not supported"),
     "modalities": (lambda v: v == ["text"], 'only text output is supported; modalities may only be ["text"]'),
     "reasoning_effort": (_never, "the model does not reason; reasoning_effort is not supported"),
@@ -57,8 +56,7 @@ CHAT_REFUSED: dict[str, tuple[Accepts, str]] = {
     "moderation": (_never, "moderation is not supported"),
 }
 MESSAGE_REFUSED: dict[str, tuple[Accepts, str]] = {
-    "tool_calls": (_empty, f"{NO_TOOLS}; an assistant message's tool_calls must be empty"),
-    "function_call": (_never, f"{NO_TOOLS}; an assistant message may not hold a function_call"),
+    "function_call": (_never, f"{DEPRECATED_FUNCTIONS}; an assistant message may not hold a function_call"),
     "refusal": (_never, "an assistant message's refusal is not supported; give its text as content"),
     "audio": (_never, "audio is not supported"),
     "annotations": (_empty, "an assistant message's annotations must be empty"),
@@ -80,12 +78,8 @@ class ChatFieldPolicy(BaseModel):
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
 
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
     functions: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     function_call: str | dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -100,7 +94,6 @@ class ChatFieldPolicy(BaseModel):
 class MessageFieldPolicy(BaseModel):
     """Fields of an assistant message as OpenAI returns it, accepted back only when empty (a replayed reply)."""
 
-    tool_calls: list[Any] | None = None
     function_call: dict[str, Any] | None = None
     refusal: str | None = None
     audio: dict[str, Any] | None = None

@@ -2,7 +2,7 @@
 
 Field-level checks live here so that pydantic names the offending param; the server's
 configurable limits (limits.py) and checks that need the tokenizer happen in exchange.py.
-The fields declared here are honoured; the OpenAI fields with nothing to act on are no-ops or
+The fields declared here, in structured_outputs.py and in tools.py are honoured; the OpenAI fields with nothing to act on are no-ops or
 refused (field_policy.py); any other field is refused with OpenAI's "Unrecognized request
 argument supplied" (errors.py).
 """
@@ -13,9 +13,13 @@ import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator, model_serializer
 
 from lora_serve.api.field_policy import ChatFieldPolicy, CompletionFieldPolicy, MessageFieldPolicy
+from lora_serve.api.protocol_base import RequestBody
+from lora_serve.api.structured_outputs import StructuredOutputFields
+from lora_serve.api.tool_prompt import call_arguments
+from lora_serve.api.tools import ToolCall, ToolCallDelta, ToolFields
 from lora_serve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_PENALTY, SEED_MAX, SEED_MIN
 
 # Pydantic builds a model per message and per content part (~10-30 us each), so a 4 MiB body of
@@ -23,20 +27,6 @@ from lora_serve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_PENALTY, SEED_
 MAX_MESSAGES = 2048  # OpenAI's own limit on `messages`
 MAX_CONTENT_PARTS = 2048  # text parts in all messages together
 TOKEN_ID = re.compile(r"0|[1-9][0-9]*")  # a logit_bias key: one spelling per token id
-
-
-class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
-        # Many clients send every field, unset ones as null ("temperature": null); OpenAI reads that as the default.
-        assert info.field_name is not None  # always set for a field validator
-        field = cls.model_fields[info.field_name]
-        if value is None and not field.is_required():
-            return field.get_default(call_default_factory=True)
-        return value
 
 
 class StreamOptions(RequestBody):
@@ -51,7 +41,7 @@ class StreamOptions(RequestBody):
     """No-op: OpenAI pads stream chunks against a side channel of its network; here there is none to pad."""
 
 
-class SamplingRequest(RequestBody):
+class SamplingRequest(StructuredOutputFields):
     """Fields shared by chat and completions requests."""
 
     model: str | None = None
@@ -158,24 +148,34 @@ class ChatMessage(RequestBody, MessageFieldPolicy):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    """A tool message: the id of the call it answers."""
+
+    tool_calls: list[ToolCall] | None = None
+    """An assistant message: the calls it made (rendered by tool_prompt.py)."""
 
     @property
     def num_chars(self) -> int:
         """Characters of text this message brings to the prompt, before the chat template."""
         content = self.content or ""
         text = len(content) if isinstance(content, str) else sum(len(part.text) for part in content)
-        return text + len(self.name or "") + len(self.tool_call_id or "")
+        calls = sum(len(c.function.name) + len(c.function.arguments) for c in self.tool_calls or ())
+        return text + len(self.name or "") + len(self.tool_call_id or "") + calls
 
     def for_template(self) -> dict:
         """The message as chat templates expect it: content as one string."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        message = {"role": self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": call_arguments(c)}}
+                for c in self.tool_calls
+            ]
         return message
 
 
@@ -197,7 +197,7 @@ class ChatMessages(RequestBody):
         return messages
 
 
-class ChatCompletionRequest(SamplingRequest, ChatMessages, ChatFieldPolicy):
+class ChatCompletionRequest(SamplingRequest, ChatMessages, ToolFields, ChatFieldPolicy):
     max_completion_tokens: int | None = Field(None, ge=1)
     """Newer name of max_tokens; wins when both are given."""
 
@@ -334,9 +334,21 @@ class _Response(BaseModel):
     usage: UsageInfo | None = None
 
 
-class AssistantMessage(BaseModel):
+class _WithoutAbsentCalls(BaseModel):
+    """Leaves `tool_calls` out of the JSON when there are none, as OpenAI does."""
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class AssistantMessage(_WithoutAbsentCalls):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -352,9 +364,10 @@ class ChatCompletionResponse(_Response):
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's, of the one prompt
 
 
-class ChatDelta(BaseModel):
+class ChatDelta(_WithoutAbsentCalls):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -34,6 +34,7 @@ from ..config import EngineConfig
 from ..lora.catalog import AdapterCatalog, AdapterLease
 from ..lora.registry import AdapterRecord
 from ..model.default_model import resolve_model_path
+from .grammar import GrammarCompiler
 from .intra_op import claim_intra_op_threads, run_on_own_thread
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
@@ -80,6 +81,11 @@ class AsyncEngine:
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler | None:
+        """Thread-safe and blocking: the API compiles a request's grammar with it on a worker thread."""
+        return self.engine.grammar_compiler
 
     @property
     def model_path(self):

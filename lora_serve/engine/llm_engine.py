@@ -6,6 +6,7 @@ import json
 import logging
 import random
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ from ..model.kernel_rows import ALL_BUCKETS, kernel_buckets
 from ..model.llama import LlamaModel
 from ..model.loader import load_model, torch_dtype
 from .detokenizer import Detokenizer
+from .grammar import GrammarCompiler
+from .grammar_bitmask import GrammarBitmask
 from .intra_op import default_num_threads
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
@@ -98,6 +101,10 @@ class LLMEngine:
             merged_identity=lambda: self.lora.merged.identity,
         )
         self.detokenizer = Detokenizer(tokenizer)
+        # Structured outputs: the API compiles a request's grammar with this (off the engine thread); the
+        # step fills the constrained rows' masks on a worker while the model runs (grammar_bitmask.py).
+        self.grammar_compiler = GrammarCompiler(tokenizer, self.arch.vocab_size, self.eos_token_ids) if tokenizer is not None else None
+        self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self._rng = random.Random(config.model.seed)
         self._seqs: dict[str, Sequence] = {}
         log.info(
@@ -163,6 +170,8 @@ class LLMEngine:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             gen = torch.Generator().manual_seed(seed)
             seq = Sequence(request_id, list(prompt_token_ids), params, gen, lease.name if lease else None, lease=lease)
+            if params.grammar is not None:
+                seq.matcher = params.grammar.matcher()
             self.scheduler.add(seq)
         except BaseException:
             if lease is not None:
@@ -217,13 +226,15 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if n == s.num_new_tokens]  # not mid-prefill
+        grammar = GrammarBitmask.fill(sampling, self.arch.vocab_size, self._grammar_pool)  # during the forward pass
         try:
             ready, logits = self.run_batch(batch)
         except BaseException:
             self.kv_cache.reset_prefix_cache()  # blocks cached in this step may hold partial K/V
             raise
         failed, ready, logits = self.fail_non_finite(ready, logits)
-        tokens, logprobs = sample(logits, ready, self.eos_token_ids)
+        tokens, logprobs = sample(logits, ready, self.eos_token_ids, grammar)
         outputs = failed + self.postprocess(ready, tokens, logprobs)
         if self.merge_policy is not None:
             self.apply_merge_policy(batch)
@@ -321,6 +332,12 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            # The sampler picks among the tokens the mask allows; this guards a row where it allowed none.
+            log.warning("request %s: token %d is outside its grammar; ending it", seq.request_id, token)
+            return "stop"
+        if seq.matcher is not None and seq.matcher.is_terminated():
+            return "stop"  # the grammar is complete and took EOS (even with ignore_eos or before min_tokens)
         may_stop = len(seq.output_token_ids) >= p.min_tokens  # the sampler masks EOS and stop_token_ids before
         if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
             return "stop"

@@ -30,7 +30,7 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Set
         p = seq.params
         if p.logit_bias:
             biased.append(i)
-        if len(seq.output_token_ids) < p.min_tokens:
+        if len(seq.output_token_ids) < p.min_tokens and seq.matcher is None:  # a grammar decides where it ends
             held.append(i)
         if p.has_penalties:
             penalised.append(i)

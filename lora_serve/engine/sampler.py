@@ -1,11 +1,13 @@
 """Next-token choice for a batch whose rows each have their own sampling parameters.
 
-The request's logit_bias, min_tokens and penalties apply first, to greedy and sampled rows alike
-(logits_processors.py). Greedy rows then take the argmax. Sampled rows are divided by their
-temperature (those with min_p together, filtered by it as one batch), then filtered by top-k and
-top-p, and draw with the sequence's own torch.Generator, so a seeded request gives the same
-tokens whatever else shares its batch. Logprobs come from the unmodified model distribution
-(log_softmax of the raw logits), as OpenAI and vLLM report them.
+A row with a grammar (structured outputs) first has the tokens it forbids masked to -inf
+(grammar_bitmask.py, in place; only those rows are copied, to be restored for the logprobs). The request's logit_bias,
+min_tokens and penalties apply next, to greedy and sampled rows alike (logits_processors.py).
+Greedy rows then take the argmax. Sampled rows are divided by their temperature (those with min_p
+together, filtered by it as one batch), then filtered by top-k and top-p, and draw with the
+sequence's own torch.Generator, so a seeded request gives the same tokens whatever else shares its
+batch. Logprobs come from the unmodified model distribution (log_softmax of the raw logits, before
+any mask), as OpenAI and vLLM report them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Set
 
 import torch
 
+from .grammar_bitmask import GrammarBitmask
 from .logits_processors import adjust_logits
 from .logprobs import token_logprobs
 from .outputs import TokenLogprob
@@ -62,14 +65,17 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], rows: list[int], tokens: l
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Set[int] = frozenset()
+    logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Set[int] = frozenset(), grammar: GrammarBitmask | None = None
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    # logits: [B, V] float32
+    # logits: [B, V] float32. grammar: the masks of the rows with one (None: no row has one).
+    masked = grammar.apply(logits, seqs) if grammar is not None else None
     adjusted = adjust_logits(logits, seqs, eos_token_ids)
     tokens = adjusted.argmax(-1).tolist()
     drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if drawn:
         _draw(adjusted, seqs, drawn, tokens)
+    if grammar is not None and masked is not None:
+        grammar.restore(logits, masked)  # the logprobs are the model's own, before the mask
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs]
     if wanted:

@@ -1,10 +1,14 @@
-"""What a request asks of generation: length, sampling, penalties, stops, logprobs."""
+"""What a request asks of generation: length, sampling, penalties, stops, logprobs, a grammar."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 # A seed is a 64-bit signed integer, as in OpenAI's API and vLLM; torch.Generator.manual_seed
 # takes [-2**63, 2**64) (a negative seed s seeds 2**64 + s), so every such seed is accepted.
@@ -41,6 +45,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """The logprob of every prompt token after the first, with this many top alternatives each (vLLM's
     name; None: none). Needs the logits of every prompt position, so no cached prefix may skip one."""
+    grammar: Grammar | None = None
+    """The output must match it (structured outputs): other tokens are masked out; once it is complete
+    only EOS is allowed, which ends the output even with ignore_eos or before min_tokens."""
 
     def __post_init__(self) -> None:
         # The API layer validates user input with param names first; these are the engine's own invariants.

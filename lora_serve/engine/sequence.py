@@ -12,6 +12,8 @@ from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import xgrammar as xgr
+
     from ..lora.catalog import AdapterLease
 
 
@@ -40,6 +42,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_prefix_cached_tokens: int | None = None
     num_bypassed: int = 0  # later arrivals admitted while it waited (bounded: see scheduler.py)
+    matcher: xgr.GrammarMatcher | None = None  # params.grammar's state: the tokens accepted so far (grammar_bitmask.py)
     prompt_tokens: torch.Tensor | None = None  # the prompt's distinct token ids: repetition_penalty (logits_processors.py)
     finish_reason: str | None = None
     # Detokenizer state (see detokenizer.py).

@@ -1,4 +1,5 @@
-"""A real AsyncEngine on the tiny random Llama (package scope) and a live server per test module."""
+"""A real AsyncEngine on the tiny random Llama (package scope) and a live server per test module; the
+embedded SmolLM2-135M-Instruct with a random adapter likewise, for what needs a model that answers."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from lora_serve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig
 from lora_serve.engine.async_engine import AsyncEngine
 from tests.api.adapter_helpers import make_tiny_adapters
 from tests.api.live_server import LiveServer, live_server
+from tests.lora.conftest import make_peft_adapters
 
 TINY_MAX_MODEL_LEN = 256  # small, so that context-length errors are cheap to provoke
+EMBEDDED_ADAPTER = "smol-r8"  # a random rank-8 adapter of the embedded model (embedded_engine)
 
 
 @pytest.fixture(scope="package")
@@ -36,4 +39,27 @@ def tiny_engine(tiny_llama_dir: Path) -> Iterator[AsyncEngine]:
 @pytest.fixture(scope="module")
 def server(tiny_engine: AsyncEngine) -> Iterator[LiveServer]:
     with live_server(tiny_engine, ServerConfig(served_model_name="tiny")) as live:
+        yield live
+
+
+@pytest.fixture(scope="package")
+def embedded_engine(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsyncEngine]:
+    """The embedded model, with EMBEDDED_ADAPTER registered (attention and MLP projections, PEFT's format)."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter_config = {"r": 8, "lora_alpha": 16, "target_modules": targets}
+    _, paths = make_peft_adapters(default_model_dir, tmp_path_factory.mktemp("smol"), {EMBEDDED_ADAPTER: adapter_config})
+    config = EngineConfig(
+        model=ModelConfig(model=str(default_model_dir)),
+        cache=CacheConfig(kv_cache_memory_gb=0.25),
+        scheduler=SchedulerConfig(max_model_len=1024),
+        lora=LoRAConfig(adapter_dir=tmp_path_factory.mktemp("smol-store"), lora_modules=[f"{EMBEDDED_ADAPTER}={paths[EMBEDDED_ADAPTER]}"]),
+    )
+    engine = AsyncEngine.from_config(config)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def embedded_server(embedded_engine: AsyncEngine) -> Iterator[LiveServer]:
+    with live_server(embedded_engine, ServerConfig()) as live:
         yield live

@@ -29,16 +29,17 @@ NO_OPS = {
         "prompt_cache_retention": "24h",
         "prompt_cache_options": {"mode": "implicit"},
         "prediction": {"type": "content", "content": "hello"},
-        "parallel_tool_calls": False,
     },
     COMPLETIONS: {"user": "u-1"},
 }
-# The default values of the refused fields, as clients may send them explicitly.
+# The default values of the refused fields, and of the honoured ones that constrain the output or add tools,
+# as clients may send them explicitly.
 DEFAULTS = {
     CHAT: {
         "response_format": {"type": "text"},
         "tools": [],
         "tool_choice": "none",
+        "parallel_tool_calls": False,
         "functions": [],
         "function_call": "none",
         "modalities": ["text"],
@@ -46,11 +47,6 @@ DEFAULTS = {
     COMPLETIONS: {"best_of": 1, "echo": False, "suffix": ""},
 }
 REFUSED = [
-    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
-    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    (CHAT, {"tools": [TOOL]}, "tools"),
-    (CHAT, {"tool_choice": "auto"}, "tool_choice"),
-    (CHAT, {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
     (CHAT, {"functions": [TOOL["function"]]}, "functions"),
     (CHAT, {"function_call": "auto"}, "function_call"),
     (CHAT, {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
@@ -59,7 +55,7 @@ REFUSED = [
     (CHAT, {"verbosity": "low"}, "verbosity"),
     (CHAT, {"web_search_options": {}}, "web_search_options"),
     (CHAT, {"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
-    (CHAT, {"messages": [*MESSAGES, {**ASSISTANT, "tool_calls": [{"id": "1", "type": "function"}]}]}, "messages[1].tool_calls"),
+    (CHAT, {"messages": [*MESSAGES, {**ASSISTANT, "function_call": {"name": "f", "arguments": "{}"}}]}, "messages[1].function_call"),
     (CHAT, {"messages": [*MESSAGES, {**ASSISTANT, "refusal": "no"}]}, "messages[1].refusal"),
     (COMPLETIONS, {"suffix": "end"}, "suffix"),
 ]
