@@ -70,6 +70,23 @@ def test_streamed_calls_accumulate_in_the_openai_client(embedded_server: LiveSer
     _check_calls(choice.message.tool_calls, ["get_weather"] if isinstance(tool_choice, dict) else SCHEMAS)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_of_n_choices_gets_its_own_calls(embedded_server: LiveServer, stream: bool) -> None:
+    """n > 1: one grammar for the request, a matcher (and, streamed, a reply state) per choice."""
+    kwargs = dict(model=EMBEDDED_ADAPTER, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                  max_tokens=MAX_TOKENS, temperature=0.8, seed=11, n=3)  # fmt: skip
+    client = embedded_server.client()
+    if not stream:
+        choices = client.chat.completions.create(**kwargs).choices
+    else:
+        with client.chat.completions.stream(**kwargs) as streamed:
+            choices = streamed.get_final_completion().choices
+    assert sorted(c.index for c in choices) == [0, 1, 2]
+    for choice in choices:
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        _check_calls(choice.message.tool_calls)
+
+
 def test_a_conversation_with_calls_and_results_is_rendered(embedded_server: LiveServer, default_model_dir) -> None:
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
     messages = [
