@@ -147,12 +147,13 @@ def sse(base_url: str, path: str, body: dict) -> list[str]:
 
 
 def comparable(value):
-    """A reply or event without its id and time; logprobs rounded (the replicas run torch on one
-    thread, so their sums add up in another order)."""
+    """A reply or event without its id and time, nor the prompt tokens each server's prefix cache held
+    (what it served before); logprobs rounded (the replicas run torch on one thread, so their sums add
+    up in another order)."""
     if isinstance(value, float):
         return round(value, 3)
     if isinstance(value, dict):
-        return {k: comparable(v) for k, v in value.items() if k not in ("id", "created")}
+        return {k: comparable(v) for k, v in value.items() if k not in ("id", "created", "prompt_tokens_details")}
     return [comparable(v) for v in value] if isinstance(value, list) else value
 
 
