@@ -14,15 +14,14 @@ from lora_serve.api.errors import invalid_param
 from lora_serve.api.exchange import Completion, Exchange, RequestFields
 from lora_serve.api.generation import respond
 from lora_serve.api.logprobs import chat_logprobs
-from lora_serve.api.protocol import (
+from lora_serve.api.protocol import ChatCompletionRequest, ChatMessage
+from lora_serve.api.responses import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
-    ChatMessage,
     UsageInfo,
 )
 from lora_serve.api.state import ServerState, get_state

@@ -19,7 +19,8 @@ from lora_serve.api.errors import invalid_param
 from lora_serve.api.exchange import Completion, Exchange, RequestFields
 from lora_serve.api.generation import respond
 from lora_serve.api.logprobs import completion_logprobs
-from lora_serve.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
+from lora_serve.api.protocol import CompletionRequest
+from lora_serve.api.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo
 from lora_serve.api.state import ServerState, get_state
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 

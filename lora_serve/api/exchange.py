@@ -30,7 +30,8 @@ from pydantic import BaseModel
 from lora_serve.api.errors import SERVER_ERROR, APIError, invalid_param
 from lora_serve.api.limits import check_limits, check_prompt_size, check_prompt_tokens
 from lora_serve.api.logprobs import prompt_logprobs
-from lora_serve.api.protocol import PromptLogprobs, SamplingRequest, UsageInfo
+from lora_serve.api.protocol import SamplingRequest
+from lora_serve.api.responses import PromptLogprobs, UsageInfo
 from lora_serve.api.state import ServerState
 from lora_serve.api.tenants import OPEN, Principal
 from lora_serve.engine.async_engine import EngineRequest

@@ -25,7 +25,7 @@ import re
 import uuid
 from typing import Any
 
-from lora_serve.api.protocol import AssistantMessage, ChatDelta
+from lora_serve.api.responses import AssistantMessage, ChatDelta
 from lora_serve.api.tools import FunctionCall, ToolCall, ToolCallDelta, ToolMode
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 

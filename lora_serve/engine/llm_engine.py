@@ -23,13 +23,13 @@ from ..model.cpu_kernels import cpu_kernels
 from ..model.kernel_rows import ALL_BUCKETS, kernel_buckets
 from ..model.llama import LlamaModel
 from ..model.loader import load_model, torch_dtype
-from .detokenizer import Detokenizer
 from .grammar import GrammarCompiler
 from .grammar_bitmask import GrammarBitmask
 from .intra_op import default_num_threads
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
-from .outputs import RequestOutput, TokenLogprob
+from .output_processor import OutputProcessor
+from .outputs import RequestOutput
 from .resolve import describe, resolve_config
 from .sampler import sample
 from .sampling_params import SamplingParams
@@ -100,7 +100,7 @@ class LLMEngine:
             long_prefill_token_threshold=sc.long_prefill_token_threshold,
             merged_identity=lambda: self.lora.merged.identity,
         )
-        self.detokenizer = Detokenizer(tokenizer)
+        self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
         # Structured outputs: the API compiles a request's grammar with this (off the engine thread); the
         # step fills the constrained rows' masks on a worker while the model runs (grammar_bitmask.py).
         self.grammar_compiler = GrammarCompiler(tokenizer, self.arch.vocab_size, self.eos_token_ids) if tokenizer is not None else None
@@ -185,7 +185,7 @@ class LLMEngine:
         if seq is None:
             return None
         self._finish(seq, "abort")
-        return self._delta(seq)
+        return self.output.delta(seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -201,7 +201,7 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         self._finish(seq, "error")
-        out = self._delta(seq)
+        out = self.output.delta(seq)
         out.error = message
         return out
 
@@ -321,51 +321,8 @@ class LLMEngine:
     def postprocess(self, seqs: list[Sequence], tokens: list[int], logprobs: list) -> list[RequestOutput]:
         outputs = []
         for seq, token, lp in zip(seqs, tokens, logprobs):
-            seq.output_token_ids.append(token)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            reason = self._finish_reason(seq, token)
+            reason = self.output.append(seq, token, lp)
             if reason is not None:
                 self._finish(seq, reason)
-            outputs.append(self._delta(seq))
+            outputs.append(self.output.delta(seq))
         return outputs
-
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if seq.matcher is not None and not seq.matcher.accept_token(token):
-            # The sampler picks among the tokens the mask allows; this guards a row where it allowed none.
-            log.warning("request %s: token %d is outside its grammar; ending it", seq.request_id, token)
-            return "stop"
-        if seq.matcher is not None and seq.matcher.is_terminated():
-            return "stop"  # the grammar is complete and took EOS (even with ignore_eos or before min_tokens)
-        may_stop = len(seq.output_token_ids) >= p.min_tokens  # the sampler masks EOS and stop_token_ids before
-        if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
-            return "stop"
-        if self.tokenizer is not None and self.detokenizer.append(seq):
-            return "stop"
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    def _delta(self, seq: Sequence) -> RequestOutput:
-        end = self.detokenizer.sendable_len(seq)
-        text = seq.output_text[seq.num_sent_chars : end]
-        new_ids = seq.output_token_ids[seq.num_sent_tokens :]
-        new_lps = seq.logprobs[seq.num_sent_tokens :] if seq.params.logprobs else []
-        seq.num_sent_chars = max(seq.num_sent_chars, end)
-        seq.num_sent_tokens = len(seq.output_token_ids)
-        prompt_lps: list[TokenLogprob | None] | None = None
-        if seq.params.prompt_logprobs is not None and seq.output_token_ids and not seq.prompt_logprobs_sent:
-            prompt_lps = [None, *seq.prompt_logprobs]  # all recorded: the prompt is prefilled before the first token
-            seq.prompt_logprobs_sent = True
-        return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=new_ids,
-            new_text=text,
-            new_logprobs=new_lps,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=len(seq.output_token_ids),
-            num_cached_tokens=seq.num_prefix_cached_tokens or 0,
-            finish_reason=seq.finish_reason,
-            prompt_logprobs=prompt_lps,
-        )
