@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import platform
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import CliApp, CliImplicitFlag, CliSubCommand, CliVariadicArg
 
+from lora_serve.bench.command_base import BenchBase
 from lora_serve.bench.serve_config import ClientConfig, WorkloadConfig
+from lora_serve.bench.structured import BenchStructured
 
 
-class _BenchBase(BaseModel):
-    model_config = ConfigDict(use_attribute_docstrings=True)
-
-    model: str | None = None
-    """Base model directory (default: the embedded SmolLM2-135M-Instruct)."""
-
-    seed: int = 0
-    """Seed for prompts and adapters."""
-
-    num_threads: int | None = None
-    """CPU threads for torch (default: torch's choice)."""
-
-    def _setup(self):
-        import torch
-
-        from lora_serve.model.default_model import resolve_model_path
-
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
-        path = resolve_model_path(self.model)
-        print(f"# model {path.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {_hardware()}")
-        return path
-
-
-class BenchThroughput(_BenchBase):
+class BenchThroughput(BenchBase):
     """Engine token throughput vs transformers' generate (one at a time, and one padded batch)."""
 
     concurrency: list[int] = [1, 8, 32]
@@ -45,11 +21,11 @@ class BenchThroughput(_BenchBase):
     def cli_cmd(self) -> None:
         from lora_serve.bench import throughput
 
-        rows = throughput.run(self._setup(), self.concurrency, self.seed)
+        rows = throughput.run(self.setup(), self.concurrency, self.seed)
         print(throughput.report(rows))
 
 
-class BenchLoRA(_BenchBase):
+class BenchLoRA(BenchBase):
     """Mixed-adapter batches vs the bare base, and vs HF PEFT's mixed batch (adapter_names)."""
 
     num_seqs: int = 32
@@ -83,7 +59,7 @@ class BenchLoRA(_BenchBase):
         from lora_serve.bench import mixed_lora
 
         result = mixed_lora.run(
-            self._setup(),
+            self.setup(),
             self.num_seqs,
             self.num_adapters,
             self.rank,
@@ -98,7 +74,7 @@ class BenchLoRA(_BenchBase):
         print(mixed_lora.report(result, self.num_adapters))
 
 
-class BenchPrefillStall(_BenchBase):
+class BenchPrefillStall(BenchBase):
     """What a long prompt arriving mid-stream does to the inter-token latency of the streams decoding, per prefill chunk size."""
 
     num_streams: int = Field(16, ge=1)
@@ -117,12 +93,12 @@ class BenchPrefillStall(_BenchBase):
         from lora_serve.bench import prefill_stall
 
         rows = prefill_stall.run(
-            self._setup(), self.num_streams, self.long_prompt_len, tuple(self.chunks), warm_steps=self.warm_steps, seed=self.seed
+            self.setup(), self.num_streams, self.long_prompt_len, tuple(self.chunks), warm_steps=self.warm_steps, seed=self.seed
         )
         print(prefill_stall.report(rows, self.long_prompt_len))
 
 
-class BenchPrefixCache(_BenchBase):
+class BenchPrefixCache(BenchBase):
     """Prefix caching cold vs warm: requests behind one long shared system prompt, on the base and on adapters."""
 
     system_len: int = Field(1024, ge=1)
@@ -150,13 +126,13 @@ class BenchPrefixCache(_BenchBase):
         from lora_serve.bench import prefix_cache
 
         rows = prefix_cache.run(
-            self._setup(), self.system_len, self.question_len, self.num_requests, self.num_adapters, self.rank,
+            self.setup(), self.system_len, self.question_len, self.num_requests, self.num_adapters, self.rank,
             self.max_tokens, self.repeats, self.seed,
         )  # fmt: skip
         print(prefix_cache.report(rows))
 
 
-class BenchEngine(_BenchBase):
+class BenchEngine(BenchBase):
     """Offline: prefill, decode and whole-run throughput vs the number of distinct adapters (base / merged / unmerged, interleaved)."""
 
     num_adapters_list: CliVariadicArg[list[int]] = [1, 8, 32, 128]
@@ -203,7 +179,7 @@ class BenchEngine(_BenchBase):
         from lora_serve.bench import engine_sweep
 
         rows = engine_sweep.sweep(
-            self._setup(), self.num_adapters_list, self.num_seqs, self.rank, tuple(self.targets), self.max_loras,
+            self.setup(), self.num_adapters_list, self.num_seqs, self.rank, tuple(self.targets), self.max_loras,
             self.prompt_len, self.decode_steps, self.repeats, self.peft, self.seed,
         )  # fmt: skip
         print(engine_sweep.report(rows))
@@ -331,7 +307,7 @@ class BenchWriteAdapters(BaseModel):
         print(f"# wrote {self.num_adapters} adapters of rank {self.rank} to {self.out}")
 
 
-class BenchMatmuls(_BenchBase):
+class BenchMatmuls(BenchBase):
     """The base's projections and LM head: torch's F.linear vs the CPU kernels, beside the bandwidth floor."""
 
     rows: CliVariadicArg[list[int]] = [1, 8, 32, 128, 256]
@@ -343,7 +319,7 @@ class BenchMatmuls(_BenchBase):
     def cli_cmd(self) -> None:
         from lora_serve.bench import matmuls
 
-        print(matmuls.report(matmuls.run(self._setup(), self.rows, self.repeats)))
+        print(matmuls.report(matmuls.run(self.setup(), self.rows, self.repeats)))
 
 
 class BenchCommand(BaseModel):
@@ -373,18 +349,11 @@ class BenchCommand(BaseModel):
     gpu_check: CliSubCommand[BenchGPUCheck]
     """The fused LoRA kernels and their throughput at Llama shapes (random weights; made for a CUDA machine)."""
 
+    structured: CliSubCommand[BenchStructured]
+    """Structured outputs: what constrained rows cost the free rows of their batch, over several adapters."""
+
     matmuls: CliSubCommand[BenchMatmuls]
     """A step's base matmuls: torch vs the CPU kernels, beside this machine's bandwidth floor."""
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
-
-
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"
