@@ -53,3 +53,9 @@ def test_flags():
 def test_bad_flags(args: list[str]):
     with pytest.raises((ValidationError, SystemExit)):
         _parse(args)
+
+
+def test_a_schema_that_ends_early_stops_the_run(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(constrained_batch, "schema", lambda i, min_chars: {"enum": [i]})  # one token, then EOS
+    with pytest.raises(RuntimeError, match="the batch shrank"):
+        constrained_batch.run(tiny_llama_dir, batch=2, constrained=1, num_adapters=0, rank=4, prompt_len=5, output_len=4, rounds=1)
