@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import platform
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import CliApp, CliImplicitFlag, CliSubCommand, CliVariadicArg
+from pydantic_settings import CliApp, CliSubCommand, CliVariadicArg
 
+from lora_serve.bench.command_base import BenchBase
+from lora_serve.bench.gpu_check_plan import BenchGPUCheck
 from lora_serve.bench.serve_config import ClientConfig, WorkloadConfig
+from lora_serve.bench.structured import BenchStructured
 
 
-class _BenchBase(BaseModel):
-    model_config = ConfigDict(use_attribute_docstrings=True)
-
-    model: str | None = None
-    """Base model directory (default: the embedded SmolLM2-135M-Instruct)."""
-
-    seed: int = 0
-    """Seed for prompts and adapters."""
-
-    num_threads: int | None = None
-    """CPU threads for torch (default: torch's choice)."""
-
-    def _setup(self):
-        import torch
-
-        from lora_serve.model.default_model import resolve_model_path
-
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
-        path = resolve_model_path(self.model)
-        print(f"# model {path.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {_hardware()}")
-        return path
-
-
-class BenchThroughput(_BenchBase):
+class BenchThroughput(BenchBase):
     """Engine token throughput vs transformers' generate (one at a time, and one padded batch)."""
 
     concurrency: list[int] = [1, 8, 32]
@@ -45,11 +22,11 @@ class BenchThroughput(_BenchBase):
     def cli_cmd(self) -> None:
         from lora_serve.bench import throughput
 
-        rows = throughput.run(self._setup(), self.concurrency, self.seed)
+        rows = throughput.run(self.setup(), self.concurrency, self.seed)
         print(throughput.report(rows))
 
 
-class BenchLoRA(_BenchBase):
+class BenchLoRA(BenchBase):
     """Mixed-adapter batches vs the bare base, and vs HF PEFT's mixed batch (adapter_names)."""
 
     num_seqs: int = 32
@@ -83,7 +60,7 @@ class BenchLoRA(_BenchBase):
         from lora_serve.bench import mixed_lora
 
         result = mixed_lora.run(
-            self._setup(),
+            self.setup(),
             self.num_seqs,
             self.num_adapters,
             self.rank,
@@ -98,7 +75,7 @@ class BenchLoRA(_BenchBase):
         print(mixed_lora.report(result, self.num_adapters))
 
 
-class BenchPrefillStall(_BenchBase):
+class BenchPrefillStall(BenchBase):
     """What a long prompt arriving mid-stream does to the inter-token latency of the streams decoding, per prefill chunk size."""
 
     num_streams: int = Field(16, ge=1)
@@ -117,12 +94,12 @@ class BenchPrefillStall(_BenchBase):
         from lora_serve.bench import prefill_stall
 
         rows = prefill_stall.run(
-            self._setup(), self.num_streams, self.long_prompt_len, tuple(self.chunks), warm_steps=self.warm_steps, seed=self.seed
+            self.setup(), self.num_streams, self.long_prompt_len, tuple(self.chunks), warm_steps=self.warm_steps, seed=self.seed
         )
         print(prefill_stall.report(rows, self.long_prompt_len))
 
 
-class BenchPrefixCache(_BenchBase):
+class BenchPrefixCache(BenchBase):
     """Prefix caching cold vs warm: requests behind one long shared system prompt, on the base and on adapters."""
 
     system_len: int = Field(1024, ge=1)
@@ -150,13 +127,13 @@ class BenchPrefixCache(_BenchBase):
         from lora_serve.bench import prefix_cache
 
         rows = prefix_cache.run(
-            self._setup(), self.system_len, self.question_len, self.num_requests, self.num_adapters, self.rank,
+            self.setup(), self.system_len, self.question_len, self.num_requests, self.num_adapters, self.rank,
             self.max_tokens, self.repeats, self.seed,
         )  # fmt: skip
         print(prefix_cache.report(rows))
 
 
-class BenchEngine(_BenchBase):
+class BenchEngine(BenchBase):
     """Offline: prefill, decode and whole-run throughput vs the number of distinct adapters (base / merged / unmerged, interleaved)."""
 
     num_adapters_list: CliVariadicArg[list[int]] = [1, 8, 32, 128]
@@ -203,76 +180,13 @@ class BenchEngine(_BenchBase):
         from lora_serve.bench import engine_sweep
 
         rows = engine_sweep.sweep(
-            self._setup(), self.num_adapters_list, self.num_seqs, self.rank, tuple(self.targets), self.max_loras,
+            self.setup(), self.num_adapters_list, self.num_seqs, self.rank, tuple(self.targets), self.max_loras,
             self.prompt_len, self.decode_steps, self.repeats, self.peft, self.seed,
         )  # fmt: skip
         print(engine_sweep.report(rows))
         if self.result_dir:
             for path in engine_sweep.write(rows, Path(self.result_dir), "engine-sweep"):
                 print(f"# wrote {path}")
-
-
-class BenchGPUCheck(BaseModel):
-    """Fused LoRA kernels vs the torch path, then throughput vs the base, on random Llama-3.2-1B / Llama-3-8B shapes."""
-
-    model_config = ConfigDict(use_attribute_docstrings=True)
-
-    tiny: CliImplicitFlag[bool] = False
-    """The 2-layer tiny shape and a small plan: this code on a CPU in seconds. Fields given explicitly still win."""
-
-    shapes: CliVariadicArg[list[str] | None] = None
-    """Model shapes (lora_serve/bench/llama_shapes.py), random weights. Default: llama-3.2-1b llama-3-8b."""
-
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    """auto: CUDA when available."""
-
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Base dtype. auto: bfloat16 on CUDA, float32 on CPU."""
-
-    lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Adapter weight dtype in the slots (serve's --lora-dtype). auto: the base dtype on CUDA, float32 on CPU."""
-
-    backend: Literal["auto", "torch", "triton"] = "auto"
-    """LoRA ops of the throughput runs (the kernel checks run every backend available)."""
-
-    num_seqs: int | None = Field(None, ge=1)
-    """Sequences per batch, at least the largest of --num-adapters-list. Default: 64."""
-
-    num_adapters_list: CliVariadicArg[list[int] | None] = None
-    """Distinct adapters in the mixed batches (one device slot each). Default: 8 32 64."""
-
-    rank: int = Field(16, ge=1)
-    """Adapter rank (all seven projections)."""
-
-    prompt_len: int | None = Field(None, ge=1)
-    """Prompt tokens per sequence (the prefill step runs num_seqs x prompt_len tokens). Default: 128."""
-
-    decode_steps: int | None = Field(None, ge=1)
-    """Decode steps timed after the prefill step. Default: 32."""
-
-    repeats: int | None = Field(None, ge=1)
-    """Rounds after the warm-up (medians reported). Default: 3."""
-
-    seed: int = 0
-    """Seed for weights, adapters and prompts."""
-
-    def plan(self) -> BenchGPUCheck:
-        """Every unset field filled from the full plan, or the tiny one with --tiny."""
-        full = dict(
-            shapes=["llama-3.2-1b", "llama-3-8b"], num_seqs=64, num_adapters_list=[8, 32, 64], prompt_len=128, decode_steps=32, repeats=3
-        )
-        tiny = dict(shapes=["tiny"], num_seqs=8, num_adapters_list=[2, 4], prompt_len=16, decode_steps=4, repeats=1)
-        defaults = tiny if self.tiny else full
-        plan = self.model_copy(update={k: v for k, v in defaults.items() if getattr(self, k) is None})
-        assert plan.num_seqs is not None and plan.num_adapters_list is not None  # filled from the defaults
-        if plan.num_seqs < max(plan.num_adapters_list):
-            raise ValueError(f"--num-seqs ({plan.num_seqs}) must be >= the largest of --num-adapters-list")
-        return plan
-
-    def cli_cmd(self) -> None:
-        from lora_serve.bench import gpu_check
-
-        gpu_check.run(self.plan())
 
 
 class BenchServe(WorkloadConfig, ClientConfig):
@@ -331,7 +245,7 @@ class BenchWriteAdapters(BaseModel):
         print(f"# wrote {self.num_adapters} adapters of rank {self.rank} to {self.out}")
 
 
-class BenchMatmuls(_BenchBase):
+class BenchMatmuls(BenchBase):
     """The base's projections and LM head: torch's F.linear vs the CPU kernels, beside the bandwidth floor."""
 
     rows: CliVariadicArg[list[int]] = [1, 8, 32, 128, 256]
@@ -343,7 +257,7 @@ class BenchMatmuls(_BenchBase):
     def cli_cmd(self) -> None:
         from lora_serve.bench import matmuls
 
-        print(matmuls.report(matmuls.run(self._setup(), self.rows, self.repeats)))
+        print(matmuls.report(matmuls.run(self.setup(), self.rows, self.repeats)))
 
 
 class BenchCommand(BaseModel):
@@ -373,18 +287,11 @@ class BenchCommand(BaseModel):
     gpu_check: CliSubCommand[BenchGPUCheck]
     """The fused LoRA kernels and their throughput at Llama shapes (random weights; made for a CUDA machine)."""
 
+    structured: CliSubCommand[BenchStructured]
+    """Structured outputs: what constrained rows cost the free rows of their batch, over several adapters."""
+
     matmuls: CliSubCommand[BenchMatmuls]
     """A step's base matmuls: torch vs the CPU kernels, beside this machine's bandwidth floor."""
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
-
-
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"

@@ -46,7 +46,7 @@ KERNEL_CHECK_MAX_RANK = 64
 
 
 def run(plan) -> None:
-    """plan: a BenchGPUCheck (commands.py). Prints markdown as it goes."""
+    """plan: a BenchGPUCheck (gpu_check_plan.py). Prints markdown as it goes."""
     device = resolve_device(plan.device)
     dtype = resolve_dtype(plan.dtype, device)
     slot_dtype = resolve_lora_dtype(plan.lora_dtype, device, dtype)
@@ -207,6 +207,6 @@ def _hardware(device: torch.device) -> str:
 if __name__ == "__main__":
     from pydantic_settings import CliApp
 
-    from .commands import BenchGPUCheck
+    from .gpu_check_plan import BenchGPUCheck
 
     CliApp.run(BenchGPUCheck)

@@ -6,7 +6,7 @@ import pytest
 from pydantic_settings import CliApp
 
 from lora_serve.bench import gpu_check
-from lora_serve.bench.commands import BenchGPUCheck
+from lora_serve.bench.gpu_check_plan import BenchGPUCheck
 from lora_serve.cli import LoraServe
 
 CONFIGURATIONS = ["base", "1 adapter merged", "1 adapter unmerged", "2 adapters", "4 adapters"]
