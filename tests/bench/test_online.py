@@ -148,5 +148,12 @@ def test_llama_cpp_mode_names_the_base_and_the_adapter_in_llama_cpps_field() -> 
     assert sorted(b["lora"][0]["id"] for b in sent) == sorted(names.index(str(spec.adapter)) for spec in trace)
     assert all(b["lora"] == [{"id": b["lora"][0]["id"], "scale": 1.0}] for b in sent)
     assert not any("lora" in b for b in base_sent)
+    # A usage without prompt_tokens_details (this stand-in's): no request is counted cold or warm.
+    assert (adapters["num_cold"], adapters["num_warm"], adapters["mean_cached_fraction"], adapters["median_ttft_cold_ms"]) == (
+        0,
+        0,
+        None,
+        None,
+    )
     with pytest.raises(ValueError, match="not in --llama-cpp-loras"):
         cfg.extra_body("unknown")
