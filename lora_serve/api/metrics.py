@@ -4,8 +4,10 @@ Two kinds of series, on a registry of the app's own (no process-wide state):
 - read from the engine at scrape time (`EngineCollector`): the series Kubernetes' Gateway
   API Inference Extension reads to route LoRA traffic, under vLLM's names
   (`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`,
-  `vllm:lora_requests_info`, `vllm:prefix_cache_queries`, `vllm:prefix_cache_hits`), and lora-serve's adapter cache state (residency per tier,
-  loads, evictions, load time, merges);
+  `vllm:lora_requests_info`, `vllm:prefix_cache_queries`, `vllm:prefix_cache_hits`), the same two
+  counters per adapter (`lora_serve_prefix_cache_queries`, `lora_serve_prefix_cache_hits`: their
+  ratio is an adapter's hit rate), and lora-serve's adapter cache state (residency per tier, loads,
+  evictions, load time, merges);
 - recorded per finished request (`RequestMetrics`): requests, tokens, time to first token
   and time per output token, each labelled with the adapter ("" for the base model).
 Once any key is configured, the route needs the metrics key or an admin key (auth.py): the
@@ -15,6 +17,7 @@ labels name every tenant's adapters.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -43,6 +46,7 @@ class EngineCollector:
         yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage, 1 means full.", value=kv.usage)
         yield CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", value=kv.num_prefix_queries)
         yield CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", value=kv.num_prefix_hits)
+        yield from prefix_cache_by_adapter(kv.prefix_counts_by_adapter)
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Adapters of running and waiting requests (value: the time of the scrape).",
@@ -73,6 +77,20 @@ class EngineCollector:
         for action in ("merge", "unmerge"):
             switches.add_metric([action], policy.decisions[action] if policy else 0)
         yield switches
+
+
+def prefix_cache_by_adapter(counts: dict[str, tuple[int, int]]) -> Iterator[CounterMetricFamily]:
+    """KVCache.prefix_counts_by_adapter as two counters labelled with the adapter ("" for the base),
+    counted at admission as vLLM's totals are; an adapter's hit rate is the ratio of their rates."""
+    queries = CounterMetricFamily(
+        "lora_serve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache, per adapter.", labels=["adapter"]
+    )
+    hits = CounterMetricFamily("lora_serve_prefix_cache_hits", "Prompt tokens found in the prefix cache, per adapter.", labels=["adapter"])
+    for name, (num_queries, num_hits) in list(counts.items()):  # one C-level copy: the engine thread adds names
+        queries.add_metric([name], num_queries)
+        hits.add_metric([name], num_hits)
+    yield queries
+    yield hits
 
 
 class RequestMetrics:

@@ -5,6 +5,10 @@
     itl   every gap between consecutive streamed chunks, over all requests
     e2el  last byte - request sent
 Percentiles are numpy's (linear interpolation); times in the JSON are ms.
+
+Prefix caching: requests whose usage reports cached_tokens 0 are cold, those with more are warm;
+their TTFTs are summarised apart (`*_ttft_cold_ms`, `*_ttft_warm_ms`), with the mean fraction of
+prompt tokens found cached. A server that does not report cached_tokens gets none of these (None).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class RequestRecord:
     e2el_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0  # the server's usage count
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens (None: not reported)
     error: str | None = None
 
     @property
@@ -76,5 +81,18 @@ def aggregate(records: list[RequestRecord], duration_s: float, slos_ms: dict[str
     out.update(_stats("tpot", [t for r in done if (t := r.tpot_s) is not None]))
     out.update(_stats("itl", [g for r in done for g in r.itl_s]))
     out.update(_stats("e2el", [r.e2el_s for r in done]))
+    out.update(_cold_and_warm(done))
     out["errors"] = sorted({r.error for r in records if r.error})[:10]
+    return out
+
+
+def _cold_and_warm(done: list[RequestRecord]) -> dict[str, Any]:
+    """TTFT of the requests that found nothing cached and of those that found some, and the mean cached fraction."""
+    reported = [r for r in done if r.cached_tokens is not None]
+    cold = [r.ttft_s for r in reported if r.cached_tokens == 0]
+    warm = [r.ttft_s for r in reported if r.cached_tokens]
+    out: dict[str, Any] = {"num_cold": len(cold), "num_warm": len(warm)}
+    out["mean_cached_fraction"] = float(np.mean([(r.cached_tokens or 0) / max(r.input_len, 1) for r in reported])) if reported else None
+    for name, values in (("ttft_cold", cold), ("ttft_warm", warm)):
+        out.update({k: (v if values else None) for k, v in _stats(name, values).items()})
     return out

@@ -59,6 +59,7 @@ async def send_one(client: httpx.AsyncClient, spec: RequestSpec, model: str, tim
                 if chunk.get("usage"):
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
                     rec.input_len = chunk["usage"]["prompt_tokens"]
+                    rec.cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
         rec.e2el_s = time.perf_counter() - rec.start_s
         if rec.error is None and rec.output_tokens != spec.output_len:
             rec.error = f"{rec.output_tokens} output tokens, {spec.output_len} requested"
@@ -141,6 +142,7 @@ async def _measure(
     summary = aggregate(records, wall, cfg.slos())
     summary.update(label=cfg.label, target=target, round=round_, request_rate=rate, burstiness=1 / workload.cv**2,
                    max_concurrency=workload.concurrency, num_prompts=len(trace), num_adapters=len(workload.adapter_names()),
-                   popularity=workload.popularity, alpha=workload.alpha, base_model=base)  # fmt: skip
+                   popularity=workload.popularity, alpha=workload.alpha, shared_prefix_len=workload.shared_prefix_len,
+                   base_model=base)  # fmt: skip
     summary["records"] = [r.__dict__ for r in records]
     return summary

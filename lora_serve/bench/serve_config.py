@@ -57,6 +57,11 @@ class WorkloadConfig(BaseModel):
     output_len: CliVariadicArg[list[int]] = Field([64])
     """Output tokens, exact (EOS ignored): one value or two (uniform in [lo, hi])."""
 
+    shared_prefix_len: int = Field(0, ge=0)
+    """Tokens (words with --prompt-format text) of a system prompt that every request of an adapter (or of
+    the base) starts with before its own --input-len: one per adapter, seeded, distinct across adapters.
+    The report then splits TTFT into cold requests (no prompt token cached) and warm ones."""
+
     prompt_format: Literal["token-ids", "text"] = "token-ids"
     """token-ids: random ids sent as a list of ints (exact lengths); text: random words (lengths approximate)."""
 

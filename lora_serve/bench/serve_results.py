@@ -34,6 +34,8 @@ def report(results: list[dict]) -> str:
             f"{r['median_itl_ms']:.1f}/{r['p99_itl_ms']:.1f}", "-" if good is None else f"{good:.2f}",
         ])  # fmt: skip
     text = markdown_table(header, rows)
+    if any(r.get("shared_prefix_len") for r in results):
+        text += "\n\n" + cold_and_warm(results)
     for ratio in base_ratios(results):
         lo, hi = ratio["total_token_throughput_range"]
         text += (f"\n\nrate={ratio['request_rate']:g}: adapters / base, same trace, median of {ratio['rounds']} paired rounds: "
@@ -45,6 +47,21 @@ def report(results: list[dict]) -> str:
     if errors:
         text += "\n\nerrors: " + "; ".join(errors[:5])
     return text
+
+
+def cold_and_warm(results: list[dict]) -> str:
+    """--shared-prefix-len runs: TTFT of the requests that found no prompt token cached and of those that did."""
+
+    def ms(r: dict, kind: str) -> str:
+        return "-" if r[f"median_ttft_{kind}_ms"] is None else f"{r[f'median_ttft_{kind}_ms']:.0f}/{r[f'p99_ttft_{kind}_ms']:.0f}"
+
+    header = ["run", "cold reqs", "cold TTFT ms med/p99", "warm reqs", "warm TTFT ms med/p99", "mean cached fraction"]
+    rows = [
+        [plots.run_name(r), str(r["num_cold"]), ms(r, "cold"), str(r["num_warm"]), ms(r, "warm"),
+         "-" if r["mean_cached_fraction"] is None else f"{r['mean_cached_fraction']:.3f}"]
+        for r in results
+    ]  # fmt: skip
+    return markdown_table(header, rows)
 
 
 SLO_FACTOR = 2.0  # goodput_vs_base's SLO: TTFT and TPOT each at most this many times the base's median

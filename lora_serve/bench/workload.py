@@ -4,7 +4,10 @@
 
 Adapters, arrival gaps, lengths and prompts each come from their own Generator spawned
 from the seed: the same seed gives the identical trace, a prefix of a longer trace equals
-the shorter one, and a different --request-rate changes only the arrival times.
+the shorter one, and a different --request-rate changes only the arrival times. With
+--shared-prefix-len, every request of an adapter starts with that adapter's system prompt, drawn from
+a Generator of its own seeded with (seed, adapter rank + 1; the base: 0): the same in every trace of
+the seed, whatever the rate or the number of requests, and distinct across adapters.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class RequestSpec:
     arrival_s: float  # since the start of the run (0 for every request when the rate is inf)
     adapter: str | None  # None: the base model (no adapters given)
     prompt: list[int] | str
-    input_len: int  # tokens for token-id prompts, words for text prompts
+    input_len: int  # tokens for token-id prompts, words for text prompts; the shared prefix included
     output_len: int  # exact (EOS ignored)
 
 
@@ -57,12 +60,25 @@ def _length(bounds: list[int], rng: np.random.Generator) -> int:
     return int(bounds[0]) if len(bounds) == 1 else int(rng.integers(bounds[0], bounds[1] + 1))
 
 
+def _random_prompt(config: WorkloadConfig, n: int, vocab_size: int, rng: np.random.Generator) -> list[int] | str:
+    if config.prompt_format == "token-ids":
+        return rng.integers(FIRST_PLAIN_ID, vocab_size, n).tolist()
+    return " ".join(WORDS[j] for j in rng.integers(0, len(WORDS), n))
+
+
+def shared_prefix(config: WorkloadConfig, rank: int | None, vocab_size: int) -> list[int] | str:
+    """The --shared-prefix-len system prompt of the adapter at popularity `rank` (None: the base)."""
+    rng = np.random.default_rng([config.seed, 0 if rank is None else rank + 1])
+    return _random_prompt(config, config.shared_prefix_len, vocab_size, rng)
+
+
 def make_trace(config: WorkloadConfig, vocab_size: int, rate: float | None = None) -> Iterator[RequestSpec]:
     """Requests in arrival order: num_requests of them, fewer if --duration cuts the arrivals off.
     rate: one of config.request_rate (default: the first)."""
     rate = config.request_rate[0] if rate is None else rate
     adapter_rng, arrival_rng, length_rng, prompt_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4))
     names = config.adapter_names()
+    prefixes: dict[int | None, list[int] | str] = {}
     clock = 0.0
     for i in range(config.num_requests):
         rank = int(adapter_ranks(config.popularity, len(names), 1, adapter_rng, config.alpha, config.zipf_s)[0]) if names else None
@@ -70,8 +86,11 @@ def make_trace(config: WorkloadConfig, vocab_size: int, rate: float | None = Non
         if config.duration is not None and clock > config.duration:
             return
         n_in, n_out = _length(config.input_len, length_rng), _length(config.output_len, length_rng)
-        if config.prompt_format == "token-ids":
-            prompt: list[int] | str = prompt_rng.integers(FIRST_PLAIN_ID, vocab_size, n_in).tolist()
-        else:
-            prompt = " ".join(WORDS[j] for j in prompt_rng.integers(0, len(WORDS), n_in))
-        yield RequestSpec(i, clock, None if rank is None else names[rank], prompt, n_in, n_out)
+        prompt = _random_prompt(config, n_in, vocab_size, prompt_rng)
+        if config.shared_prefix_len:
+            if rank not in prefixes:
+                prefixes[rank] = shared_prefix(config, rank, vocab_size)
+            system = prefixes[rank]
+            prompt = system + prompt if isinstance(system, list) and isinstance(prompt, list) else f"{system} {prompt}"
+        name = None if rank is None else names[rank]
+        yield RequestSpec(i, clock, name, prompt, config.shared_prefix_len + n_in, n_out)

@@ -65,6 +65,9 @@ class KVCache:
         # vLLM's prefix-cache counters, in prompt tokens: looked up at admission, and found cached.
         self.num_prefix_queries = 0
         self.num_prefix_hits = 0
+        # The same per adapter ("" the base): (queries, hits), replaced whole so that a reader on another
+        # thread (metrics) never sees one updated without the other.
+        self.prefix_counts_by_adapter: dict[str, tuple[int, int]] = {}
 
     @property
     def num_usable_blocks(self) -> int:
@@ -147,14 +150,17 @@ class KVCache:
         """Give `seq` the blocks for num_tokens tokens, the first ones the cached `hits` (a sequence with
         no blocks: its K/V up to there need not be computed), and cache the blocks this step fills."""
         if not seq.block_table:
+            num_hit = len(hits) * self.block_size
             self.num_prefix_queries += seq.num_tokens
-            self.num_prefix_hits += len(hits) * self.block_size
+            self.num_prefix_hits += num_hit
+            queries, found = self.prefix_counts_by_adapter.get(seq.lora_name or "", (0, 0))
+            self.prefix_counts_by_adapter[seq.lora_name or ""] = (queries + seq.num_tokens, found + num_hit)
             if seq.num_prefix_cached_tokens is None:  # reported once, as at the first admission (vLLM)
-                seq.num_prefix_cached_tokens = len(hits) * self.block_size
+                seq.num_prefix_cached_tokens = num_hit
             if hits:
                 self.pool.touch(hits)  # before taking new blocks: none of them is evicted for those
                 seq.block_table = list(hits)
-                seq.num_cached_tokens = len(hits) * self.block_size
+                seq.num_cached_tokens = num_hit
         new, evicted = self.pool.take(self.blocks_needed(seq, num_tokens))
         self._clear(evicted)
         seq.block_table += new
@@ -169,6 +175,11 @@ class KVCache:
         seq.block_table = []
         seq.num_cached_tokens = 0
         seq.hash_root, seq.block_hashes = None, []  # the weights may differ when it is admitted again
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop an unregistered adapter's counters: names come and go, and counters kept for each would
+        grow without bound (its blocks need no care: their keys name its weights, which nothing else has)."""
+        self.prefix_counts_by_adapter.pop(name, None)
 
     def _clear(self, blocks: list[int]) -> None:
         if blocks:

@@ -292,6 +292,7 @@ class LLMEngine:
             if self.lora.merged.name == record.name and self.adapters.registry.find(record.name) is record:
                 self.lora.unmerge()
             self.adapters.unregister(record.name, record=record)
+        self.kv_cache.forget_adapter(record.name)
 
     def apply_merge_policy(self, batch: ScheduledBatch) -> None:
         assert self.merge_policy is not None  # step() calls this only with a policy

@@ -1,6 +1,6 @@
 """Prefix caching through the HTTP API: usage.prompt_tokens_details.cached_tokens as the openai client
 reads it, streamed and not, per adapter; an adapter deleted and uploaded again under its name reuses
-nothing; vLLM's prefix-cache counters on /metrics."""
+nothing; vLLM's prefix-cache counters on /metrics, in all and per adapter."""
 
 from __future__ import annotations
 
@@ -88,3 +88,27 @@ def test_metrics_count_prefix_cache_queries_and_hits(server: LiveServer) -> None
     hits = samples(after["vllm:prefix_cache_hits"], "vllm:prefix_cache_hits_total")[()]
     assert queries - samples(before["vllm:prefix_cache_queries"], "vllm:prefix_cache_queries_total")[()] == len(SYSTEM) + 1
     assert hits - samples(before["vllm:prefix_cache_hits"], "vllm:prefix_cache_hits_total")[()] == 2 * BLOCK
+
+
+def test_metrics_count_prefix_cache_queries_and_hits_per_adapter(server: LiveServer) -> None:
+    prompt = [(31 * j) % 3000 + 300 for j in range(40)] + [5]  # no other test sends it: cold for every model
+
+    def counts() -> dict[str, tuple[float, float]]:
+        m = scrape(server)
+        assert m["lora_serve_prefix_cache_queries"].type == m["lora_serve_prefix_cache_hits"].type == "counter"
+        queries = samples(m["lora_serve_prefix_cache_queries"], "lora_serve_prefix_cache_queries_total")
+        hits = samples(m["lora_serve_prefix_cache_hits"], "lora_serve_prefix_cache_hits_total")
+        return {dict(k)["adapter"]: (queries[k], hits.get(k, 0.0)) for k in queries}
+
+    before = counts()
+    assert [cached(complete(server, "r2-mlp", prompt)) for _ in range(3)] == [0, 2 * BLOCK, 2 * BLOCK]
+    assert cached(complete(server, "tiny", prompt)) == 0  # the base computes other K/V: a miss of its own
+    after = counts()
+
+    def delta(adapter: str) -> tuple[float, float]:
+        old = before.get(adapter, (0.0, 0.0))
+        return after[adapter][0] - old[0], after[adapter][1] - old[1]
+
+    assert delta("r2-mlp") == (3 * len(prompt), 2 * 2 * BLOCK)
+    assert delta("") == (len(prompt), 0)  # the base model's series
+    assert all(delta(name) == (0, 0) for name in after if name not in ("", "r2-mlp"))

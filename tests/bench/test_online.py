@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import statistics
 from pathlib import Path
 
 import httpx
@@ -71,6 +72,28 @@ def test_online_run_completes_every_request_exactly(server, tmp_path: Path):
     assert "adapters / base" in serve_results.report(results)
 
 
+def test_shared_prefix_run_splits_ttft_into_cold_and_warm(server):
+    """One client, so each adapter's first request finds nothing cached and every later one finds its
+    system prompt's full blocks (40 + 4 tokens: 2 blocks of 16)."""
+    workload = WorkloadConfig(
+        adapter_prefix="bench-", num_adapters=3, alpha=0.5, concurrency=1, shared_prefix_len=40, input_len=[4], output_len=[2],
+        num_requests=9, seed=11,
+    )  # fmt: skip
+    (result,) = asyncio.run(online.bench(workload, ClientConfig(url=server.base_url, progress=False)))
+
+    trace = list(online.make_trace(workload, 32000))
+    first = {s.adapter: s.index for s in reversed(trace)}
+    records = sorted(result["records"], key=lambda x: x["index"])
+    assert result["errors"] == [] and [x["input_len"] for x in records] == [44] * 9
+    assert [x["cached_tokens"] for x in records] == [0 if s.index in first.values() else 32 for s in trace]
+    assert (result["num_cold"], result["num_warm"]) == (len(first), 9 - len(first))
+    assert result["mean_cached_fraction"] == pytest.approx((9 - len(first)) * 32 / 44 / 9)
+    cold = [x["ttft_s"] * 1000 for x in records if x["cached_tokens"] == 0]
+    assert result["median_ttft_cold_ms"] == pytest.approx(statistics.median(cold))
+    assert result["p99_ttft_cold_ms"] >= result["median_ttft_cold_ms"] > 0 and result["median_ttft_warm_ms"] > 0
+    assert "cold TTFT ms med/p99" in serve_results.report([result])
+
+
 def test_unknown_adapter_is_an_error_not_a_crash(server):
     workload = WorkloadConfig(adapters=["nope"], input_len=[4], output_len=[2], num_requests=2)
     results = asyncio.run(online.bench(workload, ClientConfig(url=server.base_url, progress=False)))
@@ -125,5 +148,12 @@ def test_llama_cpp_mode_names_the_base_and_the_adapter_in_llama_cpps_field() -> 
     assert sorted(b["lora"][0]["id"] for b in sent) == sorted(names.index(str(spec.adapter)) for spec in trace)
     assert all(b["lora"] == [{"id": b["lora"][0]["id"], "scale": 1.0}] for b in sent)
     assert not any("lora" in b for b in base_sent)
+    # A usage without prompt_tokens_details (this stand-in's): no request is counted cold or warm.
+    assert (adapters["num_cold"], adapters["num_warm"], adapters["mean_cached_fraction"], adapters["median_ttft_cold_ms"]) == (
+        0,
+        0,
+        None,
+        None,
+    )
     with pytest.raises(ValueError, match="not in --llama-cpp-loras"):
         cfg.extra_body("unknown")

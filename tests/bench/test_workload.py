@@ -93,6 +93,26 @@ def test_text_prompts_and_no_adapters():
     assert all(isinstance(r.prompt, str) and len(r.prompt.split()) == 5 and r.adapter is None for r in trace)
 
 
+def test_shared_prefix_is_each_adapters_own_and_the_rest_is_unchanged():
+    n = 24
+    trace = list(make_trace(config(shared_prefix_len=n), 32000))
+    plain = list(make_trace(config(), 32000))
+    assert [(r.adapter, r.prompt[n:], r.input_len - n, r.arrival_s) for r in trace] == [
+        (r.adapter, r.prompt, r.input_len, r.arrival_s) for r in plain
+    ]
+    prefixes: dict[str | None, set] = {}
+    for r in trace:
+        assert r.input_len == len(r.prompt) and all(1000 <= t < 32000 for t in r.prompt)
+        prefixes.setdefault(r.adapter, set()).add(tuple(r.prompt[:n]))
+    assert len(prefixes) > 3 and all(len(p) == 1 for p in prefixes.values())  # one per adapter
+    assert len({p for ps in prefixes.values() for p in ps}) == len(prefixes)  # distinct across adapters
+    shorter = list(make_trace(config(shared_prefix_len=n).model_copy(update={"num_requests": 20}), 32000, 100.0))
+    assert [r.prompt for r in shorter] == [r.prompt for r in trace[:20]]  # the same whatever the rate and length
+    base = list(make_trace(WorkloadConfig(shared_prefix_len=6, input_len=[2], num_requests=3, prompt_format="text"), 32000))
+    assert all(r.prompt.split()[:6] == base[0].prompt.split()[:6] for r in base)
+    assert all(len(r.prompt.split()) == 8 and r.adapter is None for r in base)
+
+
 @pytest.mark.parametrize(
     "kw,msg",
     [

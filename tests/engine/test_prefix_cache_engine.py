@@ -1,5 +1,6 @@
 """Prefix caching on a real model (tiny random Llama): a warm run gives the tokens of a cold one (caching
-off) for the base and several adapters in one batch, and the adapters' tokens are PEFT's; K/V is never
+off), and their logprobs within 1e-5, for the base and several adapters in one batch, and the adapters'
+tokens are PEFT's; K/V is never
 shared across weights, whatever the names say: an adapter re-loaded or its folder replaced under the same
 name finds nothing cached, two names for the same weights share, merged mode keys by the merged adapter."""
 
@@ -65,6 +66,17 @@ def tokens(results: dict) -> dict:
     return {rid: r["tokens"] for rid, r in results.items()}
 
 
+def logprob_gap(a: dict, b: dict) -> float:
+    """The largest difference between two runs' logprobs of the same tokens (the same top ids asserted)."""
+    gap = 0.0
+    for rid in a:
+        assert len(a[rid]["logprobs"]) == len(b[rid]["logprobs"]) == NEW_TOKENS
+        for x, y in zip(a[rid]["logprobs"], b[rid]["logprobs"]):
+            assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
+            gap = max(gap, abs(x.logprob - y.logprob), *(abs(u - v) for (_, u), (_, v) in zip(x.top, y.top)))
+    return gap
+
+
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_warm_gives_the_tokens_of_cold_for_base_and_adapters_in_one_batch(tiny_llama_dir: Path, peft, params):
     peft_model, paths = peft
@@ -78,6 +90,7 @@ def test_warm_gives_the_tokens_of_cold_for_base_and_adapters_in_one_batch(tiny_l
     assert {rid: r["cached_tokens"] for rid, r in warm.items()} == {rid: 40 for rid in reqs}  # its 5 full blocks
     assert tokens(warm) == tokens(cold)
     if params is GREEDY:
+        assert logprob_gap(warm, cold) <= 1e-5  # the sampled tokens' and the top-3's, every step
         assert len({tuple(t) for t in tokens(warm).values()}) > len(CONFIGS) + 1  # the adapters change the answers
         for rid, (prompt, _) in reqs.items():
             check_against(warm[rid], *reference(peft_model, lora[rid], prompt, NEW_TOKENS))
