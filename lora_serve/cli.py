@@ -25,6 +25,7 @@ from pydantic import BaseModel, BeforeValidator, ValidationError, create_model
 from pydantic_settings import (
     BaseSettings,
     CliApp,
+    CliImplicitFlag,
     CliPositionalArg,
     CliSubCommand,
     CliVariadicArg,
@@ -92,6 +93,8 @@ def flat_settings(name: str, doc: str, config_classes: list[type[BaseModel]], ba
             # Types built at run time from each field's annotation, which mypy cannot follow.
             if field_name in POSITIONAL:
                 annotation = CliPositionalArg[annotation]  # type: ignore[misc, valid-type]
+            elif annotation is bool:  # --enable-prefix-caching / --no-enable-prefix-caching, as vLLM's flags
+                annotation = CliImplicitFlag[bool]
             elif get_origin(annotation) is list:
                 annotation = CliVariadicArg[Annotated[annotation, NoDecode, BeforeValidator(_split_list)]]  # type: ignore[misc, valid-type]
             fields[field_name] = (annotation, copy(info))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_serve import cli
 from lora_serve.cli import ENGINE_PARTS, ServeCommand, ServeRayCommand, main
 from lora_serve.config import EngineConfig, RayConfig, ServerConfig
 
@@ -150,3 +151,19 @@ def test_bad_flags_exit_2_with_a_message(argv: list[str], message: str, capsys: 
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_boolean_flags_take_a_no_form_through_the_real_command_line(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's style: --enable-prefix-caching / --no-enable-prefix-caching, parsed by `lora-serve` itself."""
+    seen: list[tuple[EngineConfig, ServerConfig]] = []
+    if command == "serve":
+        monkeypatch.setattr(cli, "serve", lambda engine, server: seen.append((engine, server)))
+    else:
+        ray_serve = pytest.importorskip("lora_serve.deploy.ray_serve")  # the `ray` extra
+        monkeypatch.setattr(ray_serve, "serve_ray", lambda engine, server, ray: seen.append((engine, server)))
+    main([command, "--no-enable-prefix-caching", "--no-access-log", "--disable-metrics-auth"])
+    main([command, "--enable-prefix-caching"])
+    (off, off_server), (on, _) = seen
+    assert (off.cache.enable_prefix_caching, off_server.access_log, off_server.disable_metrics_auth) == (False, False, True)
+    assert on.cache.enable_prefix_caching is True
