@@ -160,14 +160,20 @@ async def compile_grammar(state: ServerState, spec: GrammarSpec, param: str) -> 
 
 
 def prepare(
-    state: ServerState, req: SamplingRequest, fields: RequestFields, lora_name: str | None, prompts: list[list[int]]
+    state: ServerState,
+    req: SamplingRequest,
+    fields: RequestFields,
+    lora_name: str | None,
+    prompts: list[list[int]],
+    tenant: str | None = None,
 ) -> PreparedRequest:
     """Check each prompt's tokens against the context and limits, then build what the engine runs: n choices
-    of each prompt, seeded seed + j (wrapped into the 64-bit signed range) when the request is."""
+    of each prompt, seeded seed + j (wrapped into the 64-bit signed range) when the request is. `tenant`
+    salts the prefix cache: requests share cached KV blocks only within one tenant."""
     request_id = f"{fields.id_prefix}-{uuid.uuid4().hex}"
     choices = []
     for prompt_index, prompt_token_ids in enumerate(prompts):
-        params = sampling_params(state, req, fields, prompt_token_ids)
+        params = sampling_params(state, req, fields, prompt_token_ids, tenant)
         for j in range(req.n):
             index = prompt_index * req.n + j
             seed = None if req.seed is None else (req.seed + j - SEED_MIN) % 2**64 + SEED_MIN
@@ -176,7 +182,9 @@ def prepare(
     return PreparedRequest(request_id, req.model or state.models.base_name, lora_name, prompts, choices)
 
 
-def sampling_params(state: ServerState, req: SamplingRequest, fields: RequestFields, prompt_token_ids: list[int]) -> SamplingParams:
+def sampling_params(
+    state: ServerState, req: SamplingRequest, fields: RequestFields, prompt_token_ids: list[int], cache_salt: str | None = None
+) -> SamplingParams:
     """Check one prompt's tokens against the context and limits; the SamplingParams of its first choice.
     max_tokens 0 (echo alone) runs one token, which the exchange drops."""
     prompt_param, max_tokens, max_tokens_param = fields.prompt_param, fields.max_tokens, fields.max_tokens_param
@@ -221,6 +229,7 @@ def sampling_params(state: ServerState, req: SamplingRequest, fields: RequestFie
         repetition_penalty=req.repetition_penalty,
         logit_bias=req.token_bias,
         seed=req.seed,
+        cache_salt=cache_salt,
         stop=req.stop_list,
         stop_token_ids=req.stop_token_ids,
         ignore_eos=req.ignore_eos,
@@ -257,7 +266,7 @@ class Exchange(ABC, Generic[R]):
         lora_name = check_before_tokenizing(state, req, viewer, fields, *exchange.prompt_size())
         grammar = exchange.grammar_spec()
         prompts = await asyncio.to_thread(exchange.prompts_token_ids)
-        exchange.prep = prepare(state, req, fields, lora_name, prompts)
+        exchange.prep = prepare(state, req, fields, lora_name, prompts, viewer.tenant)
         if grammar is not None:
             compiled = await compile_grammar(state, *grammar)  # once: each choice's sequence gets its own matcher
             for choice in exchange.prep.choices:

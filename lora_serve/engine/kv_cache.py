@@ -112,7 +112,7 @@ class KVCache:
         self._clear(self.pool.uncache_all())
 
     def _root(self, seq: Sequence, merged_identity: str | None) -> None:
-        root = root_hash(merged_identity, seq.adapter_identity)
+        root = _root_hash(seq, merged_identity)
         if seq.hash_root != root:
             seq.hash_root, seq.block_hashes = root, []
 
@@ -130,7 +130,7 @@ class KVCache:
         blocks until it is admitted again: their K/V match no key."""
         if not (self.enable_prefix_caching and seq.is_prefix_cacheable) or seq.hash_root is None:
             return
-        if seq.hash_root != root_hash(merged_identity, seq.adapter_identity):
+        if seq.hash_root != _root_hash(seq, merged_identity):
             seq.hash_root, seq.block_hashes = None, []
             return
         first, num_full = start // self.block_size, end // self.block_size
@@ -184,3 +184,8 @@ class KVCache:
     def _clear(self, blocks: list[int]) -> None:
         if blocks:
             self._blocks.index_fill_(2, torch.tensor(blocks, device=self._pool.device), 0)
+
+
+def _root_hash(seq: Sequence, merged_identity: str | None) -> bytes:
+    """The root of seq's chain with the weights in use now (block_hash.py)."""
+    return root_hash(merged_identity, seq.adapter_identity, seq.params.cache_salt)

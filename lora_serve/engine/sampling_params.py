@@ -36,6 +36,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     """Token id -> added to its logit before the choice (OpenAI)."""
     seed: int | None = None
+    cache_salt: str | None = None
+    """Prefix-cache blocks are shared only among requests with the same salt (vLLM's name); the server
+    gives each request its tenant's, so tenants never share blocks (block_hash.py)."""
     stop: list[str] = field(default_factory=list)
     stop_token_ids: Iterable[int] = field(default_factory=frozenset)
     """Stored as a frozenset: it is looked up once per generated token."""

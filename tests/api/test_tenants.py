@@ -63,6 +63,23 @@ def _complete(live: LiveServer, key: str | None, model: str) -> httpx.Response:
     return httpx.post(live.base_url + "/v1/completions", json=body, headers=_auth(key), timeout=30)
 
 
+def _cached_tokens(live: LiveServer, key: str | None, prompt: str) -> int:
+    body = {"model": live.model, "prompt": prompt, "max_tokens": 1}
+    resp = httpx.post(live.base_url + "/v1/completions", json=body, headers=_auth(key), timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_tenants_never_share_prefix_cache_blocks(server: LiveServer) -> None:
+    """The same prompt on the base: a tenant reuses its own cached blocks, never another tenant's (whose
+    cached_tokens would tell that the prompt ran before, and whose blocks would change its last float bits)."""
+    prompt = "A system prompt long enough to fill a few blocks of sixteen tokens each, then a question. " * 3
+    assert _cached_tokens(server, ACME, prompt) == 0
+    assert _cached_tokens(server, GLOBEX, prompt) == 0  # the same tokens, another tenant: computed again
+    assert _cached_tokens(server, LEGACY_USER, prompt) == 0  # nor the users with no tenant
+    assert _cached_tokens(server, ACME, prompt) > 0 and _cached_tokens(server, GLOBEX, prompt) > 0
+
+
 def _as_missing(resp: httpx.Response) -> dict:
     return json.loads(resp.text.replace(PRIVATE, MISSING))
 

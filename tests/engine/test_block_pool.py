@@ -35,6 +35,13 @@ def test_same_tokens_under_other_weights_get_other_keys(one, other):
     assert chain(root_hash(*one), tokens) == first  # and the same weights, the same keys
 
 
+def test_a_cache_salt_roots_its_own_chain():
+    tokens = [[1, 2, 3, 4]]
+    keys = {salt: chain(root_hash(None, A, salt), tokens)[0] for salt in (None, "acme", "globex")}
+    assert len(set(keys.values())) == 3
+    assert root_hash(None, A) == root_hash(None, A, None)  # no salt: the chain every unsalted request shares
+
+
 def test_a_change_in_one_block_changes_every_later_key():
     root = root_hash(None, A)
     keys = chain(root, [[1, 2], [3, 4], [5, 6]])
