@@ -37,6 +37,7 @@ from ..config import LoRAConfig, resolved
 from ..model.arch import ModelArch
 from . import adapter_dir
 from .budget import LoRAMemory
+from .dora import BaseNorms
 from .errors import AdapterBusyError, AdapterChangedError, AdapterMergedError, AdapterNotFoundError, AdapterTooLargeError
 from .lora_model import LoRAModel
 from .registry import AdapterRecord, AdapterRegistry
@@ -65,7 +66,8 @@ class AdapterLease:
 
 class AdapterCatalog:
     def __init__(self, arch: ModelArch, config: LoRAConfig, base_name: str, base_params: int,
-                 residency: Residency, memory: LoRAMemory, writer: SlotWriter, narrowest: torch.dtype):  # fmt: skip
+                 residency: Residency, memory: LoRAMemory, writer: SlotWriter, narrowest: torch.dtype,
+                 base: BaseNorms | None = None):  # fmt: skip
         self.config = config
         self.max_loras = config.max_loras
         self.max_adapter_bytes = config.max_adapter_bytes
@@ -75,7 +77,8 @@ class AdapterCatalog:
         # Where the load API may read from: the adapter's folder and, on every read, each of its files.
         self.allowed_dirs = tuple(Path(os.path.realpath(d)) for d in config.allowed_lora_dir)
         # An adapter's update is checked against the narrower of the base's and the slots' dtypes.
-        self.registry = AdapterRegistry(arch, config.max_lora_rank, base_name, narrowest)
+        # base: what DoRA adapters' scales are computed against when read (dora.py).
+        self.registry = AdapterRegistry(arch, config.max_lora_rank, base_name, narrowest, base)
         self.residency = residency  # its `drop` forgets a copy the catalog lets go; `location` reads it
         self.memory = memory
         self.writer = writer

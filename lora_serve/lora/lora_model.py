@@ -4,6 +4,7 @@ Folder (what peft `save_pretrained` writes): adapter_config.json + adapter_model
 tensor names `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight`
 (PEFT drops the adapter name on save; `.lora_A.{adapter}.weight` is accepted too).
   lora_A: [r, in]    lora_B: [out, r]    (nn.Linear layout: delta(x) = scale · (x·Aᵀ)·Bᵀ)
+With use_dora, also `...{proj}.lora_magnitude_vector` [out] per targeted projection (dora.py).
 The files are untrusted: the safetensors header is checked by hand before safetensors
 parses it, its size bounded by what an adapter for this base can list (max_header_bytes)
 before it is parsed, and pickled weights (.bin/.pt) are refused rather than unpickled.
@@ -38,8 +39,8 @@ HEADER_BYTES_PER_TENSOR = 512
 HEADER_BASE_BYTES = 64 * 1024  # __metadata__ (PEFT writes {"format": "pt"}) and alignment padding
 TENSOR_NAME = re.compile(
     r"base_model\.model\.(?:model\.)?layers\.(?P<layer>\d+)\.(?P<group>self_attn|mlp)\."
-    r"(?P<module>\w+)\.lora_(?P<half>[AB])(?:\.[\w-]+)?\.weight"
-)
+    r"(?P<module>\w+)\.(?:lora_(?P<half>[AB])(?:\.[\w-]+)?\.weight|lora_(?P<magnitude>magnitude_vector)(?:\.[\w-]+)?(?:\.weight)?)"
+)  # PEFT saves the magnitude as `.lora_magnitude_vector`; `.lora_magnitude_vector[.{adapter}].weight` is accepted too
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean ==
@@ -49,6 +50,9 @@ class LoRAWeights:
     A: torch.Tensor  # [r, in], contiguous (float32 as loaded; packed() may hold another dtype)
     B: torch.Tensor  # [out, r], the nn.Linear layout: used as (x·Aᵀ)·Bᵀ; packed(b_transposed=True): a view of [r, out] memory
     scale: float  # alpha / r, or alpha / sqrt(r) with rslora
+    magnitude: torch.Tensor | None = None  # DoRA: [out] float32, PEFT's lora_magnitude_vector
+    ratio: torch.Tensor | None = None  # DoRA: [out] float32 magnitude / ‖W + scale·B·A‖ per output row (dora.py), on the CPU
+    ratio_first: bool = False  # ratio scales the row's base output before the deltas, not after (a merged DoRA's negation, merge.py)
 
 
 @dataclass(eq=False)
@@ -70,12 +74,12 @@ class LoRAModel:
             raise AdapterNotFoundError(f"adapter folder {path.name!r} does not exist", param="lora_path")
         config = LoRAAdapterConfig.from_file(path / CONFIG_FILE, arch, max_rank, roots)
         data = _read_weights_file(path, roots)  # read once: hashed and parsed from the same bytes
-        check_safetensors_header(data, max_tensors(arch))
+        check_safetensors_header(data, max_tensors(arch, config.use_dora))
         try:
             tensors = load_safetensors(data)
         except (SafetensorError, ValueError, RuntimeError) as e:
             raise InvalidAdapterError(f"{WEIGHTS_FILE} could not be read: {e}", param="adapter_model") from None
-        weights = _collect_weights(tensors, config.targets(arch.num_layers), arch)
+        weights = _collect_weights(tensors, config.targets(arch.num_layers), arch, config.use_dora)
         return cls(
             name=name,
             config=config,
@@ -159,9 +163,10 @@ def projection_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
     }
 
 
-def max_tensors(arch: ModelArch) -> int:
-    """Most tensors an adapter for this base can hold: lora_A and lora_B of every projection of every layer."""
-    return 2 * len(PROJECTIONS) * arch.num_layers
+def max_tensors(arch: ModelArch, dora: bool = False) -> int:
+    """Most tensors an adapter for this base can hold: lora_A and lora_B (and with DoRA the magnitude)
+    of every projection of every layer."""
+    return (3 if dora else 2) * len(PROJECTIONS) * arch.num_layers
 
 
 def max_header_bytes(num_tensors: int) -> int:
@@ -234,11 +239,11 @@ def _read_weights_file(folder: Path, roots: Roots) -> bytes:
 
 
 def _collect_weights(
-    tensors: dict[str, torch.Tensor], targets: dict[tuple[int, str], tuple[int, float]], arch: ModelArch
+    tensors: dict[str, torch.Tensor], targets: dict[tuple[int, str], tuple[int, float]], arch: ModelArch, dora: bool
 ) -> dict[tuple[int, str], LoRAWeights]:
     pairs: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
     for name, tensor in tensors.items():
-        key, half = _parse_tensor_name(name, targets, arch.num_layers)
+        key, half = _parse_tensor_name(name, targets, arch.num_layers, dora)
         pair = pairs.setdefault(key, {})
         if half in pair:
             raise InvalidAdapterError(f"tensor {name!r} duplicates {pair[half][0]!r}", param=name)
@@ -250,27 +255,31 @@ def _collect_weights(
         pair = pairs.get((layer, module), {})
         A = _checked_tensor(pair, "A", layer, module, (r, in_features))
         B = _checked_tensor(pair, "B", layer, module, (out_features, r))
-        weights[(layer, module)] = LoRAWeights(A=A, B=B, scale=scale)
+        magnitude = _checked_tensor(pair, "magnitude_vector", layer, module, (out_features,)) if dora else None
+        weights[(layer, module)] = LoRAWeights(A=A, B=B, scale=scale, magnitude=magnitude)
     return weights
 
 
-def _parse_tensor_name(name: str, targets: dict, num_layers: int) -> tuple[tuple[int, str], str]:
+def _parse_tensor_name(name: str, targets: dict, num_layers: int, dora: bool) -> tuple[tuple[int, str], str]:
     m = TENSOR_NAME.fullmatch(name)
     if m is None or PROJECTIONS.get(m["module"]) != m["group"]:
         msg = f"unexpected tensor {name!r}: not the lora_A/lora_B weight of a {'/'.join(PROJECTIONS)} projection"
         raise InvalidAdapterError(msg, param=name)
+    if m["magnitude"] and not dora:
+        raise InvalidAdapterError(f"tensor {name!r} is a DoRA magnitude vector, but adapter_config.json has no use_dora", param=name)
     layer, module = int(m["layer"]), m["module"]
     if layer >= num_layers:
         raise InvalidAdapterError(f"tensor {name!r} is for layer {layer}; the base has {num_layers} layers", param=name)
     if (layer, module) not in targets:
         raise InvalidAdapterError(f"tensor {name!r} is for a module adapter_config.json does not target", param=name)
-    return (layer, module), m["half"]
+    return (layer, module), m["half"] or m["magnitude"]
 
 
-def _checked_tensor(pair: dict, half: str, layer: int, module: str, shape: tuple[int, int]) -> torch.Tensor:
+def _checked_tensor(pair: dict, half: str, layer: int, module: str, shape: tuple[int, ...]) -> torch.Tensor:
     if half not in pair:
-        name = f"base_model.model.{module_path(layer, module)}.lora_{half}.weight"
-        raise InvalidAdapterError(f"tensor {name!r} is missing; adapter_config.json targets {module}", param=name)
+        name = f"base_model.model.{module_path(layer, module)}.lora_{half}" + ("" if half == "magnitude_vector" else ".weight")
+        why = " with use_dora" if half == "magnitude_vector" else ""
+        raise InvalidAdapterError(f"tensor {name!r} is missing; adapter_config.json targets {module}{why}", param=name)
     name, tensor = pair[half]
     if tuple(tensor.shape) != shape:
         msg = f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)} for this base model and rank"

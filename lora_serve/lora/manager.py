@@ -46,7 +46,9 @@ class LoRAManager:
         self.residency = Residency(model, self.slot_dtype, self.memory.budget_bytes, config.max_loras, self.slot_writer)
         narrowest = min((model.dtype, self.slot_dtype), key=lambda d: torch.finfo(d).max)
         base_params = sum(p.numel() for p in model.parameters())
-        self.catalog = AdapterCatalog(model.arch, config, base_name, base_params, self.residency, self.memory, self.slot_writer, narrowest)
+        self.catalog = AdapterCatalog(
+            model.arch, config, base_name, base_params, self.residency, self.memory, self.slot_writer, narrowest, self.merged
+        )
         self.memory.log()
 
     # --- merged mode (between steps) -------------------------------------------------------------

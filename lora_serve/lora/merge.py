@@ -9,10 +9,15 @@ While an adapter is merged, every other row of a batch (base-only, or another ad
 see W0 again. Rather than stall traffic to unmerge, those rows get one more low-rank term,
 -scale·B·A of the merged adapter, from a dedicated slot: two rank-r products, cheap next to
 a full unmerge/merge, and the switch itself happens between two engine steps.
+
+DoRA (dora.py), as PEFT merges it: W[rows] = round_to_dtype(ratio ⊙ (float32(W0[rows]) + scale·B·A)),
+ratio the adapter's own, computed against W0. Other rows see W0 again through W0·x = W·x / ratio −
+scale·B·A·x: the negation first divides their base output (bias aside) by the ratio, then adds its term.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import torch
@@ -27,6 +32,7 @@ class MergedWeights:
         self.name: str | None = None
         self.identity: str | None = None  # the merged adapter's LoRAModel.identity: every row's K/V depends on it
         self._pristine: dict[tuple[int, str], torch.Tensor] = {}  # (layer, module) -> W0 rows
+        self._lock = threading.Lock()  # merges (engine thread) against dora_norm (request threads reading adapters)
 
     def _rows(self, layer: int, module: str) -> torch.Tensor:
         linear = self.model.layers[layer].linear_of(module)
@@ -36,23 +42,45 @@ class MergedWeights:
     def merge(self, adapter: LoRAModel) -> None:
         if self.name is not None:
             self.unmerge()
-        for (layer, module), w in adapter.weights.items():
-            rows = self._rows(layer, module)
-            self._pristine[(layer, module)] = rows.clone()
-            b, a = w.B.to(rows.device, torch.float32), w.A.to(rows.device, torch.float32)  # float16 CPU copies too
-            rows.copy_((rows.float() + w.scale * (b @ a)).to(rows.dtype))
-        self.name = adapter.name
-        self.identity = adapter.identity
+        with self._lock:
+            for (layer, module), w in adapter.weights.items():
+                rows = self._rows(layer, module)
+                self._pristine[(layer, module)] = rows.clone()
+                merged = rows.float() + w.scale * _product(w, rows.device)  # [out_s, in]
+                if w.ratio is not None:
+                    merged.mul_(w.ratio.to(rows.device).view(-1, 1))
+                rows.copy_(merged.to(rows.dtype))
+            self.name = adapter.name
+            self.identity = adapter.identity
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        for (layer, module), original in self._pristine.items():
-            self._rows(layer, module).copy_(original)
-        self._pristine.clear()
-        self.name = None
-        self.identity = None
+        with self._lock:
+            for (layer, module), original in self._pristine.items():
+                self._rows(layer, module).copy_(original)
+            self._pristine.clear()
+            self.name = None
+            self.identity = None
+
+    @torch.no_grad()
+    def dora_norm(self, layer: int, module: str, w: LoRAWeights) -> torch.Tensor:
+        """‖W0 + scale·B·A‖ per output row, in float32, of the pristine rows W0 even while merged (dora.py)."""
+        with self._lock:
+            pristine = self._pristine.get((layer, module))
+            rows = self._rows(layer, module) if pristine is None else pristine
+            norm = torch.linalg.vector_norm(rows.float() + w.scale * _product(w, rows.device), dim=1)  # [out_s]
+        return norm.cpu()
+
+
+def _product(w: LoRAWeights, device: torch.device) -> torch.Tensor:
+    """B·A in float32 on `device`: [out_s, in] (float16 CPU copies too)."""
+    return w.B.to(device, torch.float32) @ w.A.to(device, torch.float32)
 
 
 def negated(adapter: LoRAModel) -> list[tuple[tuple[int, str], LoRAWeights]]:
-    """The adapter's terms with the sign flipped: what undoes its merge for other rows."""
-    return [(key, replace(w, scale=-w.scale)) for key, w in adapter.weights.items()]
+    """The adapter's terms with the sign flipped: what undoes its merge for other rows; a DoRA term
+    divides the rows' base output by its ratio before (ratio_first, ratio 1 / ratio)."""
+    return [
+        (key, replace(w, scale=-w.scale) if w.ratio is None else replace(w, scale=-w.scale, ratio=1 / w.ratio, ratio_first=True))
+        for key, w in adapter.weights.items()
+    ]

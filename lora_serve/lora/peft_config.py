@@ -5,8 +5,8 @@ Which projections an adapter targets, and with which rank and scale, follows PEF
 get_pattern_key`, `peft/tuners/lora/layer.py: update_layer`). PEFT matches against module
 names relative to the `*ForCausalLM`, e.g. `model.layers.3.self_attn.q_proj`.
 
-Fields that change the forward pass in ways lora-serve does not implement (DoRA, extra
-trained modules, LoRA bias, ...) are refused with `UnsupportedAdapterError` naming the
+DoRA (`use_dora`) is supported (dora.py). Fields that change the forward pass in ways lora-serve
+does not implement (extra trained modules, LoRA bias, QALoRA, ...) are refused with `UnsupportedAdapterError` naming the
 field; training-only fields (dropout, init schemes that leave the base untouched) are ignored.
 The file is untrusted: its size and nesting are bounded before it is used, every list and
 pattern object to max_entries before any regex is compiled, and regexes run on RE2 (patterns.py).
@@ -43,7 +43,6 @@ MIN_MAX_ENTRIES = 64  # see max_entries
 
 # Truthy values of these fields change the adapter's math (or need weights we do not load).
 UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA",
     "use_qalora": "QALoRA",
     "lora_bias": "a bias on lora_B",
     "modules_to_save": "fully trained extra modules (modules_to_save)",
@@ -82,6 +81,8 @@ class LoRAAdapterConfig:
     """Module names or name suffixes (PEFT: exact name or endswith '.' + entry), or one regex PEFT
     full-matches against the module name. 'all-linear' is stored as the seven projections."""
     use_rslora: bool = False
+    use_dora: bool = False
+    """DoRA: every targeted projection also has a magnitude vector (lora_model.py, dora.py)."""
     rank_pattern: tuple[tuple[str, int], ...] = ()
     """(pattern, rank) in file order: PEFT takes the first pattern that matches."""
     alpha_pattern: tuple[tuple[str, float], ...] = ()
@@ -148,6 +149,7 @@ class LoRAAdapterConfig:
             lora_alpha=lora_alpha,
             target_modules=target_modules,
             use_rslora=bool(d.get("use_rslora", False)),
+            use_dora=_parse_flag(d.get("use_dora"), "use_dora"),
             rank_pattern=_parse_pattern(d, "rank_pattern", limit, lambda v: _parse_rank(v, max_rank, "rank_pattern")),
             alpha_pattern=_parse_pattern(d, "alpha_pattern", limit, lambda v: _parse_alpha(v, "alpha_pattern")),
             layers_to_transform=layers_to_transform,
@@ -241,6 +243,14 @@ def _parse_targets(value: Any, limit: int) -> tuple[str, ...] | str:
             msg = f"unknown target module {name!r}; expected one of {', '.join(PROJECTIONS)}"
             raise InvalidAdapterError(msg, param="target_modules")
     return names
+
+
+def _parse_flag(value: Any, param: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidAdapterError(f"{param} must be true or false, got {reprlib.repr(value)}", param=param)
+    return value
 
 
 def _parse_rank(value: Any, max_rank: int, param: str) -> int:

@@ -1,8 +1,9 @@
 """Every adapter the server knows by name: where its files are and what they hold.
 
 Registering an adapter reads and validates it in full (config, safetensors header,
-shapes against the base, finite values), so a broken adapter is refused when it is
-added, not when a request first uses it. Thread-safe: the API adds and removes while
+shapes against the base, finite values; a DoRA adapter's scales against the base's
+weights, dora.py), so a broken adapter is refused when it is added, not when a request
+first uses it. Thread-safe: the API adds and removes while
 the engine thread looks adapters up.
 """
 
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..model.arch import ModelArch
-from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
+from .dora import BaseNorms, with_ratios
+from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError, UnsupportedAdapterError
 from .files import Roots
 from .lora_model import LoRAModel
 from .overflow import check_gain
@@ -62,8 +64,9 @@ def check_name(name: str, base_name: str) -> None:
 
 
 class AdapterRegistry:
-    def __init__(self, arch: ModelArch, max_rank: int, base_name: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, arch: ModelArch, max_rank: int, base_name: str, dtype: torch.dtype = torch.float32, base: BaseNorms | None = None):
         self.arch = arch
+        self.base = base  # the base's weights, which a DoRA adapter's scales are computed against (dora.py)
         self.max_rank = max_rank
         self.dtype = dtype  # the narrowest dtype an adapter's update runs in (see overflow.py)
         self.base_name = base_name
@@ -76,6 +79,10 @@ class AdapterRegistry:
         check_name(name, self.base_name)
         model = LoRAModel.load(name, Path(path), self.arch, self.max_rank, roots)
         check_gain(model, self.dtype)
+        if model.config.use_dora:
+            if self.base is None:
+                raise UnsupportedAdapterError("DoRA adapters need the base model's weights, which this check has not", param="use_dora")
+            model = with_ratios(model, self.base, self.dtype)
         return model
 
     def add(

@@ -12,6 +12,9 @@ Per entry, for a projection with output slices s = 1..n (q/k/v, gate/up, or one)
      view of [r, out] memory, which they read a rank at a time (LoRAModel.packed's b_transposed).
      The scale (alpha/r, or alpha/sqrt(r)) is applied in float32 by the backends, so the stored
      weights are the adapter's own, rounded at most once.
+  per targeted DoRA slice (dora.py): (out columns, ratio [out_s] float32), the per-row scale the
+     backends apply to the rows of the adapter's segments after their deltas (ops/rescale.py), or
+     before them for a merged DoRA adapter's negation (ratio_first).
 Their dtype is LoRAConfig.lora_dtype, resolved by engine/resolve.py: the base's dtype on CUDA, as vLLM
 does (a decode step reads every adapter of the batch, and float32 doubles those bytes); on CPU float16
 where the CPU kernels run (they read it in place), else float32 (torch's small bf16 matmuls cost more
@@ -39,17 +42,21 @@ class SlotEntry:
     layout: list[tuple[slice, int, int, torch.Tensor, float]]  # per targeted slice: (out columns, r0, r1, B [out_s, r], scale)
     signature: Signature  # entries with equal signatures pack alike: one batched matmul over them is exact
     scales: torch.Tensor  # [1, R] float32: each column of x·Aᵀ's scale (grouped matmuls scale before the expand)
+    ratios: list[tuple[slice, torch.Tensor]]  # DoRA: per targeted slice, (out columns, ratio [out_s] float32); [] for LoRA
+    ratio_first: bool  # the ratios scale the rows' base output before the deltas (a merged DoRA's negation), not after
 
 
 class ProjectionSlots:
     def __init__(self, linear: Linear, device: torch.device, dtype: torch.dtype = torch.float32, kernels: CPUKernels | None = None):
         self.out_slices = [linear.slice_of(name) for name in linear.slice_names]
+        self.bias = linear.bias  # [out] or None: DoRA's ratio scales the rows' output but not the bias
         self.in_features = linear.in_features
         self.device, self.dtype = device, dtype
         self.kernels = kernels  # the CPU kernels (model/cpu_kernels.py) when they read these float16 entries (torch backend)
         # What those kernels read, kept in step with the entries by fill and clear.
         self.kernel_table = SlotTable(self.in_features) if kernels is not None and dtype == torch.float16 else None
         self.entries: list[SlotEntry | None] = []  # by slot; None: free, or the adapter does not target this projection
+        self.rescaled: set[int] = set()  # slots whose entries have DoRA ratios: a batch without any pays nothing for them
         self.version = 0  # bumped by every fill and clear: the Triton backend rebuilds its tables on change
         self.kernel_tables: object | None = None  # the Triton backend's cache (ops/triton_kernels.py's KernelTables)
         self.stacks: dict = {}  # the torch backend's stacked adapters, by signature (ops/stacks.py)
@@ -61,7 +68,7 @@ class ProjectionSlots:
         """Point `slot` at one adapter's weights for this projection (one entry per slice, None = not
         targeted). packed_A: the targeted slices' A already packed [R, in] in the slots' dtype (a view
         of the adapter's device copy, residency.py); without it, A and B are copied into that layout."""
-        layout, row = [], 0
+        layout, row, ratios = [], 0, []
         signature: tuple[tuple[int, int, int], ...] = ()
         for s, w in enumerate(weights):
             if w is None:
@@ -73,6 +80,8 @@ class ProjectionSlots:
             elif not (B.is_contiguous() or B.t().is_contiguous()):
                 B = B.contiguous()
             layout.append((self.out_slices[s], row, row + r, B, float(w.scale)))
+            if w.ratio is not None:
+                ratios.append((self.out_slices[s], w.ratio.to(self.device, torch.float32)))
             signature += ((s, row, row + r),)
             row += r
         if not layout:
@@ -85,7 +94,11 @@ class ProjectionSlots:
         scales = torch.cat([torch.full((r1 - r0,), scale) for _, r0, r1, _, scale in layout]).view(1, row).to(self.device)
         while len(self.entries) <= slot:
             self.entries.append(None)
-        self.entries[slot] = SlotEntry(packed_A, layout, signature, scales)
+        ratio_first = any(w.ratio_first for w in weights if w is not None)
+        self.entries[slot] = SlotEntry(packed_A, layout, signature, scales, ratios, ratio_first)
+        self.rescaled.discard(slot)
+        if ratios:
+            self.rescaled.add(slot)
         self.version += 1
         if self.kernel_table is not None:
             self.kernel_table.set(slot, packed_A, scales.view(row), [(r0, b, out.start) for out, r0, _, b, _ in layout])
@@ -94,6 +107,7 @@ class ProjectionSlots:
         while len(self.entries) <= slot:  # every slot a batch names has a row, here and in the kernels' tables
             self.entries.append(None)
         self.entries[slot] = None
+        self.rescaled.discard(slot)
         self.version += 1
         if self.kernel_table is not None:
             self.kernel_table.set(slot, None)

@@ -154,7 +154,7 @@ BAD_FOLDERS = {
     "JSON array": (write_config("[]"), InvalidAdapterError, "adapter_config"),
     "no config": (lambda f: (f / "adapter_config.json").unlink(), InvalidAdapterError, "adapter_config"),
     "config r mismatch": (edit_config(r=8), InvalidAdapterError, Q_A),
-    "config unsupported": (edit_config(use_dora=True), UnsupportedAdapterError, "use_dora"),
+    "config unsupported": (edit_config(lora_bias=True), UnsupportedAdapterError, "lora_bias"),
     "pickle only (.bin)": (pickle_only, UnsupportedMediaError, "adapter_model"),
     "no weights": (lambda f: (f / WEIGHTS).unlink(), InvalidAdapterError, "adapter_model"),
     "truncated": (edit_bytes(lambda b: b[:-100]), InvalidAdapterError, "adapter_model"),
@@ -206,7 +206,7 @@ def with_header(header: bytes) -> Callable[[Path], None]:
 
 
 ENTRY = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}  # ~55 bytes of header each
-NUM_TENSORS = max_tensors(ARCH)  # 28 on the tiny base: lora_A and lora_B of 7 projections x 2 layers
+NUM_TENSORS = max_tensors(ARCH)  # 28 on the tiny base (42 for DoRA): lora_A and lora_B of 7 projections x 2 layers
 # id -> (weights file header, what the refusal says)
 HOSTILE_HEADERS = {
     "past the size bound": (b"{}" + b" " * max_header_bytes(NUM_TENSORS), "an adapter for this base model has at most"),

@@ -143,7 +143,7 @@ BAD_CONFIGS = {
     "lm_head target": ({"target_modules": ["q_proj", "lm_head"]}, UnsupportedAdapterError, "target_modules"),
     "embed_tokens target": ({"target_modules": ["embed_tokens"]}, UnsupportedAdapterError, "target_modules"),
     "regex covers lm_head": ({"target_modules": r".*(q_proj|lm_head)"}, UnsupportedAdapterError, "target_modules"),
-    "use_dora": ({"use_dora": True}, UnsupportedAdapterError, "use_dora"),
+    "use_dora not a bool": ({"use_dora": "yes"}, InvalidAdapterError, "use_dora"),
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, UnsupportedAdapterError, "modules_to_save"),
     "bias all": ({"bias": "all"}, UnsupportedAdapterError, "bias"),
     "bias lora_only": ({"bias": "lora_only"}, UnsupportedAdapterError, "bias"),

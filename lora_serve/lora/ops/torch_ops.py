@@ -12,7 +12,8 @@ contiguous run of rows (a segment, as in Punica's SGMV). Two ways to apply a ste
 - per segment: one shrink x[lo:hi]·Aᵀ over all of the adapter's slices at once, then one
   `addmm_` per slice straight into the output view (long segments: prefill, or one adapter).
 
-Rows with no adapter are in no segment and receive nothing. Both compute in float32: float32 slots
+Rows with no adapter are in no segment and receive nothing. DoRA adapters add their deltas the same
+ways; their rows are then scaled by their ratios (rescale.py), before and after the deltas. Both compute in float32: float32 slots
 are read in place, other 16-bit slots upcast per step.
 
 A third way, for float16 slots read by the CPU kernels (model/cpu_kernels.c; the CPU default where
@@ -32,6 +33,7 @@ import torch
 
 from ...model.cpu_kernels import SegmentTable
 from ..slots import ProjectionSlots, SlotEntry
+from .rescale import rescale
 from .segments import Segment, split_passes
 from .stacks import stack_for
 
@@ -126,6 +128,11 @@ class SegmentedLoRABatch:
 
     def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (base output, updated in place)
+        rescale(slots, self.segments, y, first=True)
+        self._add_deltas(slots, x, y)
+        rescale(slots, self.segments, y, first=False)
+
+    def _add_deltas(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
         table = slots.kernel_table
         if slots.kernels is not None and table is not None and x.dtype == y.dtype == torch.float32:
             # One kernel call per pass for its segments up to 64 rows, each adapter read where it lies

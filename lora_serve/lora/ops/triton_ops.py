@@ -9,7 +9,8 @@ Each adapter's weights are read where residency put them, at their exact ranks, 
 of addresses per projection (`KernelTables`), rebuilt only when the projection's slots change.
 
 Overlapping segments (segments.py) go to separate passes, each a shrink and an expand, so no
-two programs of one launch add into the same output rows.
+two programs of one launch add into the same output rows. DoRA's per-row scales run around the
+launches as torch elementwise ops (rescale.py), only on projections where an adapter has them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from ..slots import ProjectionSlots
 from . import triton_kernels as kernels
+from .rescale import rescale
 from .segments import Segment, split_passes
 from .triton_kernels import KernelTables
 
@@ -74,6 +76,7 @@ class TritonLoRABatch:
         if tables.width == 0:
             return  # no adapter targets this projection
         segs = self._device_segments(x.device)
+        rescale(slots, self.segments, y, first=True)
         for p, (group, rows) in enumerate(zip(self.passes, self.max_rows)):
             if rows == 0:
                 continue
@@ -81,6 +84,7 @@ class TritonLoRABatch:
             buf = self._buffer(split_k, x.shape[0], tables.width, x.device)
             kernels.shrink(x, tables, segs[p], len(group), rows, buf, split_k)
             kernels.expand(buf, tables, slots.out_slices, y, segs[p], len(group), rows)
+        rescale(slots, self.segments, y, first=False)
 
     def _device_segments(self, device: torch.device) -> torch.Tensor:
         if self._segs is None:
