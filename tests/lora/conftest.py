@@ -49,6 +49,8 @@ def make_peft_adapters(base_dir: Path, out: Path, configs: dict[str, dict], seed
         for pname, p in peft_model.named_parameters():
             if "lora_B" in pname:  # PEFT's B starts at zero; random and small keeps outputs fluent but different
                 p.normal_(0.0, b_std)
+            elif "lora_magnitude_vector" in pname:  # DoRA starts at m = ‖W + s·B·A‖: moved, so that m / ‖…‖ is not 1
+                p.mul_(1.0 + 0.2 * torch.randn_like(p))
     peft_model.save_pretrained(out, selected_adapters=names)
     peft_model.eval()
     return peft_model, {name: out / name for name in names}
