@@ -71,6 +71,7 @@ class AdapterInfo(BaseModel):
     ranks: list[int]  # every rank in use (rank_pattern may mix several)
     alpha: float
     targets: list[str]  # projection names, e.g. ["k_proj", "q_proj"]
+    use_dora: bool  # a DoRA adapter (PEFT's use_dora): its magnitude vectors scale each output row
     num_params: int
     num_bytes: int  # size of adapter_model.safetensors
     params_ratio: float  # num_params / the base model's parameter count
@@ -122,6 +123,7 @@ class AdapterAdmin:
             ranks=record.ranks,
             alpha=record.alpha,
             targets=record.targets,
+            use_dora=record.use_dora,
             num_params=record.num_params,
             num_bytes=record.num_bytes,
             params_ratio=record.num_params / self.base_params,

@@ -50,6 +50,7 @@ class AdapterRecord:
     deleting: bool = False  # unlisted and refused to new requests; purged when in-flight ones end
     folder_id: tuple[int, int, int] | None = None  # (st_dev, st_ino, st_ctime_ns) of its adapter_dir folder when registered; None elsewhere
     auto_merge: bool = False  # --merge-policy auto may merge it (see AdapterCatalog.register)
+    use_dora: bool = False  # DoRA (dora.py)
 
 
 def check_name(name: str, base_name: str) -> None:
@@ -110,6 +111,7 @@ class AdapterRegistry:
             identity=model.identity,
             folder_id=folder_id,
             auto_merge=auto_merge,
+            use_dora=model.config.use_dora,
         )
         with self._lock:
             if name in self._records:
