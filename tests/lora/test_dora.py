@@ -19,8 +19,10 @@ from safetensors.torch import load_file, save_file
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.lora.errors import InvalidAdapterError
+from lora_serve.lora.lora_model import LoRAModel
+from lora_serve.model.arch import ModelArch
 
-from ..engine.helpers import run_to_completion
+from ..engine.helpers import chat_ids, run_to_completion
 from .conftest import ATTN, MLP, make_peft_adapters
 from .peft_reference import check_against, reference
 from .test_peft_parity import params
@@ -133,6 +135,32 @@ def test_a_dora_adapter_read_while_another_is_merged_gets_the_pristine_scales(ti
     engine.unmerge_adapter()
     plan = {"a": "dora-attn-r4", "b": "dora-mlp-r16", "c": None}
     check_plan(peft_model, run_plan(engine, plan), plan)
+
+
+@pytest.mark.slow
+def test_embedded_model_mixed_batch_matches_peft(default_model_dir, tmp_path_factory):
+    peft_model, paths = make_peft_adapters(default_model_dir, tmp_path_factory.mktemp("dora-embedded"), DORA_ADAPTERS)
+    config = EngineConfig(
+        scheduler=SchedulerConfig(max_model_len=512),
+        cache=CacheConfig(kv_cache_memory_gb=0.25),
+        lora=LoRAConfig(max_loras=4, max_lora_rank=32, lora_modules=[f"{n}={p}" for n, p in paths.items()]),
+    )
+    engine = LLMEngine.from_config(config, default_model_dir)
+    questions = ["What is the capital of France?", "Name a fruit that is yellow.", "Say hello in one word."]
+    reqs = {rid: (chat_ids(engine.tokenizer, questions[i % 3]), params()) for i, rid in enumerate(PLAN)}
+    outs = run_to_completion(engine, reqs, PLAN)
+    for rid, adapter in PLAN.items():
+        ref_tokens, ref_rows = reference(peft_model, adapter, reqs[rid][0], len(outs[rid]["tokens"]))
+        check_against(outs[rid], ref_tokens, ref_rows)
+
+
+def test_the_prefix_cache_identity_covers_the_magnitudes(tiny_llama_dir, dora_adapters, tmp_path):
+    _, paths = dora_adapters
+    arch = ModelArch.from_dir(tiny_llama_dir)
+    folder = shutil.copytree(paths["dora-attn-r4"], tmp_path / "moved")
+    edit_weights(set_first(2.0))(folder)
+    first, moved = (LoRAModel.load("x", p, arch, 32) for p in (paths["dora-attn-r4"], folder))
+    assert first.identity != moved.identity
 
 
 # --- bad magnitude vectors ------------------------------------------------------------------------
