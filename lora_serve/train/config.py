@@ -34,6 +34,9 @@ class TrainConfig(BaseModel):
     target_modules: CliVariadicArg[list[str]] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     """Projections to adapt (space- or comma-separated): any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, or all-linear."""
 
+    use_dora: bool = False
+    """Train a DoRA adapter (PEFT's use_dora): a magnitude vector per projection is trained with A and B, and each output row is rescaled by it."""
+
     top_layers: int | None = Field(None, ge=1)
     """Adapt only the last N decoder layers (default: all). Cheaper to train: the backward pass stops at the lowest adapted layer."""
 

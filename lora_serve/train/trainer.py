@@ -104,8 +104,9 @@ def add_lora(base, config: TrainConfig):
         target_modules=list(config.target_modules),
         lora_dropout=config.lora_dropout,
         bias="none",
+        use_dora=config.use_dora,
     )
-    return get_peft_model(base, lora)  # marks only lora_A / lora_B trainable
+    return get_peft_model(base, lora)  # marks only lora_A / lora_B (and DoRA's lora_magnitude_vector) trainable
 
 
 def assistant_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

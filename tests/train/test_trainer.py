@@ -82,14 +82,27 @@ def test_the_loss_falls_and_only_lora_weights_are_saved(trained) -> None:
 
 
 def test_peft_and_lora_serve_give_the_same_logits(trained, tiny_llama_dir: Path) -> None:
+    check_against_peft(trained.output_dir, tiny_llama_dir)
+
+
+def test_a_dora_adapter_trains_its_magnitudes_and_lora_serve_matches_peft(tiny_llama_dir: Path, data: Path, tmp_path: Path) -> None:
+    result = train(config(tiny_llama_dir, tmp_path / "dora", use_dora=True), data)
+    assert json.loads((result.output_dir / CONFIG_FILE).read_text())["use_dora"] is True
+    with safe_open(result.output_dir / WEIGHTS_FILE, "pt") as f:
+        assert sum(n.endswith(".lora_magnitude_vector") for n in f.keys()) == 14  # one per projection
+    check_against_peft(result.output_dir, tiny_llama_dir)
+
+
+def check_against_peft(folder: Path, tiny_llama_dir: Path) -> None:
+    """The trained adapter and the base, in one batch, give PEFT's tokens and logprobs."""
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, trained.output_dir, adapter_name="pirate").eval()
+    peft_model = PeftModel.from_pretrained(base, folder, adapter_name="pirate").eval()
     engine = LLMEngine.from_config(
         EngineConfig(
             model=ModelConfig(device="cpu", dtype="float32"),
             cache=CacheConfig(kv_cache_memory_gb=0.02),
             scheduler=SchedulerConfig(max_model_len=256),
-            lora=LoRAConfig(max_lora_rank=8, lora_modules=[f"pirate={trained.output_dir}"]),
+            lora=LoRAConfig(max_lora_rank=8, lora_modules=[f"pirate={folder}"]),
         ),
         tiny_llama_dir,
     )
