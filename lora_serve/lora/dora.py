@@ -51,5 +51,5 @@ def with_ratios(model: LoRAModel, base: BaseNorms, dtype: torch.dtype) -> LoRAMo
                 f"beyond what {str(dtype).removeprefix('torch.')} holds here ({limit:.3g}); check the magnitude vector",
                 param="adapter_model",
             )
-        weights[(layer, module)] = replace(w, ratio=ratio)
+        weights[(layer, module)] = replace(w, ratio=ratio, magnitude=None)  # m is in the ratio now: one [out] vector kept
     return replace(model, weights=weights)
