@@ -50,7 +50,7 @@ class LoRAWeights:
     A: torch.Tensor  # [r, in], contiguous (float32 as loaded; packed() may hold another dtype)
     B: torch.Tensor  # [out, r], the nn.Linear layout: used as (x·Aᵀ)·Bᵀ; packed(b_transposed=True): a view of [r, out] memory
     scale: float  # alpha / r, or alpha / sqrt(r) with rslora
-    magnitude: torch.Tensor | None = None  # DoRA: [out] float32, PEFT's lora_magnitude_vector
+    magnitude: torch.Tensor | None = None  # DoRA: [out] float32, PEFT's lora_magnitude_vector (as read; None once ratio is set)
     ratio: torch.Tensor | None = None  # DoRA: [out] float32 magnitude / ‖W + scale·B·A‖ per output row (dora.py), on the CPU
     ratio_first: bool = False  # ratio scales the row's base output before the deltas, not after (a merged DoRA's negation, merge.py)
 
@@ -128,8 +128,9 @@ class LoRAModel:
     def identity(self) -> str:
         """What the adapter computes, as a digest: the weights file's sha256 with, for every projection it
         modifies, its rank and scale as parsed from the config (alpha, rsLoRA, rank_pattern, targets all
-        land there). Equal for two names of one adapter, different after any change to its weights or
-        math; the prefix cache keys K/V by it (engine/block_hash.py), never by the name."""
+        land there; a DoRA adapter's magnitude vectors are in that file). Equal for two names of one
+        adapter, different after any change to its weights or math; the prefix cache keys K/V by it
+        (engine/block_hash.py), never by the name."""
         terms = sorted((layer, module, w.A.shape[0], w.scale) for (layer, module), w in self.weights.items())
         return hashlib.sha256(json.dumps([self.sha256, terms]).encode()).hexdigest()
 
