@@ -264,7 +264,7 @@ def _collect_weights(
 def _parse_tensor_name(name: str, targets: dict, num_layers: int, dora: bool) -> tuple[tuple[int, str], str]:
     m = TENSOR_NAME.fullmatch(name)
     if m is None or PROJECTIONS.get(m["module"]) != m["group"]:
-        msg = f"unexpected tensor {name!r}: not the lora_A/lora_B weight of a {'/'.join(PROJECTIONS)} projection"
+        msg = f"unexpected tensor {name!r}: not the lora_A/lora_B weight or DoRA lora_magnitude_vector of a {'/'.join(PROJECTIONS)} projection"
         raise InvalidAdapterError(msg, param=name)
     if m["magnitude"] and not dora:
         raise InvalidAdapterError(f"tensor {name!r} is a DoRA magnitude vector, but adapter_config.json has no use_dora", param=name)
