@@ -4,16 +4,14 @@ vectors are a 400 in OpenAI's error shape, and nothing is stored or listed."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from lora_serve.config import ServerConfig
-from lora_serve.lora.lora_model import WEIGHTS_FILE
 from tests.api.adapter_helpers import (
     ADMIN,
     adapter_files,
@@ -27,6 +25,8 @@ from tests.api.adapter_helpers import (
 )
 from tests.api.live_server import LiveServer, live_server
 from tests.lora.conftest import ATTN
+from tests.lora.test_dora import set_first
+from tests.lora.test_lora_model import edit_tensors
 
 MESSAGES = [{"role": "user", "content": "Tell me about magnitudes."}]
 NEW_TOKENS = 8
@@ -79,29 +79,13 @@ def test_uploaded_and_loaded_dora_adapters_answer_like_peft(server: LiveServer, 
     assert greedy_tokens(server, "tiny") == base
 
 
-def edited(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
-    def apply(folder: Path) -> None:
-        tensors = load_file(folder / WEIGHTS_FILE)
-        edit(tensors)
-        save_file(tensors, folder / WEIGHTS_FILE)
-
-    return apply
-
-
-def set_first(value: float) -> Callable[[dict], None]:
-    def edit(t: dict) -> None:
-        t[MAGNITUDE][0] = value
-
-    return edit
-
-
 # id -> (edit of a copy of dora-all, param the error names)
 BAD = {
-    "no magnitude vectors": (edited(lambda t: [t.pop(k) for k in list(t) if "magnitude" in k]), None),
-    "magnitude of the wrong shape": (edited(lambda t: t.update({MAGNITUDE: torch.ones(3)})), MAGNITUDE),
-    "NaN magnitude": (edited(set_first(float("nan"))), MAGNITUDE),
-    "Inf magnitude": (edited(set_first(float("-inf"))), MAGNITUDE),
-    "magnitude past the dtype's range": (edited(set_first(1e30)), "adapter_model"),
+    "no magnitude vectors": (edit_tensors(lambda t: [t.pop(k) for k in list(t) if "magnitude" in k]), None),
+    "magnitude of the wrong shape": (edit_tensors(lambda t: t.update({MAGNITUDE: torch.ones(3)})), MAGNITUDE),
+    "NaN magnitude": (edit_tensors(set_first(MAGNITUDE, float("nan"))), MAGNITUDE),
+    "Inf magnitude": (edit_tensors(set_first(MAGNITUDE, float("-inf"))), MAGNITUDE),
+    "magnitude past the dtype's range": (edit_tensors(set_first(MAGNITUDE, 1e30)), "adapter_model"),
 }
 
 

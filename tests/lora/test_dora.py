@@ -7,14 +7,12 @@ DoRA scale m / ‖W + s·B·A‖ is not 1 and every term of y = bias + ratio ⊙
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from lora_serve.engine.llm_engine import LLMEngine
@@ -25,6 +23,7 @@ from lora_serve.model.arch import ModelArch
 from ..engine.helpers import chat_ids, run_to_completion
 from .conftest import ATTN, MLP, make_peft_adapters
 from .peft_reference import check_against, reference
+from .test_lora_model import edit_config, edit_tensors
 from .test_peft_parity import params
 
 PROMPTS = [list(range(700, 724)), list(range(900, 917)), list(range(1200, 1231))]
@@ -164,7 +163,7 @@ def test_the_prefix_cache_identity_covers_the_magnitudes(tiny_llama_dir, dora_ad
     _, paths = dora_adapters
     arch = ModelArch.from_dir(tiny_llama_dir)
     folder = shutil.copytree(paths["dora-attn-r4"], tmp_path / "moved")
-    edit_weights(set_first(2.0))(folder)
+    edit_tensors(set_first(MAGNITUDE, 2.0))(folder)
     first, moved = (LoRAModel.load("x", p, arch, 32) for p in (paths["dora-attn-r4"], folder))
     assert first.identity != moved.identity
 
@@ -174,41 +173,24 @@ def test_the_prefix_cache_identity_covers_the_magnitudes(tiny_llama_dir, dora_ad
 MAGNITUDE = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
 
 
-def edit_weights(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
-    def apply(folder: Path) -> None:
-        tensors = load_file(folder / "adapter_model.safetensors")
-        edit(tensors)
-        save_file(tensors, folder / "adapter_model.safetensors")
-
-    return apply
-
-
-def set_config(**changes) -> Callable[[Path], None]:
-    def apply(folder: Path) -> None:
-        path = folder / "adapter_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-    return apply
-
-
-def set_first(value: float) -> Callable[[dict], None]:
+def set_first(name: str, value: float) -> Callable[[dict], None]:
     def edit(t: dict) -> None:
-        t[MAGNITUDE][0] = value
+        t[name][0] = value
 
     return edit
 
 
 # id -> (edit of a copy of dora-attn-r4, expected param or None, words of the message)
 BAD_DORA = {
-    "no magnitude vectors": (edit_weights(lambda t: [t.pop(k) for k in list(t) if "magnitude" in k]), MAGNITUDE, "missing"),
-    "one magnitude missing": (edit_weights(lambda t: t.pop(MAGNITUDE)), MAGNITUDE, "missing"),
-    "magnitude too short": (edit_weights(lambda t: t.update({MAGNITUDE: t[MAGNITUDE][:-1].clone()})), MAGNITUDE, "shape"),
-    "magnitude 2-D": (edit_weights(lambda t: t.update({MAGNITUDE: t[MAGNITUDE].view(1, -1).clone()})), MAGNITUDE, "shape"),
-    "magnitude NaN": (edit_weights(set_first(float("nan"))), MAGNITUDE, "NaN"),
-    "magnitude Inf": (edit_weights(set_first(float("inf"))), MAGNITUDE, "Inf"),
-    "magnitude overflows the scale": (edit_weights(set_first(1e30)), "adapter_model", "DoRA scale"),
-    "magnitude without use_dora": (set_config(use_dora=False), None, "use_dora"),  # whichever magnitude comes first
-    "use_dora not a bool": (set_config(use_dora="true"), "use_dora", "true or false"),
+    "no magnitude vectors": (edit_tensors(lambda t: [t.pop(k) for k in list(t) if "magnitude" in k]), MAGNITUDE, "missing"),
+    "one magnitude missing": (edit_tensors(lambda t: t.pop(MAGNITUDE)), MAGNITUDE, "missing"),
+    "magnitude too short": (edit_tensors(lambda t: t.update({MAGNITUDE: t[MAGNITUDE][:-1].clone()})), MAGNITUDE, "shape"),
+    "magnitude 2-D": (edit_tensors(lambda t: t.update({MAGNITUDE: t[MAGNITUDE].view(1, -1).clone()})), MAGNITUDE, "shape"),
+    "magnitude NaN": (edit_tensors(set_first(MAGNITUDE, float("nan"))), MAGNITUDE, "NaN"),
+    "magnitude Inf": (edit_tensors(set_first(MAGNITUDE, float("inf"))), MAGNITUDE, "Inf"),
+    "magnitude overflows the scale": (edit_tensors(set_first(MAGNITUDE, 1e30)), "adapter_model", "DoRA scale"),
+    "magnitude without use_dora": (edit_config(use_dora=False), None, "use_dora"),  # whichever magnitude comes first
+    "use_dora not a bool": (edit_config(use_dora="true"), "use_dora", "true or false"),
 }
 
 
