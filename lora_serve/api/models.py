@@ -31,7 +31,7 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "lora-serve"
-    root: str  # the model's folder; only its name for non-admins (Principal.shown_path)
+    root: str  # the model's folder (or s3:// location); only its last part for non-admins (Principal.shown_path)
     parent: str | None = None
     max_model_len: int
     merged: bool | None = None  # adapters: folded into the base weights now (served at base cost)
@@ -115,7 +115,7 @@ class ModelRegistry:
         return ModelCard(
             id=record.name,
             created=record.created,
-            root=viewer.shown_path(record.path),
+            root=viewer.shown_path(record.source or record.path),
             parent=self.base_name,
             max_model_len=self.max_model_len,
             merged=record.name == merged,

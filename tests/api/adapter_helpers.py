@@ -56,7 +56,7 @@ def make_tiny_adapters(tiny_dir: Path, out: Path, configs: dict[str, dict] = TIN
 
 
 @contextmanager
-def tiny_engine_with(tiny_dir: Path, adapter_dir: Path, **lora: object) -> Iterator[AsyncEngine]:
+def tiny_engine_with(tiny_dir: Path, adapter_dir: Path | str, **lora: object) -> Iterator[AsyncEngine]:
     config = EngineConfig(
         model=ModelConfig(model=str(tiny_dir), device="cpu", dtype="float32"),
         cache=CacheConfig(kv_cache_memory_gb=0.02),
