@@ -273,7 +273,7 @@ async def load_lora_adapter(req: LoadLoRARequest, request: Request, admin: Adapt
     is downloaded, or found in the cache by its ETags, on a worker thread)."""
     admin.catalog.sources.check_allowed(req.lora_path)
     admin.check_new_name(req.lora_name, "lora_name")
-    record = await asyncio.to_thread(admin.catalog.register_from, req.lora_name, req.lora_path, "load-api")
+    record = await admin.engine.run_blocking(admin.catalog.register_from, req.lora_name, req.lora_path, "load-api")
     return admin.info(record, principal_of(request))
 
 
