@@ -227,7 +227,7 @@ async def list_adapters(request: Request, admin: AdapterAdmin = Depends(get_admi
 
 @router.get("/adapters/{name}")
 async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
-    await asyncio.to_thread(admin.catalog.sync_with_adapter_dir, name)
+    await admin.engine.run_blocking(admin.catalog.sync_with_adapter_dir, name)
     viewer = principal_of(request)
     return admin.info(admin.record(name, "name", viewer), viewer)
 
@@ -235,7 +235,7 @@ async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends
 @router.delete("/adapters/{name}")
 async def delete_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
     viewer = principal_of(request)
-    await asyncio.to_thread(admin.catalog.sync_with_adapter_dir, name)  # stored by another replica: deleted here too
+    await admin.engine.run_blocking(admin.catalog.sync_with_adapter_dir, name)  # stored by another replica: deleted here too
     record = admin.record(name, "name", viewer)
     await admin.unregister(record)
     if admin.store is not None and admin.store.is_managed(record.path):

@@ -74,7 +74,7 @@ class AdapterSources:
         s3_allowed = [S3Location.parse(d, param="allowed_lora_dir") for d in allowed if d.startswith(S3_SCHEME)]
         self._remote: dict[str, AdapterSource] = {S3_SCHEME: S3Folders(self.s3, s3_allowed)}
         # Where a load-API adapter's files may lie when read: the local entries, and the s3:// copies.
-        self.read_roots = (*self.local.allowed, *([self.s3.cache_dir] if s3_allowed else []))
+        self.read_roots = (*self.local.allowed, *([Path(os.path.realpath(self.s3.cache_dir))] if s3_allowed else []))
 
     def source(self, location: str) -> AdapterSource:
         if not is_remote(location):

@@ -66,7 +66,12 @@ def bucket(s3: LocalS3, adapters, tmp_path_factory: pytest.TempPathFactory) -> s
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("s3-cache")
+    """adapter_cache_dir, reached through a symlink (as a cache on another volume is): files read from it
+    are checked against where they really lie."""
+    root = tmp_path_factory.mktemp("s3-cache")
+    (root / "real").mkdir()
+    os.symlink(root / "real", root / "link")
+    return root / "link"
 
 
 @pytest.fixture(scope="module")
