@@ -3,7 +3,7 @@
     s3://bucket/adapters/sql/adapter_config.json         an adapter folder is a prefix holding the two
     s3://bucket/adapters/sql/adapter_model.safetensors   files PEFT's save_pretrained writes
     <adapter_cache_dir>/<digest>/                         its local copy; digest of (endpoint, bucket, key, ETag) x 2
-    <adapter_cache_dir>/.download-k3j9x/                  a download in progress
+    <adapter_cache_dir>/.download-k3j9x/                  a download in progress (a crash's: removed after an hour)
 
 boto3 reads the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_REGION, instance roles...),
 AWS_ENDPOINT_URL for an S3-compatible store among it. One ListObjectsV2 of the prefix gives both files'
@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ from .lora_model import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 
 DOWNLOAD_PREFIX = ".download-"
 CHUNK_BYTES = 1 << 20  # GetObject's body is read (and counted) a MiB at a time
+# A download folder nothing was written to for this long was left by a crash; a live download (here or in
+# another process sharing the cache) writes a MiB at a time, touching its file.
+STALE_DOWNLOAD_S = 3600
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules
 MAX_PREFIX_CHARS = 900  # S3 keys are at most 1024 bytes; room for "/<adapter name>/adapter_model.safetensors"
 # What S3 answers when it refuses the server's credentials or permissions, and when a bucket or key is missing.
@@ -116,6 +120,23 @@ class S3Source:
         self._client: Any = None
         self._lock = threading.Lock()
         self._fetching: dict[S3Location, tuple[threading.Lock, int]] = {}  # location -> (its lock, holders)
+        self.remove_stale_downloads()
+
+    def remove_stale_downloads(self, now: float | None = None) -> list[Path]:
+        """Delete the download folders crashed processes left in the cache (nothing written for an hour)."""
+        if not self.cache_dir.is_dir():
+            return []
+        now = time.time() if now is None else now
+        removed = []
+        for folder in self.cache_dir.glob(f"{DOWNLOAD_PREFIX}*"):
+            try:
+                newest = max([folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.iterdir())])
+            except OSError:  # finished or removed meanwhile
+                continue
+            if now - newest > STALE_DOWNLOAD_S:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        return removed
 
     def fetch(self, loc: S3Location, validate: Callable[[Path], T]) -> tuple[Path, T | None]:
         """The local folder holding the adapter at `loc`, and what `validate` returned for a new download

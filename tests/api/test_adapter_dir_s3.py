@@ -18,7 +18,8 @@ import httpx
 import openai
 import pytest
 
-from lora_serve.config import ServerConfig
+from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig
+from lora_serve.engine.async_engine import AsyncEngine
 from lora_serve.lora.lora_model import WEIGHTS_FILE
 from tests.api.adapter_helpers import (
     ADMIN,
@@ -34,6 +35,7 @@ from tests.api.adapter_helpers import (
 )
 from tests.api.live_server import LiveServer, live_server
 from tests.lora.s3_helpers import LocalS3, credentials_refused
+from tests.train.test_example_adapters import ADAPTERS_DIR, HELDOUT, SHIPPED, is_pirate
 
 TENANT = "sk-acme-user"
 KEYS = {"keys": [{"key": TENANT, "tenant": "acme", "role": "user"}, {"key": ADMIN, "tenant": "ops", "role": "admin"}]}
@@ -180,3 +182,29 @@ def test_a_store_that_refuses_the_server_is_a_502_naming_no_location(server: Liv
     assert bucket not in exc.value.body["message"]
     assert "refused" not in _models(server, ADMIN)
     assert server.client(api_key=TENANT).completions.create(model="refused", prompt="hi", max_tokens=2).model == "refused"
+
+
+@pytest.mark.slow
+def test_the_shipped_adapters_served_from_s3(s3: LocalS3, default_model_dir: Path, tmp_path: Path) -> None:
+    """adapters/ (trained with `lora-serve train`) in a bucket, served by the embedded model from an s3:// --adapter-dir."""
+    bucket = s3.new_bucket()
+    for name in SHIPPED:
+        s3.put_adapter(bucket, f"shipped/{name}", ADAPTERS_DIR / name)
+    config = EngineConfig(
+        model=ModelConfig(model=str(default_model_dir)),
+        cache=CacheConfig(kv_cache_memory_gb=0.1),
+        scheduler=SchedulerConfig(max_model_len=512),
+        lora=LoRAConfig(adapter_dir=f"s3://{bucket}/shipped", adapter_cache_dir=tmp_path),
+    )
+    engine = AsyncEngine.from_config(config)
+    try:
+        with live_server(engine, ServerConfig()) as live:
+            described = httpx.get(f"{live.base_url}/v1/adapters", timeout=30).json()["data"]
+            assert {a["name"]: a["sha256"] for a in described} == {n: _sha(ADAPTERS_DIR / n / WEIGHTS_FILE) for n in SHIPPED}
+            question = HELDOUT[0]
+            reply = live.client().chat.completions.create(
+                model="pirate", messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+            )
+            assert is_pirate(reply.choices[0].message.content)
+    finally:
+        engine.shutdown()

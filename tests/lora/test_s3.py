@@ -203,3 +203,17 @@ def test_an_unreachable_store_is_a_502(s3: LocalS3, tmp_path: Path, monkeypatch:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     exc = _refused(S3Source(tmp_path / "cache", max_bytes=1 << 20), "s3://bkt/x")
     assert isinstance(exc, SourceUnavailableError) and exc.status == 502
+
+
+def test_downloads_left_by_a_crash_are_removed(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    crashed, running = cache / ".download-crashed", cache / ".download-running"
+    for folder in (crashed, running):
+        folder.mkdir(parents=True)
+        (folder / WEIGHTS_FILE).write_bytes(b"partial")
+    old = os.stat(running).st_mtime - 2 * 3600
+    for path in (crashed, crashed / WEIGHTS_FILE):
+        os.utime(path, (old, old))
+    (cache / "kept").mkdir()
+    S3Source(cache, max_bytes=1 << 20)
+    assert _cache_entries(cache) == [".download-running", "kept"]
