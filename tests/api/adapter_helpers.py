@@ -6,6 +6,7 @@ PEFT adapters are random LoRAs on the tiny Llama (hidden 64, 2 layers), saved wi
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +78,11 @@ def modules_server(tiny_dir: Path, paths: dict[str, Path], store: Path, **lora: 
     with tiny_engine_with(tiny_dir, store, lora_modules=modules, **lora) as engine:
         with live_server(engine, ServerConfig(served_model_name="tiny")) as live:
             yield live
+
+
+def sha256_of(path: Path) -> str:
+    """What AdapterInfo.sha256 must say of an adapter read from this weights file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def adapter_files(folder: Path) -> dict[str, bytes]:

@@ -8,7 +8,6 @@ writes nothing there: uploads are refused. --lora-modules takes s3:// too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -23,12 +22,11 @@ from lora_serve.engine.async_engine import AsyncEngine
 from lora_serve.lora.lora_model import WEIGHTS_FILE
 from tests.api.adapter_helpers import (
     ADMIN,
-    TINY_ADAPTERS,
     adapter_files,
     admin_headers,
     chat_prompt_ids,
-    make_tiny_adapters,
     peft_greedy,
+    sha256_of,
     tiny_engine_with,
     token_texts,
     upload,
@@ -43,17 +41,8 @@ MESSAGES = [{"role": "user", "content": "Resolve me."}]
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """(peft_model, r4-attn's folder, another r4-attn's folder)."""
-    root = tmp_path_factory.mktemp("dir-adapters")
-    peft_model, paths = make_tiny_adapters(tiny_llama_dir, root / "v1", {"r4-attn": TINY_ADAPTERS["r4-attn"]})
-    _, other = make_tiny_adapters(tiny_llama_dir, root / "v2", {"r4-attn": TINY_ADAPTERS["r4-attn"]}, seed=1)
-    return peft_model, paths["r4-attn"], other["r4-attn"]
-
-
-@pytest.fixture(scope="module")
-def bucket(s3: LocalS3, adapters) -> str:
-    _, r4, _ = adapters
+def bucket(s3: LocalS3, r4_versions) -> str:
+    _, r4, _ = r4_versions
     name = s3.new_bucket()
     s3.put_adapter(name, "dir/at-start", r4)
     s3.put_adapter(name, "modules/sql", r4)
@@ -69,10 +58,6 @@ def server(tiny_llama_dir: Path, bucket: str, tmp_path_factory: pytest.TempPathF
     with tiny_engine_with(tiny_llama_dir, f"s3://{bucket}/dir", **lora) as engine:
         with live_server(engine, ServerConfig(served_model_name="tiny", auth_file=root / "keys.json")) as live:
             yield live
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _models(server: LiveServer, key: str = TENANT) -> list[str]:
@@ -96,9 +81,9 @@ def test_registered_at_start(server: LiveServer, bucket: str) -> None:
 
 
 def test_a_name_first_used_after_the_start_is_resolved_and_computes_what_peft_does(
-    server: LiveServer, s3: LocalS3, bucket: str, adapters
+    server: LiveServer, s3: LocalS3, bucket: str, r4_versions
 ) -> None:
-    peft_model, r4, _ = adapters
+    peft_model, r4, _ = r4_versions
     s3.put_adapter(bucket, "dir/later", r4)
     assert "later" not in _models(server)
     prompt = chat_prompt_ids(server.engine.tokenizer, MESSAGES)
@@ -107,8 +92,8 @@ def test_a_name_first_used_after_the_start_is_resolved_and_computes_what_peft_do
     assert _greedy(server, "tiny:later") == _greedy(server, "later")
 
 
-def test_concurrent_first_requests_download_once(server: LiveServer, s3: LocalS3, bucket: str, adapters) -> None:
-    _, r4, _ = adapters
+def test_concurrent_first_requests_download_once(server: LiveServer, s3: LocalS3, bucket: str, r4_versions) -> None:
+    _, r4, _ = r4_versions
     s3.put_adapter(bucket, "dir/burst", r4)
     answers: list[str] = []
     start = threading.Barrier(6)
@@ -147,8 +132,8 @@ def test_only_names_under_the_prefix_are_looked_up(server: LiveServer, s3: Local
     assert "secret" not in _models(server, ADMIN)
 
 
-def test_uploads_are_refused_and_the_bucket_is_untouched(server: LiveServer, s3: LocalS3, bucket: str, adapters) -> None:
-    _, r4, _ = adapters
+def test_uploads_are_refused_and_the_bucket_is_untouched(server: LiveServer, s3: LocalS3, bucket: str, r4_versions) -> None:
+    _, r4, _ = r4_versions
     before = s3.keys(bucket)
     for key in (TENANT, ADMIN):
         resp = upload(server.base_url, "uploaded", adapter_files(r4), api_key=key)
@@ -159,8 +144,8 @@ def test_uploads_are_refused_and_the_bucket_is_untouched(server: LiveServer, s3:
     assert "uploaded" not in _models(server, ADMIN)
 
 
-def test_an_adapter_keeps_its_version_until_unloaded(server: LiveServer, s3: LocalS3, bucket: str, adapters) -> None:
-    _, r4, other = adapters
+def test_an_adapter_keeps_its_version_until_unloaded(server: LiveServer, s3: LocalS3, bucket: str, r4_versions) -> None:
+    _, r4, other = r4_versions
     s3.put_adapter(bucket, "dir/versioned", r4)
     first = _greedy(server, "versioned")
     s3.put_adapter(bucket, "dir/versioned", other)
@@ -169,11 +154,11 @@ def test_an_adapter_keeps_its_version_until_unloaded(server: LiveServer, s3: Loc
     assert resp.status_code == 200
     assert _greedy(server, "versioned") != first  # read again on its next use: the new weights
     info = httpx.get(f"{server.base_url}/v1/adapters/versioned", headers=admin_headers()).json()
-    assert info["sha256"] == _sha(other / WEIGHTS_FILE)
+    assert info["sha256"] == sha256_of(other / WEIGHTS_FILE)
 
 
-def test_a_store_that_refuses_the_server_is_a_502_naming_no_location(server: LiveServer, s3: LocalS3, bucket: str, adapters) -> None:
-    _, r4, _ = adapters
+def test_a_store_that_refuses_the_server_is_a_502_naming_no_location(server: LiveServer, s3: LocalS3, bucket: str, r4_versions) -> None:
+    _, r4, _ = r4_versions
     s3.put_adapter(bucket, "dir/refused", r4)
     with credentials_refused(), pytest.raises(openai.APIStatusError) as exc:
         server.client(api_key=TENANT).completions.create(model="refused", prompt="hi", max_tokens=2)
@@ -200,7 +185,7 @@ def test_the_shipped_adapters_served_from_s3(s3: LocalS3, default_model_dir: Pat
     try:
         with live_server(engine, ServerConfig()) as live:
             described = httpx.get(f"{live.base_url}/v1/adapters", timeout=30).json()["data"]
-            assert {a["name"]: a["sha256"] for a in described} == {n: _sha(ADAPTERS_DIR / n / WEIGHTS_FILE) for n in SHIPPED}
+            assert {a["name"]: a["sha256"] for a in described} == {n: sha256_of(ADAPTERS_DIR / n / WEIGHTS_FILE) for n in SHIPPED}
             question = HELDOUT[0]
             reply = live.client().chat.completions.create(
                 model="pirate", messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0

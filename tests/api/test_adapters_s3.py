@@ -8,7 +8,6 @@ written to the bucket. The outputs of an adapter read from S3 are checked agains
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -21,11 +20,10 @@ from lora_serve.config import ServerConfig
 from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
 from tests.api.adapter_helpers import (
     ADMIN,
-    TINY_ADAPTERS,
     admin_headers,
     chat_prompt_ids,
-    make_tiny_adapters,
     peft_greedy,
+    sha256_of,
     tiny_engine_with,
     token_texts,
 )
@@ -38,17 +36,8 @@ MAX_ADAPTER_BYTES = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """(peft_model, folder of r4-attn, folder of another r4-attn with other weights)."""
-    root = tmp_path_factory.mktemp("s3-adapters")
-    peft_model, paths = make_tiny_adapters(tiny_llama_dir, root / "v1", {"r4-attn": TINY_ADAPTERS["r4-attn"]})
-    _, other = make_tiny_adapters(tiny_llama_dir, root / "v2", {"r4-attn": TINY_ADAPTERS["r4-attn"]}, seed=1)
-    return peft_model, paths["r4-attn"], other["r4-attn"]
-
-
-@pytest.fixture(scope="module")
-def bucket(s3: LocalS3, adapters, tmp_path_factory: pytest.TempPathFactory) -> str:
-    _, r4, _ = adapters
+def bucket(s3: LocalS3, r4_versions, tmp_path_factory: pytest.TempPathFactory) -> str:
+    _, r4, _ = r4_versions
     name = s3.new_bucket()
     for prefix in ("allowed/r4-attn", "outside/r4-attn", "allowedx/r4-attn"):
         s3.put_adapter(name, prefix, r4)
@@ -101,24 +90,20 @@ def _error(resp: httpx.Response) -> tuple[int, str, str | None]:
     return resp.status_code, error["type"], error["param"]
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _stored(server: LiveServer, s3: LocalS3, bucket: str, cache: Path) -> tuple:
     """Everything a refused load must leave as it was: the models served, the cache, the bucket."""
     models = [m.id for m in server.client(api_key=USER).models.list().data]
     return models, sorted(os.listdir(cache)), s3.keys(bucket)
 
 
-def test_an_adapter_loaded_from_s3_computes_what_peft_does(server: LiveServer, bucket: str, adapters) -> None:
-    peft_model, r4, _ = adapters
+def test_an_adapter_loaded_from_s3_computes_what_peft_does(server: LiveServer, bucket: str, r4_versions) -> None:
+    peft_model, r4, _ = r4_versions
     url = f"s3://{bucket}/allowed/r4-attn"
     assert _load(server, "from-s3", url, key=USER).status_code == 401  # an admin's route
     resp = _load(server, "from-s3", url)
     assert resp.status_code == 200, resp.text
     info = resp.json()
-    assert (info["origin"], info["path"], info["sha256"]) == ("load-api", url, _sha(r4 / WEIGHTS_FILE))
+    assert (info["origin"], info["path"], info["sha256"]) == ("load-api", url, sha256_of(r4 / WEIGHTS_FILE))
 
     prompt = chat_prompt_ids(server.engine.tokenizer, MESSAGES)
     expected = token_texts(server.engine.tokenizer, peft_greedy(peft_model, "r4-attn", prompt, 6))
@@ -168,24 +153,24 @@ def test_credentials_refused_is_a_403_that_changes_nothing(server: LiveServer, s
     assert _stored(server, s3, bucket, cache) == before
 
 
-def test_a_second_load_of_unchanged_objects_reads_nothing(server: LiveServer, s3: LocalS3, bucket: str, adapters) -> None:
-    _, r4, other = adapters
+def test_a_second_load_of_unchanged_objects_reads_nothing(server: LiveServer, s3: LocalS3, bucket: str, r4_versions) -> None:
+    _, r4, other = r4_versions
     url = s3.put_adapter(bucket, "allowed/versioned", r4)
     assert _load(server, "v1", url).status_code == 200
     read = s3.log.get_objects(bucket, "allowed/versioned/")
     assert sorted(read) == ["allowed/versioned/adapter_config.json", "allowed/versioned/adapter_model.safetensors"]
     _unload(server, "v1")
     again = _load(server, "v1-again", url)
-    assert again.status_code == 200 and again.json()["sha256"] == _sha(r4 / WEIGHTS_FILE)
+    assert again.status_code == 200 and again.json()["sha256"] == sha256_of(r4 / WEIGHTS_FILE)
     assert s3.log.get_objects(bucket, "allowed/versioned/") == read  # the ETag cache: no GetObject
 
     s3.put_adapter(bucket, "allowed/versioned", other)  # a new version under the same keys
     newer = _load(server, "v2", url)
-    assert newer.status_code == 200 and newer.json()["sha256"] == _sha(other / WEIGHTS_FILE)
+    assert newer.status_code == 200 and newer.json()["sha256"] == sha256_of(other / WEIGHTS_FILE)
     assert len(s3.log.get_objects(bucket, "allowed/versioned/")) == 4
     # Loaded before the change, v1-again keeps the weights it was registered with.
     info = httpx.get(f"{server.base_url}/v1/adapters/v1-again", headers=admin_headers()).json()
-    assert info["sha256"] == _sha(r4 / WEIGHTS_FILE)
+    assert info["sha256"] == sha256_of(r4 / WEIGHTS_FILE)
     reply = server.client(api_key=USER).completions.create(model="v1-again", prompt="still here", max_tokens=2)
     assert reply.model == "v1-again"
     _unload(server, "v1-again")
