@@ -77,8 +77,8 @@ class S3Location:
         prefix = prefix.removesuffix("/")
         if len(prefix) > MAX_PREFIX_CHARS:
             raise bad(f"the prefix is longer than {MAX_PREFIX_CHARS} characters")
-        if any(ord(c) < 32 or ord(c) == 127 for c in prefix):
-            raise bad("the prefix holds a control character")
+        if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in prefix):
+            raise bad("the prefix holds a control character or a lone surrogate (keys are UTF-8)")
         if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
             raise bad("the prefix has an empty, '.' or '..' segment")
         return cls(bucket, prefix)

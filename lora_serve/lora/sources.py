@@ -45,6 +45,8 @@ class LocalSource:
         """Symlinks and `..` resolved; the files in it are checked again each time they are read (files.py)."""
         if "\x00" in location:  # no file system path holds one (os.path would raise ValueError)
             raise InvalidAdapterError("lora_path must not contain a NUL character", param="lora_path")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in location):  # JSON's lone surrogates: no file name encodes them
+            raise InvalidAdapterError("lora_path must not contain a lone surrogate", param="lora_path")
         return inside(Path(os.path.realpath(location)), self.allowed)
 
     def folder(self, location: str, validate: Callable[[Path], T]) -> tuple[Path, T | None]:

@@ -8,6 +8,7 @@ written to the bucket. The outputs of an adapter read from S3 are checked agains
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -76,8 +77,9 @@ def server(tiny_llama_dir: Path, bucket: str, cache: Path, tmp_path_factory: pyt
 
 
 def _load(server: LiveServer, name: str, path: str, key: str = ADMIN) -> httpx.Response:
-    body = {"lora_name": name, "lora_path": path}
-    return httpx.post(f"{server.base_url}/v1/load_lora_adapter", json=body, headers=admin_headers(key), timeout=60)
+    body = json.dumps({"lora_name": name, "lora_path": path})  # ASCII-escaped: a lone surrogate travels as JSON's \ud800
+    headers = {**admin_headers(key), "Content-Type": "application/json"}
+    return httpx.post(f"{server.base_url}/v1/load_lora_adapter", content=body, headers=headers, timeout=60)
 
 
 def _unload(server: LiveServer, name: str) -> None:
@@ -127,6 +129,8 @@ def test_an_adapter_loaded_from_s3_computes_what_peft_does(server: LiveServer, b
         ("s3://Not_A_Bucket/allowed/r4-attn", 400, "lora_path"),
         ("s3:/{bucket}/allowed/r4-attn", 403, "lora_path"),  # a local path, outside every local entry (there are none)
         ("gs://{bucket}/allowed/r4-attn", 400, "lora_path"),
+        ("s3://{bucket}/allowed/r4\ud800", 400, "lora_path"),
+        ("/allowed/r4\ud800", 400, "lora_path"),
         ("s3://{bucket}/allowed/missing", 404, "lora_path"),
         ("s3://missing-{bucket}/r4-attn", 404, "lora_path"),
         ("s3://{bucket}/allowed/big", 413, "lora_path"),
