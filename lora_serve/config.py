@@ -15,15 +15,30 @@ engine/resolve.py, and logged at start; below the engine only resolved values ar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
 CPUKernels = Literal["auto", "on", "off"]
 T = TypeVar("T")
+S3_SCHEME = "s3://"
+
+
+def is_remote(location: str | Path) -> bool:
+    """An object-store URL ("s3://bucket/prefix"), not a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+def _location(value: object) -> object:
+    # A Path would fold "s3://b/p" into "s3:/b/p": a URL stays the string it is.
+    return value if isinstance(value, Path) or (isinstance(value, str) and is_remote(value)) else Path(str(value))
+
+
+# A local folder (a Path), or an object-store URL such as s3://bucket/prefix (a str).
+Location = Annotated[Path | str, BeforeValidator(_location)]
 
 
 def resolved(value: T | None, field: str) -> T:
@@ -127,18 +142,26 @@ class LoRAConfig(_Config):
     there), the base model's dtype on CUDA (a decode step reads every adapter of the batch; float32 doubles
     those bytes). The low-rank intermediate x·Aᵀ stays float32 either way."""
 
-    adapter_dir: Path | None = None
-    """Folder of adapters: every sub-folder is a PEFT adapter named after the folder, registered at start.
-    Uploads are stored here. Default: <cache>/adapters (cache: $LORA_SERVE_CACHE, else under $HF_HOME or ~/.cache)."""
+    adapter_dir: Location | None = None
+    """Folder of adapters: every sub-folder is a PEFT adapter named after the folder, registered at start,
+    and one that appears later is registered when a request first names it. Uploads are stored here. An
+    s3://bucket/prefix works the same way, read-only (uploads are refused; store adapters there with your
+    S3 tools). Default: <cache>/adapters (cache: $LORA_SERVE_CACHE, else under $HF_HOME or ~/.cache)."""
 
     lora_modules: list[str] = Field(default_factory=list)
-    """Adapters to register at start, as name=path."""
+    """Adapters to register at start, as name=path (a local folder or s3://bucket/prefix)."""
 
-    allowed_lora_dir: list[Path] = Field(default_factory=list)
-    """Directories from which POST /v1/load_lora_adapter may load (repeatable). Empty: that endpoint is refused."""
+    allowed_lora_dir: list[Location] = Field(default_factory=list)
+    """Directories from which POST /v1/load_lora_adapter may load (repeatable): local folders, or
+    s3://bucket/prefix for any lora_path under that prefix. Empty: that endpoint is refused."""
+
+    adapter_cache_dir: Path | None = None
+    """Where adapters read from s3:// are copied, one folder per version (keyed by the objects' ETags), so
+    an unchanged adapter is never downloaded twice. boto3 reads the standard AWS environment
+    (AWS_ENDPOINT_URL for an S3-compatible store such as MinIO). Default: <cache>/s3-adapters."""
 
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1024)
-    """Largest upload accepted (bytes, both files together)."""
+    """Largest adapter accepted (bytes, both files together), uploaded or downloaded from s3://."""
 
     merge: str | None = None
     """Adapter to merge into the base weights at start: that fine-tune is served at base cost from the first request."""
@@ -168,6 +191,11 @@ class LoRAConfig(_Config):
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise ValueError(f"lora_modules entry {spec!r} must look like name=path")
+        remote = [str(d) for d in [self.adapter_dir, *self.allowed_lora_dir] if d is not None and is_remote(d)]
+        remote += [path for _, _, path in (spec.partition("=") for spec in self.lora_modules) if is_remote(path)]
+        for url in remote:
+            if not url.startswith(S3_SCHEME):
+                raise ValueError(f"{url!r}: adapters are read from local folders or {S3_SCHEME}bucket/prefix")
         return self
 
 

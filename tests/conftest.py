@@ -2,6 +2,7 @@
 
 - default_model_dir: the embedded SmolLM2-135M-Instruct, converted once per machine into
   <repo>/.cache (about 30 s the first time, instant afterwards).
+- s3: a local S3 API (moto's server) for the s3:// adapter sources (tests/lora/s3_helpers.py).
 - tiny_llama_dir / tiny_qwen2_dir: random 2-layer models (hidden 64) that reuse the
   SmolLM2 tokenizer and chat template, so they are complete HF directories that load in
   well under a second. Their outputs are noise; use them for shape and equivalence checks.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTra
 
 from lora_serve.model.cpu_kernels import CPUKernels, cpu_kernels
 from lora_serve.model.default_model import resolve_model_path
+
+if TYPE_CHECKING:
+    from tests.lora.s3_helpers import LocalS3
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_CACHE = REPO_ROOT / ".cache"  # gitignored; survives between runs on one machine
@@ -100,3 +105,12 @@ def kernels() -> CPUKernels:
     if k is None:
         pytest.skip(f"CPU kernels unavailable here: {why}")
     return k
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[LocalS3]:
+    """A real S3 API (moto's server) on 127.0.0.1, with AWS_ENDPOINT_URL and fake credentials set; a bucket per test."""
+    from tests.lora.s3_helpers import local_s3  # moto loads only for the tests that use it
+
+    with local_s3() as store:
+        yield store

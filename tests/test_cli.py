@@ -110,6 +110,23 @@ def test_environment_variables_and_flags_win(command: str, monkeypatch: pytest.M
     assert cmd.server_config().port == 9200
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_s3_locations_stay_urls_beside_local_paths(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Path would fold s3://bucket/prefix into s3:/bucket/prefix: URLs are kept as given, local paths become Paths."""
+    argv = ["--adapter-dir", "s3://team-bucket/adapters", "--allowed-lora-dir", "s3://team-bucket/shared", "/local/adapters"]
+    argv += ["--lora-modules", "sql=s3://team-bucket/shared/sql", "chat=/a/chat", "--adapter-cache-dir", "/var/cache/s3"]
+    lora = parse(argv, command).engine_config().lora
+    assert lora.adapter_dir == "s3://team-bucket/adapters"
+    assert lora.allowed_lora_dir == ["s3://team-bucket/shared", Path("/local/adapters")]
+    assert lora.lora_modules == ["sql=s3://team-bucket/shared/sql", "chat=/a/chat"]
+    assert lora.adapter_cache_dir == Path("/var/cache/s3")
+    monkeypatch.setenv("LORA_SERVE_ADAPTER_DIR", "s3://env-bucket/adapters")
+    monkeypatch.setenv("LORA_SERVE_ALLOWED_LORA_DIR", "s3://env-bucket/a, /b")
+    lora = parse([], command).engine_config().lora
+    assert (lora.adapter_dir, lora.allowed_lora_dir) == ("s3://env-bucket/adapters", ["s3://env-bucket/a", Path("/b")])
+    assert parse(["--adapter-dir", "/srv/adapters"], command).engine_config().lora.adapter_dir == Path("/srv/adapters")
+
+
 def test_ray_settings_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_SERVE_NUM_REPLICAS", "3")
     monkeypatch.setenv("LORA_SERVE_MAX_ADAPTERS_PER_REPLICA", "9")
@@ -140,6 +157,9 @@ def test_help_documents_every_config_field(command: str, configs: list, capsys: 
         (["serve", "--lora-dtype", "float8"], "--lora-dtype"),
         (["serve", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
         (["serve", "--lora-modules", "no-equals-sign"], "name=path"),
+        (["serve", "--allowed-lora-dir", "gs://bucket/adapters"], "s3://bucket/prefix"),
+        (["serve", "--adapter-dir", "https://example.com/adapters"], "s3://bucket/prefix"),
+        (["serve", "--lora-modules", "x=gs://bucket/x"], "s3://bucket/prefix"),
         (["serve-ray", "--port", "abc"], "--port"),
         (["serve-ray", "--num-replicas", "0"], "--num-replicas"),
         (["serve-ray", "--num-cpus-per-replica", "0"], "--num-cpus-per-replica"),

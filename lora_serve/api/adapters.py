@@ -7,7 +7,7 @@
     PATCH  /v1/adapters/{name}         {"auto_merge": bool}: may --merge-policy auto merge it -> AdapterInfo
     POST   /v1/adapters/{name}/merge   fold into the base weights (between two engine steps) -> AdapterInfo
     POST   /v1/adapters/{name}/unmerge restore the base bit for bit -> AdapterInfo
-    POST   /v1/load_lora_adapter       {"lora_name", "lora_path"} (inside --allowed-lora-dir)
+    POST   /v1/load_lora_adapter       {"lora_name", "lora_path"} (inside --allowed-lora-dir; s3:// too)
     POST   /v1/unload_lora_adapter     {"lora_name"} (one in --adapter-dir comes back on its next request)
 
 Upload, list, describe and delete take any tenant's key; an upload belongs to its tenant, and
@@ -19,7 +19,9 @@ merges nothing. Merging and unregistering one adapter both run on the engine thr
 adapter catalog's lock: a merge racing a delete ends either merged and registered, or deleted and
 unmerged. Everything here goes through the engine's adapter catalog (engine.adapters) and its
 engine-thread commands (merge_adapter, unmerge_adapter, remove_adapter). AdapterInfo.path is
-the full server path for admins, only the folder's name for anyone else.
+the full server path (or s3:// location) for admins, only the folder's name for anyone else.
+With an s3:// --adapter-dir nothing is stored by the server: uploads are refused (403, code
+"uploads_disabled"), and DELETE unregisters an adapter without touching the bucket.
 Refusals are lora.errors.AdapterError (status and param included), answered by errors.py.
 Reading and validating weights is blocking, so it runs on a worker thread.
 """
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -39,17 +40,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool
 
 from lora_serve.api.auth import principal_of
+from lora_serve.api.errors import APIError
 from lora_serve.api.quota import UploadQuota, get_quota
 from lora_serve.api.tenants import Principal
 from lora_serve.api.upload import AdapterUpload, declared_file_bytes, parse_upload, read_form
-from lora_serve.lora.errors import (
-    AdapterError,
-    AdapterExistsError,
-    AdapterNotFoundError,
-    ForbiddenPathError,
-    InvalidAdapterError,
-)
-from lora_serve.lora.files import inside
+from lora_serve.lora.errors import AdapterError, AdapterExistsError, AdapterNotFoundError
 from lora_serve.lora.lora_model import CONFIG_FILE, WEIGHTS_FILE
 from lora_serve.lora.registry import AdapterRecord, check_name
 from lora_serve.lora.store import OWNER_FILE, AdapterStore
@@ -66,7 +61,7 @@ class AdapterInfo(BaseModel):
     object: str = "adapter"
     name: str
     origin: str  # "upload" | "load-api" | "adapter-dir" | "lora-modules"
-    path: str  # its folder; only the folder's name for non-admins (Principal.shown_path)
+    path: str  # its folder or s3:// location; only the last part for non-admins (Principal.shown_path)
     created: int
     ranks: list[int]  # every rank in use (rank_pattern may mix several)
     alpha: float
@@ -109,7 +104,8 @@ class AdapterAdmin:
         self.catalog = engine.adapters
         self.base_name = base_name  # the API's base id, which no adapter may take
         self.max_adapter_bytes = self.catalog.max_adapter_bytes
-        self.store = AdapterStore(self.catalog.adapter_dir)  # removes crashed uploads' leftovers
+        # Removes crashed uploads' leftovers. None: adapter_dir is s3://, where the server stores nothing.
+        self.store = AdapterStore(self.catalog.adapter_dir) if self.catalog.adapter_dir is not None else None
         self.base_params = self.catalog.base_params
         self.forget: Callable[[str], None] = lambda name: None  # what else drops an unregistered adapter's state
 
@@ -118,7 +114,7 @@ class AdapterAdmin:
             id=record.name,
             name=record.name,
             origin=record.origin,
-            path=viewer.shown_path(record.path),
+            path=viewer.shown_path(record.source or record.path),
             created=record.created,
             ranks=record.ranks,
             alpha=record.alpha,
@@ -141,15 +137,30 @@ class AdapterAdmin:
         except AdapterNotFoundError as exc:
             exc.param = param
             raise
-        if not viewer.can_see(self.store.owner(record.path)):
+        if not viewer.can_see(self.owner(record.path)):
             raise AdapterNotFoundError(f"adapter {name!r} does not exist", param=param)
         return record
 
+    def owner(self, path: Path) -> str | None:
+        """The tenant that uploaded the adapter at `path`; None for one of no tenant."""
+        return self.store.owner(path) if self.store is not None else None
+
     def owner_of(self, name: str) -> str | None:
         try:
-            return self.store.owner(self.catalog.get(name).path)
+            return self.owner(self.catalog.get(name).path)
         except AdapterNotFoundError:
             return None
+
+    def uploads_store(self) -> AdapterStore:
+        """Where uploads go; 403 when adapter_dir is s3:// (the server does not write to object storage)."""
+        if self.store is None:
+            raise APIError(
+                HTTPStatus.FORBIDDEN,
+                f"uploads are disabled: --adapter-dir is {self.catalog.remote_adapter_dir}, which this server only reads; "
+                "copy the adapter's files under that prefix instead, and name it in `model`",
+                code="uploads_disabled",
+            )
+        return self.store
 
     def check_new_name(self, name: str, param: str) -> None:
         try:
@@ -166,24 +177,13 @@ class AdapterAdmin:
         if tenant is not None:
             files[OWNER_FILE] = io.BytesIO(tenant.encode())
         validate = lambda tmp: self.catalog.read(upload.name, tmp, "upload")  # noqa: E731
-        path, model = self.store.save(upload.name, files, validate)
+        store = self.uploads_store()
+        path, model = store.save(upload.name, files, validate)
         try:
             return self.catalog.register(upload.name, path, "upload", model)
         except BaseException:
-            self.store.remove(path)  # registered meanwhile under this name from elsewhere
+            store.remove(path)  # registered meanwhile under this name from elsewhere
             raise
-
-    def allowed_path(self, lora_path: str) -> Path:
-        """The real path (symlinks and `..` resolved) if it lies inside an allowed directory; else 403.
-        The files in it are checked the same way each time they are read (lora/files.py)."""
-        if not self.catalog.allowed_dirs:
-            raise ForbiddenPathError("loading adapters by path is disabled; start the server with --allowed-lora-dir", param="lora_path")
-        if "\x00" in lora_path:  # no file system path holds one (os.path would raise ValueError)
-            raise InvalidAdapterError("lora_path must not contain a NUL character", param="lora_path")
-        real = Path(os.path.realpath(lora_path))
-        if inside(real, self.catalog.allowed_dirs):
-            return real
-        raise ForbiddenPathError("lora_path is outside the directories adapters may be loaded from", param="lora_path")
 
     async def unregister(self, record: AdapterRecord) -> None:
         """Unmerge it if merged and unregister it in one engine-thread command, so that no merge
@@ -202,6 +202,7 @@ async def upload_adapter(
     request: Request, admin: AdapterAdmin = Depends(get_admin), quota: UploadQuota = Depends(get_quota)
 ) -> AdapterInfo:
     uploader = principal_of(request)
+    admin.uploads_store()  # refused before the body is read
     await asyncio.to_thread(quota.check, uploader, declared_file_bytes(request))  # over quota: before the body
     form = await read_form(request, admin.max_adapter_bytes)
     try:
@@ -223,12 +224,12 @@ async def list_adapters(request: Request, admin: AdapterAdmin = Depends(get_admi
     viewer = principal_of(request)
     await asyncio.to_thread(admin.catalog.drop_removed)  # what other replicas deleted from --adapter-dir
     records = sorted(admin.catalog.list(), key=lambda r: r.name)
-    return AdapterList(data=[admin.info(r, viewer) for r in records if viewer.can_see(admin.store.owner(r.path))])
+    return AdapterList(data=[admin.info(r, viewer) for r in records if viewer.can_see(admin.owner(r.path))])
 
 
 @router.get("/adapters/{name}")
 async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
-    await asyncio.to_thread(admin.catalog.sync_with_adapter_dir, name)
+    await admin.engine.run_blocking(admin.catalog.sync_with_adapter_dir, name)
     viewer = principal_of(request)
     return admin.info(admin.record(name, "name", viewer), viewer)
 
@@ -236,10 +237,10 @@ async def get_adapter(name: str, request: Request, admin: AdapterAdmin = Depends
 @router.delete("/adapters/{name}")
 async def delete_adapter(name: str, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> JSONResponse:
     viewer = principal_of(request)
-    await asyncio.to_thread(admin.catalog.sync_with_adapter_dir, name)  # stored by another replica: deleted here too
+    await admin.engine.run_blocking(admin.catalog.sync_with_adapter_dir, name)  # stored by another replica: deleted here too
     record = admin.record(name, "name", viewer)
     await admin.unregister(record)
-    if admin.store.is_managed(record.path):
+    if admin.store is not None and admin.store.is_managed(record.path):
         await asyncio.to_thread(admin.store.remove, record.path)
     return JSONResponse({"id": name, "object": "adapter", "deleted": True})
 
@@ -270,9 +271,11 @@ async def unmerge_adapter(name: str, request: Request, admin: AdapterAdmin = Dep
 
 @admin_router.post("/load_lora_adapter")
 async def load_lora_adapter(req: LoadLoRARequest, request: Request, admin: AdapterAdmin = Depends(get_admin)) -> AdapterInfo:
-    path = admin.allowed_path(req.lora_path)
+    """vLLM's load by path: a local folder or an s3:// prefix under an --allowed-lora-dir entry (an s3:// one
+    is downloaded, or found in the cache by its ETags, on a worker thread)."""
+    admin.catalog.sources.check_allowed(req.lora_path)
     admin.check_new_name(req.lora_name, "lora_name")
-    record = await asyncio.to_thread(admin.catalog.register, req.lora_name, path, "load-api")
+    record = await admin.engine.run_blocking(admin.catalog.register_from, req.lora_name, req.lora_path, "load-api")
     return admin.info(record, principal_of(request))
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -31,7 +32,7 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "lora-serve"
-    root: str  # the model's folder; only its name for non-admins (Principal.shown_path)
+    root: str  # the model's folder (or s3:// location); only its last part for non-admins (Principal.shown_path)
     parent: str | None = None
     max_model_len: int
     merged: bool | None = None  # adapters: folded into the base weights now (served at base cost)
@@ -59,8 +60,10 @@ class ModelRegistry:
         adapters: AdapterCatalog,
         merged_name: Callable[[], str | None] = lambda: None,
         owner_of: Callable[[str], str | None] = lambda name: None,
+        run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread,
     ) -> None:
         self.merged_name = merged_name
+        self.run_blocking = run_blocking  # where sync() does its I/O (AsyncEngine.run_blocking: an adapter thread)
         self.owner_of = owner_of  # adapter name -> the tenant that uploaded it
         self.base_name = base_name
         self.model_path = model_path
@@ -73,10 +76,11 @@ class ModelRegistry:
 
     async def sync(self, name: str | None) -> None:
         """Bring the adapter `name` names (if any) in line with --adapter-dir, which another replica may
-        have added, replaced or removed, before resolve(): a stat, on a worker thread (none for the base)."""
+        have added, replaced or removed, before resolve(): a stat (with an s3:// --adapter-dir, for a name not
+        registered, a listing and maybe a download), on a worker thread (none for the base)."""
         adapter = adapter_name(name, self.base_name)
         if adapter is not None:
-            await asyncio.to_thread(self.adapters.sync_with_adapter_dir, adapter)
+            await self.run_blocking(self.adapters.sync_with_adapter_dir, adapter)
 
     def resolve(self, name: str | None, viewer: Principal = OPEN) -> str | None:
         """The lora_name a request's `model` field selects (None: the base model); 404 if unknown or not visible."""
@@ -115,7 +119,7 @@ class ModelRegistry:
         return ModelCard(
             id=record.name,
             created=record.created,
-            root=viewer.shown_path(record.path),
+            root=viewer.shown_path(record.source or record.path),
             parent=self.base_name,
             max_model_len=self.max_model_len,
             merged=record.name == merged,

@@ -33,8 +33,8 @@ def quota_exceeded(message: str) -> APIError:
 
 
 class UploadQuota:
-    def __init__(self, store: AdapterStore, max_adapters: int | None, max_bytes: int | None):
-        self.store = store
+    def __init__(self, store: AdapterStore | None, max_adapters: int | None, max_bytes: int | None):
+        self.store = store  # None: nothing is stored (an s3:// adapter_dir), so nothing counts
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
@@ -72,7 +72,7 @@ class UploadQuota:
                     self._reserved[tenant] = (uploads - 1, size - num_bytes)
 
     def _check(self, tenant: str, num_bytes: int) -> None:
-        stored, stored_bytes = self.store.usage(tenant)
+        stored, stored_bytes = self.store.usage(tenant) if self.store is not None else (0, 0)
         uploads, upload_bytes = self._reserved.get(tenant, (0, 0))
         count, size = stored + uploads, stored_bytes + upload_bytes
         if self.max_adapters is not None and count + 1 > self.max_adapters:

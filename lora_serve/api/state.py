@@ -48,6 +48,7 @@ class ServerState:
                 catalog,
                 lambda: catalog.merged_name,
                 owner_of,
+                engine.run_blocking,
             ),
             token_text=TokenText(engine.tokenizer),
             admission=Admission(config.max_queue, config.retry_after_s, config.request_timeout_s),

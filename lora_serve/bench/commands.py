@@ -245,6 +245,28 @@ class BenchWriteAdapters(BaseModel):
         print(f"# wrote {self.num_adapters} adapters of rank {self.rank} to {self.out}")
 
 
+class BenchS3Load(BenchBase):
+    """Registering an adapter from s3:// (download, validate), cold and from the ETag cache (needs the s3 extra)."""
+
+    url: str
+    """s3://bucket/prefix of the adapter (the AWS environment says where and how: AWS_ENDPOINT_URL, keys)."""
+
+    write_rank: int | None = Field(None, ge=1)
+    """First write a random adapter of this rank on all seven projections and upload it to --url."""
+
+    repeats: int = Field(3, ge=1)
+    """Cold and warm registrations, each repeat with an empty cache and a fresh engine (medians reported)."""
+
+    def cli_cmd(self) -> None:
+        from lora_serve.bench import s3_load
+
+        model_path = self.setup()
+        if self.write_rank is not None:
+            size = s3_load.upload_random_adapter(self.url, model_path, self.write_rank, self.seed)
+            print(f"# uploaded a rank-{self.write_rank} adapter to {self.url}: {size / 1e6:.1f} MB")
+        print(s3_load.report(s3_load.run(model_path, self.url, self.repeats)))
+
+
 class BenchMatmuls(BenchBase):
     """The base's projections and LM head: torch's F.linear vs the CPU kernels, beside the bandwidth floor."""
 
@@ -292,6 +314,9 @@ class BenchCommand(BaseModel):
 
     matmuls: CliSubCommand[BenchMatmuls]
     """A step's base matmuls: torch vs the CPU kernels, beside this machine's bandwidth floor."""
+
+    s3_load: CliSubCommand[BenchS3Load]
+    """Loading an adapter from s3://: downloaded, then found in the ETag cache."""
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

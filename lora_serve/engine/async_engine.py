@@ -8,6 +8,7 @@ The HTTP layer calls only this class:
     engine.generate_many([(request_id, prompt_token_ids, params), ...], lora_name)  # added together, deltas interleaved
     engine.abort(request_id)        # also happens when the consumer stops iterating
     engine.adapters                 # the adapter catalog (lora/catalog.py): register, look up, list
+    await engine.run_blocking(engine.adapters.register_from, name, location, origin)   # on an adapter thread
     await engine.merge_adapter(name), await engine.remove_adapter(record), ...   # on the engine thread
     engine.num_running(), engine.num_waiting(), engine.is_healthy, engine.shutdown()
     engine.tokenizer, engine.model_path, engine.max_model_len
@@ -22,25 +23,27 @@ the loop thread through a queue and are applied between steps; outputs go back t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import EngineConfig
 from ..lora.catalog import AdapterCatalog, AdapterLease
 from ..lora.registry import AdapterRecord
 from ..model.default_model import resolve_model_path
 from .grammar import GrammarCompiler
-from .intra_op import claim_intra_op_threads, run_on_own_thread
+from .intra_op import claim_intra_op_threads, run_on_own_thread, use_one_thread
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 EngineRequest = tuple[str, list[int], SamplingParams]  # request id, prompt token ids, sampling
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class AsyncEngine:
         self._pending: dict[str, str | None] = {}  # submitted, not yet added by the loop: request id -> adapter
         self._lock = threading.Lock()
         self._error: BaseException | None = None
-        self._acquirers = ThreadPoolExecutor(MAX_ACQUIRE_THREADS, thread_name_prefix="lora-serve-acquire")
+        self._acquirers = ThreadPoolExecutor(MAX_ACQUIRE_THREADS, thread_name_prefix="lora-serve-acquire", initializer=use_one_thread)
         self._thread = threading.Thread(target=self._loop, args=(engine.num_threads,), name="lora-serve-engine", daemon=True)
         self._claimed = threading.Event()
         self._thread.start()
@@ -213,6 +216,11 @@ class AsyncEngine:
 
             opening.add_done_callback(close_if_opened)
             raise
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on an adapter thread (registering, resolving, reading adapters): off the event loop and the
+        engine thread, its torch ops on one thread (intra_op.use_one_thread)."""
+        return await asyncio.get_running_loop().run_in_executor(self._acquirers, functools.partial(fn, *args))
 
     async def merge_adapter(self, name: str, describe: Callable[[], Any] = lambda: None) -> Any:
         """Fold `name` into the base weights between two steps (its CPU copy read off the engine thread);

@@ -10,7 +10,8 @@ pools on two CPUs, for a decode step of ~360 parallel regions.
 
 So, for AsyncEngine: the model loads on a thread of its own that ends, its pool with it
 (`run_on_own_thread`); the engine thread takes the configured count, and every thread that first uses
-torch after that runs its ops on one thread and starts no pool (`claim_intra_op_threads`). Off the
+torch after that runs its ops on one thread and starts no pool (`claim_intra_op_threads`); the threads
+that read adapters set that for MKL too (`use_one_thread`). Off the
 engine thread, torch work (reading adapters, checking uploads) is small, and serial there it also
 leaves the cores to the steps.
 """
@@ -67,3 +68,12 @@ def claim_intra_op_threads(num_threads: int) -> None:
 def default_num_threads() -> int:
     """The thread count of torch ops on a thread that set none, as it was before any claim."""
     return _default_num_threads or torch.get_num_threads()
+
+
+def use_one_thread() -> None:
+    """On a thread other than the engine's, before its torch work: its ops on one thread, MKL's BLAS and LAPACK
+    calls included. The default a claim leaves (one thread) reaches a thread's OpenMP regions, but not a
+    matmul or an SVD that calls MKL first: MKL's own count (one per CPU) started a pool of its own there,
+    which on a busy 2-vCPU VM took a 20 MB adapter's validation from 0.1-0.2 s to 1-5 s. torch.set_num_threads
+    sets this thread's OpenMP and MKL counts (and the default, already 1 after a claim)."""
+    torch.set_num_threads(1)

@@ -11,6 +11,7 @@
                             under TRITON_INTERPRET=1, and only when asked for)
     lora_memory_gb          unset: 10% of the GPU's memory on CUDA, 4 GiB on CPU
     adapter_dir             unset: <cache>/adapters (model/default_model.py's cache_root)
+    adapter_cache_dir       unset: <cache>/s3-adapters
     max_model_len           unset: the model's context length
     max_num_batched_tokens  unset: 2048
 
@@ -70,6 +71,7 @@ def resolve_config(config: EngineConfig, model: LlamaModel | ModelArch) -> Engin
         "lora_backend": backend,
         "lora_memory_gb": lc.lora_memory_gb if lc.lora_memory_gb is not None else default_lora_memory_gb(device),
         "adapter_dir": lc.adapter_dir if lc.adapter_dir is not None else cache_root() / "adapters",
+        "adapter_cache_dir": lc.adapter_cache_dir if lc.adapter_cache_dir is not None else cache_root() / "s3-adapters",
     }
     return config.model_copy(
         update={

@@ -1,5 +1,10 @@
 """The adapter folder replicas share (--adapter-dir): what the catalog registers from it, and when.
 
+It is a local folder, or an s3:// prefix (read-only: nothing is stored there by the server). With
+s3://, every sub-prefix is registered at start, and a name a request first uses afterwards is looked
+up under the prefix (a ListObjectsV2 on a worker thread; concurrent first requests download it once:
+s3.py); an adapter registered from it keeps its version until it is unloaded (vLLM's resolver, too).
+
 At start every sub-folder is registered (a bad one is logged and skipped, so one broken upload
 cannot keep the server down). Other replicas sharing the folder store and delete adapters
 meanwhile: a name is brought in line with the folder on the next request naming it (`sync`),
@@ -15,9 +20,20 @@ from pathlib import Path
 from typing import Protocol
 
 from ..config import LoRAConfig
-from .errors import AdapterError, AdapterExistsError, AdapterMergedError, AdapterNotFoundError
+from .errors import (
+    AdapterError,
+    AdapterExistsError,
+    AdapterMergedError,
+    AdapterNotFoundError,
+    AdapterTooLargeError,
+    InvalidAdapterError,
+    SourceUnavailableError,
+    UnsupportedMediaError,
+)
 from .lora_model import CONFIG_FILE
 from .registry import AdapterRecord, AdapterRegistry, check_name
+from .s3 import S3Location
+from .sources import AdapterSources
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +42,13 @@ class AdapterCatalog(Protocol):
     """What this module uses of the catalog (catalog.py, which calls in here)."""
 
     config: LoRAConfig
-    adapter_dir: Path
+    adapter_dir: Path | None
+    remote_adapter_dir: str | None
     registry: AdapterRegistry
+    sources: AdapterSources
 
     def register(self, name: str, path, origin: str) -> AdapterRecord: ...
+    def register_from(self, name: str, location: str, origin: str) -> AdapterRecord: ...
     def unregister(self, name: str, record: AdapterRecord | None = None) -> None: ...
     def contains(self, name: str) -> bool: ...
     def list(self) -> list[AdapterRecord]: ...
@@ -39,9 +58,11 @@ def register_at_start(catalog: AdapterCatalog) -> None:
     """--lora-modules (a bad one stops the start) and every sub-folder of --adapter-dir."""
     for spec in catalog.config.lora_modules:
         name, _, path = spec.partition("=")
-        catalog.register(name, Path(path), "lora-modules")
+        catalog.register_from(name, path, "lora-modules")
+    if catalog.remote_adapter_dir is not None:
+        _register_remote_at_start(catalog, catalog.remote_adapter_dir)
     folder = catalog.adapter_dir
-    if not folder.is_dir():
+    if folder is None or not folder.is_dir():
         return
     for sub in sorted(folder.iterdir()):
         if sub.is_dir() and not sub.name.startswith(".") and not catalog.contains(sub.name):
@@ -83,6 +104,10 @@ def resolve(catalog: AdapterCatalog, name: str) -> bool:
         check_name(name, catalog.registry.base_name)
     except AdapterError:
         return False
+    if catalog.remote_adapter_dir is not None:
+        return _resolve_remote(catalog, name, catalog.remote_adapter_dir)
+    if catalog.adapter_dir is None:
+        return False
     root = Path(os.path.realpath(catalog.adapter_dir))
     path = Path(os.path.realpath(root / name))
     if name.startswith(".") or path.parent != root or path.name != name or not (path / CONFIG_FILE).is_file():
@@ -94,6 +119,35 @@ def resolve(catalog: AdapterCatalog, name: str) -> bool:
     except AdapterError as exc:
         log.warning("not resolving adapter folder %s: %s", path, exc)
         return False
+    return True
+
+
+def _register_remote_at_start(catalog: AdapterCatalog, url: str) -> None:
+    """Every sub-prefix of an s3:// adapter_dir; a bad one is logged and skipped. The store must answer."""
+    for name in catalog.sources.s3.children(S3Location.parse(url, param="adapter_dir")):
+        try:
+            check_name(name, catalog.registry.base_name)
+            if not catalog.contains(name):
+                catalog.register_from(name, f"{url.rstrip('/')}/{name}", "adapter-dir")
+        except (AdapterError, OSError) as exc:
+            log.error("skipping adapter %s/%s: %s", url, name, exc)
+
+
+def _resolve_remote(catalog: AdapterCatalog, name: str, url: str) -> bool:
+    """Register <url>/<name> (name checked: one segment) if it holds an adapter. A store that cannot be
+    read now (credentials refused, unreachable) is a 502 naming no server location; the log says why."""
+    try:
+        catalog.register_from(name, f"{url.rstrip('/')}/{name}", "adapter-dir")
+    except AdapterNotFoundError:
+        return False
+    except AdapterExistsError:  # a concurrent request registered it first
+        return catalog.contains(name)
+    except (InvalidAdapterError, UnsupportedMediaError, AdapterTooLargeError) as exc:
+        log.warning("not resolving adapter %s/%s: %s", url, name, exc)
+        return False
+    except AdapterError as exc:
+        log.error("cannot resolve adapter %s/%s: %s", url, name, exc)
+        raise SourceUnavailableError(f"adapter {name!r} cannot be read from the adapter store now", param="model") from None
     return True
 
 

@@ -19,13 +19,14 @@ thread, so decoding goes on while an adapter loads. Replicas may share adapter_d
 (adapter_dir.py): a name is brought in line with that folder on the next request naming it. A copy
 read again after eviction must hold the weights registered under the name (their identity, which
 also keys their cached K/V): files rewritten in place meanwhile are refused (AdapterChangedError).
+An adapter from s3:// (sources.py) is read from its local copy, which a new version of the objects
+never overwrites (the copy is keyed by their ETags): its name keeps serving the weights registered.
 """
 
 from __future__ import annotations
 
 import builtins
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import LoRAConfig, resolved
+from ..config import LoRAConfig, is_remote, resolved
 from ..model.arch import ModelArch
 from . import adapter_dir
 from .budget import LoRAMemory
@@ -43,6 +44,7 @@ from .lora_model import LoRAModel
 from .registry import AdapterRecord, AdapterRegistry
 from .residency import Residency
 from .slot_writes import SlotWriter
+from .sources import AdapterSources
 from .store import read_owner
 
 log = logging.getLogger(__name__)
@@ -72,10 +74,13 @@ class AdapterCatalog:
         self.max_loras = config.max_loras
         self.max_adapter_bytes = config.max_adapter_bytes
         self.base_params = base_params
-        # Where uploads are stored and which folder is scanned at start.
-        self.adapter_dir = resolved(config.adapter_dir, "adapter_dir")
-        # Where the load API may read from: the adapter's folder and, on every read, each of its files.
-        self.allowed_dirs = tuple(Path(os.path.realpath(d)) for d in config.allowed_lora_dir)
+        # Scanned at start and looked in for names on first use: a local folder (where uploads are stored
+        # too), or an s3:// prefix (remote_adapter_dir; adapter_dir is then None: nothing is stored here).
+        location = resolved(config.adapter_dir, "adapter_dir")  # a Path, or an s3:// URL (config.Location)
+        self.adapter_dir = location if isinstance(location, Path) else None
+        self.remote_adapter_dir = None if isinstance(location, Path) else str(location)
+        # Local folders and s3:// copies, and where the load API may read from (--allowed-lora-dir).
+        self.sources = AdapterSources(config)
         # An adapter's update is checked against the narrower of the base's and the slots' dtypes.
         # base: what DoRA adapters' scales are computed against when read (dora.py).
         self.registry = AdapterRegistry(arch, config.max_lora_rank, base_name, narrowest, base)
@@ -122,11 +127,18 @@ class AdapterCatalog:
 
     # --- registration --------------------------------------------------------------------------
 
-    def register(self, name: str, path, origin: str, model: LoRAModel | None = None) -> AdapterRecord:
+    def register_from(self, name: str, location: str, origin: str) -> AdapterRecord:
+        """Register the adapter at `location` (a local folder, or s3://, copied and validated first: sources.py).
+        Blocking I/O. The load API checks `location` against --allowed-lora-dir (sources.check_allowed) first."""
+        path, model = self.sources.fetch(location, lambda staged: self.read(name, staged, origin))
+        return self.register(name, path, origin, model, source=location if is_remote(location) else None)
+
+    def register(self, name: str, path, origin: str, model: LoRAModel | None = None, source: str | None = None) -> AdapterRecord:
         """auto_merge (may --merge-policy auto merge it) is set for an adapter of no tenant: from
         --lora-modules, the load API, or an adapter_dir folder without a .tenant file; a tenant's
-        upload gets it only from an admin (registry.set_auto_merge): no tenant changes the base for all."""
-        in_store = adapter_dir.contains(self.adapter_dir, path)
+        upload gets it only from an admin (registry.set_auto_merge): no tenant changes the base for all.
+        source: the s3:// location `path` is the local copy of."""
+        in_store = self.adapter_dir is not None and adapter_dir.contains(self.adapter_dir, path)
         # Before validation: a folder replaced after this stat is caught (and read again) on its next use.
         folder_id = adapter_dir.folder_id(path) if in_store else None
         auto_merge = not in_store or read_owner(path) is None
@@ -137,7 +149,7 @@ class AdapterCatalog:
                 f"budget (lora_memory_gb) holds {self.memory.cpu_bytes / 1e6:.0f} MB",
                 param="adapter_model",
             )
-        record, loaded = self.registry.add(name, path, origin, model, folder_id, auto_merge)
+        record, loaded = self.registry.add(name, path, origin, model, folder_id, auto_merge, source)
         loaded = self.writer.host_copy(loaded, self.residency.layout)
         log.info(
             "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
@@ -245,9 +257,10 @@ class AdapterCatalog:
 
     def read(self, name: str, path, origin: str) -> LoRAModel:
         """Read and validate an adapter folder (disk -> CPU), counted in num_loads and load_seconds;
-        uploads call it on their staged folder. A load-API adapter's files must lie in allowed_dirs. Blocking."""
+        uploads and s3:// copies call it on their staged folder. A load-API adapter's files must lie in
+        sources.read_roots. Blocking."""
         start = time.perf_counter()
-        model = self.registry.validate(name, path, self.allowed_dirs if origin == "load-api" else None)
+        model = self.registry.validate(name, path, self.sources.read_roots if origin == "load-api" else None)
         with self.lock:
             self.num_loads += 1
             self.load_seconds += time.perf_counter() - start

@@ -73,3 +73,10 @@ class UnsupportedMediaError(AdapterError):
     """Weights in a format we refuse to read, e.g. pickled `.bin` / `.pt` (arbitrary code on load)."""
 
     status = 415
+
+
+class SourceUnavailableError(AdapterError):
+    """The store an adapter is read from (s3://) could not be reached or failed to answer."""
+
+    status = 502
+    code = "source_unavailable"

@@ -51,6 +51,7 @@ class AdapterRecord:
     folder_id: tuple[int, int, int] | None = None  # (st_dev, st_ino, st_ctime_ns) of its adapter_dir folder when registered; None elsewhere
     auto_merge: bool = False  # --merge-policy auto may merge it (see AdapterCatalog.register)
     use_dora: bool = False  # DoRA (dora.py)
+    source: str | None = None  # the s3:// location `path` is a local copy of; None for a local folder
 
 
 def check_name(name: str, base_name: str) -> None:
@@ -94,6 +95,7 @@ class AdapterRegistry:
         model: LoRAModel | None = None,
         folder_id: tuple[int, int, int] | None = None,
         auto_merge: bool = False,
+        source: str | None = None,
     ) -> tuple[AdapterRecord, LoRAModel]:
         check_name(name, self.base_name)  # also when the caller validated the weights itself
         model = model or self.validate(name, path)
@@ -112,6 +114,7 @@ class AdapterRegistry:
             folder_id=folder_id,
             auto_merge=auto_merge,
             use_dora=model.config.use_dora,
+            source=source,
         )
         with self._lock:
             if name in self._records:

@@ -6,6 +6,7 @@ PEFT adapters are random LoRAs on the tiny Llama (hidden 64, 2 layers), saved wi
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,7 +57,7 @@ def make_tiny_adapters(tiny_dir: Path, out: Path, configs: dict[str, dict] = TIN
 
 
 @contextmanager
-def tiny_engine_with(tiny_dir: Path, adapter_dir: Path, **lora: object) -> Iterator[AsyncEngine]:
+def tiny_engine_with(tiny_dir: Path, adapter_dir: Path | str, **lora: object) -> Iterator[AsyncEngine]:
     config = EngineConfig(
         model=ModelConfig(model=str(tiny_dir), device="cpu", dtype="float32"),
         cache=CacheConfig(kv_cache_memory_gb=0.02),
@@ -77,6 +78,11 @@ def modules_server(tiny_dir: Path, paths: dict[str, Path], store: Path, **lora: 
     with tiny_engine_with(tiny_dir, store, lora_modules=modules, **lora) as engine:
         with live_server(engine, ServerConfig(served_model_name="tiny")) as live:
             yield live
+
+
+def sha256_of(path: Path) -> str:
+    """What AdapterInfo.sha256 must say of an adapter read from this weights file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def adapter_files(folder: Path) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ import pytest
 
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig
 from lora_serve.engine.async_engine import AsyncEngine
-from tests.api.adapter_helpers import make_tiny_adapters
+from tests.api.adapter_helpers import TINY_ADAPTERS, make_tiny_adapters
 from tests.api.live_server import LiveServer, live_server
 from tests.lora.conftest import make_peft_adapters
 
@@ -22,6 +22,15 @@ EMBEDDED_ADAPTER = "smol-r8"  # a random rank-8 adapter of the embedded model (e
 def peft_paths(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny adapters (adapter_helpers.TINY_ADAPTERS) in PEFT's format, by name; read only."""
     return make_tiny_adapters(tiny_llama_dir, tmp_path_factory.mktemp("peft"))[1]
+
+
+@pytest.fixture(scope="package")
+def r4_versions(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """Two versions of one adapter: (peft_model, r4-attn's folder, a folder of r4-attn with other weights)."""
+    root = tmp_path_factory.mktemp("r4-versions")
+    peft_model, paths = make_tiny_adapters(tiny_llama_dir, root / "v1", {"r4-attn": TINY_ADAPTERS["r4-attn"]})
+    _, other = make_tiny_adapters(tiny_llama_dir, root / "v2", {"r4-attn": TINY_ADAPTERS["r4-attn"]}, seed=1)
+    return peft_model, paths["r4-attn"], other["r4-attn"]
 
 
 @pytest.fixture(scope="package")

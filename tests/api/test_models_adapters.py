@@ -15,7 +15,7 @@ class FakeAdapters:
     """The AdapterRegistry methods ModelRegistry reads."""
 
     def __init__(self, *names: str) -> None:
-        self.records = [SimpleNamespace(name=n, path=Path(f"/adapters/{n}"), created=1) for n in names]
+        self.records = [SimpleNamespace(name=n, path=Path(f"/adapters/{n}"), source=None, created=1) for n in names]
 
     def contains(self, name: str) -> bool:
         return any(r.name == name for r in self.records)
