@@ -85,11 +85,16 @@ class ModelRegistry:
             await asyncio.to_thread(self.adapters.sync_with_adapter_dir, name)
 
     def resolve_adapters(self, model: str | None, weights: Mapping[str, float], viewer: Principal = OPEN) -> Composition:
-        """The composition a request's `adapters` names: 400 unless `model` is the base (or absent), 404 for a
-        name that is no adapter the viewer can see (as resolve)."""
+        """The composition a request's `adapters` names: 400 unless `model` is the base (or absent) and the
+        adapters fit max_loras, 404 for a name that is no adapter the viewer can see (as resolve)."""
         if model is not None and model != self.base_name:
             raise invalid_param(
                 "adapters", f"adapters composes adapters on the base model: model must be {self.base_name!r}, not {model!r}"
+            )
+        max_loras = self.adapters.max_loras
+        if max_loras is not None and len(weights) > max_loras:
+            raise invalid_param(
+                "adapters", f"adapters names {len(weights)} adapters; this server runs at most max_loras={max_loras} at once"
             )
         for name in weights:
             if not (self.adapters.contains(name) and viewer.can_see(self.owner_of(name))):
