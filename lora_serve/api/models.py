@@ -84,9 +84,10 @@ class ModelRegistry:
         for name in weights or ():
             await asyncio.to_thread(self.adapters.sync_with_adapter_dir, name)
 
-    def resolve_adapters(self, model: str | None, weights: Mapping[str, float], viewer: Principal = OPEN) -> Composition:
-        """The composition a request's `adapters` names: 400 unless `model` is the base (or absent) and the
-        adapters fit max_loras, 404 for a name that is no adapter the viewer can see (as resolve)."""
+    def resolve_adapters(self, model: str | None, weights: Mapping[str, float], viewer: Principal = OPEN) -> str | Composition:
+        """The composition a request's `adapters` names (one adapter at weight 1.0: its name, as if named in
+        `model`): 400 unless `model` is the base (or absent) and the adapters fit max_loras, 404 for a name
+        that is no adapter the viewer can see (as resolve)."""
         if model is not None and model != self.base_name:
             raise invalid_param(
                 "adapters", f"adapters composes adapters on the base model: model must be {self.base_name!r}, not {model!r}"
@@ -100,9 +101,10 @@ class ModelRegistry:
             if not (self.adapters.contains(name) and viewer.can_see(self.owner_of(name))):
                 raise APIError(HTTPStatus.NOT_FOUND, f"The adapter `{name}` does not exist.", param="adapters", code="model_not_found")
         try:
-            return Composition.of(weights)
+            composition = Composition.of(weights)
         except ValueError as exc:  # the request body's own checks come first: a second line of defence
             raise invalid_param("adapters", str(exc)) from exc
+        return composition.plain_name or composition
 
     def resolve(self, name: str | None, viewer: Principal = OPEN) -> str | None:
         """The lora_name a request's `model` field selects (None: the base model); 404 if unknown or not visible."""

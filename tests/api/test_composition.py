@@ -125,3 +125,26 @@ def test_bad_adapters_get_a_clear_4xx_and_change_nothing(server: LiveServer, rou
     catalog = server.engine.adapters
     assert all(catalog.num_refs(n) == 0 for n in TINY_ADAPTERS)
     assert server.engine.num_running() == 0 and server.engine.num_waiting() == 0
+
+
+def test_one_adapter_at_weight_one_is_the_adapter_and_compositions_share_one_metrics_label(server: LiveServer) -> None:
+    def complete(**fields) -> dict:
+        body = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0, "logprobs": 0} | fields
+        resp = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def finished(adapter: str) -> float:
+        metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
+        assert "r4-attn*" not in metrics  # no series per composition: weights are any float
+        line = f'lora_serve_requests_total{{adapter="{adapter}",finish_reason="length"}} '
+        return next((float(x.removeprefix(line)) for x in metrics.splitlines() if x.startswith(line)), 0.0)
+
+    before = finished("+composed"), finished("r4-attn")
+    plain = complete(model="r4-attn")
+    named = complete(model=server.model, adapters={"r4-attn": 1.0})
+    assert named["choices"][0]["logprobs"] == plain["choices"][0]["logprobs"]
+    assert named["model"] == server.model
+    complete(model=server.model, adapters={"r4-attn": 0.25})
+    complete(model=server.model, adapters={"r4-attn": 0.5, "r2-mlp": 2.0})
+    assert (finished("+composed"), finished("r4-attn")) == (before[0] + 2, before[1] + 2)
