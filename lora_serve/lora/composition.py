@@ -85,8 +85,8 @@ class ComposedLeases:
     @property
     def identity(self) -> str:
         """What computes its K/V (the prefix cache's root, engine/block_hash.py): each component's content
-        identity (LoRAModel.identity, never its name) and weight."""
-        parts = [[lease.record.identity, weight] for lease, (_, weight) in zip(self.leases, self.composition.weights)]
+        identity (LoRAModel.identity, never its name) and weight, in an order names do not change."""
+        parts = sorted([lease.record.identity, weight] for lease, (_, weight) in zip(self.leases, self.composition.weights))
         return hashlib.sha256(json.dumps(["composed", parts]).encode()).hexdigest()
 
     def close(self) -> None:
