@@ -20,10 +20,11 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from lora_serve.api.errors import APIError, invalid_param
+from lora_serve.api.errors import APIError, from_adapter_error, invalid_param
 from lora_serve.api.tenants import OPEN, Principal
 from lora_serve.lora.catalog import AdapterCatalog
 from lora_serve.lora.composition import Composition
+from lora_serve.lora.errors import AdapterError
 from lora_serve.lora.registry import AdapterRecord
 
 
@@ -86,16 +87,12 @@ class ModelRegistry:
 
     def resolve_adapters(self, model: str | None, weights: Mapping[str, float], viewer: Principal = OPEN) -> str | Composition:
         """The composition a request's `adapters` names (one adapter at weight 1.0: its name, as if named in
-        `model`): 400 unless `model` is the base (or absent) and the adapters fit max_loras, 404 for a name
-        that is no adapter the viewer can see (as resolve)."""
+        `model`): 400 unless `model` is the base (or absent), the adapters fit max_loras and their weights
+        cannot overflow (AdapterCatalog.check_composition); 404 for a name that is no adapter the viewer
+        can see (as resolve)."""
         if model is not None and model != self.base_name:
             raise invalid_param(
                 "adapters", f"adapters composes adapters on the base model: model must be {self.base_name!r}, not {model!r}"
-            )
-        max_loras = self.adapters.max_loras
-        if max_loras is not None and len(weights) > max_loras:
-            raise invalid_param(
-                "adapters", f"adapters names {len(weights)} adapters; this server runs at most max_loras={max_loras} at once"
             )
         for name in weights:
             if not (self.adapters.contains(name) and viewer.can_see(self.owner_of(name))):
@@ -104,6 +101,10 @@ class ModelRegistry:
             composition = Composition.of(weights)
         except ValueError as exc:  # the request body's own checks come first: a second line of defence
             raise invalid_param("adapters", str(exc)) from exc
+        try:
+            self.adapters.check_composition(composition)  # max_loras, and weights that could overflow
+        except AdapterError as exc:
+            raise from_adapter_error(exc) from exc
         return composition.plain_name or composition
 
     def resolve(self, name: str | None, viewer: Principal = OPEN) -> str | None:

@@ -189,10 +189,9 @@ class LLMEngine:
         self._seqs[request_id] = seq
 
     def check_composition(self, composition: Composition) -> None:
-        """Raise ValueError for a composition that can never run: more adapters than max_loras lets one batch hold."""
-        max_loras = self.lora.max_loras
-        if max_loras is not None and len(composition.weights) > max_loras:
-            raise ValueError(f"adapters names {len(composition.weights)} adapters; this server runs at most max_loras={max_loras} at once")
+        """Raise AdapterError (a ValueError) for a composition that can never run: more adapters than max_loras,
+        an unknown one, or weights that can overflow (AdapterCatalog.check_composition)."""
+        self.adapters.check_composition(composition)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request now; returns its last delta (finish_reason "abort"), None if it was not running."""

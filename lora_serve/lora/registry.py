@@ -20,7 +20,7 @@ from ..model.arch import ModelArch
 from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
 from .files import Roots
 from .lora_model import LoRAModel
-from .overflow import check_gain
+from .overflow import Gain, check_gain
 
 # One grammar for every way a name arrives (upload, load API, --lora-modules, adapter_dir). It starts with
 # a letter or digit, so no name is ".", ".." or a dot-folder of the store (".upload-*", ".deleted-*",
@@ -48,6 +48,7 @@ class AdapterRecord:
     deleting: bool = False  # unlisted and refused to new requests; purged when in-flight ones end
     folder_id: tuple[int, int, int] | None = None  # (st_dev, st_ino, st_ctime_ns) of its adapter_dir folder when registered; None elsewhere
     auto_merge: bool = False  # --merge-policy auto may merge it (see AdapterCatalog.register)
+    gain: Gain | None = None  # its update's largest bounds (overflow.py): what a composition's weights may scale
 
 
 def check_name(name: str, base_name: str) -> None:
@@ -73,10 +74,12 @@ class AdapterRegistry:
     def validate(self, name: str, path: Path, roots: Roots = None) -> LoRAModel:
         """Load and check an adapter folder without registering it (also how a registered one is
         reloaded; roots: see files.py)."""
+        return self._load(name, path, roots)[0]
+
+    def _load(self, name: str, path: Path, roots: Roots = None) -> tuple[LoRAModel, Gain]:
         check_name(name, self.base_name)
         model = LoRAModel.load(name, Path(path), self.arch, self.max_rank, roots)
-        check_gain(model, self.dtype)
-        return model
+        return model, check_gain(model, self.dtype)
 
     def add(
         self,
@@ -88,7 +91,8 @@ class AdapterRegistry:
         auto_merge: bool = False,
     ) -> tuple[AdapterRecord, LoRAModel]:
         check_name(name, self.base_name)  # also when the caller validated the weights itself
-        model = model or self.validate(name, path)
+        # A model the caller validated (an upload's) is measured again: once per registration.
+        model, gain = self._load(name, path) if model is None else (model, check_gain(model, self.dtype))
         ranks = sorted({w.A.shape[0] for w in model.weights.values()})
         record = AdapterRecord(
             name=name,
@@ -103,6 +107,7 @@ class AdapterRegistry:
             identity=model.identity,
             folder_id=folder_id,
             auto_merge=auto_merge,
+            gain=gain,
         )
         with self._lock:
             if name in self._records:

@@ -104,6 +104,8 @@ BAD_INPUTS = [
     ("null-weight", {"adapters": {"r4-attn": None}}, 400, "adapters.r4-attn", None),
     ("list", {"adapters": ["r4-attn"]}, 400, "adapters", None),
     ("string", {"adapters": "r4-attn"}, 400, "adapters", None),
+    ("weight-that-overflows", {"adapters": {"r4-attn": 1e30}}, 400, "adapters", None),
+    ("two-weights-that-overflow", {"adapters": {"r4-attn": 3e37, "r8-all": -3e37}}, 400, "adapters", None),
     ("model-is-an-adapter", {"model": "r8-all", "adapters": {"r4-attn": 0.5}}, 400, "adapters", None),
     ("model-is-unknown", {"model": "gpt-4", "adapters": {"r4-attn": 0.5}}, 400, "adapters", None),
     ("more-than-max-loras", {"adapters": {"r4-attn": 0.5, "r8-all": 0.5, "r2-mlp": 0.5}}, 400, "adapters", None),
