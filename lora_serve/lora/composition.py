@@ -21,6 +21,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 from .registry import AdapterRecord
@@ -70,7 +71,7 @@ class Composition:
     @property
     def label(self) -> str:
         """For logs: 'a*0.7+b*0.5'."""
-        return "+".join(f"{name}*{weight:g}" for name, weight in self.weights)
+        return "+".join(f"{name}*{weight!r}" for name, weight in self.weights)
 
 
 @dataclass(eq=False)
@@ -82,7 +83,7 @@ class ComposedLeases:
     leases: Sequence[AdapterLease]
     slots: list[int] | None = None  # per component: its virtual slot, pinned while the sequence runs
 
-    @property
+    @cached_property
     def identity(self) -> str:
         """What computes its K/V (the prefix cache's root, engine/block_hash.py): each component's content
         identity (LoRAModel.identity, never its name) and weight, in an order names do not change."""
