@@ -224,8 +224,9 @@ def test_the_graph_sees_relative_function_level_and_type_checking_imports(tmp_pa
     assert layering_violations(graph, "pkg") == ["pkg.lora.ops.c -> pkg.lora.manager", "pkg.model.linear -> pkg.lora.slots"]
 
 
-# What api/ and deploy/ may use of lora/: the catalog and what describes an adapter, never residency.
-DOOR_MODULES = {"catalog", "errors", "registry", "store", "files", "lora_model"}
+# What api/ and deploy/ may use of lora/: the catalog and what describes an adapter (or a weighted
+# composition of adapters), never residency.
+DOOR_MODULES = {"catalog", "errors", "registry", "store", "files", "lora_model", "composition"}
 # Attributes that lead past the catalog: the engine's residency manager (`engine.lora`, but for the
 # config's `config.lora`), and residency's own parts.
 RESIDENCY_ATTRIBUTES = {"lora", "residency", "slot_writer", "batch_cls", "try_admit", "prepare"}

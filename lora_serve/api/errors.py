@@ -61,8 +61,8 @@ def invalid_param(param: str | None, message: str, code: str | None = None) -> A
 
 
 def from_adapter_error(exc: AdapterError) -> APIError:
-    # A request's `model` naming no adapter gets the same code as an unknown model id.
-    code = "model_not_found" if isinstance(exc, AdapterNotFoundError) and exc.param == "model" else exc.code
+    # A request's `model` (or `adapters`) naming no adapter gets the same code as an unknown model id.
+    code = "model_not_found" if isinstance(exc, AdapterNotFoundError) and exc.param in ("model", "adapters") else exc.code
     return APIError(exc.status, exc.message, SERVER_ERROR if exc.status >= 500 else INVALID_REQUEST, exc.param, code)
 
 

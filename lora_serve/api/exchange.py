@@ -38,6 +38,7 @@ from lora_serve.engine.async_engine import EngineRequest
 from lora_serve.engine.grammar import Grammar, GrammarSpec
 from lora_serve.engine.outputs import RequestOutput, TokenLogprob
 from lora_serve.engine.sampling_params import SEED_MIN, SamplingParams
+from lora_serve.lora.composition import Composition
 
 SAMPLING_EPS = 1e-6  # smaller than any top-token probability for vocabularies under a million
 
@@ -59,7 +60,7 @@ class ChoiceRequest:
 class PreparedRequest:
     request_id: str  # the response's id
     model: str  # echoed in responses
-    lora_name: str | None
+    lora_name: str | Composition | None  # an adapter, or adapters composed with weights (None: the base)
     prompts: list[list[int]]  # the token ids of each prompt
     choices: list[ChoiceRequest]  # in index order
     index_of: dict[str, int] = field(init=False)  # engine request id -> choice index
@@ -112,13 +113,18 @@ def check_before_tokenizing(
     fields: RequestFields,
     num_chars: int,
     num_messages: int,
-) -> str | None:
+) -> str | Composition | None:
     """Every check that needs no tokenizer, so that a refused request costs no tokenizer time: the
-    engine's health, the model (404), the limits, the prompt's size in characters and messages,
-    stop_token_ids and logit_bias. Returns the adapter's name (None: the base); raises APIError naming the param."""
+    engine's health, the model and adapters (404), the limits, the prompt's size in characters and messages,
+    stop_token_ids and logit_bias. Returns the adapter's name or the composition (None: the base); raises
+    APIError naming the param."""
     if not state.engine.is_healthy:  # checked here, before a stream's 200 goes out
         raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "the engine is not healthy", SERVER_ERROR)
-    lora_name = state.models.resolve(req.model, viewer)
+    lora_name: str | Composition | None
+    if req.adapters is not None:
+        lora_name = state.models.resolve_adapters(req.model, req.adapters, viewer)
+    else:
+        lora_name = state.models.resolve(req.model, viewer)
     check_limits(
         state.config,
         max_tokens=fields.max_tokens,
@@ -163,7 +169,7 @@ def prepare(
     state: ServerState,
     req: SamplingRequest,
     fields: RequestFields,
-    lora_name: str | None,
+    lora_name: str | Composition | None,
     prompts: list[list[int]],
     tenant: str | None = None,
 ) -> PreparedRequest:
@@ -261,6 +267,7 @@ class Exchange(ABC, Generic[R]):
         and tokenize the prompts on a worker thread (never on the event loop) and check their tokens, then
         compile the output's grammar, if any, on a worker thread too. APIError if the request is bad."""
         await state.models.sync(req.model)
+        await state.models.sync_adapters(req.adapters)
         exchange = cls(state, req)
         fields = exchange.fields()
         lora_name = check_before_tokenizing(state, req, viewer, fields, *exchange.prompt_size())

@@ -25,6 +25,7 @@ from lora_serve.api.errors import SERVER_ERROR, APIError, from_adapter_error, in
 from lora_serve.api.exchange import Completion, Exchange, PreparedRequest, R
 from lora_serve.api.state import ServerState
 from lora_serve.engine.outputs import RequestOutput
+from lora_serve.lora.composition import COMPOSED_LABEL, Composition
 from lora_serve.lora.errors import AdapterError
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
@@ -51,8 +52,10 @@ async def generate(request: Request | None, state: ServerState, prep: PreparedRe
     delta is awaited as a task beside a disconnect watcher; when the client goes first (499) or the deadline
     passes (504), that task is cancelled, which closes the engine's stream and so aborts every choice.
     """
-    if request is not None:
-        request.state.model, request.state.adapter = prep.model, prep.lora_name  # for the access log
+    if request is not None:  # for the access log: a composition as 'a*0.7+b*0.5'
+        request.state.model = prep.model
+        request.state.adapter = prep.lora_name.label if isinstance(prep.lora_name, Composition) else prep.lora_name
+    metrics_label = COMPOSED_LABEL if isinstance(prep.lora_name, Composition) else prep.lora_name  # one series for all compositions
     start = time.perf_counter()
     first: dict[str, float] = {}  # engine request id -> when its first token came
     num_output: dict[str, int] = {}  # engine request id -> tokens generated so far
@@ -79,7 +82,7 @@ async def generate(request: Request | None, state: ServerState, prep: PreparedRe
                 now = time.perf_counter()
                 first.setdefault(out.request_id, now)
                 if out.finished:
-                    state.metrics.observe(prep.lora_name, start, first[out.request_id], now, out)
+                    state.metrics.observe(metrics_label, start, first[out.request_id], now, out)
                 yield out
         finally:
             disconnected.cancel()

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from lora_serve.api.errors import APIError
+from lora_serve.api.errors import APIError, from_adapter_error, invalid_param
 from lora_serve.api.tenants import OPEN, Principal
 from lora_serve.lora.catalog import AdapterCatalog
+from lora_serve.lora.composition import Composition
+from lora_serve.lora.errors import AdapterError
 from lora_serve.lora.registry import AdapterRecord
 
 
@@ -81,6 +83,33 @@ class ModelRegistry:
         adapter = adapter_name(name, self.base_name)
         if adapter is not None:
             await self.run_blocking(self.adapters.sync_with_adapter_dir, adapter)
+
+    async def sync_adapters(self, weights: Mapping[str, float] | None) -> None:
+        """As sync, for each adapter a request's `adapters` names."""
+        for name in weights or ():
+            await asyncio.to_thread(self.adapters.sync_with_adapter_dir, name)
+
+    def resolve_adapters(self, model: str | None, weights: Mapping[str, float], viewer: Principal = OPEN) -> str | Composition:
+        """The composition a request's `adapters` names (one adapter at weight 1.0: its name, as if named in
+        `model`): 400 unless `model` is the base (or absent), the adapters fit max_loras and their weights
+        cannot overflow (AdapterCatalog.check_composition); 404 for a name that is no adapter the viewer
+        can see (as resolve)."""
+        if model is not None and model != self.base_name:
+            raise invalid_param(
+                "adapters", f"adapters composes adapters on the base model: model must be {self.base_name!r}, not {model!r}"
+            )
+        for name in weights:
+            if not (self.adapters.contains(name) and viewer.can_see(self.owner_of(name))):
+                raise APIError(HTTPStatus.NOT_FOUND, f"The adapter `{name}` does not exist.", param="adapters", code="model_not_found")
+        try:
+            composition = Composition.of(weights)
+        except ValueError as exc:  # the request body's own checks come first: a second line of defence
+            raise invalid_param("adapters", str(exc)) from exc
+        try:
+            self.adapters.check_composition(composition)  # max_loras, and weights that could overflow
+        except AdapterError as exc:
+            raise from_adapter_error(exc) from exc
+        return composition.plain_name or composition
 
     def resolve(self, name: str | None, viewer: Principal = OPEN) -> str | None:
         """The lora_name a request's `model` field selects (None: the base model); 404 if unknown or not visible."""

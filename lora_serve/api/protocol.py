@@ -10,7 +10,7 @@ argument supplied" (errors.py).
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -20,6 +20,7 @@ from lora_serve.api.structured_outputs import StructuredOutputFields
 from lora_serve.api.tool_prompt import call_arguments
 from lora_serve.api.tools import ToolCall, ToolFields
 from lora_serve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_PENALTY, SEED_MAX, SEED_MIN
+from lora_serve.lora.composition import MAX_COMPONENTS
 
 # Pydantic builds a model per message and per content part (~10-30 us each), so a 4 MiB body of
 # empty ones would hold the event loop for seconds: both are counted on the raw JSON first.
@@ -45,6 +46,13 @@ class SamplingRequest(StructuredOutputFields):
 
     model: str | None = None
     """Base model id or adapter name (None: the base model)."""
+
+    adapters: dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False)]] | None = Field(
+        None, min_length=1, max_length=MAX_COMPONENTS
+    )
+    """Extension: adapter name -> weight, 1 to 8 of them, weights finite and of any sign: each row gets the sum
+    of weight x each adapter's delta, computed in the batch without merging (one entry: a per-request scale).
+    `model` must then be the base model's id."""
 
     max_tokens: int | None = Field(None, ge=1)
     """Most tokens to generate (None: up to max_model_len)."""

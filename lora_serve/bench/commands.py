@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import CliApp, CliSubCommand, CliVariadicArg
 
 from lora_serve.bench.command_base import BenchBase
+from lora_serve.bench.compose import BenchCompose
 from lora_serve.bench.gpu_check_plan import BenchGPUCheck
 from lora_serve.bench.serve_config import ClientConfig, WorkloadConfig
 from lora_serve.bench.structured import BenchStructured
@@ -317,6 +318,8 @@ class BenchCommand(BaseModel):
 
     s3_load: CliSubCommand[BenchS3Load]
     """Loading an adapter from s3://: downloaded, then found in the ETag cache."""
+    compose: CliSubCommand[BenchCompose]
+    """Weighted composition: a decode batch where some rows compose two adapters vs one adapter per row."""
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from ..config import CacheConfig, Dtype, EngineConfig, LoRAConfig, SchedulerConfig
 from ..engine.llm_engine import LLMEngine
+from ..lora.composition import Composition
 from .random_adapters import ALL_LINEAR, write_random_adapter
 from .roofline import decode_ceiling, read_bandwidth
 from .runners import engine_phases, hf_phases, random_prompts
@@ -72,7 +73,7 @@ def run(
 
 
 # label -> (adapter per sequence, adapter merged into the base while that configuration runs)
-Configs = dict[str, tuple[Sequence[str | None], str | None]]
+Configs = dict[str, tuple[Sequence[str | Composition | None], str | None]]
 
 
 class MergingEngine(Protocol):
@@ -85,7 +86,7 @@ class MergingEngine(Protocol):
 
 def interleave(
     engine: MergingEngine, configs: Configs, repeats: int,
-    measure: Callable[[Sequence[str | None], bool], object], on_round: Callable[[], object] = lambda: None,
+    measure: Callable[[Sequence[str | Composition | None], bool], object], on_round: Callable[[], object] = lambda: None,
 ) -> list[dict]:  # fmt: skip
     """[{label: measure(loras, warm_up)}] for `repeats` rounds, every configuration in turn within a round,
     after one warm-up round that is dropped (it also fills the slots). configs: label -> (adapter per

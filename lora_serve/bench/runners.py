@@ -15,6 +15,7 @@ import torch
 
 from ..engine.llm_engine import LLMEngine
 from ..engine.sampling_params import SamplingParams
+from ..lora.composition import Composition
 
 
 @dataclass
@@ -48,7 +49,7 @@ def engine_generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: lis
 
 
 def engine_phases(
-    engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: Sequence[str | None]
+    engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: Sequence[str | Composition | None]
 ) -> tuple[Timing, list[Timing]]:
     """(prefill, decode steps): the step that prefills every prompt, then each full-batch decode step
     timed on its own (a median over steps shrugs off the odd slow step of a shared machine)."""
@@ -69,7 +70,7 @@ def engine_phases(
 
 
 def engine_run_phases(
-    engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: Sequence[str | None]
+    engine: LLMEngine, prompts: list[list[int]], decode_steps: int, loras: Sequence[str | Composition | None]
 ) -> tuple[Timing, list[Timing], Timing]:
     """(prefill, decode steps, whole run) with every request submitted at once and run to the end.
 

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from ..config import EngineConfig
 from ..lora.catalog import AdapterCatalog, AdapterLease
+from ..lora.composition import ComposedLeases, Composition
 from ..lora.registry import AdapterRecord
 from ..model.default_model import resolve_model_path
 from .grammar import GrammarCompiler
@@ -60,7 +61,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
-        self._pending: dict[str, str | None] = {}  # submitted, not yet added by the loop: request id -> adapter
+        self._pending: dict[str, tuple[str, ...]] = {}  # submitted, not yet added by the loop: request id -> its adapters
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._acquirers = ThreadPoolExecutor(MAX_ACQUIRE_THREADS, thread_name_prefix="lora-serve-acquire", initializer=use_one_thread)
@@ -129,12 +130,12 @@ class AsyncEngine:
     def adapters_in_flight(self) -> tuple[set[str], set[str]]:
         """Adapter names of running and of waiting requests (for metrics and routing)."""
         running, waiting = self.engine.adapters_in_flight()
-        return running, waiting | {name for name in list(self._pending.values()) if name}
+        return running, waiting | {name for names in list(self._pending.values()) for name in names}
 
     # --- requests -------------------------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | Composition | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream output deltas. Raises at once for a request that can never run: ValueError,
         or lora.errors.AdapterError (unknown or unreadable adapter)."""
@@ -142,13 +143,18 @@ class AsyncEngine:
             async for out in outputs:
                 yield out
 
-    async def generate_many(self, requests: list[EngineRequest], lora_name: str | None = None) -> AsyncGenerator[RequestOutput, None]:
+    async def generate_many(
+        self, requests: list[EngineRequest], lora_name: str | Composition | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the deltas of several requests on one model (the choices of one API request: its prompts,
-        n of each), interleaved as they come; tell them apart by request_id. They reach the engine in one
+        n of each), interleaved as they come; tell them apart by request_id. lora_name: an adapter, or a
+        weighted composition of adapters (lora/composition.py). They reach the engine in one
         command, so they are queued together and share steps. Ends when all have finished; closed before,
         it aborts the rest. Raises at once, adding none, if one can never run (as generate)."""
         for _, prompt_token_ids, params in requests:
             self.engine.check_request(prompt_token_ids, params)
+        if isinstance(lora_name, Composition):
+            self.engine.check_composition(lora_name)
         if not self.is_healthy:
             raise RuntimeError("the engine is not running")
         ids = [request_id for request_id, _, _ in requests]
@@ -161,9 +167,14 @@ class AsyncEngine:
                 raise ValueError(f"request id {taken!r} is already running")
             for request_id in ids:
                 self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        leases: list[AdapterLease | None] = [None] * len(requests)
+        if isinstance(lora_name, Composition):
+            lora_name = lora_name.plain_name or lora_name  # one adapter at weight 1.0 is that adapter
+        leases: list[AdapterLease | ComposedLeases | None] = [None] * len(requests)
         try:  # disk -> CPU here, on a worker thread, never on the engine loop; one lease per request, closed as it ends
-            if lora_name is not None:
+            if isinstance(lora_name, Composition):
+                for i in range(len(requests)):
+                    leases[i] = await self.open_composed(lora_name)
+            elif lora_name is not None:
                 for i in range(len(requests)):
                     leases[i] = await self.open_adapter(lora_name)
         except BaseException:
@@ -175,8 +186,9 @@ class AsyncEngine:
                     self._streams.pop(request_id, None)
             raise
         # The leases are the engine's from here: add_request closes one if it refuses its request.
+        names = lora_name.names if isinstance(lora_name, Composition) else (lora_name,) if lora_name else ()
         for request_id in ids:
-            self._pending[request_id] = lora_name
+            self._pending[request_id] = names
 
         def add_all() -> None:
             for (request_id, prompt_token_ids, params), lease in zip(requests, leases):
@@ -196,6 +208,18 @@ class AsyncEngine:
                     self._streams.pop(request_id, None)
             for request_id in unfinished:
                 self.abort(request_id)
+
+    async def open_composed(self, composition: Composition) -> ComposedLeases:
+        """A lease on each of the composition's adapters, as open_adapter; those opened are closed if one fails."""
+        leases: list[AdapterLease] = []
+        try:
+            for name in composition.names:
+                leases.append(await self.open_adapter(name))
+        except BaseException:
+            for lease in leases:
+                lease.close()
+            raise
+        return ComposedLeases(composition, leases)
 
     async def open_adapter(self, lora_name: str) -> AdapterLease:
         """A lease on the adapter (AdapterCatalog.open) from an acquire thread, waiting as long as it takes
@@ -314,7 +338,9 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out)
 
-    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lease: AdapterLease | None) -> None:
+    def _add(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lease: AdapterLease | ComposedLeases | None
+    ) -> None:
         try:
             self.engine.add_request(request_id, prompt_token_ids, params, lease)
         except Exception as exc:

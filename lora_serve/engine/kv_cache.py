@@ -65,7 +65,7 @@ class KVCache:
         # vLLM's prefix-cache counters, in prompt tokens: looked up at admission, and found cached.
         self.num_prefix_queries = 0
         self.num_prefix_hits = 0
-        # The same per adapter ("" the base): (queries, hits), replaced whole so that a reader on another
+        # The same per adapter ("" the base, "+composed" every composition): (queries, hits), replaced whole so that a reader on another
         # thread (metrics) never sees one updated without the other.
         self.prefix_counts_by_adapter: dict[str, tuple[int, int]] = {}
 
@@ -153,8 +153,9 @@ class KVCache:
             num_hit = len(hits) * self.block_size
             self.num_prefix_queries += seq.num_tokens
             self.num_prefix_hits += num_hit
-            queries, found = self.prefix_counts_by_adapter.get(seq.lora_name or "", (0, 0))
-            self.prefix_counts_by_adapter[seq.lora_name or ""] = (queries + seq.num_tokens, found + num_hit)
+            label = seq.metrics_label
+            queries, found = self.prefix_counts_by_adapter.get(label, (0, 0))
+            self.prefix_counts_by_adapter[label] = (queries + seq.num_tokens, found + num_hit)
             if seq.num_prefix_cached_tokens is None:  # reported once, as at the first admission (vLLM)
                 seq.num_prefix_cached_tokens = num_hit
             if hits:

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from ..config import EngineConfig, resolved
 from ..lora.catalog import AdapterLease
+from ..lora.composition import ComposedLeases, Composition, open_composed
 from ..lora.errors import AdapterError
 from ..lora.manager import LoRAManager
 from ..lora.merge_policy import MergePolicy
@@ -154,30 +155,43 @@ class LLMEngine:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        lora: str | AdapterLease | None = None,
+        lora: str | AdapterLease | Composition | ComposedLeases | None = None,
     ) -> None:
-        """Queue a request on the base (None) or an adapter: its name, opened here (blocking I/O if it is
-        not in CPU memory), or a lease the caller opened off this thread (as AsyncEngine does). The lease
-        is the engine's from here: closed at once if the request is refused or anything fails before it
-        is queued, else when it ends."""
+        """Queue a request on the base (None), an adapter or a weighted composition of adapters: a name or
+        a Composition, opened here (blocking I/O if not in CPU memory), or the lease(s) the caller opened
+        off this thread (as AsyncEngine does). The leases are the engine's from here: closed at once if the
+        request is refused or anything fails before it is queued, else when it ends."""
         lease = lora if isinstance(lora, AdapterLease) else None
+        composed = lora if isinstance(lora, ComposedLeases) else None
         try:
+            if isinstance(lora, Composition):
+                lora = lora.plain_name or lora  # one adapter at weight 1.0 is that adapter
             if isinstance(lora, str):
                 lease = self.adapters.open(lora)  # AdapterNotFoundError for an unknown name
+            elif isinstance(lora, Composition):
+                composed = open_composed(lora, self.adapters.open)
             if request_id in self._seqs:
                 raise ValueError(f"request id {request_id!r} is already running")
             self.check_request(prompt_token_ids, params)
+            if composed is not None:
+                self.check_composition(composed.composition)
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             gen = torch.Generator().manual_seed(seed)
-            seq = Sequence(request_id, list(prompt_token_ids), params, gen, lease.name if lease else None, lease=lease)
+            seq = Sequence(request_id, list(prompt_token_ids), params, gen, lease.name if lease else None, lease=lease, composed=composed)
             if params.grammar is not None:
                 seq.matcher = params.grammar.matcher()
             self.scheduler.add(seq)
         except BaseException:
-            if lease is not None:
-                lease.close()
+            for held in (lease, composed):
+                if held is not None:
+                    held.close()
             raise
         self._seqs[request_id] = seq
+
+    def check_composition(self, composition: Composition) -> None:
+        """Raise AdapterError (a ValueError) for a composition that can never run: more adapters than max_loras,
+        an unknown one, or weights that can overflow (AdapterCatalog.check_composition)."""
+        self.adapters.check_composition(composition)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request now; returns its last delta (finish_reason "abort"), None if it was not running."""
@@ -190,8 +204,9 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         del self._seqs[seq.request_id]
-        if seq.lease is not None:
-            seq.lease.close()
+        for held in (seq.lease, seq.composed):
+            if held is not None:
+                held.close()
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after a failed step) and free what they held."""
@@ -210,8 +225,8 @@ class LLMEngine:
 
     def adapters_in_flight(self) -> tuple[set[str], set[str]]:
         """Adapter names of the running and of the waiting requests (read from any thread, for metrics)."""
-        running = {s.lora_name for s in list(self.scheduler.running) if s.lora_name}
-        waiting = {s.lora_name for s in list(self.scheduler.waiting) if s.lora_name}
+        running = {name for s in list(self.scheduler.running) for name in s.adapter_names}
+        waiting = {name for s in list(self.scheduler.waiting) for name in s.adapter_names}
         return running, waiting
 
     def num_running(self) -> int:
@@ -262,7 +277,7 @@ class LLMEngine:
             return [], seqs, logits
         failed = []
         for seq in (s for s, ok in zip(seqs, finite) if not ok):
-            adapter = f"adapter {seq.lora_name!r}" if seq.lora_name else "the base model"
+            adapter = f"adapter {seq.adapter_key!r}" if seq.adapter_key else "the base model"
             log.warning("request %s: non-finite logits with %s; failing it", seq.request_id, adapter)
             failed.append(self._fail(seq, f"the model's output for this request is not finite (NaN or Inf) with {adapter}"))
         keep = [i for i, ok in enumerate(finite) if ok]
@@ -298,7 +313,7 @@ class LLMEngine:
         assert self.merge_policy is not None  # step() calls this only with a policy
         tokens: Counter = Counter()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            tokens[seq.lora_name] += n
+            tokens[seq.adapter_key] += n  # a composition's label is never merged
         decision = self.merge_policy.observe(tokens, self.lora.merged.name, self.adapters.registry.may_auto_merge)
         if decision is None:
             return

@@ -121,7 +121,7 @@ class Scheduler:
     def _admit(self, budget: int, merged: str | None) -> tuple[list[Sequence], list[int]]:
         admitted: list[Sequence] = []
         chunks: list[int] = []
-        no_slot: set[str | None] = set()  # adapters that found every slot pinned (slots free only between steps)
+        no_slot: set[str | None] = set()  # adapters (or compositions) that found every slot pinned (slots free only between steps)
         while len(self.running) < self.max_num_seqs and budget > 0:
             for seq in self._admission_order(no_slot):  # computed again after each admission
                 hits = self.kv.cached_prefix(seq, merged)
@@ -130,7 +130,7 @@ class Scheduler:
                 if not self.kv.can_allocate(seq, num_hit + n, hits):
                     return admitted, chunks  # nobody behind it in this order jumps it for memory
                 if self.admission is not None and not self.admission.try_admit(seq):
-                    no_slot.add(seq.lora_name)
+                    no_slot.add(seq.adapter_key)
                     continue
                 break
             else:
@@ -149,14 +149,14 @@ class Scheduler:
         rest, each in arrival order; none behind the first that has been overtaken max_lora_bypass times."""
         rest = []
         for seq in self.waiting:
-            if seq.lora_name not in no_slot:
-                if seq.lora_name is None or self.admission is None or self.admission.is_resident(seq.lora_name):
+            if seq.adapter_key not in no_slot:
+                if self.admission is None or all(self.admission.is_resident(name) for name in seq.adapter_names):
                     yield seq
                 else:
                     rest.append(seq)
             if seq.num_bypassed >= self.max_lora_bypass:
                 break  # it blocks the queue, as under FCFS, until it is admitted
-        yield from (seq for seq in rest if seq.lora_name not in no_slot)
+        yield from (seq for seq in rest if seq.adapter_key not in no_slot)
 
     def _overtake(self, seq: Sequence) -> None:
         """Take `seq` out of the queue; every sequence that arrived before it has been overtaken once more."""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..lora.composition import COMPOSED_LABEL
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     import xgrammar as xgr
 
     from ..lora.catalog import AdapterLease
+    from ..lora.composition import ComposedLeases
 
 
 class SequenceStatus(enum.Enum):
@@ -32,6 +34,7 @@ class Sequence:
     lora_name: str | None = None
     lora_slot: int | None = None  # its adapter's slot, pinned while running (see lora/residency.py)
     lease: AdapterLease | None = None  # its hold on lora_name's CPU copy, closed when it ends (lora/catalog.py)
+    composed: ComposedLeases | None = None  # weighted adapters instead of lora_name (lora/composition.py)
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
@@ -70,8 +73,29 @@ class Sequence:
 
     @property
     def adapter_identity(self) -> str | None:
-        """Its adapter's identity (lora/lora_model.py LoRAModel.identity) as its lease opened it; None: the base."""
+        """Its adapter's identity (lora/lora_model.py LoRAModel.identity) as its lease opened it, or its
+        composition's (each component's identity and weight); None: the base."""
+        if self.composed is not None:
+            return self.composed.identity
         return self.lease.record.identity if self.lease is not None else None
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The adapters its rows read: none for the base, one, or a composition's."""
+        if self.composed is not None:
+            return self.composed.composition.names
+        return (self.lora_name,) if self.lora_name is not None else ()
+
+    @property
+    def metrics_label(self) -> str:
+        """Its adapter label in metrics: the adapter, "" for the base, one label for every composition
+        (weights are any float: a label each would grow without bound)."""
+        return COMPOSED_LABEL if self.composed is not None else self.lora_name or ""
+
+    @property
+    def adapter_key(self) -> str | None:
+        """What it runs on, as one name: its adapter, its composition's label, or None for the base."""
+        return self.composed.composition.label if self.composed is not None else self.lora_name
 
     @property
     def is_prefix_cacheable(self) -> bool:

@@ -38,9 +38,19 @@ from ..config import LoRAConfig, is_remote, resolved
 from ..model.arch import ModelArch
 from . import adapter_dir
 from .budget import LoRAMemory
+from .composition import Composition
 from .dora import BaseNorms
-from .errors import AdapterBusyError, AdapterChangedError, AdapterMergedError, AdapterNotFoundError, AdapterTooLargeError
+from .errors import (
+    AdapterBusyError,
+    AdapterChangedError,
+    AdapterError,
+    AdapterMergedError,
+    AdapterNotFoundError,
+    AdapterTooLargeError,
+    UnsupportedAdapterError,
+)
 from .lora_model import LoRAModel
+from .overflow import check_weighted_gain
 from .registry import AdapterRecord, AdapterRegistry
 from .residency import Residency
 from .slot_writes import SlotWriter
@@ -113,6 +123,26 @@ class AdapterCatalog:
 
     def set_auto_merge(self, name: str, enabled: bool) -> AdapterRecord:
         return self.registry.set_auto_merge(name, enabled)
+
+    def check_composition(self, composition: Composition) -> None:
+        """Raise an AdapterError naming `adapters` for a composition that can never run: an unknown adapter
+        (404), more adapters than max_loras lets one batch hold, or weights that can overflow (400)."""
+        if self.max_loras is not None and len(composition.weights) > self.max_loras:
+            raise AdapterError(
+                f"adapters names {len(composition.weights)} adapters; this server runs at most max_loras={self.max_loras} at once",
+                param="adapters",
+            )
+        records = [self.registry.find(name) for name in composition.names]
+        missing = next((name for name, r in zip(composition.names, records) if r is None), None)
+        if missing is not None:
+            raise AdapterNotFoundError(f"The adapter `{missing}` does not exist.", param="adapters")
+        dora = next((r.name for r in records if r is not None and r.use_dora), None)
+        if dora is not None and composition.plain_name is None:  # its ratio depends on the whole update (dora.py)
+            raise UnsupportedAdapterError(
+                f"adapter {dora!r} is a DoRA adapter, which cannot be weighted or composed: name it in `model`", param="adapters"
+            )
+        parts = [(r.name, w, r.gain) for r, (_, w) in zip(records, composition.weights) if r is not None and r.gain is not None]
+        check_weighted_gain(parts, self.registry.dtype)
 
     def location(self, name: str) -> str:
         """ "device", "cpu" or "disk": a snapshot for the API."""

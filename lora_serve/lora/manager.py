@@ -21,6 +21,7 @@ from ..model.llama import LlamaModel
 from ..model.loader import torch_dtype
 from .budget import LoRAMemory
 from .catalog import AdapterCatalog, AdapterLease
+from .composition import ComposedLeases
 from .errors import AdapterError, AdapterNotFoundError
 from .merge import MergedWeights
 from .ops.selector import lora_batch_class
@@ -100,7 +101,10 @@ class LoRAManager:
         return self.catalog.get(name).num_params * self.slot_dtype.itemsize
 
     def try_admit(self, seq: LoRASequence) -> bool:
-        """Pin seq's adapter on the device; False if no room can be made for it this step."""
+        """Pin seq's adapter on the device (a composition's: every one of them, or none); False if no room
+        can be made for it this step."""
+        if seq.composed is not None:
+            return self._admit_composed(seq.composed)
         name = seq.lora_name
         if name is None:
             return True
@@ -114,7 +118,28 @@ class LoRAManager:
         seq.lora_slot = slot
         return True
 
+    def _admit_composed(self, composed: ComposedLeases) -> bool:
+        slots: list[int] = []
+        with self.catalog.lock:
+            for lease, (name, weight) in zip(composed.leases, composed.composition.weights):
+                model = self.catalog.cpu_copy(name)  # held there by the lease
+                slot = None if model is None else self.residency.pin_scaled(name, model, lease.record, weight)
+                if slot is None:  # all or none: a half-pinned composition would hold slots it cannot use
+                    for (pinned, w), _ in zip(composed.composition.weights, slots):
+                        self.residency.unpin_scaled(pinned, w)
+                    return False
+                slots.append(slot)
+        composed.slots = slots
+        return True
+
     def release_slot(self, seq: LoRASequence) -> None:
+        composed = seq.composed
+        if composed is not None and composed.slots is not None:
+            with self.catalog.lock:
+                for name, weight in composed.composition.weights:
+                    self.residency.unpin_scaled(name, weight)
+                composed.slots = None
+            return
         if seq.lora_name is None or seq.lora_slot is None:
             return
         with self.catalog.lock:

@@ -6,13 +6,15 @@ and the low-rank intermediate |x·Aᵀ| <= ‖A‖₂·|x|. An adapter passes wh
 two factors, is at most sqrt(max) of the dtype (1.8e19 in float32 and bfloat16, 256 in float16): then
 no activation of norm up to sqrt(max) is pushed past the dtype's range by the adapter. Trained adapters
 have gains near 1. Finite values that overflow in use (lora_alpha 3e38, weights around 1e30) are
-refused at load with a 400. What still overflows below the bound on some prompt stays in that request:
+refused at load with a 400, and so are weights of a composition (composition.py) that break the same
+bounds with each scale times |weight| (check_weighted_gain). What still overflows below the bound on some prompt stays in that request:
 the engine fails it alone (LLMEngine.fail_non_finite) and the KV cache never lets it leak (kv_cache.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -25,9 +27,19 @@ def max_gain(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).max)
 
 
-def check_gain(model: LoRAModel, dtype: torch.dtype) -> None:
-    """Raise InvalidAdapterError (400) if any projection's update can overflow `dtype`."""
+@dataclass(frozen=True)
+class Gain:
+    """An adapter's largest bounds over its projections: what a weight in a composition multiplies."""
+
+    a: float  # ‖A‖₂
+    b: float  # |scale|·‖B‖₂
+    total: float  # |scale|·‖B‖₂·‖A‖₂
+
+
+def check_gain(model: LoRAModel, dtype: torch.dtype) -> Gain:
+    """Raise InvalidAdapterError (400) if any projection's update can overflow `dtype`; its Gain otherwise."""
     limit = max_gain(dtype)
+    most = Gain(0.0, 0.0, 0.0)
     for (layer, module), w in sorted(model.weights.items()):
         norm_a = float(torch.linalg.matrix_norm(w.A.double(), ord=2))  # A: [r, in]
         norm_b = abs(w.scale) * float(torch.linalg.matrix_norm(w.B.double(), ord=2))  # B: [out, r]
@@ -39,3 +51,20 @@ def check_gain(model: LoRAModel, dtype: torch.dtype) -> None:
                 f"here is {limit:.3g}; check lora_alpha and the weights' magnitude",
                 param="adapter_model",
             )
+        most = Gain(max(most.a, norm_a), max(most.b, norm_b), max(most.total, gain))
+    return most
+
+
+def check_weighted_gain(parts: list[tuple[str, float, Gain]], dtype: torch.dtype) -> None:
+    """Raise InvalidAdapterError (400, param "adapters") if adapters composed with these weights (name,
+    weight, its Gain) can overflow `dtype`: the bounds above, with each scale times |weight| and the
+    composed update's gain at most the sum of its parts'."""
+    limit = max_gain(dtype)
+    total = sum(abs(weight) * gain.total for _, weight, gain in parts)
+    worst = max(abs(weight) * gain.b for _, weight, gain in parts)
+    if not (total <= limit and worst <= limit):
+        raise InvalidAdapterError(
+            f"these weights can overflow {str(dtype).removeprefix('torch.')}: the composed update's gain is up to "
+            f"{total:.3g} (sum of |weight|·scale·‖B‖·‖A‖), and its limit here is {limit:.3g}; use smaller weights",
+            param="adapters",
+        )

@@ -22,7 +22,7 @@ from .dora import BaseNorms, with_ratios
 from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError, UnsupportedAdapterError
 from .files import Roots
 from .lora_model import LoRAModel
-from .overflow import check_gain
+from .overflow import Gain, check_gain
 
 # One grammar for every way a name arrives (upload, load API, --lora-modules, adapter_dir). It starts with
 # a letter or digit, so no name is ".", ".." or a dot-folder of the store (".upload-*", ".deleted-*",
@@ -52,6 +52,7 @@ class AdapterRecord:
     auto_merge: bool = False  # --merge-policy auto may merge it (see AdapterCatalog.register)
     use_dora: bool = False  # DoRA (dora.py)
     source: str | None = None  # the s3:// location `path` is a local copy of; None for a local folder
+    gain: Gain | None = None  # its update's largest bounds (overflow.py): what a composition's weights may scale
 
 
 def check_name(name: str, base_name: str) -> None:
@@ -78,14 +79,17 @@ class AdapterRegistry:
     def validate(self, name: str, path: Path, roots: Roots = None) -> LoRAModel:
         """Load and check an adapter folder without registering it (also how a registered one is
         reloaded; roots: see files.py)."""
+        return self._load(name, path, roots)[0]
+
+    def _load(self, name: str, path: Path, roots: Roots = None) -> tuple[LoRAModel, Gain]:
         check_name(name, self.base_name)
         model = LoRAModel.load(name, Path(path), self.arch, self.max_rank, roots)
-        check_gain(model, self.dtype)
+        gain = check_gain(model, self.dtype)
         if model.config.use_dora:
             if self.base is None:
                 raise UnsupportedAdapterError("DoRA adapters need the base model's weights, which this check has not", param="use_dora")
             model = with_ratios(model, self.base, self.dtype)
-        return model
+        return model, gain
 
     def add(
         self,
@@ -98,7 +102,8 @@ class AdapterRegistry:
         source: str | None = None,
     ) -> tuple[AdapterRecord, LoRAModel]:
         check_name(name, self.base_name)  # also when the caller validated the weights itself
-        model = model or self.validate(name, path)
+        # A model the caller validated (an upload's) is measured again: once per registration.
+        model, gain = self._load(name, path) if model is None else (model, check_gain(model, self.dtype))
         ranks = sorted({w.A.shape[0] for w in model.weights.values()})
         record = AdapterRecord(
             name=name,
@@ -115,6 +120,7 @@ class AdapterRegistry:
             auto_merge=auto_merge,
             use_dora=model.config.use_dora,
             source=source,
+            gain=gain,
         )
         with self._lock:
             if name in self._records:

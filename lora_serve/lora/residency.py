@@ -12,6 +12,9 @@ ways, chosen once per engine:
   slot_writes.py). The buffers share a byte budget (LoRAConfig.lora_memory_gb); unpinned ones
   stay for reuse and are evicted least recently used first when a new adapter needs room.
 max_loras, when set, caps the resident adapters in either way (vLLM's meaning: the most one batch mixes).
+A composed request's components (composition.py) count as the distinct adapters they are: an adapter
+at a weight other than 1.0 is a virtual slot, an entry viewing the adapter's own resident tensors with
+its scales times the weight, holding no memory and not counted; it lives while a running row uses it.
 Engine thread only, but for `location` (a snapshot for the API) and `drop`, which the manager
 calls under its lock.
 """
@@ -27,6 +30,7 @@ import torch
 
 from ..model.linear import LoRABatch
 from ..model.llama import LlamaModel
+from .composition import ComposedLeases
 from .lora_model import LoRAModel
 from .merge import negated
 from .registry import AdapterRecord
@@ -41,6 +45,7 @@ class LoRASequence(Protocol):
 
     lora_name: str | None  # its adapter, None for the base model
     lora_slot: int | None  # that adapter's slot, set while the sequence pins it (running)
+    composed: ComposedLeases | None  # its adapters and weights instead of lora_name (composition.py)
 
     @property
     def lease(self) -> Lease | None: ...  # its hold on the adapter's CPU copy (catalog.AdapterLease)
@@ -63,6 +68,12 @@ class _Resident:
     pins: int = 0
 
 
+@dataclass(eq=False)
+class _Virtual:
+    slot: int
+    pins: int = 0
+
+
 class Residency:
     def __init__(self, model: LlamaModel, dtype: torch.dtype, budget_bytes: int, max_loras: int | None, writer: SlotWriter):
         self.dtype = dtype
@@ -75,6 +86,7 @@ class Residency:
         self.num_evictions = 0
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order, oldest first
         self._merged: _Resident | None = None  # the merged adapter's negation (merge.py), pinned while merged
+        self._virtual: dict[tuple[str, float], _Virtual] = {}  # (adapter, weight) -> its scaled view, while pinned
         self._free_slots: list[int] = []
         self._num_slots = 0
         # [(layer, slice names, slots)] for every projection, in the base's order.
@@ -129,6 +141,38 @@ class Residency:
 
     def unpin(self, name: str) -> None:
         self._resident[name].pins -= 1
+
+    def pin_scaled(self, name: str, model: LoRAModel, owner: object, weight: float) -> int | None:
+        """As `pin`, for one component of a composition: the slot of `name` at `weight` (its own at 1.0,
+        else a virtual slot made now if no running row has it), pinned until `unpin_scaled`."""
+        slot = self.pin(name, model, owner)
+        if slot is None or weight == 1.0:
+            return slot
+        virtual = self._virtual.get((name, weight))
+        if virtual is None:
+            virtual = self._virtual[(name, weight)] = _Virtual(self._free_slots.pop() if self._free_slots else self._new_slot())
+            with self.writer.writing():  # CUDA: after the source's own writes, on the same side stream
+                for _, _, slots in self.projections:
+                    slots.fill_scaled(virtual.slot, slot, weight)
+                    self.writer.mark_written(slots)
+        virtual.pins += 1
+        return virtual.slot
+
+    def unpin_scaled(self, name: str, weight: float) -> None:
+        self.unpin(name)
+        virtual = self._virtual.get((name, weight))
+        if virtual is None:
+            return
+        virtual.pins -= 1
+        if virtual.pins == 0:  # no running row reads it: free the slot (the adapter itself stays resident)
+            del self._virtual[(name, weight)]
+            for _, _, slots in self.projections:
+                slots.clear(virtual.slot)
+            self._free_slots.append(virtual.slot)
+
+    def num_virtual(self) -> int:
+        """Virtual slots in use (composition components at a weight other than 1.0)."""
+        return len(self._virtual)
 
     def drop(self, name: str) -> None:
         """Forget `name`'s entry and free its memory, unless a running sequence pins it."""
@@ -204,35 +248,37 @@ class Residency:
     # --- per step -------------------------------------------------------------------------------
 
     def prepare(self, seqs: list[Seq], num_new_tokens: list[int], merged: str | None, batch_cls: type) -> LoRABatch | None:
-        """Order the batch in place and build its segments. Rows: adapters by slot, then base-only,
-        then the merged adapter's. Base-only rows get no delta at all; while an adapter is merged,
-        every row before its own gets the negated merged adapter (one extra segment)."""
-        if merged is None and all(s.lora_slot is None for s in seqs):
+        """Order the batch in place and build its segments. Rows: adapters by slot, then compositions
+        (each distinct one a run, each component one segment over it), then base-only, then the merged
+        adapter's. Base-only rows get no delta at all; while an adapter is merged, every row before its
+        own gets the negated merged adapter (one extra segment)."""
+        if merged is None and all(s.lora_slot is None and s.composed is None for s in seqs):
             return None
 
-        def group(i: int) -> tuple[int, int]:
+        def group(i: int) -> tuple[int, tuple[int, ...]]:
             s = seqs[i]
             if merged is not None and s.lora_name == merged:
-                return (2, 0)
-            return (1, 0) if s.lora_slot is None else (0, s.lora_slot)
+                return (3, ())
+            if s.composed is not None and s.composed.slots is not None:
+                return (1, tuple(s.composed.slots))
+            return (2, ()) if s.lora_slot is None else (0, (s.lora_slot,))
 
         order = sorted(range(len(seqs)), key=group)
         groups = [group(i) for i in order]
         seqs[:] = [seqs[i] for i in order]
         num_new_tokens[:] = [num_new_tokens[i] for i in order]
-        segments: list[tuple[int, int, int]] = []
+        runs: list[tuple[tuple[int, tuple[int, ...]], int, int]] = []  # (group, lo, hi): rows of one adapter or composition
         row = 0
-        for (kind, slot), n in zip(groups, num_new_tokens):
-            if kind == 2:
-                break
-            if kind == 0:
-                if segments and segments[-1][0] == slot and segments[-1][2] == row:
-                    segments[-1] = (slot, segments[-1][1], row + n)
-                else:
-                    segments.append((slot, row, row + n))
+        for key, n in zip(groups, num_new_tokens):
+            if runs and runs[-1][0] == key:
+                runs[-1] = (key, runs[-1][1], row + n)
+            else:
+                runs.append((key, row, row + n))
             row += n
-        if self._merged is not None and row > 0:
-            segments.append((self._merged.slot, 0, row))
+        segments = [(slot, lo, hi) for (kind, slots), lo, hi in runs if kind < 2 for slot in slots]
+        unmerged_rows = next((lo for (kind, _), lo, _ in runs if kind == 3), row)
+        if self._merged is not None and unmerged_rows > 0:
+            segments.append((self._merged.slot, 0, unmerged_rows))
         return batch_cls(segments) if segments else None  # merged-only batches run the bare base path
 
 

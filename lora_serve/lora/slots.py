@@ -92,16 +92,32 @@ class ProjectionSlots:
         if packed_A.shape != (row, self.in_features):
             raise ValueError(f"packed A is {tuple(packed_A.shape)}, the slices need {(row, self.in_features)}")
         scales = torch.cat([torch.full((r1 - r0,), scale) for _, r0, r1, _, scale in layout]).view(1, row).to(self.device)
+        ratio_first = any(w.ratio_first for w in weights if w is not None)
+        self._set(slot, SlotEntry(packed_A, layout, signature, scales, ratios, ratio_first))
+
+    def fill_scaled(self, slot: int, source: int, weight: float) -> None:
+        """Point `slot` at the adapter in slot `source` with every scale times `weight`: the same A and B
+        tensors (no copy), so one batch can read an adapter at several weights (lora/composition.py)."""
+        entry = self.entries[source] if source < len(self.entries) else None
+        if entry is None:
+            self.clear(slot)
+            return
+        layout = [(out, r0, r1, b, scale * weight) for out, r0, r1, b, scale in entry.layout]
+        if entry.ratios:  # a DoRA ratio depends on the scale: AdapterCatalog.check_composition refuses DoRA adapters
+            raise ValueError("a DoRA adapter has no weighted entry")
+        self._set(slot, SlotEntry(entry.A, layout, entry.signature, entry.scales * weight, [], False))  # scales: [1, R] float32
+
+    def _set(self, slot: int, entry: SlotEntry) -> None:
         while len(self.entries) <= slot:
             self.entries.append(None)
-        ratio_first = any(w.ratio_first for w in weights if w is not None)
-        self.entries[slot] = SlotEntry(packed_A, layout, signature, scales, ratios, ratio_first)
+        self.entries[slot] = entry
         self.rescaled.discard(slot)
-        if ratios:
+        if entry.ratios:
             self.rescaled.add(slot)
         self.version += 1
         if self.kernel_table is not None:
-            self.kernel_table.set(slot, packed_A, scales.view(row), [(r0, b, out.start) for out, r0, _, b, _ in layout])
+            slices = [(r0, b, out.start) for out, r0, _, b, _ in entry.layout]
+            self.kernel_table.set(slot, entry.A, entry.scales.view(-1), slices)
 
     def clear(self, slot: int) -> None:
         while len(self.entries) <= slot:  # every slot a batch names has a row, here and in the kernels' tables

@@ -103,6 +103,21 @@ def test_completions_and_models_show_the_upload_only_to_its_tenant_and_admins(se
             assert (refused.status_code, _as_missing(refused)) == (404, missing.json())
 
 
+@pytest.mark.parametrize("key", USER_ROUTE_KEYS)
+def test_composing_the_upload_is_for_its_tenant_and_admins_only(server: LiveServer, key: str) -> None:
+    def compose(name: str) -> httpx.Response:
+        body = {"model": server.model, "prompt": "hi", "max_tokens": 2, "adapters": {name: 0.5}}
+        return httpx.post(server.base_url + "/v1/completions", json=body, headers=_auth(key), timeout=30)
+
+    resp = compose(PRIVATE)
+    if SEES[key]:
+        assert resp.status_code == 200 and resp.json()["model"] == server.model
+    else:
+        missing = compose(MISSING)
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "adapters"
+        assert (resp.status_code, _as_missing(resp)) == (404, missing.json())
+
+
 @pytest.mark.parametrize("key", [ACME, OPS, LEGACY_ADMIN, GLOBEX])
 def test_management_calls_show_the_upload_only_to_its_tenant_and_admins(server: LiveServer, key: str) -> None:
     listed = httpx.get(server.base_url + "/v1/adapters", headers=_auth(key)).json()["data"]

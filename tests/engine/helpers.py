@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.engine.sampling_params import SamplingParams
+from lora_serve.lora.composition import Composition
 
 
 def run_to_completion(
-    engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], lora: dict[str, str | None] | None = None
+    engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], lora: Mapping[str, str | Composition | None] | None = None
 ) -> dict[str, dict]:
     """Submit all requests at once, step until done; per request: token ids, text, finish reason, logprobs,
     each prompt_logprobs the outputs carried, prompt tokens found in the prefix cache (also for requests that were already in the engine)."""

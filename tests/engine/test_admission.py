@@ -16,6 +16,7 @@ from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.engine.sampling_params import SamplingParams
 from lora_serve.engine.scheduler import Scheduler
 from lora_serve.engine.sequence import Sequence
+from lora_serve.lora.composition import Composition
 from lora_serve.model.arch import ModelArch
 
 from .helpers import run_to_completion
@@ -218,3 +219,32 @@ def test_admission_order_changes_no_tokens(tiny_llama_dir: Path, adapters: list[
     assert orders[0] != orders[SchedulerConfig().max_lora_bypass]
     assert results[0] == results[SchedulerConfig().max_lora_bypass]
     assert len({tuple(t) for t in results[0].values()}) == len(names)  # every request its own answer
+
+
+def test_compositions_wait_for_all_their_adapters_and_change_no_tokens(tiny_llama_dir: Path, adapters: list[str]):
+    """max_loras=2: a composition of two takes every slot, so it and the plain requests queue for each other;
+    all finish, each with the tokens it gets alone, and nothing stays pinned."""
+    lora: dict[str, str | Composition | None] = {
+        "p0": "a0",
+        "c01": Composition.of({"a0": 0.7, "a1": -0.5}),
+        "p2": "a2",
+        "c12": Composition.of({"a1": 1.0, "a2": 0.5}),
+        "b": None,
+        "s2": Composition.of({"a2": 0.25}),
+        "p1": "a1",
+        "c01b": Composition.of({"a0": 0.7, "a1": -0.5}),
+    }
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    requests = {rid: ([(13 * i + 7 * j) % 4000 + 30 for j in range(5 + i)], params) for i, rid in enumerate(lora)}
+    config = EngineConfig(
+        cache=CacheConfig(kv_cache_memory_gb=0.02, block_size=8, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_seqs=4, max_model_len=128),
+        lora=LoRAConfig(max_loras=2, max_lora_rank=8, lora_modules=adapters),
+    )
+    engine = LLMEngine.from_config(config, tiny_llama_dir)
+    together = {rid: r["tokens"] for rid, r in run_to_completion(engine, requests, lora).items()}
+    alone = {rid: run_to_completion(engine, {rid: requests[rid]}, {rid: lora[rid]})[rid]["tokens"] for rid in requests}
+    assert together == alone
+    assert len({tuple(t) for t in together.values()}) == len(lora)  # every request its own answer
+    residency = engine.lora.residency
+    assert residency.num_pins() == 0 and residency.num_virtual() == 0 and len(residency.names()) <= 2

@@ -14,6 +14,7 @@ import pytest
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.engine.sampling_params import SamplingParams
+from lora_serve.lora.composition import Composition
 from lora_serve.lora.errors import AdapterChangedError
 
 from ..lora.conftest import ATTN, make_peft_adapters
@@ -114,6 +115,28 @@ def test_two_names_for_the_same_weights_share(tiny_llama_dir: Path, peft):
     first = run_to_completion(e, {"a": (prompt, GREEDY)}, {"a": "one"})["a"]
     second = run_to_completion(e, {"b": (prompt, GREEDY)}, {"b": "two"})["b"]
     assert (first["cached_tokens"], second["cached_tokens"]) == (0, 40) and first["tokens"] == second["tokens"]
+
+
+def test_a_composition_shares_blocks_only_with_the_same_weights_on_the_same_adapters(tiny_llama_dir: Path, peft):
+    """A composed row's K/V is keyed by each component's content identity and weight: the same composition
+    (another request, another name for the same weights) reuses it, and nothing else does."""
+    _, paths = peft
+    e = engine(tiny_llama_dir, lora_modules=[*modules(paths), f"alias={paths['r8-all']}"])
+    prompt = SYSTEM + [5, 6, 7]
+    plan: list[str | Composition | None] = [
+        Composition.of({"r8-all": 0.7, "r4-attn": 0.5}),
+        Composition.of({"r8-all": 0.5, "r4-attn": 0.7}),  # the same adapters, other weights
+        Composition.of({"r8-all": 0.7, "r8-rslora": 0.5}),  # another adapter
+        Composition.of({"r8-all": 0.5}),  # one adapter at a scale
+        "r8-all",
+        None,
+        Composition.of({"alias": 0.7, "r4-attn": 0.5}),  # the first one's weights under another name
+        Composition.of({"r8-all": 0.5}),
+        Composition.of({"r8-all": 1.0}),  # the adapter itself
+    ]
+    seen = [run_to_completion(e, {f"r{i}": (prompt, GREEDY)}, {f"r{i}": lora})[f"r{i}"] for i, lora in enumerate(plan)]
+    assert [r["cached_tokens"] for r in seen] == [0, 0, 0, 0, 0, 0, 40, 40, 40]
+    assert seen[6]["tokens"] == seen[0]["tokens"] and seen[7]["tokens"] == seen[3]["tokens"]
 
 
 def test_an_adapter_loaded_again_under_its_name_finds_nothing_cached(tiny_llama_dir: Path, peft):

@@ -16,7 +16,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from lora_serve.lora.errors import InvalidAdapterError
-from lora_serve.lora.overflow import max_gain
+from lora_serve.lora.overflow import Gain, check_weighted_gain, max_gain
 from lora_serve.lora.registry import AdapterRegistry
 
 from .test_lora_model import V1_B, edit_config, edit_tensors, good_adapter, save_adapter  # noqa: F401
@@ -84,3 +84,18 @@ def test_gain_bounds_what_peft_computes(tmp_path: Path):
         gain = abs(w.scale) * torch.linalg.matrix_norm(w.B.double(), ord=2) * torch.linalg.matrix_norm(w.A.double(), ord=2)
         assert 0 < ratio <= gain * (1 + 1e-6)
         assert torch.equal(w.A, A) and torch.equal(w.B, B)
+
+
+def test_weighted_gain_bounds_each_part_and_their_sum():
+    """A composition's update is Σ w_i·s_i·B_i A_i: its gain is at most Σ |w_i|·gain_i, and each part's
+    scale·‖B‖ is multiplied by |w_i|; negative weights count by their size."""
+    limit = max_gain(torch.float16)  # 256
+    g = Gain(a=2.0, b=3.0, total=6.0)
+    check_weighted_gain([("a", 20.0, g), ("b", -20.0, g)], torch.float16)  # 240 <= 256
+    with pytest.raises(InvalidAdapterError, match="use smaller weights") as err:
+        check_weighted_gain([("a", 22.0, g), ("b", -22.0, g)], torch.float16)  # 264: each alone passes
+    assert err.value.param == "adapters"
+    check_weighted_gain([("a", 42.0, g)], torch.float16)  # 252
+    with pytest.raises(InvalidAdapterError):
+        check_weighted_gain([("a", limit / 2.5, Gain(a=0.1, b=2.5 * 1.01, total=0.1))], torch.float16)  # scale·‖B‖ past the limit
+    check_weighted_gain([("a", 1e17, g)], torch.float32)  # 6e17 <= 1.8e19
