@@ -79,6 +79,25 @@ def test_uploaded_and_loaded_dora_adapters_answer_like_peft(server: LiveServer, 
     assert greedy_tokens(server, "tiny") == base
 
 
+def test_dora_adapter_is_named_alone_at_weight_one_in_adapters(server: LiveServer, peft) -> None:
+    """DoRA's scale depends on its whole update, so a weighted or composed DoRA adapter is not PEFT's:
+    400 naming `adapters`; {name: 1.0} is the adapter itself."""
+    _, paths = peft
+    resp = load(server, "dora-attn", paths["dora-attn"])
+    assert resp.status_code == 200 or "already" in resp.text
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    for adapters in ({"dora-attn": 0.5}, {"dora-attn": 1.0, "dora-all": 1.0}):
+        if "dora-all" in adapters and upload(server.base_url, "dora-all", adapter_files(paths["dora-all"])).status_code not in (201, 409):
+            raise AssertionError("dora-all could not be uploaded")
+        resp = httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "adapters": adapters}, timeout=60)
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == "adapters"
+        assert "DoRA" in resp.json()["error"]["message"]
+    alone = httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "adapters": {"dora-attn": 1.0}}, timeout=60)
+    assert alone.status_code == 200, alone.text
+    assert alone.json()["choices"][0]["message"]["content"] == "".join(greedy_tokens(server, "dora-attn"))
+
+
 # id -> (edit of a copy of dora-all, param the error names)
 BAD = {
     "no magnitude vectors": (edit_tensors(lambda t: [t.pop(k) for k in list(t) if "magnitude" in k]), None),
