@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InvalidAdapterError
-from .lora_model import LoRAModel
+from .lora_model import LoRAModel, LoRAWeights
 
 
 def max_gain(dtype: torch.dtype) -> float:
@@ -36,22 +36,39 @@ class Gain:
     total: float  # |scale|·‖B‖₂·‖A‖₂
 
 
+def _bounds(w: LoRAWeights) -> Gain:
+    """One projection's bounds."""
+    norm_a = float(torch.linalg.matrix_norm(w.A.double(), ord=2))  # A: [r, in]
+    norm_b = abs(w.scale) * float(torch.linalg.matrix_norm(w.B.double(), ord=2))  # B: [out, r]
+    return Gain(norm_a, norm_b, norm_a * norm_b)
+
+
+def _largest(a: Gain, b: Gain) -> Gain:
+    return Gain(max(a.a, b.a), max(a.b, b.b), max(a.total, b.total))
+
+
+def gain_of(model: LoRAModel) -> Gain:
+    """The adapter's largest bounds over its projections, unchecked (an adapter registered past check_gain)."""
+    most = Gain(0.0, 0.0, 0.0)
+    for w in model.weights.values():
+        most = _largest(most, _bounds(w))
+    return most
+
+
 def check_gain(model: LoRAModel, dtype: torch.dtype) -> Gain:
     """Raise InvalidAdapterError (400) if any projection's update can overflow `dtype`; its Gain otherwise."""
     limit = max_gain(dtype)
     most = Gain(0.0, 0.0, 0.0)
     for (layer, module), w in sorted(model.weights.items()):
-        norm_a = float(torch.linalg.matrix_norm(w.A.double(), ord=2))  # A: [r, in]
-        norm_b = abs(w.scale) * float(torch.linalg.matrix_norm(w.B.double(), ord=2))  # B: [out, r]
-        gain = norm_a * norm_b
-        if not (norm_a <= limit and norm_b <= limit and gain <= limit):
+        g = _bounds(w)
+        if not (g.a <= limit and g.b <= limit and g.total <= limit):
             raise InvalidAdapterError(
-                f"layer {layer} {module}: the update's gain scale·‖B‖·‖A‖ = {gain:.3g} (‖A‖ = {norm_a:.3g}, "
-                f"scale·‖B‖ = {norm_b:.3g}) can overflow {str(dtype).removeprefix('torch.')}, whose limit "
+                f"layer {layer} {module}: the update's gain scale·‖B‖·‖A‖ = {g.total:.3g} (‖A‖ = {g.a:.3g}, "
+                f"scale·‖B‖ = {g.b:.3g}) can overflow {str(dtype).removeprefix('torch.')}, whose limit "
                 f"here is {limit:.3g}; check lora_alpha and the weights' magnitude",
                 param="adapter_model",
             )
-        most = Gain(max(most.a, norm_a), max(most.b, norm_b), max(most.total, gain))
+        most = _largest(most, g)
     return most
 
 

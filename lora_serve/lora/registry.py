@@ -22,7 +22,7 @@ from .dora import BaseNorms, with_ratios
 from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError, UnsupportedAdapterError
 from .files import Roots
 from .lora_model import LoRAModel
-from .overflow import Gain, check_gain
+from .overflow import Gain, check_gain, gain_of
 
 # One grammar for every way a name arrives (upload, load API, --lora-modules, adapter_dir). It starts with
 # a letter or digit, so no name is ".", ".." or a dot-folder of the store (".upload-*", ".deleted-*",
@@ -102,8 +102,8 @@ class AdapterRegistry:
         source: str | None = None,
     ) -> tuple[AdapterRecord, LoRAModel]:
         check_name(name, self.base_name)  # also when the caller validated the weights itself
-        # A model the caller validated (an upload's) is measured again: once per registration.
-        model, gain = self._load(name, path) if model is None else (model, check_gain(model, self.dtype))
+        # A model the caller validated (an upload's) is measured, not checked again: once per registration.
+        model, gain = self._load(name, path) if model is None else (model, gain_of(model))
         ranks = sorted({w.A.shape[0] for w in model.weights.values()})
         record = AdapterRecord(
             name=name,
