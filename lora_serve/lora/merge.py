@@ -9,6 +9,10 @@ While an adapter is merged, every other row of a batch (base-only, or another ad
 see W0 again. Rather than stall traffic to unmerge, those rows get one more low-rank term,
 -scale·B·A of the merged adapter, from a dedicated slot: two rank-r products, cheap next to
 a full unmerge/merge, and the switch itself happens between two engine steps.
+
+A quantized base (`--quantization`) is never merged into (QuantizedBaseError): W0 + scale·B·A
+quantized again is not W0's quantization plus the adapter's delta, so the merged adapter's rows would
+differ from the same adapter served unmerged, and the other rows' correction would no longer cancel.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import replace
 import torch
 
 from ..model.llama import LlamaModel
+from .errors import QuantizedBaseError
 from .lora_model import LoRAModel, LoRAWeights
 
 
@@ -30,6 +35,8 @@ class MergedWeights:
 
     def _rows(self, layer: int, module: str) -> torch.Tensor:
         linear = self.model.layers[layer].linear_of(module)
+        if not isinstance(linear.weight, torch.Tensor):
+            raise QuantizedBaseError(quantized_base_message(self.model.quantization))
         return linear.weight[linear.slice_of(module)]  # a view of the fused weight
 
     @torch.no_grad()
@@ -51,6 +58,13 @@ class MergedWeights:
         self._pristine.clear()
         self.name = None
         self.identity = None
+
+
+def quantized_base_message(quantization: str | None) -> str:
+    return (
+        f"the base is quantized ({quantization}): merging an adapter into it cannot be exact, "
+        "so adapters are served unmerged, at full precision"
+    )
 
 
 def negated(adapter: LoRAModel) -> list[tuple[tuple[int, str], LoRAWeights]]:
