@@ -4,7 +4,8 @@
 
 Matmuls: every projection of every layer and the LM head, in the order a step runs them, for each row
 count: float32 through F.linear and through the CPU kernels; int8 and int4 through the kernels
-(quantized_weight.py) and through torch's own weight-only ops (`torch._weight_int8pack_mm`,
+(quantized_weight.py), dequantized for F.linear (their path past KERNEL_MAX_ROWS), and through
+torch's own weight-only ops (`torch._weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu` in groups of 32, gpt-fast's scheme), which it does not use. Medians of
 `repeats` rounds, the ways alternating within a round.
 Decode: one engine per scheme, all built first; for each batch size, `repeats` rounds that alternate
@@ -53,6 +54,8 @@ def matmul_ways(weights: list[torch.Tensor], kernels: CPUKernels, with_torch_ops
         "float32 kernels": lambda xs: [kernels.linear(xs[w.shape[1]], w) for w in weights],
         "int8 kernels": lambda xs: [q.kernel_matmul(xs[q.shape[1]], kernels) for q in q8],
         "int4 kernels": lambda xs: [q.kernel_matmul(xs[q.shape[1]], kernels) for q in q4],
+        "int8 dequantized F.linear": lambda xs: [F.linear(xs[q.shape[1]], q.dequantize()) for q in q8],
+        "int4 dequantized F.linear": lambda xs: [F.linear(xs[q.shape[1]], q.dequantize()) for q in q4],
     }
     if with_torch_ops:
         t8 = [(q.q, q.scales) for q in q8]

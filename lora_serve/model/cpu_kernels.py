@@ -46,7 +46,7 @@ class CPUKernels:
         self._linear_q8.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         self._linear_q8.restype = None
         self._linear_q4 = lib.linear_q4
-        self._linear_q4.argtypes = [_P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I]
+        self._linear_q4.argtypes = [_P, _L, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I]
         self._linear_q4.restype = None
         self._lora = lib.lora_seg_f16
         self._lora.argtypes = [_P, _L, _L, _P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _I]
@@ -90,9 +90,10 @@ class CPUKernels:
                 or (k // groups) % 32 or scales.dtype != torch.float32 or mins.dtype != torch.float32):  # fmt: skip
             raise ValueError(f"linear_q4: x {tuple(x.shape)}, packed {tuple(packed.shape)} {packed.dtype}, scales {tuple(scales.shape)}")
         _check_quantized_operands(x, packed, scales, mins)
+        xsum = x.reshape(m, groups, k // groups).sum(-1).contiguous()  # [M, K / G]: what each group's minimum multiplies
         y = torch.empty(m, n, dtype=torch.float32)
-        self._linear_q4(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), y.data_ptr(), n,
-                        m, n, k, k // groups, torch.get_num_threads())  # fmt: skip
+        self._linear_q4(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), xsum.data_ptr(),
+                        y.data_ptr(), n, m, n, k, k // groups, torch.get_num_threads())  # fmt: skip
         return y
 
     def lora(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, segments: SegmentTable, table: SlotTable) -> None:

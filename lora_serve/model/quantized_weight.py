@@ -16,8 +16,10 @@ dequantize the weight to a float tensor and call F.linear (one weight's dequanti
 a matmul of hundreds of rows). torch's own weight-only ops were measured and not used: on a 2-vCPU
 Xeon (SmolLM2-135M's projections and LM head, 2 threads), `torch._weight_int8pack_mm` took 55 ms per
 step at 1 row and 340 ms at 8 against F.linear's 25 and 73 in float32, and
-`_weight_int4pack_mm_for_cpu` 126 and 960 ms: their cost grows with every row (docs/benchmarks.md).
-Both paths multiply by exactly `dequantize()`'s weights; only the order of the sums differs.
+`_weight_int4pack_mm_for_cpu` 126 and 960 ms: their cost grows with every row (`lora-serve bench
+quantization`, docs/benchmarks.md).
+Both paths compute x·Wᵀ for W = `dequantize()`; only the rounding of the sums differs (the int4 kernel
+adds each group as scale·(q·x) + min·sum(x), the same sum regrouped).
 """
 
 from __future__ import annotations
