@@ -71,8 +71,9 @@ class ModelConfig(_Config):
     Every projection and the LM head are quantized; the embedding, the norms, the activations, the KV
     cache and the adapters stay at full precision, so each adapter's delta is added exactly as without
     it. Steps of up to 64 rows run on the CPU kernels (cpu_kernels); larger ones dequantize each weight
-    for torch's matmul. CPU only. Adapters cannot be merged into a quantized base (merge, merge_policy
-    and the merge endpoint are refused). None: the base in `dtype`."""
+    for torch's matmul (without the kernels, every step does, and is slower than float32). CPU only.
+    Adapters cannot be merged into a quantized base (merge, merge_policy and the merge endpoint are
+    refused). None: the base in `dtype`."""
 
 
 class CacheConfig(_Config):

@@ -144,8 +144,9 @@ def resolve_quantization(name: Quantization | None, built: Quantization | None, 
 def _describe_quantization(quantization: Quantization | None, kernels: bool) -> str:
     if quantization is None:
         return "none"
-    path = f"CPU kernels up to {KERNEL_MAX_ROWS} rows, then " if kernels else ""
-    return f"{quantization} ({path}torch's matmul on dequantized weights)"
+    if not kernels:
+        return f"{quantization} (no CPU kernels: every step dequantizes the weights for torch's matmul, slower than float32)"
+    return f"{quantization} (CPU kernels up to {KERNEL_MAX_ROWS} rows, then torch's matmul on dequantized weights)"
 
 
 def resolve_lora_dtype(name: Dtype, device: torch.device, base_dtype: torch.dtype, cpu_kernels_on: bool = False) -> torch.dtype:

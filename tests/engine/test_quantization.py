@@ -67,3 +67,12 @@ def test_prefix_caching_and_chunked_prefill_give_the_tokens_of_a_cold_whole_pref
     assert tokens(warm) == tokens(cold) and logprob_gap(warm, cold) < 1e-4
     chunked = run_to_completion(quantized_engine(tiny_llama_dir, scheme, chunk=16, lora_modules=modules(paths)), reqs, lora)
     assert tokens(chunked) == tokens(cold) and logprob_gap(chunked, cold) < 1e-4
+
+
+def test_the_start_line_says_when_quantized_steps_run_without_the_kernels() -> None:
+    model = random_model(arch_of("tiny"), torch.float32, CPU, 64)
+    model.quantize("int4")
+    with_kernels = describe(resolve_config(EngineConfig(), model))
+    without = describe(resolve_config(EngineConfig(model=ModelConfig(cpu_kernels="off")), model))
+    assert "quantization=int4 (CPU kernels up to 64 rows" in with_kernels
+    assert "quantization=int4 (no CPU kernels: every step dequantizes" in without
