@@ -117,3 +117,11 @@ def test_a_quantized_model_keeps_its_shapes_and_float_embedding(scheme: str) -> 
         model.step_weights()
     with pytest.raises(ValueError, match="already quantized"):
         model.quantize("int8")
+
+
+@pytest.mark.parametrize("group_size", [64, 192])
+def test_int4_kernel_takes_groups_of_several_runs_of_32(kernels, group_size: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    w, x = Int4Weight(torch.randn(50, 576, generator=g), group_size), torch.randn(5, 576, generator=g)
+    assert w.group_size == group_size
+    torch.testing.assert_close(w.matmul(x, kernels), ref(x, w), rtol=1e-5, atol=1e-4 * 576**0.5)
