@@ -13,8 +13,7 @@ How a step multiplies: steps of at most KERNEL_MAX_ROWS rows go to the CPU kerne
 linear_q8/linear_q4: the weights are widened to float32 in registers, so a decode step reads 1 or
 ~0.75 bytes per weight instead of 4); larger steps (prefill) and machines without the kernels
 dequantize the weight to a float tensor and call F.linear (for SmolLM2, ~100-230 ms a step on top of
-the float32 matmul, which a prefill of hundreds of rows takes longer than; at 64 rows the two paths
-were measured even). torch's own weight-only ops were measured and not used: on a 2-vCPU
+the float32 matmul; at 64 rows the two paths measured even). torch's own weight-only ops were measured and not used: on a 2-vCPU
 Xeon (SmolLM2-135M's projections and LM head, 2 threads), `torch._weight_int8pack_mm` took 55 ms per
 step at 1 row and 333 at 8 against F.linear's 26 and 69 in float32, and `_weight_int4pack_mm_for_cpu`
 131 and 934 ms: their cost grows with every row (`lora-serve bench quantization`, docs/benchmarks.md).
