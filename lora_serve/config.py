@@ -23,6 +23,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
 CPUKernels = Literal["auto", "on", "off"]
+Quantization = Literal["int8", "int4"]
 T = TypeVar("T")
 S3_SCHEME = "s3://"
 
@@ -78,6 +79,16 @@ class ModelConfig(_Config):
     where they beat torch's here, measured at the first start on a machine (~2 s, then cached;
     model/kernel_rows.py); on: refuse to start without them, and use them at every step size up to
     64 rows; off: torch's matmuls only. Not used on CUDA."""
+
+    quantization: Quantization | None = None
+    """Weight-only quantization of the base, done at load time (model/quantized_weight.py): int8, per
+    output channel; int4, per group of 32 inputs with a scale and a minimum (as llama.cpp's Q4_1).
+    Every projection and the LM head are quantized; the embedding, the norms, the activations, the KV
+    cache and the adapters stay at full precision, so each adapter's delta is added exactly as without
+    it. Steps of up to 64 rows run on the CPU kernels (cpu_kernels); larger ones dequantize each weight
+    for torch's matmul (without the kernels, every step does, and is slower than float32). CPU only.
+    Adapters cannot be merged into a quantized base (merge, merge_policy and the merge endpoint are
+    refused). None: the base in `dtype`."""
 
 
 class CacheConfig(_Config):
@@ -204,6 +215,17 @@ class EngineConfig(_Config):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        quantization, lc = self.model.quantization, self.lora
+        if quantization is not None and (lc.merge is not None or lc.merge_policy != "off"):
+            field = "merge" if lc.merge is not None else "merge_policy"
+            raise ValueError(
+                f"{field} needs a full-precision base: with quantization={quantization} a merged adapter would not be "
+                "served as it is unmerged (its delta would be quantized with the base); adapters are served unmerged"
+            )
+        return self
 
 
 class ServerConfig(_Config):

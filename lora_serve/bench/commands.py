@@ -283,6 +283,33 @@ class BenchMatmuls(BenchBase):
         print(matmuls.report(matmuls.run(self.setup(), self.rows, self.repeats)))
 
 
+class BenchQuantization(BenchBase):
+    """The quantized base (--quantization int8|int4) vs float32: a step's matmuls, then engine decode tok/s."""
+
+    rows: CliVariadicArg[list[int]] = [1, 8, 16, 64]
+    """Rows (tokens in the step) to time the matmuls at (torch's weight-only ops only up to 16)."""
+
+    batch: CliVariadicArg[list[int]] = [1, 8]
+    """Decode batch sizes (sequences decoding together)."""
+
+    prompt_len: int = Field(64, ge=1)
+    """Prompt tokens of each sequence."""
+
+    decode_steps: int = Field(32, ge=1)
+    """Decode steps timed per round (the median step counts)."""
+
+    repeats: int = Field(3, ge=1)
+    """Rounds alternating the schemes (medians reported)."""
+
+    def cli_cmd(self) -> None:
+        from lora_serve.bench import quantization as q
+
+        path = self.setup()
+        matmuls = q.run_matmuls(path, self.rows, self.repeats)
+        decode = q.run_decode(path, self.batch, self.prompt_len, self.decode_steps, self.repeats, self.seed)
+        print(q.report(matmuls, decode))
+
+
 class BenchCommand(BaseModel):
     """Benchmarks, measured side by side in one run (ratios are what to compare across machines)."""
 
@@ -320,6 +347,8 @@ class BenchCommand(BaseModel):
     """Loading an adapter from s3://: downloaded, then found in the ETag cache."""
     compose: CliSubCommand[BenchCompose]
     """Weighted composition: a decode batch where some rows compose two adapters vs one adapter per row."""
+    quantization: CliSubCommand[BenchQuantization]
+    """The quantized base (int8, int4) vs float32: a step's matmuls and the engine's decode tok/s."""
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

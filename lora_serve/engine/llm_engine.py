@@ -78,10 +78,14 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else set(self.arch.eos_token_ids)
         self.kv_cache = KVCache(self.arch, config.cache, self.dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache)
+        if config.model.quantization is not None and model.quantization is None:
+            model.quantize(config.model.quantization)  # its weights are float until here, as loaded
         kernels = cpu_kernels()[0] if config.model.cpu_kernels == "on" else None
-        # auto: the base's matmuls go to the kernels at the step sizes where they win on this machine (measured
-        # once per machine and model shape, model/kernel_rows.py); on: at every size up to 64 rows.
-        buckets = kernel_buckets(model.step_weights(), kernels) if kernels is not None and kernels_asked == "auto" else ALL_BUCKETS
+        # auto: the base's float matmuls go to the kernels at the step sizes where they win on this machine
+        # (measured once per machine and model shape, model/kernel_rows.py); on: at every size up to 64 rows.
+        # Quantized weights choose their own path (model/quantized_weight.py).
+        measure = kernels is not None and kernels_asked == "auto" and model.quantization is None
+        buckets = kernel_buckets(model.step_weights(), kernels) if kernels is not None and measure else ALL_BUCKETS
         model.use_cpu_kernels(kernels, buckets)  # before the LoRA slots read it
         self.lora = LoRAManager(self.model, config.lora, self.base_name)  # residency: engine thread only
         self.adapters = self.lora.catalog  # the door for every other thread

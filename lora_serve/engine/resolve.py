@@ -2,6 +2,7 @@
 
     device                  auto: cuda when torch sees one, else cpu
     dtype                   auto: bfloat16 on CUDA, float32 on CPU
+    quantization            None stays None (a model built quantized: its own); refused off CPU
     cpu_kernels             auto: on when the CPU kernels build here (model/cpu_kernels.py), else off; off on CUDA
     lora_dtype              auto: the base's dtype on CUDA (a decode step reads every adapter of the
                             batch; float32 doubles those bytes); on CPU float16 where the CPU kernels
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import CPUKernels, Device, Dtype, EngineConfig, LoRABackend, resolved
+from ..config import CPUKernels, Device, Dtype, EngineConfig, LoRABackend, Quantization, resolved
 from ..lora.ops.interpreter import triton_interpreted
 from ..lora.ops.selector import triton_batch_class
 from ..model.arch import ModelArch
@@ -33,6 +34,7 @@ from ..model.cpu_kernels import cpu_kernels
 from ..model.default_model import cache_root
 from ..model.llama import LlamaModel
 from ..model.loader import dtype_name, torch_dtype
+from ..model.quantized_weight import KERNEL_MAX_ROWS
 
 GIB = 1 << 30
 CPU_LORA_MEMORY_GB = 4.0
@@ -64,6 +66,7 @@ def resolve_config(config: EngineConfig, model: LlamaModel | ModelArch) -> Engin
             f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({sc.max_num_seqs}): "
             "every running sequence decodes a token each step"
         )
+    quantization = resolve_quantization(mc.quantization, model.quantization if isinstance(model, LlamaModel) else None, device)
     kernels = resolve_cpu_kernels(mc.cpu_kernels, device, dtype)[0]
     backend = resolve_lora_backend(lc.lora_backend, device)[0]
     lora = {
@@ -75,7 +78,9 @@ def resolve_config(config: EngineConfig, model: LlamaModel | ModelArch) -> Engin
     }
     return config.model_copy(
         update={
-            "model": mc.model_copy(update={"device": device.type, "dtype": dtype_name(dtype), "cpu_kernels": kernels}),
+            "model": mc.model_copy(
+                update={"device": device.type, "dtype": dtype_name(dtype), "cpu_kernels": kernels, "quantization": quantization}
+            ),
             "scheduler": sc.model_copy(update={"max_model_len": max_model_len, "max_num_batched_tokens": max_num_batched_tokens}),
             "lora": lc.model_copy(update=lora),
         }
@@ -90,6 +95,7 @@ def describe(config: EngineConfig) -> str:
     kernels, kernels_why = resolve_cpu_kernels(mc.cpu_kernels, device, torch_dtype(mc.dtype))
     return (
         f"device={device.type} dtype={mc.dtype} cpu_kernels={kernels} ({kernels_why}) "
+        f"quantization={_describe_quantization(mc.quantization, kernels == 'on' and mc.dtype == 'float32')} "
         f"lora_dtype={lc.lora_dtype} lora_backend={backend} ({why}) "
         f"lora_memory_gb={resolved(lc.lora_memory_gb, 'lora_memory_gb'):.2f} adapter_dir={lc.adapter_dir} "
         f"max_model_len={sc.max_model_len} max_num_batched_tokens={sc.max_num_batched_tokens}"
@@ -122,6 +128,27 @@ def resolve_cpu_kernels(name: CPUKernels, device: torch.device, dtype: torch.dty
             raise ValueError(f"cpu_kernels=on was asked for but {why}")
         return "off", f"{why}: torch's matmuls, slower for small batches"
     return ("off", "asked for") if name == "off" else ("on", "built")
+
+
+def resolve_quantization(name: Quantization | None, built: Quantization | None, device: torch.device) -> Quantization | None:
+    """The base's quantization: the configured one, or that of a model built quantized (they must agree)."""
+    if name is not None and built is not None and name != built:
+        raise ValueError(f"quantization={name} but the model was built with quantization {built}")
+    quantization = name or built
+    if quantization is not None and device.type != "cpu":
+        raise ValueError(
+            f"quantization={quantization} runs on CPU only (its matmuls are the CPU kernels' and torch's on "
+            f"dequantized weights); on {device.type} serve the base unquantized (dtype bfloat16)"
+        )
+    return quantization
+
+
+def _describe_quantization(quantization: Quantization | None, kernels: bool) -> str:
+    if quantization is None:
+        return "none"
+    if not kernels:
+        return f"{quantization} (no CPU kernels: every step dequantizes the weights for torch's matmul, slower than float32)"
+    return f"{quantization} (CPU kernels up to {KERNEL_MAX_ROWS} rows, then torch's matmul on dequantized weights)"
 
 
 def resolve_lora_dtype(name: Dtype, device: torch.device, base_dtype: torch.dtype, cpu_kernels_on: bool = False) -> torch.dtype:

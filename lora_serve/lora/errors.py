@@ -51,6 +51,13 @@ class AdapterMergedError(AdapterError):
     code = "adapter_merged"
 
 
+class QuantizedBaseError(AdapterError):
+    """A merge was asked of a server whose base is quantized (--quantization): merging cannot be exact there."""
+
+    status = 409
+    code = "base_quantized"
+
+
 class AdapterChangedError(AdapterError):
     """Its files changed in place since it was registered: read again, they are other weights than those
     its name stands for (and its cached K/V is keyed by: engine/block_hash.py)."""

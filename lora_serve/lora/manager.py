@@ -22,8 +22,8 @@ from ..model.loader import torch_dtype
 from .budget import LoRAMemory
 from .catalog import AdapterCatalog, AdapterLease
 from .composition import ComposedLeases
-from .errors import AdapterError, AdapterNotFoundError
-from .merge import MergedWeights
+from .errors import AdapterError, AdapterNotFoundError, QuantizedBaseError
+from .merge import MergedWeights, quantized_base_message
 from .ops.selector import lora_batch_class
 from .residency import LoRASequence, Residency, Seq
 from .slot_writes import SlotWriter
@@ -46,7 +46,7 @@ class LoRAManager:
         # Shared residency counts no device bytes (bytes_of is 0): the budget binds the CPU tier instead.
         self.residency = Residency(model, self.slot_dtype, self.memory.budget_bytes, config.max_loras, self.slot_writer)
         narrowest = min((model.dtype, self.slot_dtype), key=lambda d: torch.finfo(d).max)
-        base_params = sum(p.numel() for p in model.parameters())
+        base_params = model.num_params()
         self.catalog = AdapterCatalog(
             model.arch, config, base_name, base_params, self.residency, self.memory, self.slot_writer, narrowest, self.merged
         )
@@ -59,6 +59,8 @@ class LoRAManager:
         its own reference on the CPU copy until unmerge(). auto: the merge policy's choice, refused
         unless the adapter is marked auto_merge."""
         name, catalog = lease.name, self.catalog
+        if self.merged.model.quantization is not None:
+            raise QuantizedBaseError(quantized_base_message(self.merged.model.quantization), param="name")
         with catalog.lock:
             if self.merged.name == name:
                 return

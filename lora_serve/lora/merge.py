@@ -13,6 +13,10 @@ a full unmerge/merge, and the switch itself happens between two engine steps.
 DoRA (dora.py), as PEFT merges it: W[rows] = round_to_dtype(ratio ⊙ (float32(W0[rows]) + scale·B·A)),
 ratio the adapter's own, computed against W0. Other rows see W0 again through W0·x = W·x / ratio −
 scale·B·A·x: the negation first divides their base output (bias aside) by the ratio, then adds its term.
+
+A quantized base (`--quantization`) is never merged into (QuantizedBaseError): W0 + scale·B·A
+quantized again is not W0's quantization plus the adapter's delta, so the merged adapter's rows would
+differ from the same adapter served unmerged, and the other rows' correction would no longer cancel.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import replace
 import torch
 
 from ..model.llama import LlamaModel
+from .errors import QuantizedBaseError
 from .lora_model import LoRAModel, LoRAWeights
 
 
@@ -36,7 +41,17 @@ class MergedWeights:
 
     def _rows(self, layer: int, module: str) -> torch.Tensor:
         linear = self.model.layers[layer].linear_of(module)
+        if not isinstance(linear.weight, torch.Tensor):
+            raise QuantizedBaseError(quantized_base_message(self.model.quantization))
         return linear.weight[linear.slice_of(module)]  # a view of the fused weight
+
+    def _read_rows(self, layer: int, module: str) -> torch.Tensor:
+        """The rows of W that a step multiplies by, to read: a quantized base's dequantized (what DoRA's
+        norm is taken over: the server's base is the dequantized one, as its PEFT parity tests hold)."""
+        linear = self.model.layers[layer].linear_of(module)
+        if isinstance(linear.weight, torch.Tensor):
+            return linear.weight[linear.slice_of(module)]
+        return linear.weight.dequantize()[linear.slice_of(module)]
 
     @torch.no_grad()
     def merge(self, adapter: LoRAModel) -> None:
@@ -67,7 +82,7 @@ class MergedWeights:
         """‖W0 + scale·B·A‖ per output row, in float32, of the pristine rows W0 even while merged (dora.py)."""
         with self._lock:
             pristine = self._pristine.get((layer, module))
-            rows = self._rows(layer, module) if pristine is None else pristine
+            rows = self._read_rows(layer, module) if pristine is None else pristine
             norm = torch.linalg.vector_norm(rows.float() + w.scale * _product(w, rows.device), dim=1)  # [out_s]
         return norm.cpu()
 
@@ -75,6 +90,13 @@ class MergedWeights:
 def _product(w: LoRAWeights, device: torch.device) -> torch.Tensor:
     """B·A in float32 on `device`: [out_s, in] (float16 CPU copies too)."""
     return w.B.to(device, torch.float32) @ w.A.to(device, torch.float32)
+
+
+def quantized_base_message(quantization: str | None) -> str:
+    return (
+        f"the base is quantized ({quantization}): merging an adapter into it cannot be exact, "
+        "so adapters are served unmerged, at full precision"
+    )
 
 
 def negated(adapter: LoRAModel) -> list[tuple[tuple[int, str], LoRAWeights]]:

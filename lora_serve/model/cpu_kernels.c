@@ -16,6 +16,12 @@ loaded). Row-major; "rows of stride ld" means row i starts at p + i * ld, column
 
   linear  y[m, n] = sum_k x[m, k] * W[n, k]            x: fp32 [M, K] rows of stride ldx, W: fp32 [N, K]
                                                        contiguous, y: fp32 [M, N] rows of stride ldy
+  linear_q8  the same with W int8 [N, K] and y[m, n] = scales[n] * sum_k x[m, k] * W[n, k] (per-output-
+          channel symmetric int8, model/quantized_weight.py)
+  linear_q4  the same with W 4-bit: per row K / 2 bytes, in runs of 16 bytes that hold 32 weights (byte j:
+          weight j in its low nibble, weight j + 16 in its high one); W[n, k] = q * scales[n, g] + mins[n, g]
+          for the group g = k / G (G a multiple of 32); summed per group as scales·(q·x) + mins·(x's sum
+          over the group), the dequantized weights' product regrouped
   lora    per segment of rows, y += scale·(x·Aᵀ)·Bᵀ of its adapter (lora_seg_f16): the shrink, then the
           expand, in one parallel region; adapters are read where they lie (a table of pointers by
           slot): nothing is stacked, gathered or padded.
@@ -109,6 +115,94 @@ void linear_f32(const float *x, long ldx, const float *W, float *y, long ldy, lo
         for (; m < M; m++) {
             y[m * ldy + n] = dot_f32(w0, x + m * ldx, K);
             y[m * ldy + n + 1] = dot_f32(w0 + K, x + m * ldx, K);
+        }
+    }
+}
+
+/* Quantized weights: each weight row is converted to float32 in registers once per four rows of x,
+   so a decode step reads 1 byte (int8) or ~0.6 bytes (int4) per weight instead of 4. Parallel over
+   output columns; within a column the order of the sums is fixed, as in linear_f32. */
+#define Q_ROWS 4
+
+static inline __m256 load_q8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+void linear_q8(const float *x, long ldx, const int8_t *W, const float *scales, float *y, long ldy,
+               long M, long N, long K, int num_threads) {
+    /* Two accumulators a row (even and odd runs of 8): one FMA chain would wait on its own latency. */
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (long n = 0; n < N; n++) {
+        const int8_t *w = W + n * K;
+        for (long m0 = 0; m0 < M; m0 += Q_ROWS) {
+            int rows = M - m0 < Q_ROWS ? (int)(M - m0) : Q_ROWS;
+            const float *xr = x + m0 * ldx;
+            __m256 acc[Q_ROWS][2];
+            for (int i = 0; i < Q_ROWS; i++)
+                acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+            long k = 0;
+            for (; k + 16 <= K; k += 16) {
+                __m256 w0 = load_q8(w + k), w1 = load_q8(w + k + 8);
+                for (int i = 0; i < rows; i++) {
+                    acc[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + i * ldx + k), acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + i * ldx + k + 8), acc[i][1]);
+                }
+            }
+            for (; k + 8 <= K; k += 8) {
+                __m256 w0 = load_q8(w + k);
+                for (int i = 0; i < rows; i++)
+                    acc[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + i * ldx + k), acc[i][0]);
+            }
+            for (int i = 0; i < rows; i++) {
+                float s = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
+                for (long kk = k; kk < K; kk++)
+                    s += (float)w[kk] * xr[i * ldx + kk];
+                y[(m0 + i) * ldy + n] = scales[n] * s;
+            }
+        }
+    }
+}
+
+void linear_q4(const float *x, long ldx, const uint8_t *W, const float *scales, const float *mins, const float *xsum,
+               float *y, long ldy, long M, long N, long K, long G, int num_threads) {
+    /* sum_k W[n, k]·x[k] = sum_g (scales[n, g]·sum_{k in g} q·x + mins[n, g]·xsum[g]): the inner loop is one
+       conversion and one FMA per weight and row; xsum (x's sum over each group, [M, K / G]) comes in. */
+    const __m128i low = _mm_set1_epi8(0x0F);
+    long groups = K / G;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (long n = 0; n < N; n++) {
+        const uint8_t *w = W + n * (K / 2);
+        const float *sc = scales + n * groups, *mn = mins + n * groups;
+        for (long m0 = 0; m0 < M; m0 += Q_ROWS) {
+            int rows = M - m0 < Q_ROWS ? (int)(M - m0) : Q_ROWS;
+            const float *xr = x + m0 * ldx;
+            __m256 acc[Q_ROWS], part[Q_ROWS][2]; /* part: the group's q·x, two chains a row, as in linear_q8 */
+            for (int i = 0; i < Q_ROWS; i++)
+                acc[i] = _mm256_setzero_ps();
+            for (long g = 0; g < groups; g++) {
+                for (int i = 0; i < Q_ROWS; i++)
+                    part[i][0] = part[i][1] = _mm256_setzero_ps();
+                for (long k = g * G; k < (g + 1) * G; k += 32) {
+                    __m128i b = _mm_loadu_si128((const __m128i *)(w + k / 2));
+                    __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+                    __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+                    for (int p = 0; p < 4; p++) {
+                        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
+                        for (int i = 0; i < rows; i++)
+                            part[i][p & 1] = _mm256_fmadd_ps(q, _mm256_loadu_ps(xr + i * ldx + k + 8 * p), part[i][p & 1]);
+                    }
+                }
+                __m256 s = _mm256_set1_ps(sc[g]);
+                for (int i = 0; i < rows; i++)
+                    acc[i] = _mm256_fmadd_ps(_mm256_add_ps(part[i][0], part[i][1]), s, acc[i]);
+            }
+            for (int i = 0; i < rows; i++) {
+                float v = hsum(acc[i]);
+                const float *xs = xsum + (m0 + i) * groups;
+                for (long g = 0; g < groups; g++)
+                    v += mn[g] * xs[g];
+                y[(m0 + i) * ldy + n] = v;
+            }
         }
     }
 }

@@ -42,6 +42,12 @@ class CPUKernels:
         self._linear = lib.linear_f32
         self._linear.argtypes = [_P, _L, _P, _P, _L, _L, _L, _L, _I]
         self._linear.restype = None
+        self._linear_q8 = lib.linear_q8
+        self._linear_q8.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
+        self._linear_q8.restype = None
+        self._linear_q4 = lib.linear_q4
+        self._linear_q4.argtypes = [_P, _L, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I]
+        self._linear_q4.restype = None
         self._lora = lib.lora_seg_f16
         self._lora.argtypes = [_P, _L, _L, _P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _I]
         self._lora.restype = None
@@ -62,6 +68,34 @@ class CPUKernels:
         self._linear(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y if bias is None else y.add_(bias)
 
+    def linear_q8(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x·(scales[:, None]·q)ᵀ: x float32 [M, K] with unit column stride, q int8 [N, K] and scales float32
+        [N], contiguous -> [M, N] float32."""
+        m, k = x.shape
+        n = q.shape[0]
+        if q.shape != (n, k) or q.dtype != torch.int8 or scales.shape != (n,) or scales.dtype != torch.float32:
+            raise ValueError(f"linear_q8: x {tuple(x.shape)}, q {tuple(q.shape)} {q.dtype}, scales {tuple(scales.shape)} {scales.dtype}")
+        _check_quantized_operands(x, q, scales)
+        y = torch.empty(m, n, dtype=torch.float32)
+        self._linear_q8(x.data_ptr(), x.stride(0), q.data_ptr(), scales.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
+        return y
+
+    def linear_q4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+        """x·Wᵀ for W 4-bit in groups of G = K / scales.shape[1] along K (cpu_kernels.c: linear_q4): x float32
+        [M, K] with unit column stride, packed uint8 [N, K / 2], scales and mins float32 [N, K / G],
+        contiguous -> [M, N] float32."""
+        m, k = x.shape
+        n, groups = scales.shape
+        if (packed.shape != (n, k // 2) or packed.dtype != torch.uint8 or mins.shape != scales.shape or k % groups
+                or (k // groups) % 32 or scales.dtype != torch.float32 or mins.dtype != torch.float32):  # fmt: skip
+            raise ValueError(f"linear_q4: x {tuple(x.shape)}, packed {tuple(packed.shape)} {packed.dtype}, scales {tuple(scales.shape)}")
+        _check_quantized_operands(x, packed, scales, mins)
+        xsum = x.reshape(m, groups, k // groups).sum(-1).contiguous()  # [M, K / G]: what each group's minimum multiplies
+        y = torch.empty(m, n, dtype=torch.float32)
+        self._linear_q4(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), xsum.data_ptr(),
+                        y.data_ptr(), n, m, n, k, k // groups, torch.get_num_threads())  # fmt: skip
+        return y
+
     def lora(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, segments: SegmentTable, table: SlotTable) -> None:
         """y[t] += scale·(x[t]·Aᵀ)·Bᵀ for the rows t of each segment, with its slot's adapter in `table`, in
         place; h[t, :R] receives the scaled x[t]·Aᵀ. x: [T, K], h: [T, >= table.max_r], y: [T, out], all
@@ -77,6 +111,13 @@ class CPUKernels:
             raise ValueError(f"lora: segments reach row {segments.max_row} and slot {segments.max_slot}; {t} rows, {table.num_slots} slots")
         self._lora(x.data_ptr(), x.stride(0), k, h.data_ptr(), h.stride(0), y.data_ptr(), y.stride(0),
                    *segments.args, *table.args, torch.get_num_threads())  # fmt: skip
+
+
+def _check_quantized_operands(x: torch.Tensor, *weights: torch.Tensor) -> None:
+    if x.dtype != torch.float32 or x.stride(1) != 1 or x.device.type != "cpu":
+        raise ValueError(f"quantized linear: x must be float32 on CPU with unit column stride, not {x.dtype} {x.stride()}")
+    if not all(w.is_contiguous() and w.device.type == "cpu" for w in weights):
+        raise ValueError("quantized linear: the weights must be contiguous CPU tensors")
 
 
 OUT_BLOCK = 64  # cpu_kernels.c's outputs per expand block

@@ -5,6 +5,7 @@ output slices; each slice keeps the PEFT module name (`q_proj`, ...) so an adapt
 can target any subset. The LoRA manager attaches slot weights to `lora_slots`; the
 per-step `LoRABatch` (which rows use which slot) is passed in by the caller. Both are
 protocols here: the model layer does not import the LoRA layer above it.
+With `--quantization`, `weight` is a `QuantizedWeight` (quantized_weight.py) instead of a float tensor.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ from torch import nn
 
 from .cpu_kernels import CPUKernels
 from .kernel_rows import ALL_BUCKETS, bucket_of
+from .quantized_weight import QuantizedWeight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels: CPUKernels | None,
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None, kernels: CPUKernels | None,
            kernel_buckets: frozenset[int] = ALL_BUCKETS) -> torch.Tensor:  # fmt: skip
     """F.linear, through the CPU kernels when they are given and the rows' bucket is one they take on this
-    machine (kernel_rows.py: at most 64 rows). x: [T, in] -> [T, out]."""
+    machine (kernel_rows.py: at most 64 rows); a quantized weight multiplies as QuantizedWeight.matmul
+    says. x: [T, in] -> [T, out]."""
+    if isinstance(weight, QuantizedWeight):
+        y = weight.matmul(x, kernels)
+        return y if bias is None else y.add_(bias)
     if kernels is not None and x.dtype == torch.float32 and bucket_of(x.shape[0]) in kernel_buckets:
         return kernels.linear(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -51,7 +57,9 @@ class Linear(nn.Module):
         self.slice_sizes = tuple(slices.values())
         self.slice_offsets = tuple(sum(self.slice_sizes[:i]) for i in range(len(self.slice_sizes)))
         out = sum(self.slice_sizes)
-        self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.weight: torch.Tensor | QuantizedWeight = nn.Parameter(
+            torch.empty(out, in_features, dtype=dtype, device=device), requires_grad=False
+        )
         self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.lora_slots: LoRASlots | None = None
         self.kernels: CPUKernels | None = None  # set by LlamaModel.use_cpu_kernels (the LoRA slots read it too)
@@ -59,7 +67,7 @@ class Linear(nn.Module):
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return sum(self.slice_sizes)
 
     def slice_of(self, name: str) -> slice:
         i = self.slice_names.index(name)

@@ -20,6 +20,7 @@ from .attention import Attention, AttentionMetadata
 from .cpu_kernels import CPUKernels
 from .kernel_rows import ALL_BUCKETS
 from .linear import Linear, LoRABatch, linear
+from .quantized_weight import Quantization, QuantizedWeight, quantize_weight
 from .rope import RotaryEmbedding
 
 
@@ -102,6 +103,8 @@ class LlamaModel(nn.Module):
         # An nn.ModuleList, which torch's stubs do not make generic: typed as the layers it holds.
         self.layers = cast("Sequence[DecoderLayer]", nn.ModuleList(DecoderLayer(arch, rope, dtype, device) for _ in range(arch.num_layers)))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.lm_head_weight: torch.Tensor | QuantizedWeight
+        self.quantization: Quantization | None = None  # set by quantize()
         if arch.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight
         else:
@@ -120,9 +123,37 @@ class LlamaModel(nn.Module):
             m.kernels = kernels
             m.kernel_buckets = buckets
 
+    @torch.no_grad()
+    def quantize(self, method: Quantization) -> None:
+        """Replace every projection's weight and the LM head's by its `method` form (quantized_weight.py),
+        dropping the float ones. The embedding lookup stays in full precision: a tied LM head gets a
+        quantized copy of it."""
+        if self.quantization is not None:
+            raise ValueError(f"the model is already quantized ({self.quantization})")
+        for m in self.linears().values():
+            quantized = quantize_weight(m.weight, method)  # type: ignore[arg-type]  # a float model's
+            del m.weight  # a registered parameter: nn.Module takes a module under its name only once it is gone
+            m.weight = quantized
+        lm_head = quantize_weight(self.lm_head_weight, method)  # type: ignore[arg-type]
+        del self.lm_head_weight
+        self.lm_head_weight = lm_head
+        self.quantization = method
+
+    def num_params(self) -> int:
+        """The base's weights as its float checkpoint counts them: a quantized weight by its [out, in], a tied
+        LM head once."""
+        quantized = [m for m in self.modules() if isinstance(m, QuantizedWeight)]
+        if self.arch.tie_word_embeddings and isinstance(self.lm_head_weight, QuantizedWeight):
+            quantized.remove(self.lm_head_weight)  # the embedding's copy
+        return sum(p.numel() for p in self.parameters()) + sum(q.shape[0] * q.shape[1] for q in quantized)
+
     def step_weights(self) -> list[torch.Tensor]:
-        """Every projection's weight and the LM head's, in the order a step multiplies by them."""
-        return [lin.weight for layer in self.layers for lin in layer.linears()] + [self.lm_head_weight]
+        """Every projection's weight and the LM head's, in the order a step multiplies by them (a float model's)."""
+        weights = [lin.weight for layer in self.layers for lin in layer.linears()] + [self.lm_head_weight]
+        tensors = [w for w in weights if isinstance(w, torch.Tensor)]
+        if len(tensors) != len(weights):
+            raise ValueError(f"the model is quantized ({self.quantization}): its weights are no float tensors")
+        return tensors
 
     def linears(self) -> dict[str, Linear]:
         """Every LoRA-capable projection by its path, e.g. 'layers.3.self_attn.qkv_proj'."""

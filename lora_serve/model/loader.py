@@ -62,7 +62,7 @@ def _target(model: LlamaModel, name: str) -> tuple[torch.Tensor, slice | None] |
     if name == "model.norm.weight":
         return model.norm.weight, None
     if name == "lm_head.weight":
-        return None if model.arch.tie_word_embeddings else (model.lm_head_weight, None)
+        return None if model.arch.tie_word_embeddings else (cast(torch.Tensor, model.lm_head_weight), None)  # a float model
     m = _LAYER_RE.match(name)
     if m is None:
         return None  # e.g. rotary_emb.inv_freq in old checkpoints
@@ -71,7 +71,7 @@ def _target(model: LlamaModel, name: str) -> tuple[torch.Tensor, slice | None] |
         return None
     path, slice_name = _LAYER_NAMES[hf_module]
     module = model.layers[layer].get_submodule(path)
-    param = getattr(module, kind)
+    param = getattr(module, kind)  # a float model's: quantize() runs after loading
     if param is None:
         raise UnsupportedModelError(f"checkpoint has {name} but the architecture declares no such bias")
     return param, (cast(Linear, module).slice_of(slice_name) if slice_name else None)  # a sliced module is a Linear

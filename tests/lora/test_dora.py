@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from lora_serve.engine.llm_engine import LLMEngine
@@ -25,6 +26,7 @@ from .conftest import ATTN, MLP, make_peft_adapters
 from .peft_reference import check_against, reference
 from .test_lora_model import edit_config, edit_tensors
 from .test_peft_parity import params
+from .test_quantized_base_parity import dequantized_hf
 
 PROMPTS = [list(range(700, 724)), list(range(900, 917)), list(range(1200, 1231))]
 DORA_ADAPTERS: dict[str, dict] = {
@@ -94,6 +96,23 @@ def test_mixed_batch_with_plain_adapters_and_the_base_matches_peft(request, monk
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     engine = engine_for(tiny_llama_dir, paths, cpu_kernels=options.pop("cpu_kernels"), **options)
     check_plan(peft_model, run_plan(engine, PLAN), PLAN)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_on_a_quantized_base_dora_matches_peft_on_the_dequantized_base(tiny_llama_dir, dora_adapters, scheme):
+    """The DoRA scale is taken over the base the server multiplies by: the dequantized one."""
+    _, paths = dora_adapters
+    config = EngineConfig(
+        model=ModelConfig(quantization=scheme),
+        cache=CacheConfig(kv_cache_memory_gb=0.02),
+        scheduler=SchedulerConfig(max_model_len=256),
+        lora=LoRAConfig(max_loras=4, max_lora_rank=32, lora_modules=[f"{n}={p}" for n, p in paths.items()]),
+    )
+    engine = LLMEngine.from_config(config, tiny_llama_dir)
+    peft_model = PeftModel.from_pretrained(dequantized_hf(engine, tiny_llama_dir), str(paths["dora-all-r32"]), adapter_name="dora-all-r32")
+    for name in ("dora-attn-r4", "dora-mlp-r16", "plain-r8"):
+        peft_model.load_adapter(str(paths[name]), adapter_name=name)
+    check_plan(peft_model.eval(), run_plan(engine, PLAN), PLAN)
 
 
 def test_merged_dora_adapter_matches_peft_while_other_rows_see_the_base(tiny_llama_dir, dora_adapters):
