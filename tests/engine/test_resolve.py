@@ -85,7 +85,7 @@ def test_explicit_values_pass_through_unchanged(tmp_path: Path) -> None:
     explicit = config(
         model=dict(device="cpu", dtype="bfloat16", cpu_kernels="off"),
         scheduler=dict(max_model_len=1024, max_num_batched_tokens=64, max_num_seqs=8),  # past the arch's 512: the model is built for it
-        lora=dict(lora_dtype="float16", lora_backend="torch", lora_memory_gb=0.5, adapter_dir=tmp_path),
+        lora=dict(lora_dtype="float16", lora_backend="torch", lora_memory_gb=0.5, adapter_dir=tmp_path, adapter_cache_dir=tmp_path / "s3"),
     )
     assert resolve_config(explicit, ARCH) == explicit
 
