@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from ..config import EngineConfig, resolved
+from ..config import EngineConfig
+from ..config_fields import resolved
 from ..lora.catalog import AdapterLease
 from ..lora.composition import ComposedLeases, Composition, open_composed
 from ..lora.errors import AdapterError

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import LoRAConfig, is_remote, resolved
+from ..config_fields import resolved
+from ..lora_config import LoRAConfig, is_remote
 from ..model.arch import ModelArch
 from . import adapter_dir
 from .budget import LoRAMemory
@@ -83,7 +84,7 @@ class AdapterCatalog(CpuTier):
         self.base_params = base_params
         # Scanned at start and looked in for names on first use: a local folder (where uploads are stored
         # too), or an s3:// prefix (remote_adapter_dir; adapter_dir is then None: nothing is stored here).
-        location = resolved(config.adapter_dir, "adapter_dir")  # a Path, or an s3:// URL (config.Location)
+        location = resolved(config.adapter_dir, "adapter_dir")  # a Path, or an s3:// URL (lora_config.Location)
         self.adapter_dir = location if isinstance(location, Path) else None
         self.remote_adapter_dir = None if isinstance(location, Path) else str(location)
         # Local folders and s3:// copies, and where the load API may read from (--allowed-lora-dir);
