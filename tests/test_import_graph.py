@@ -6,7 +6,8 @@ Layers, top to bottom; a module may import its own layer and any layer below it:
   engine                      scheduler, KV cache, model runner
   lora                        adapters: PEFT format, catalog, residency, ops
   model                       the base model
-  config                      settings (a leaf: anything may import it; so may the package root)
+  config, config_fields,      settings (a leaf: anything may import it; so may the package root)
+  lora_config
 Within lora/, ops/ (the mixed-adapter matmuls) reads the slot table (slots.py) and the adapters'
 weights (lora_model.py), and nothing else of lora/ (not manager, residency, registry, store).
 
@@ -24,7 +25,19 @@ from pathlib import Path
 PACKAGE = "lora_serve"
 SOURCE = Path(__file__).resolve().parents[1] / PACKAGE
 
-LAYERS = {"config": 0, "model": 1, "lora": 2, "engine": 3, "api": 4, "cli": 5, "bench": 5, "deploy": 5, "train": 5}
+LAYERS = {
+    "config": 0,
+    "config_fields": 0,
+    "lora_config": 0,
+    "model": 1,
+    "lora": 2,
+    "engine": 3,
+    "api": 4,
+    "cli": 5,
+    "bench": 5,
+    "deploy": 5,
+    "train": 5,
+}
 OPS_MAY_IMPORT = ("slots", "lora_model")  # of lora/, besides ops/ itself (and the layers below lora)
 
 Graph = dict[str, set[str]]

@@ -11,9 +11,10 @@ from jinja2 import TemplateError
 
 from lora_serve.api.auth import principal_of
 from lora_serve.api.errors import invalid_param
-from lora_serve.api.exchange import Completion, Exchange, RequestFields
+from lora_serve.api.exchange import Completion, Exchange
 from lora_serve.api.generation import respond
 from lora_serve.api.logprobs import chat_logprobs
+from lora_serve.api.prepared_request import RequestFields
 from lora_serve.api.protocol import ChatCompletionRequest, ChatMessage
 from lora_serve.api.responses import (
     ChatChoice,

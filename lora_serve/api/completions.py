@@ -16,9 +16,10 @@ from pydantic import BaseModel
 
 from lora_serve.api.auth import principal_of
 from lora_serve.api.errors import invalid_param
-from lora_serve.api.exchange import Completion, Exchange, RequestFields
+from lora_serve.api.exchange import Completion, Exchange
 from lora_serve.api.generation import respond
 from lora_serve.api.logprobs import completion_logprobs
+from lora_serve.api.prepared_request import RequestFields
 from lora_serve.api.protocol import CompletionRequest
 from lora_serve.api.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo
 from lora_serve.api.state import ServerState, get_state

@@ -22,7 +22,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from lora_serve.api.errors import SERVER_ERROR, APIError, from_adapter_error, invalid_param
-from lora_serve.api.exchange import Completion, Exchange, PreparedRequest, R
+from lora_serve.api.exchange import Completion, Exchange, R
+from lora_serve.api.prepared_request import PreparedRequest
 from lora_serve.api.state import ServerState
 from lora_serve.engine.outputs import RequestOutput
 from lora_serve.lora.composition import COMPOSED_LABEL, Composition

@@ -3,7 +3,7 @@
 Each refusal is a 400 naming the param at fault, with code "limit_exceeded", so a client can
 tell a server policy from a malformed request. `check_limits` and `check_prompt_size` need no
 tokenizer and run before the prompt is tokenized, so an oversized request costs no tokenizer
-time; `check_prompt_tokens` runs after. Context-length checks stay in exchange.py.
+time; `check_prompt_tokens` runs after. Context-length checks stay in prepared_request.py.
 """
 
 from __future__ import annotations

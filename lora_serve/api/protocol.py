@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI chat and completions APIs (the subset we serve; responses.py: what they get back).
 
 Field-level checks live here so that pydantic names the offending param; the server's
-configurable limits (limits.py) and checks that need the tokenizer happen in exchange.py.
+configurable limits (limits.py) and checks that need the tokenizer happen in prepared_request.py.
 The fields declared here, in structured_outputs.py and in tools.py are honoured; the OpenAI fields with nothing to act on are no-ops or
 refused (field_policy.py); any other field is refused with OpenAI's "Unrecognized request
 argument supplied" (errors.py).

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import Dtype
+from ..config_fields import Dtype
 from ..lora.composition import Composition
 from .mixed_lora import Configs, build_engine, interleave, summarise
 from .runners import engine_phases, random_prompts

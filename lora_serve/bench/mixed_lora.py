@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..config import CacheConfig, Dtype, EngineConfig, LoRAConfig, SchedulerConfig
+from ..config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+from ..config_fields import Dtype
 from ..engine.llm_engine import LLMEngine
 from ..lora.composition import Composition
 from .random_adapters import ALL_LINEAR, write_random_adapter

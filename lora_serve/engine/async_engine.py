@@ -17,18 +17,17 @@ Torch releases the GIL inside its kernels, so the event loop stays responsive wh
 a step runs. The engine thread owns the CPU threads of torch ops (intra_op.py): the model loads
 on a thread that ends, and other threads run torch ops on one thread. Requests and aborts reach
 the loop thread through a queue and are applied between steps; outputs go back through
-`call_soon_threadsafe`.
+`call_soon_threadsafe` (output_streams.py). Adapters are read on threads of their own
+(adapter_threads.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -37,9 +36,11 @@ from ..lora.catalog import AdapterCatalog, AdapterLease
 from ..lora.composition import ComposedLeases, Composition
 from ..lora.registry import AdapterRecord
 from ..model.default_model import resolve_model_path
+from .adapter_threads import AdapterThreads
 from .grammar import GrammarCompiler
-from .intra_op import claim_intra_op_threads, run_on_own_thread, use_one_thread
+from .intra_op import claim_intra_op_threads, run_on_own_thread
 from .llm_engine import LLMEngine
+from .output_streams import OutputStreams
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -48,11 +49,6 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-# Threads for AdapterCatalog.open, apart from asyncio's default pool: a request waiting there for a CPU place
-# must not hold up the short blocking calls every adapter request and upload makes in the default pool.
-# Created as needed; past this many waiting at once, further acquires queue until one is done.
-MAX_ACQUIRE_THREADS = 256
-
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
@@ -60,11 +56,10 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._streams = OutputStreams()
         self._pending: dict[str, tuple[str, ...]] = {}  # submitted, not yet added by the loop: request id -> its adapters
-        self._lock = threading.Lock()
         self._error: BaseException | None = None
-        self._acquirers = ThreadPoolExecutor(MAX_ACQUIRE_THREADS, thread_name_prefix="lora-serve-acquire", initializer=use_one_thread)
+        self._adapter_threads = AdapterThreads(engine.adapters)
         self._thread = threading.Thread(target=self._loop, args=(engine.num_threads,), name="lora-serve-engine", daemon=True)
         self._claimed = threading.Event()
         self._thread.start()
@@ -158,15 +153,9 @@ class AsyncEngine:
         if not self.is_healthy:
             raise RuntimeError("the engine is not running")
         ids = [request_id for request_id, _, _ in requests]
-        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         if len(set(ids)) != len(ids):
             raise ValueError("the request ids of one call must differ")
-        with self._lock:
-            taken = next((i for i in ids if i in self._streams), None)
-            if taken is not None:
-                raise ValueError(f"request id {taken!r} is already running")
-            for request_id in ids:
-                self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        stream = self._streams.open(ids)
         if isinstance(lora_name, Composition):
             lora_name = lora_name.plain_name or lora_name  # one adapter at weight 1.0 is that adapter
         leases: list[AdapterLease | ComposedLeases | None] = [None] * len(requests)
@@ -181,9 +170,7 @@ class AsyncEngine:
             for lease in leases:
                 if lease is not None:
                     lease.close()
-            with self._lock:
-                for request_id in ids:
-                    self._streams.pop(request_id, None)
+            self._streams.close(ids)
             raise
         # The leases are the engine's from here: add_request closes one if it refuses its request.
         names = lora_name.names if isinstance(lora_name, Composition) else (lora_name,) if lora_name else ()
@@ -203,48 +190,23 @@ class AsyncEngine:
                     unfinished.discard(out.request_id)
                 yield out
         finally:
-            with self._lock:
-                for request_id in ids:
-                    self._streams.pop(request_id, None)
+            self._streams.close(ids)
             for request_id in unfinished:
                 self.abort(request_id)
 
     async def open_composed(self, composition: Composition) -> ComposedLeases:
         """A lease on each of the composition's adapters, as open_adapter; those opened are closed if one fails."""
-        leases: list[AdapterLease] = []
-        try:
-            for name in composition.names:
-                leases.append(await self.open_adapter(name))
-        except BaseException:
-            for lease in leases:
-                lease.close()
-            raise
-        return ComposedLeases(composition, leases)
+        return await self._adapter_threads.open_composed(composition)
 
     async def open_adapter(self, lora_name: str) -> AdapterLease:
-        """A lease on the adapter (AdapterCatalog.open) from an acquire thread, waiting as long as it takes
-        for a CPU place. Cancelled (the client left, or the deadline passed), the wait is given up; a lease
-        the thread got anyway (it was reading the weights) is closed, so no reference outlives the request."""
-        catalog = self.engine.adapters
-        abandoned = threading.Event()
-        loop = asyncio.get_running_loop()
-        opening = loop.run_in_executor(self._acquirers, catalog.open, lora_name, None, abandoned)
-        try:
-            return await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            catalog.abandon(abandoned)
-
-            def close_if_opened(done: asyncio.Future) -> None:
-                if not (done.cancelled() or done.exception()):
-                    done.result().close()
-
-            opening.add_done_callback(close_if_opened)
-            raise
+        """A lease on the adapter from an acquire thread, waiting as long as it takes for a CPU place; given
+        up when cancelled, closing a lease the thread got anyway (AdapterThreads.open)."""
+        return await self._adapter_threads.open(lora_name)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on an adapter thread (registering, resolving, reading adapters): off the event loop and the
         engine thread, its torch ops on one thread (intra_op.use_one_thread)."""
-        return await asyncio.get_running_loop().run_in_executor(self._acquirers, functools.partial(fn, *args))
+        return await self._adapter_threads.run(fn, *args)
 
     async def merge_adapter(self, name: str, describe: Callable[[], Any] = lambda: None) -> Any:
         """Fold `name` into the base weights between two steps (its CPU copy read off the engine thread);
@@ -290,13 +252,13 @@ class AsyncEngine:
     def _abort(self, request_id: str) -> None:
         out = self.engine.abort_request(request_id)
         if out is not None:
-            self._deliver(out)
+            self._streams.deliver(out)
 
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
-        self._acquirers.shutdown(wait=False, cancel_futures=True)
+        self._adapter_threads.shutdown()
 
     # --- the loop thread ------------------------------------------------------------------------
 
@@ -312,15 +274,9 @@ class AsyncEngine:
         except BaseException as exc:  # the loop itself broke: nothing queued can progress any more
             self._error = exc
             log.exception("engine loop died")
-            self._fail_streams(f"engine died: {type(exc).__name__}")
+            self._streams.fail_all(f"engine died: {type(exc).__name__}")
         finally:
             self._claimed.set()
-
-    def _fail_streams(self, message: str) -> None:
-        with self._lock:
-            request_ids = list(self._streams)
-        for request_id in request_ids:
-            self._deliver(RequestOutput(request_id, [], "", [], 0, 0, "error", message))
 
     def _run_loop(self) -> None:
         while not self._stop.is_set():
@@ -336,7 +292,7 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 outputs = self.engine.fail_all(f"engine error: {type(exc).__name__}")
             for out in outputs:
-                self._deliver(out)
+                self._streams.deliver(out)
 
     def _add(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lease: AdapterLease | ComposedLeases | None
@@ -344,7 +300,7 @@ class AsyncEngine:
         try:
             self.engine.add_request(request_id, prompt_token_ids, params, lease)
         except Exception as exc:
-            self._deliver(RequestOutput(request_id, [], "", [], len(prompt_token_ids), 0, "error", str(exc)))
+            self._streams.deliver(RequestOutput(request_id, [], "", [], len(prompt_token_ids), 0, "error", str(exc)))
         finally:
             self._pending.pop(request_id, None)
 
@@ -353,10 +309,3 @@ class AsyncEngine:
             command()
         except Exception as exc:
             log.exception("engine command failed: %s", exc)
-
-    def _deliver(self, out: RequestOutput) -> None:
-        with self._lock:
-            target = self._streams.get(out.request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, out)

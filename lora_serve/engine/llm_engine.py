@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from ..config import EngineConfig, resolved
+from ..config import EngineConfig
+from ..config_fields import resolved
 from ..lora.catalog import AdapterLease
 from ..lora.composition import ComposedLeases, Composition, open_composed
-from ..lora.errors import AdapterError
 from ..lora.manager import LoRAManager
 from ..lora.merge_policy import MergePolicy
 from ..lora.registry import AdapterRecord
@@ -28,6 +27,7 @@ from .grammar import GrammarCompiler
 from .grammar_bitmask import GrammarBitmask
 from .intra_op import default_num_threads
 from .kv_cache import KVCache
+from .merging import Merging
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
@@ -94,6 +94,7 @@ class LLMEngine:
         self.merge_policy = None
         if lc.merge_policy == "auto":
             self.merge_policy = MergePolicy(lc.merge_threshold, lc.unmerge_threshold, lc.merge_window_steps, lc.merge_interval_steps)
+        self.merging = Merging(self.lora, self.adapters, self.kv_cache, self.merge_policy)
         if lc.merge:
             self.merge_adapter(lc.merge)
         self.scheduler = Scheduler(
@@ -256,7 +257,7 @@ class LLMEngine:
         tokens, logprobs = sample(logits, ready, self.eos_token_ids, grammar)
         outputs = failed + self.postprocess(ready, tokens, logprobs)
         if self.merge_policy is not None:
-            self.apply_merge_policy(batch)
+            self.merging.apply_policy(batch)
         return outputs
 
     def run_batch(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
@@ -287,56 +288,19 @@ class LLMEngine:
         keep = [i for i, ok in enumerate(finite) if ok]
         return failed, [seqs[i] for i in keep], logits[keep]
 
-    # --- merged mode (between steps) ------------------------------------------------------------
+    # --- merged mode (between steps: merging.py) -----------------------------------------------
 
     def merge_adapter(self, name: str, auto: bool = False) -> None:
-        """Fold `name` into the base weights now (blocking I/O if it is not CPU-resident). auto: the
-        merge policy's choice (LoRAManager.merge refuses an adapter not marked auto_merge)."""
-        lease = self.adapters.open(name)
-        try:
-            self.lora.merge(lease, auto)
-        finally:
-            lease.close()
+        """Fold `name` into the base weights now (Merging.merge)."""
+        self.merging.merge(name, auto)
 
     def unmerge_adapter(self, name: str | None = None) -> None:
         """Restore the base weights bit for bit, if `name` (None: any adapter) is the merged one."""
-        if name is None or self.lora.merged.name == name:
-            self.lora.unmerge()
+        self.merging.unmerge(name)
 
     def remove_adapter(self, record: AdapterRecord) -> None:
-        """Unregister that registration of an adapter, unmerging it first if merged, under the catalog's
-        lock: after a merge and a removal of one adapter, in any order, either it is gone and the base
-        unmerged, or it is merged and registered. Running requests on it finish first."""
-        with self.adapters.lock:
-            if self.lora.merged.name == record.name and self.adapters.registry.find(record.name) is record:
-                self.lora.unmerge()
-            self.adapters.unregister(record.name, record=record)
-        self.kv_cache.forget_adapter(record.name)
-
-    def apply_merge_policy(self, batch: ScheduledBatch) -> None:
-        assert self.merge_policy is not None  # step() calls this only with a policy
-        tokens: Counter = Counter()
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            tokens[seq.adapter_key] += n  # a composition's label is never merged
-        decision = self.merge_policy.observe(tokens, self.lora.merged.name, self.adapters.registry.may_auto_merge)
-        if decision is None:
-            return
-        log.info("merge policy: %s %s (%s)", decision.action, decision.adapter, decision.reason)
-        try:
-            if decision.action == "merge":
-                self._merge_resident(decision.adapter)
-            else:
-                self.lora.unmerge()
-        except AdapterError as exc:  # e.g. deleted or unmarked meanwhile: serving goes on unmerged
-            log.warning("merge policy: %s", exc)
-
-    def _merge_resident(self, name: str) -> None:
-        """The merge policy's merge: of an adapter requests in this step hold in CPU memory, so opening
-        it here reads nothing from disk."""
-        with self.adapters.lock:  # held from the check to the lease: no request thread evicts the copy between
-            if self.adapters.cpu_copy(name) is None:
-                raise AdapterError(f"adapter {name!r} is not in CPU memory", param="name")
-            self.merge_adapter(name, auto=True)
+        """Unregister that registration of an adapter, unmerging it first if merged (Merging.remove)."""
+        self.merging.remove(record)
 
     def postprocess(self, seqs: list[Sequence], tokens: list[int], logprobs: list) -> list[RequestOutput]:
         outputs = []

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import CPUKernels, Device, Dtype, EngineConfig, LoRABackend, Quantization, resolved
+from ..config import EngineConfig
+from ..config_fields import CPUKernels, Device, Dtype, LoRABackend, Quantization, resolved
 from ..lora.ops.interpreter import triton_interpreted
 from ..lora.ops.selector import triton_batch_class
 from ..model.arch import ModelArch

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import LoRAConfig, resolved
+from ..config_fields import resolved
+from ..lora_config import LoRAConfig
 from ..model.llama import LlamaModel
 from .slot_writes import shares_cpu_copy
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..config import S3_SCHEME as SCHEME
+from ..lora_config import S3_SCHEME as SCHEME
 from .errors import (
     AdapterChangedError,
     AdapterNotFoundError,

@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from ..config import LoRAConfig, is_remote, resolved
+from ..config_fields import resolved
+from ..lora_config import LoRAConfig, is_remote
 from .errors import ForbiddenPathError, InvalidAdapterError
 from .files import inside
 from .s3 import SCHEME as S3_SCHEME

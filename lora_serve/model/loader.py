@@ -10,7 +10,7 @@ from typing import cast
 import torch
 from safetensors import safe_open
 
-from ..config import Dtype
+from ..config_fields import Dtype
 from .arch import ModelArch, UnsupportedModelError
 from .linear import Linear
 from .llama import LlamaModel, RMSNorm

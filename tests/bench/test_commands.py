@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from lora_serve.bench.commands import BenchEngine, BenchServe
+from lora_serve.bench.commands import BenchServe
+from lora_serve.bench.engine_commands import BenchEngine
 from lora_serve.cli import LoraServe
 
 SUBCOMMAND = {BenchServe: "serve", BenchEngine: "engine"}

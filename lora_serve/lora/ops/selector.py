@@ -12,7 +12,7 @@ CUDA when it imports, torch otherwise), refuses one that cannot run here, and lo
 
 from __future__ import annotations
 
-from ...config import LoRABackend
+from ...config_fields import LoRABackend
 from .torch_ops import SegmentedLoRABatch
 
 
