@@ -83,7 +83,7 @@ async def generate(request: Request | None, state: ServerState, prep: PreparedRe
                 now = time.perf_counter()
                 first.setdefault(out.request_id, now)
                 if out.finished:
-                    state.metrics.observe(metrics_label, start, first[out.request_id], now, out)
+                    state.metrics.observe(metrics_label, start, first[out.request_id], now, out, prep.counts_prompt(out.request_id))
                 yield out
         finally:
             disconnected.cancel()

@@ -108,11 +108,13 @@ class RequestMetrics:
         )  # fmt: skip
         self.registry.register(EngineCollector(engine))
 
-    def observe(self, adapter: str | None, start: float, first: float, end: float, last: RequestOutput) -> None:
-        """One finished request: perf_counter times of arrival, first token and end."""
+    def observe(self, adapter: str | None, start: float, first: float, end: float, last: RequestOutput, count_prompt: bool = True) -> None:
+        """One finished choice: perf_counter times of arrival, first token and end. count_prompt: whether its
+        prompt tokens count (once per prompt, as in usage: False for the other choices of n > 1)."""
         name = adapter or ""
         self.requests.labels(name, last.finish_reason or "").inc()
-        self.tokens.labels(name, "prompt").inc(last.num_prompt_tokens)
+        if count_prompt:
+            self.tokens.labels(name, "prompt").inc(last.num_prompt_tokens)
         self.tokens.labels(name, "completion").inc(last.num_output_tokens)
         self.ttft.labels(name).observe(first - start)
         if last.num_output_tokens > 1:

@@ -52,6 +52,11 @@ class PreparedRequest:
         """Usage's prompt_tokens: each prompt once, however many choices share it."""
         return sum(len(p) for p in self.prompts)
 
+    def counts_prompt(self, request_id: str) -> bool:
+        """Whether this choice is the first of its prompt: the one whose prompt tokens /metrics counts, so
+        that they count once per prompt as in usage, however many choices share it."""
+        return self.index_of[request_id] % (len(self.choices) // len(self.prompts)) == 0
+
     def engine_requests(self) -> list[EngineRequest]:
         return [(c.request_id, self.prompts[c.prompt_index], c.params) for c in self.choices]
 

@@ -68,6 +68,22 @@ def test_metrics_carry_routing_and_per_adapter_series(server: LiveServer) -> Non
     }
 
 
+def test_prompt_tokens_count_once_per_prompt_as_in_usage(server: LiveServer) -> None:
+    """n choices share their prompt: /metrics counts its tokens once, as usage does; completions once per choice."""
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+    def tokens(kind: str) -> float:
+        return samples(scrape(server)["lora_serve_tokens"], "lora_serve_tokens_total").get((("adapter", "r8-all"), ("kind", kind)), 0.0)
+
+    before_prompt, before_completion = tokens("prompt"), tokens("completion")
+    resp = client.completions.create(
+        model="r8-all", prompt=["Hello there", "A longer prompt than the first one"], n=3, max_tokens=2, extra_body={"ignore_eos": True}
+    )
+    assert len(resp.choices) == 6
+    assert tokens("prompt") - before_prompt == resp.usage.prompt_tokens
+    assert tokens("completion") - before_completion == resp.usage.completion_tokens == 12
+
+
 def test_running_and_waiting_adapters_show_while_streams_run(server: LiveServer) -> None:
     """The engine thread is held after the step that starts the stream, so nothing can move."""
     engine = server.engine.engine
