@@ -213,7 +213,7 @@ async def upload_adapter(
             with quota.reserve(uploader, upload.num_bytes):  # concurrent uploads of one tenant count together
                 return admin.store_upload(upload, uploader.tenant)
 
-        record = await asyncio.to_thread(store)
+        record = await admin.engine.run_blocking(store)  # validation's torch ops on one thread, as every adapter read
     finally:
         await form.close()
     return admin.info(record, principal_of(request))

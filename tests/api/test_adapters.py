@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import torch
 
 from lora_serve.config import ServerConfig
 from lora_serve.engine.async_engine import AsyncEngine
@@ -85,6 +87,27 @@ def test_uploaded_adapter_answers_like_peft(server: LiveServer, peft, name: str)
     assert _greedy_chat(server, name) == expected
     assert _greedy_chat(server, "tiny") == base
     assert _greedy_chat(server, f"tiny:{name}") == expected
+
+
+def test_an_upload_is_checked_on_an_adapter_thread_with_one_torch_thread(server: LiveServer, peft, monkeypatch) -> None:
+    """Its overflow check runs spectral norms: on asyncio's default pool they ran on MKL's own threads, beside
+    the engine's steps; the adapter threads run them on one thread."""
+    _, paths = peft
+    assert server.app is not None
+    admin = server.app.state.adapter_admin
+    seen: list[tuple[str, int]] = []
+    store_upload = admin.store_upload
+
+    def recording(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return store_upload(*args, **kwargs)
+
+    monkeypatch.setattr(admin, "store_upload", recording)
+    try:
+        assert upload(server.base_url, "threads-check", adapter_files(paths["r4-attn"])).status_code == 201
+        assert len(seen) == 1 and seen[0][0].startswith("lora-serve-acquire") and seen[0][1] == 1, seen
+    finally:
+        httpx.delete(f"{server.base_url}/v1/adapters/threads-check", headers=admin_headers())
 
 
 @pytest.mark.parametrize("model", ["nope", "other-base:r8-all", "tiny:nope", "r8-all:tiny"])
