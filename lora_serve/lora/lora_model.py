@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -29,6 +29,9 @@ from ..model.arch import ModelArch
 from .errors import AdapterNotFoundError, InvalidAdapterError, UnsupportedMediaError
 from .files import Roots, read_bytes
 from .peft_config import PROJECTIONS, LoRAAdapterConfig, module_path
+
+if TYPE_CHECKING:
+    from .overflow import Gain
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -65,6 +68,7 @@ class LoRAModel:
     sha256: str  # of adapter_model.safetensors
     flat: torch.Tensor | None = None  # [num_params] holding every A and B once packed (see packed())
     b_transposed: bool = False  # packed with each B stored as [r, out] (see packed())
+    gain: Gain | None = None  # its update's bounds, once checked (registry.py: overflow.check_gain)
 
     @classmethod
     def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> LoRAModel:

@@ -78,18 +78,15 @@ class AdapterRegistry:
 
     def validate(self, name: str, path: Path, roots: Roots = None) -> LoRAModel:
         """Load and check an adapter folder without registering it (also how a registered one is
-        reloaded; roots: see files.py)."""
-        return self._load(name, path, roots)[0]
-
-    def _load(self, name: str, path: Path, roots: Roots = None) -> tuple[LoRAModel, Gain]:
+        reloaded; roots: see files.py). The model keeps its gain, which add() records."""
         check_name(name, self.base_name)
         model = LoRAModel.load(name, Path(path), self.arch, self.max_rank, roots)
-        gain = check_gain(model, self.dtype)
+        model.gain = check_gain(model, self.dtype)
         if model.config.use_dora:
             if self.base is None:
                 raise UnsupportedAdapterError("DoRA adapters need the base model's weights, which this check has not", param="use_dora")
             model = with_ratios(model, self.base, self.dtype)
-        return model, gain
+        return model
 
     def add(
         self,
@@ -102,8 +99,10 @@ class AdapterRegistry:
         source: str | None = None,
     ) -> tuple[AdapterRecord, LoRAModel]:
         check_name(name, self.base_name)  # also when the caller validated the weights itself
-        # A model the caller validated (an upload's) is measured, not checked again: once per registration.
-        model, gain = self._load(name, path) if model is None else (model, gain_of(model))
+        model = model or self.validate(name, path)
+        # A model the caller validated (an upload's, an S3 download's) carries its gain; one built past the
+        # check (a test's, a benchmark's random one) is measured, not refused.
+        gain = model.gain if model.gain is not None else gain_of(model)
         ranks = sorted({w.A.shape[0] for w in model.weights.values()})
         record = AdapterRecord(
             name=name,
