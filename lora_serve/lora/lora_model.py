@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -29,9 +29,6 @@ from ..model.arch import ModelArch
 from .errors import AdapterNotFoundError, InvalidAdapterError, UnsupportedMediaError
 from .files import Roots, read_bytes
 from .peft_config import PROJECTIONS, LoRAAdapterConfig, module_path
-
-if TYPE_CHECKING:
-    from .overflow import Gain
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -56,6 +53,15 @@ class LoRAWeights:
     magnitude: torch.Tensor | None = None  # DoRA: [out] float32, PEFT's lora_magnitude_vector (as read; None once ratio is set)
     ratio: torch.Tensor | None = None  # DoRA: [out] float32 magnitude / ‖W + scale·B·A‖ per output row (dora.py), on the CPU
     ratio_first: bool = False  # ratio scales the row's base output before the deltas, not after (a merged DoRA's negation, merge.py)
+
+
+@dataclass(frozen=True)
+class Gain:
+    """An adapter's largest bounds over its projections (overflow.py): what a weight in a composition multiplies."""
+
+    a: float  # ‖A‖₂
+    b: float  # |scale|·‖B‖₂
+    total: float  # |scale|·‖B‖₂·‖A‖₂
 
 
 @dataclass(eq=False)

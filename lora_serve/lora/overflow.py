@@ -14,26 +14,16 @@ the engine fails it alone (LLMEngine.fail_non_finite) and the KV cache never let
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from .errors import InvalidAdapterError
-from .lora_model import LoRAModel, LoRAWeights
+from .lora_model import Gain, LoRAModel, LoRAWeights
 
 
 def max_gain(dtype: torch.dtype) -> float:
     """The largest gain an adapter may have in `dtype`: sqrt of its largest finite value."""
     return math.sqrt(torch.finfo(dtype).max)
-
-
-@dataclass(frozen=True)
-class Gain:
-    """An adapter's largest bounds over its projections: what a weight in a composition multiplies."""
-
-    a: float  # ‖A‖₂
-    b: float  # |scale|·‖B‖₂
-    total: float  # |scale|·‖B‖₂·‖A‖₂
 
 
 def _bounds(w: LoRAWeights) -> Gain:

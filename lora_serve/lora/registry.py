@@ -21,8 +21,8 @@ from ..model.arch import ModelArch
 from .dora import BaseNorms, with_ratios
 from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError, UnsupportedAdapterError
 from .files import Roots
-from .lora_model import LoRAModel
-from .overflow import Gain, check_gain, gain_of
+from .lora_model import Gain, LoRAModel
+from .overflow import check_gain, gain_of
 
 # One grammar for every way a name arrives (upload, load API, --lora-modules, adapter_dir). It starts with
 # a letter or digit, so no name is ".", ".." or a dot-folder of the store (".upload-*", ".deleted-*",

@@ -16,7 +16,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from lora_serve.lora.errors import InvalidAdapterError
-from lora_serve.lora.overflow import Gain, check_weighted_gain, max_gain
+from lora_serve.lora.lora_model import Gain
+from lora_serve.lora.overflow import check_weighted_gain, max_gain
 from lora_serve.lora.registry import AdapterRegistry
 
 from .test_lora_model import V1_B, edit_config, edit_tensors, good_adapter, save_adapter  # noqa: F401
