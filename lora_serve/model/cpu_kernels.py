@@ -42,6 +42,9 @@ class CPUKernels:
         self._linear = lib.linear_f32
         self._linear.argtypes = [_P, _L, _P, _P, _L, _L, _L, _L, _I]
         self._linear.restype = None
+        self._linear_avx2 = lib.linear_f32_avx2  # the AVX2 path even where AVX-512 is there (linear's `isa`)
+        self._linear_avx2.argtypes = self._linear.argtypes
+        self._linear_avx2.restype = None
         self._linear_q8 = lib.linear_q8
         self._linear_q8.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         self._linear_q8.restype = None
@@ -52,8 +55,9 @@ class CPUKernels:
         self._lora.argtypes = [_P, _L, _L, _P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _I]
         self._lora.restype = None
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """F.linear for float32: x [M, K] with unit column stride, weight [N, K] contiguous -> [M, N]."""
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, isa: str = "auto") -> torch.Tensor:
+        """F.linear for float32: x [M, K] with unit column stride, weight [N, K] contiguous -> [M, N].
+        isa "avx2": the AVX2 path even on a CPU with AVX-512 ("auto" takes AVX-512 where there is one)."""
         m, k = x.shape
         n = weight.shape[0]
         if (
@@ -65,7 +69,8 @@ class CPUKernels:
         ):
             raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
         y = torch.empty(m, n, dtype=torch.float32)
-        self._linear(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
+        run = self._linear_avx2 if isa == "avx2" else self._linear
+        run(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y if bias is None else y.add_(bias)
 
     def linear_q8(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

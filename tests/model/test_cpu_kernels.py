@@ -24,12 +24,13 @@ def ref_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.double() @ w.double().t()).float()
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 33, 128])
-@pytest.mark.parametrize("n,k", [(960, 576), (7, 1536), (33, 20)])  # odd N; K not a multiple of 8
-def test_linear_matches_float64(kernels, m, n, k):
+@pytest.mark.parametrize("isa", ["auto", "avx2"])  # auto: AVX-512 where the CPU has it
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 13, 33, 128])
+@pytest.mark.parametrize("n,k", [(960, 576), (7, 1536), (33, 20), (2, 16)])  # odd N, N % 4; K not a multiple of 8
+def test_linear_matches_float64(kernels, m, n, k, isa):
     g = torch.Generator().manual_seed(m * n + k)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-    y = kernels.linear(x, w)
+    y = kernels.linear(x, w, isa=isa)
     assert y.shape == (m, n)
     torch.testing.assert_close(y, ref_linear(x, w), rtol=1e-5, atol=1e-4 * k**0.5)
 
@@ -42,14 +43,17 @@ def test_linear_reads_strided_rows_and_adds_bias(kernels):
     torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_a_rows_result_does_not_depend_on_its_batch(kernels):
-    """One fixed order per output element: row i alone, in a batch of 4, or of 37 gives the same bits."""
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+def test_a_rows_result_does_not_depend_on_its_batch(kernels, isa):
+    """One fixed order per output element: row i alone, in a batch of 4, 8 or 37 gives the same bits."""
     g = torch.Generator().manual_seed(2)
-    x, w = torch.randn(37, 576, generator=g), torch.randn(130, 576, generator=g)
-    full = kernels.linear(x, w)
+    x, w = torch.randn(37, 580, generator=g), torch.randn(131, 580, generator=g)  # K and N with tails
+    full = kernels.linear(x, w, isa=isa)
     for i in (0, 3, 5, 36):
-        assert torch.equal(kernels.linear(x[i : i + 1], w), full[i : i + 1])
-    assert torch.equal(kernels.linear(x[4:8], w), full[4:8])
+        assert torch.equal(kernels.linear(x[i : i + 1], w, isa=isa), full[i : i + 1])
+    assert torch.equal(kernels.linear(x[4:8], w, isa=isa), full[4:8])
+    assert torch.equal(kernels.linear(x[8:16], w, isa=isa), full[8:16])
+    assert torch.equal(kernels.linear(x[1:14], w, isa=isa), full[1:14])
 
 
 def test_linear_refuses_what_it_cannot_read(kernels):
