@@ -18,10 +18,13 @@ class BenchMatmuls(BenchBase):
     repeats: int = Field(5, ge=1)
     """Alternating torch/kernels rounds after a warm-up round (medians reported)."""
 
+    step: bool = True
+    """Also time the engine's decode step on the base at a batch of each row count, beside the floors."""
+
     def cli_cmd(self) -> None:
         from lora_serve.bench import matmuls
 
-        print(matmuls.report(matmuls.run(self.setup(), self.rows, self.repeats)))
+        print(matmuls.report(matmuls.run(self.setup(), self.rows, self.repeats, self.step)))
 
 
 class BenchQuantization(BenchBase):

@@ -74,6 +74,7 @@ def _group(
         token_index=token_index,
         context_blocks=torch.tensor(blocks, device=device),
         key_len=L,
+        context_lens=torch.tensor(ctx, device=device),
         mask=mask,
         causal=causal,
         batch_size=len(tables),

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_layer_ops import CPULayerOps
+from .rope import RotaryEmbedding
+
 
 @dataclass
 class AttentionGroup:
@@ -24,6 +27,7 @@ class AttentionGroup:
     token_index: torch.Tensor | None  # [B*Q] packed index of each of the group's tokens, row by row; None: all T, in order
     context_blocks: torch.Tensor  # [B, L / block_size, rounded up] cache blocks of each row's context, padded with PAD_BLOCK
     key_len: int  # L: keys kept of the gathered blocks
+    context_lens: torch.Tensor  # [B] int64: each row's own context length (<= L)
     mask: torch.Tensor | None  # [B, 1, Q, L] bool, True where query may attend to key; None: every key, or causal
     causal: bool  # one row whose keys are its queries' own tokens (Q == L): SDPA's causal mask skips masked blocks
     batch_size: int  # B
@@ -46,6 +50,32 @@ class Attention(nn.Module):
         # Flat caches [num_slots, KV, D], assigned by the engine's KV cache before the first step.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.ops: CPULayerOps | None = None  # set by LlamaModel.use_cpu_kernels
+
+    def takes_packed(self, qkv: torch.Tensor) -> bool:
+        """Whether forward_packed runs this step: the CPU layer ops are there, and qkv and the cache are float32."""
+        return self.ops is not None and qkv.dtype == self.k_cache.dtype == torch.float32 and qkv.device.type == "cpu"
+
+    def forward_packed(self, qkv: torch.Tensor, meta: AttentionMetadata, rope: RotaryEmbedding) -> torch.Tensor:
+        """forward's work from the fused projection's output, on the CPU layer ops: rotary and the cache write
+        in one call, then each decode group in one call that reads its keys where the cache holds them (no
+        gather); prefill chunks run SDPA as in forward. qkv: [T, (H + 2 KV) D] -> [T, H*D]."""
+        assert self.ops is not None
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        T = qkv.shape[0]
+        self.ops.rope_write_kv(qkv, (H, KV, D), meta.positions, rope.cos, rope.sin, meta.slot_mapping, self.k_cache, self.v_cache)
+        q = qkv[:, : H * D]  # rotated in place; rows of qkv's stride
+        out = qkv.new_empty(T, H * D)
+        for g in meta.groups:
+            if g.query_len == 1:
+                self.ops.decode_attention(
+                    q, out, g.token_index, self.k_cache, self.v_cache, g.context_blocks, g.context_lens, meta.block_size
+                )
+            elif g.token_index is None:  # the only group: every token, in packed order
+                out = self._attend(q.view(T, H, D), g, meta.block_size)
+            else:
+                out.index_copy_(0, g.token_index, self._attend(q.index_select(0, g.token_index).view(-1, H, D), g, meta.block_size))
+        return out
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KV, D] -> [T, H*D]

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cpu_layer_ops import CPULayerOps
 from .default_model import cache_root
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCES = [Path(__file__).with_name("cpu_kernels.c"), Path(__file__).with_name("cpu_layer_ops.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FEATURES = ("avx2", "fma", "f16c")
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
@@ -54,6 +55,7 @@ class CPUKernels:
         self._lora = lib.lora_seg_f16
         self._lora.argtypes = [_P, _L, _L, _P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _I]
         self._lora.restype = None
+        self.layer_ops = CPULayerOps(lib)  # the same library's non-matmul work of a layer
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, isa: str = "auto") -> torch.Tensor:
         """F.linear for float32: x [M, K] with unit column stride, weight [N, K] contiguous -> [M, N].
@@ -224,7 +226,7 @@ _lock = threading.Lock()
 
 def build_key() -> str:
     """Names one build of the kernels: the hash of their source and compiler flags."""
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
 
 
 @cache
@@ -241,7 +243,7 @@ def _load() -> tuple[CPUKernels | None, str]:
             _build(compiler, target)
         return CPUKernels(ctypes.CDLL(str(target))), ""
     except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"building {SOURCE.name} failed: {str(exc).strip()[:300]}"
+        return None, f"building {', '.join(s.name for s in SOURCES)} failed: {str(exc).strip()[:300]}"
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -249,7 +251,7 @@ def _build(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise OSError(done.stderr or f"{compiler} exited with {done.returncode}")
         os.replace(tmp, target)

@@ -18,6 +18,7 @@ from torch import nn
 from .arch import ModelArch
 from .attention import Attention, AttentionMetadata
 from .cpu_kernels import CPUKernels
+from .cpu_layer_ops import CPULayerOps
 from .kernel_rows import ALL_BUCKETS
 from .linear import Linear, LoRABatch, linear
 from .quantized_weight import Quantization, QuantizedWeight, quantize_weight
@@ -29,8 +30,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.ops: CPULayerOps | None = None  # set by LlamaModel.use_cpu_kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        # x [T, D] -> [T, D]; with `add`, x += add first, in place (the residual stream)
+        if self.ops is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            return self.ops.rms_norm(x, self.weight, self.eps, add)
+        if add is not None:
+            x.add_(add)
         # Normalise in float32, as HF does, then scale in the model dtype.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -50,6 +57,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> torch.Tensor:
         a = self.arch
         qkv = self.qkv_proj(x, lora)  # [T, q + 2kv]
+        if self.attn.takes_packed(qkv):  # the CPU layer ops: rotary, cache write and decode attention in three calls
+            return self.o_proj(self.attn.forward_packed(qkv, meta, self.rope), lora)
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         T = x.shape[0]
         q, k = self.rope(meta.positions, q.view(T, a.num_heads, a.head_dim), k.view(T, a.num_kv_heads, a.head_dim))
@@ -86,8 +95,10 @@ class DecoderLayer(nn.Module):
         return next(linear for linear in self.linears() if module in linear.slice_names)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+        # x: [T, hidden], the residual stream, updated in place (the model's own tensor from the embedding on)
+        h = self.self_attn(self.input_layernorm(x), meta, lora)
+        h = self.post_attention_layernorm(x, add=h)  # x += attention's output, then the norm: one call on the CPU ops
+        return x.add_(self.mlp(h, lora))
 
 
 class LlamaModel(nn.Module):
@@ -116,12 +127,20 @@ class LlamaModel(nn.Module):
 
     def use_cpu_kernels(self, kernels: CPUKernels | None, buckets: frozenset[int] = ALL_BUCKETS) -> None:
         """Run the projections and the LM head through the CPU kernels for steps whose rows fall in `buckets`
-        (kernel_rows.py); None: torch's matmuls. The LoRA slots read float16 adapters through them either way."""
+        (kernel_rows.py), and float32 norms, rotary and decode attention through their layer ops at every row
+        count; None: torch's ops. The LoRA slots read float16 adapters through the kernels either way."""
         self.kernels = kernels
         self.kernel_buckets = buckets
         for m in self.linears().values():
             m.kernels = kernels
             m.kernel_buckets = buckets
+        ops = None if kernels is None else kernels.layer_ops  # the norms, rotary and decode attention (cpu_layer_ops.py)
+        for norm in (
+            [layer.input_layernorm for layer in self.layers] + [layer.post_attention_layernorm for layer in self.layers] + [self.norm]
+        ):
+            norm.ops = ops
+        for attn in self.attention_layers():
+            attn.ops = ops
 
     @torch.no_grad()
     def quantize(self, method: Quantization) -> None:

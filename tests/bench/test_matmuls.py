@@ -16,7 +16,17 @@ def test_reports_each_row_count_against_the_bandwidth_floor(tiny_llama_dir: Path
     per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + hidden * 2 * inter + inter * hidden
     assert rows[0]["weight_bytes"] == 4 * (2 * per_layer + vocab * hidden)
     for r in rows:
-        assert r["torch_ms"] > 0 and r["kernels_ms"] > 0 and r["floor_ms"] > 0
+        assert r["torch_ms"] > 0 and r["kernels_ms"] > 0 and r["floor_ms"] > 0 and r["step_ms"] > 0
     text = matmuls.report(rows)
     lines = text.splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:4]] == ["1", "5"] and "bandwidth floor" in lines[0]
+    header = [c.strip() for c in lines[0].split("|")]
+    cells = [c.strip() for c in lines[3].split("|")]
+    assert float(cells[header.index("decode step ms")]) == round(rows[1]["step_ms"], 1)
+    matmul_floor = min(rows[1]["torch_ms"], rows[1]["kernels_ms"])
+    assert float(cells[header.index("step / matmul floor")]) == round(rows[1]["step_ms"] / matmul_floor, 2)
+
+
+def test_without_the_step_the_table_keeps_the_matmuls_only(tiny_llama_dir: Path, kernels: CPUKernels) -> None:
+    rows = matmuls.run(tiny_llama_dir, [2], repeats=1, step=False)
+    assert rows[0]["step_ms"] is None and "decode step" not in matmuls.report(rows)
