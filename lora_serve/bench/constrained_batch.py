@@ -92,7 +92,7 @@ def _engine(model_path: Path, batch: int, num_adapters: int, rank: int, max_len:
     arch = ModelArch.from_dir(model_path)
     kv_gb = 1.25 * batch * (max_len + 16) * 2 * arch.num_layers * arch.kv_size * 4 / 2**30  # float32, every row's blocks at once
     config = EngineConfig(
-        cache=CacheConfig(kv_cache_memory_gb=kv_gb),
+        cache=CacheConfig(kv_cache_memory_gb=kv_gb, enable_prefix_caching=False),  # rounds repeat the prompts: prefill runs cold
         scheduler=SchedulerConfig(max_num_seqs=batch, max_model_len=max_len, max_num_batched_tokens=max(2048, batch * max_len)),
         lora=LoRAConfig(max_loras=max(num_adapters, 1), max_lora_rank=rank),
     )

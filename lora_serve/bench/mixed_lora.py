@@ -118,7 +118,7 @@ def build_engine(
             scheduler=SchedulerConfig(
                 max_num_seqs=max(num_seqs, 1), max_model_len=max(max_len, 64), max_num_batched_tokens=max(2048, num_seqs * max_len)
             ),
-            cache=CacheConfig(kv_cache_memory_gb=kv_cache_gb),
+            cache=CacheConfig(kv_cache_memory_gb=kv_cache_gb, enable_prefix_caching=False),  # rounds repeat the prompts: prefill runs cold
             lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank or rank, lora_dtype=lora_dtype),
         ),
         model_path,

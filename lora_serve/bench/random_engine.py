@@ -23,7 +23,7 @@ class RandomEngine(LLMEngine):
         bytes_per_token = 2 * arch.num_layers * arch.kv_size * dtype.itemsize
         kv_gb = 1.25 * max_num_seqs * (max_len + 16) * bytes_per_token / 2**30  # + a block of slack per sequence
         config = EngineConfig(
-            cache=CacheConfig(kv_cache_memory_gb=kv_gb),
+            cache=CacheConfig(kv_cache_memory_gb=kv_gb, enable_prefix_caching=False),  # rounds repeat the prompts: prefill runs cold
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_len, max_num_batched_tokens=max_num_seqs * max_len),
             lora=lora,
         )

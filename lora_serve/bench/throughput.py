@@ -33,7 +33,8 @@ def run(model_path: Path, concurrency: list[int], seed: int = 0, sequential_samp
 
     engine = LLMEngine.from_config(
         EngineConfig(
-            scheduler=SchedulerConfig(max_num_seqs=max(concurrency), max_model_len=256), cache=CacheConfig(kv_cache_memory_gb=1.0)
+            scheduler=SchedulerConfig(max_num_seqs=max(concurrency), max_model_len=256),
+            cache=CacheConfig(kv_cache_memory_gb=1.0, enable_prefix_caching=False),
         ),
         model_path,
     )

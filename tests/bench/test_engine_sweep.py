@@ -10,6 +10,7 @@ import pytest
 from lora_serve.bench import engine_sweep, mixed_lora, roofline
 from lora_serve.bench.mixed_lora import build_engine
 from lora_serve.bench.runners import engine_run_phases, random_prompts
+from lora_serve.engine.sampling_params import SamplingParams
 
 
 def test_run_phases_counts_every_token_with_rotation(tiny_llama_dir: Path, tmp_path: Path):
@@ -66,3 +67,16 @@ def test_roofline_arithmetic():
     assert roofline.decode_ceiling(0.1, 4, 25_000_000, 10e9) == pytest.approx(0.1 / 0.11)
     assert roofline.decode_ceiling(0.1, 0, 25_000_000, 10e9) == 1.0
     assert roofline.read_bandwidth(nbytes=8 * 2**20, repeats=2) > 1e8  # any machine streams > 100 MB/s
+
+
+def test_rounds_prefill_cold_though_they_repeat_the_prompts(tiny_llama_dir: Path, tmp_path: Path):
+    """The offline benches time the same prompts round after round: a prefix-cache hit would time a fraction of a prefill."""
+    engine = build_engine(tiny_llama_dir, tmp_path, num_adapters=1, rank=4, num_seqs=4, max_len=64, kv_cache_gb=0.02)
+    prompts = random_prompts(engine.arch.vocab_size, [48] * 4, seed=0)
+    for round_ in range(2):
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{round_}-{i}", p, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        outputs = engine.step()
+        assert len(outputs) == 4 and all(o.num_cached_tokens == 0 for o in outputs)
+        while engine.has_unfinished():
+            engine.step()
