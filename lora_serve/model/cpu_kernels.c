@@ -363,6 +363,11 @@ void lora_seg_f16(const float *x, long ldx, long K, float *h, long ldh, float *y
                 if (info[0] == 0 || c >= info[1])
                     continue;
                 const uint16_t *a = (const uint16_t *)info[0] + c * K; /* from memory once, then L1 */
+                if (s + 1 < S) { /* the same row of the next segment's A: max_r tasks ahead on this thread */
+                    const long *next = slot_info + 5 * seg[3 * (s + 1)];
+                    if (next[0] != 0 && c < next[1])
+                        prefetch_bytes((const uint16_t *)next[0] + c * K, K * 2);
+                }
                 float sc = ((const float *)info[2])[c];
                 for (long t = seg_s[1]; t < seg_s[2]; t++)
                     h[t * ldh + c] = sc * dot_f16(a, x + t * ldx, K);
@@ -376,6 +381,11 @@ void lora_seg_f16(const float *x, long ldx, long K, float *h, long ldh, float *y
                 if (q >= info[4])
                     continue;
                 const long *blk = blocks + 6 * (info[3] + q);
+                if (q + 1 < info[4]) { /* the next block's rows of B, the task after this one */
+                    const long *nb = blocks + 6 * (info[3] + q + 1);
+                    for (long j = 0; j < nb[1]; j++)
+                        prefetch_bytes((const uint16_t *)nb[2] + j * nb[3], nb[5] * 2);
+                }
                 for (long t = seg_s[1]; t < seg_s[2]; t++)
                     expand_block(h + t * ldh + blk[0], y + t * ldy + blk[4], (const uint16_t *)blk[2], blk[3], blk[1], blk[5]);
             }
