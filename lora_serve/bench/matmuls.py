@@ -53,7 +53,11 @@ def decode_steps_ms(model_path: Path, batches: list[int], repeats: int, prompt_l
     """{batch: the engine's median decode step in ms}, base only, float32, on the server's default backends."""
     engine = LLMEngine.from_config(
         EngineConfig(
-            scheduler=SchedulerConfig(max_num_seqs=max(batches), max_model_len=prompt_len + steps + 16),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max(batches),
+                max_model_len=prompt_len + steps + 16,
+                max_num_batched_tokens=max(2048, max(batches) * prompt_len),
+            ),
             cache=CacheConfig(kv_cache_memory_gb=0.25, enable_prefix_caching=False),
         ),
         model_path,

@@ -1,5 +1,6 @@
 """A decoder layer's float32 work between its matmuls, through cpu_layer_ops.c: RMSNorm with the residual
-add, rotary embedding with the KV-cache write, decode attention over the paged cache.
+add, rotary embedding with the KV-cache write, the MLP's silu(gate) * up, decode attention over the
+paged cache.
 
 Built into the CPU kernels' library (cpu_kernels.py), so they come and go together: the model takes
 these when it takes the kernels (LlamaModel.use_cpu_kernels) and its rows are float32 on the CPU;
@@ -28,6 +29,9 @@ class CPULayerOps:
         self._rope = lib.rope_write_kv
         self._rope.argtypes = [_P, _L, _L, _P, _P, _P, _L, _L, _L, _P, _P, _P, _I]
         self._rope.restype = None
+        self._silu_mul = lib.silu_mul
+        self._silu_mul.argtypes = [_P, _L, _L, _L, _P, _L, _I]
+        self._silu_mul.restype = None
         self._attention = lib.decode_attention
         self._attention.argtypes = [_P, _L, _P, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _P, _L, _I]
         self._attention.restype = None
@@ -40,6 +44,15 @@ class CPULayerOps:
         out = torch.empty(t, d, dtype=torch.float32)
         self._rms_norm(x.data_ptr(), x.stride(0), None if add is None else add.data_ptr(), 0 if add is None else add.stride(0),
                        weight.data_ptr(), out.data_ptr(), d, t, d, eps, torch.get_num_threads())  # fmt: skip
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2N] (gate, then up) -> silu(gate) * up, [T, N]."""
+        t, n2 = gate_up.shape
+        if not _cpu_f32(gate_up) or n2 % 2:
+            raise ValueError(f"silu_mul: gate_up {tuple(gate_up.shape)} {gate_up.dtype}")
+        out = torch.empty(t, n2 // 2, dtype=torch.float32)
+        self._silu_mul(gate_up.data_ptr(), gate_up.stride(0), t, n2 // 2, out.data_ptr(), n2 // 2, torch.get_num_threads())
         return out
 
     def rope_write_kv(self, qkv: torch.Tensor, heads: tuple[int, int, int], positions: torch.Tensor, cos: torch.Tensor,

@@ -72,9 +72,13 @@ class MLP(nn.Module):
         n = arch.intermediate_size
         self.gate_up_proj = Linear(arch.hidden_size, {"gate_proj": n, "up_proj": n}, False, dtype, device)
         self.down_proj = Linear(n, {"down_proj": arch.hidden_size}, False, dtype, device)
+        self.ops: CPULayerOps | None = None  # set by LlamaModel.use_cpu_kernels
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x, lora)  # [T, 2 * intermediate]
+        if self.ops is not None and gate_up.dtype == torch.float32 and gate_up.device.type == "cpu":
+            return self.down_proj(self.ops.silu_mul(gate_up), lora)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up, lora)
 
 
@@ -127,7 +131,7 @@ class LlamaModel(nn.Module):
 
     def use_cpu_kernels(self, kernels: CPUKernels | None, buckets: frozenset[int] = ALL_BUCKETS) -> None:
         """Run the projections and the LM head through the CPU kernels for steps whose rows fall in `buckets`
-        (kernel_rows.py), and float32 norms, rotary and decode attention through their layer ops at every row
+        (kernel_rows.py), and float32 norms, rotary, silu-and-multiply and decode attention through their layer ops at every row
         count; None: torch's ops. The LoRA slots read float16 adapters through the kernels either way."""
         self.kernels = kernels
         self.kernel_buckets = buckets
@@ -141,6 +145,8 @@ class LlamaModel(nn.Module):
             norm.ops = ops
         for attn in self.attention_layers():
             attn.ops = ops
+        for layer in self.layers:
+            layer.mlp.ops = ops
 
     @torch.no_grad()
     def quantize(self, method: Quantization) -> None:

@@ -39,6 +39,15 @@ def test_rms_norm_reads_strided_rows(ops):
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("t,n", [(1, 1536), (8, 1536), (64, 1536), (3, 13)])  # 64 x 1536: the parallel branch; 13: a tail
+def test_silu_mul_of_the_fused_gate_up(ops, t, n):
+    g = torch.Generator().manual_seed(t + n)
+    gate_up = torch.randn(t, 2 * n, generator=g) * 6
+    gate_up[0, :4] = torch.tensor([-200.0, -90.0, 90.0, 200.0])  # past the exponential's clamps: silu saturates
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gate_up), (torch.nn.functional.silu(gate) * up).float(), rtol=2e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 16), (6, 2, 12)])
 def test_rope_write_kv_matches_the_rotary_embedding_and_fills_the_cache(ops, heads):
     H, KV, D = heads
