@@ -374,7 +374,7 @@ void lora_seg_f16(const float *x, long ldx, long K, float *h, long ldh, float *y
             }
         }
         /* the implicit barrier: every h row is written before any is read */
-#pragma omp for collapse(2) schedule(dynamic, 4)
+#pragma omp for collapse(2) schedule(dynamic, 16)
         for (long s = 0; s < S; s++) {
             for (long q = 0; q < max_blocks; q++) {
                 const long *seg_s = seg + 3 * s, *info = slot_info + 5 * seg_s[0];
