@@ -56,6 +56,24 @@ class Attention(nn.Module):
         """Whether forward_packed runs this step: the CPU layer ops are there, and qkv and the cache are float32."""
         return self.ops is not None and qkv.dtype == self.k_cache.dtype == torch.float32 and qkv.device.type == "cpu"
 
+    def check_bounds(self, meta: AttentionMetadata, num_positions: int) -> None:
+        """The CPU layer ops index the caches and the rotary tables by meta without checking each index (as
+        torch's ops do): refuse, once per step, metadata that would reach past them. The engine never builds
+        such a step; a ValueError beats a write into another sequence's cache."""
+        slots = self.k_cache.shape[0]
+
+        def within(t: torch.Tensor, end: int) -> bool:
+            return t.numel() == 0 or (int(t.min()) >= 0 and int(t.max()) < end)
+
+        if not within(meta.positions, num_positions) or not within(meta.slot_mapping, slots):
+            raise ValueError(f"step metadata past the rotary tables ({num_positions}) or the KV cache ({slots} slots)")
+        for g in meta.groups:
+            if g.query_len == 1 and (
+                not within(g.context_blocks, slots // meta.block_size)
+                or not within(g.context_lens, g.context_blocks.shape[1] * meta.block_size + 1)
+            ):
+                raise ValueError(f"a decode group's blocks or context lengths reach past the KV cache ({slots} slots)")
+
     def forward_packed(self, qkv: torch.Tensor, meta: AttentionMetadata, rope: RotaryEmbedding) -> torch.Tensor:
         """forward's work from the fused projection's output, on the CPU layer ops: rotary and the cache write
         in one call, then each decode group in one call that reads its keys where the cache holds them (no

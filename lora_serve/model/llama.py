@@ -189,6 +189,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None = None) -> torch.Tensor:
         # input_ids: [T] -> logits of each sequence's last token: [B, vocab] float32
+        first = self.layers[0].self_attn
+        if first.attn.ops is not None:  # the CPU layer ops read meta's indexes unchecked: checked once here
+            first.attn.check_bounds(meta, first.rope.cos.shape[0])
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, meta, lora)

@@ -129,3 +129,27 @@ def test_layer_ops_refuse_what_they_cannot_read(ops):
     with pytest.raises(ValueError):  # a block table per row
         ops.decode_attention(torch.randn(2, 8), torch.empty(2, 8), None, cache, cache.clone(), torch.zeros(1, 2, dtype=torch.int64),
                              torch.tensor([1, 1]), 4)  # fmt: skip
+
+
+def test_attention_refuses_step_metadata_past_the_cache_before_the_ops_index_it():
+    """The C ops index the caches by slot unchecked: a slot, block or position past them is a ValueError, once per step."""
+    from lora_serve.model.attention import Attention, AttentionGroup, AttentionMetadata
+
+    attn = Attention(4, 2, 8)
+    attn.k_cache, attn.v_cache = torch.zeros(32, 2, 8), torch.zeros(32, 2, 8)  # 8 blocks of 4
+
+    def meta(positions, slots, blocks, lens):
+        group = AttentionGroup(token_index=None, context_blocks=torch.tensor(blocks), key_len=max(lens), context_lens=torch.tensor(lens),
+                               mask=None, causal=False, batch_size=len(lens), query_len=1)  # fmt: skip
+        return AttentionMetadata(torch.tensor(positions), torch.tensor(slots), 4, [group], torch.arange(len(lens)))
+
+    attn.check_bounds(meta([5, 9], [6, 31], [[1, 0], [7, 2]], [6, 8]), num_positions=16)  # all within
+    for bad in (
+        meta([5, 16], [6, 31], [[1, 0], [7, 2]], [6, 8]),  # a position past the rotary tables
+        meta([5, 9], [6, 32], [[1, 0], [7, 2]], [6, 8]),  # a slot past the cache
+        meta([5, 9], [6, -1], [[1, 0], [7, 2]], [6, 8]),
+        meta([5, 9], [6, 31], [[1, 0], [8, 2]], [6, 8]),  # a block past the cache
+        meta([5, 9], [6, 31], [[1, 0], [7, 2]], [6, 9]),  # more keys than the row's blocks hold
+    ):
+        with pytest.raises(ValueError):
+            attn.check_bounds(bad, num_positions=16)
