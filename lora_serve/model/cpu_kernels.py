@@ -31,6 +31,7 @@ from .cpu_layer_ops import CPULayerOps
 from .default_model import cache_root
 
 SOURCES = [Path(__file__).with_name("cpu_kernels.c"), Path(__file__).with_name("cpu_layer_ops.c")]
+HEADERS = [Path(__file__).with_name("cpu_simd.h")]  # included by both: part of what a build is
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FEATURES = ("avx2", "fma", "f16c")
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
@@ -226,7 +227,7 @@ _lock = threading.Lock()
 
 def build_key() -> str:
     """Names one build of the kernels: the hash of their source and compiler flags."""
-    return hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(FLAGS).encode()).hexdigest()[:16]
 
 
 @cache

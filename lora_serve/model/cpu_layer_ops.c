@@ -25,23 +25,7 @@ Same layouts as cpu_kernels.c: row-major, "rows of stride ld".
 #include <stdint.h>
 #include <stdlib.h>
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float dot(const float *a, const float *b, long n) {
-    __m256 acc = _mm256_setzero_ps();
-    long k = 0;
-    for (; k + 8 <= n; k += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
-    float s = hsum8(acc);
-    for (; k < n; k++)
-        s += a[k] * b[k];
-    return s;
-}
+#include "cpu_simd.h"
 
 /* e^x for 8 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-5 polynomial for e^r, then
    2^n in the exponent bits); relative error ~2e-7; x is clamped to [-87.3, 88], where float32's exponent holds 2^n. */
@@ -74,7 +58,7 @@ void rms_norm(float *x, long ldx, const float *add, long ldadd, const float *w, 
             for (long d = 0; d < D; d++)
                 xr[d] += a[d];
         }
-        float r = 1.0f / sqrtf(dot(xr, xr, D) / (float)D + eps);
+        float r = 1.0f / sqrtf(dot_f32(xr, xr, D) / (float)D + eps);
         for (long d = 0; d < D; d++)
             o[d] = w[d] * (xr[d] * r);
     }
@@ -164,14 +148,14 @@ static void scores(const float *q, long G, long D, const float *cache, long KV, 
                     a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[3] + d), a3);
                 }
                 float *pi = p + i * ldp + j;
-                pi[0] = hsum8(a0) * scale, pi[1] = hsum8(a1) * scale, pi[2] = hsum8(a2) * scale, pi[3] = hsum8(a3) * scale;
+                pi[0] = hsum(a0) * scale, pi[1] = hsum(a1) * scale, pi[2] = hsum(a2) * scale, pi[3] = hsum(a3) * scale;
             }
         }
     }
     for (; j < L; j++) {
         const float *k = cache + (KEY_SLOT(blk, j, block_size) * KV + g) * D;
         for (long i = 0; i < G; i++)
-            p[i * ldp + j] = dot(q + i * D, k, D) * scale;
+            p[i * ldp + j] = dot_f32(q + i * D, k, D) * scale;
     }
 }
 
@@ -187,7 +171,7 @@ static float softmax_numerators(float *p, long L) {
         _mm256_storeu_ps(p + j, e);
         acc = _mm256_add_ps(acc, e);
     }
-    float sum = hsum8(acc);
+    float sum = hsum(acc);
     for (; j < L; j++) {
         p[j] = expf(p[j] - m);
         sum += p[j];
