@@ -1,9 +1,12 @@
 """The small-batch CPU kernels of cpu_kernels.c, built once with the machine's C compiler and called through ctypes.
 
+One library from two sources and their shared header: the matmul kernels here, and a layer's
+non-matmul work (cpu_layer_ops.c, wrapped by cpu_layer_ops.py as `CPUKernels.layer_ops`).
+
 Optional by design: without a C compiler, on a CPU without AVX2/FMA/F16C, or when the build fails,
 `cpu_kernels()` returns None with the reason; the resolve step (engine/resolve.py) then keeps torch's
 matmuls and float32 adapters, and logs why.
-The library goes to <cache>/kernels/ under a name made of the hash of the source and the flags,
+The library goes to <cache>/kernels/ under a name made of the hash of the sources, the header and the flags,
 written to a temporary file and renamed, so concurrent processes build at most once each and never
 load a half-written file; a library already there is loaded without a compiler (a container image
 builds it at image build time). ctypes rather than a torch extension: no torch headers, no ninja, and a
@@ -226,7 +229,7 @@ _lock = threading.Lock()
 
 
 def build_key() -> str:
-    """Names one build of the kernels: the hash of their source and compiler flags."""
+    """Names one build of the kernels: the hash of their sources, header and compiler flags."""
     return hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(FLAGS).encode()).hexdigest()[:16]
 
 

@@ -4,8 +4,9 @@ silu(gate) * up, and decode attention read straight from the paged cache.
 
 Why: at decode a step's rows are few, so each torch op costs its dispatch more than its arithmetic.
 In SmolLM2-135M's 8-row decode step (torch profiler, 2-vCPU Xeon) a layer ran ~35 ops around its four
-matmuls: RMSNorm 8, rotary 16, the cache write 2, silu-and-multiply 5, attention 6 (two gathers of every context block
-into new tensors, SDPA, the transposes). Built with cpu_kernels.c into one library (cpu_kernels.py).
+matmuls: RMSNorm 8, rotary 16, the cache write 2, silu-and-multiply 5, attention 6 (two gathers of
+every context block into new tensors, SDPA, the transposes). Built with cpu_kernels.c into one
+library (cpu_kernels.py).
 
 Same layouts as cpu_kernels.c: row-major, "rows of stride ld".
 
@@ -28,7 +29,8 @@ Same layouts as cpu_kernels.c: row-major, "rows of stride ld".
 #include "cpu_simd.h"
 
 /* e^x for 8 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-5 polynomial for e^r, then
-   2^n in the exponent bits); relative error ~2e-7; x is clamped to [-87.3, 88], where float32's exponent holds 2^n. */
+   2^n in the exponent bits); relative error ~2e-7; x is clamped to [-87.3, 88], where float32's
+   exponent holds 2^n. */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
