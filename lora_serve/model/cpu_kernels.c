@@ -55,8 +55,8 @@ static inline float dot_f16(const uint16_t *a, const float *x, long n) {
 }
 
 /* Weight rows ahead of the ones being multiplied are prefetched: with few rows of x the loads of the
-   weights and the FMAs on them did not overlap (8 rows, SmolLM2-135M, 2-vCPU Xeon: 36.9 ms without,
-   26.9 ms with `lora-serve bench matmuls`), though each weight row is read in one sequential run.
+   weights and the FMAs on them did not overlap (a step's matmuls at 8 rows, SmolLM2-135M, 2-vCPU Xeon:
+   35.0 ms without, 29.5 ms with; docs/benchmarks.md), though each weight row is read in one sequential run.
    PREFETCH_TILES tiles ahead: far enough to cover DRAM's latency, near enough to stay in L1. */
 #define PREFETCH_TILES 2
 
@@ -126,7 +126,7 @@ void linear_f32_avx2(const float *x, long ldx, const float *W, float *y, long ld
    tiles of 4 weight rows x 8, 4 or 1 rows of x. Every output element is still one chain of FMAs over
    k in steps of 16, then the same reduction and the same scalar tail, whatever the tile: a row's result
    does not depend on its batch here either (it does differ from the AVX2 path's in the last bits).
-   8 rows, SmolLM2-135M, 2-vCPU Xeon: 22.7 ms against the AVX2 path's 26.9 (both prefetching). */
+   8 rows, SmolLM2-135M, 2-vCPU Xeon: 23.9 ms against the AVX2 path's 29.5 (both prefetching). */
 #define TILE512(R, C)                                                                                                     \
     __attribute__((target("avx512f"))) static void tile512_##R##x##C(const float *w, const float *x, long ldx, float *y, \
                                                                      long ldy, long K, const float *pf) {               \
