@@ -69,10 +69,11 @@ class Attention(nn.Module):
             raise ValueError(f"step metadata past the rotary tables ({num_positions}) or the KV cache ({slots} slots)")
         for g in meta.groups:
             if g.query_len == 1 and (
-                not within(g.context_blocks, slots // meta.block_size)
+                (g.token_index is not None and not within(g.token_index, meta.positions.shape[0]))
+                or not within(g.context_blocks, slots // meta.block_size)
                 or not within(g.context_lens, g.context_blocks.shape[1] * meta.block_size + 1)
             ):
-                raise ValueError(f"a decode group's blocks or context lengths reach past the KV cache ({slots} slots)")
+                raise ValueError(f"a decode group's rows, blocks or context lengths reach past the step or the KV cache ({slots} slots)")
 
     def forward_packed(self, qkv: torch.Tensor, meta: AttentionMetadata, rope: RotaryEmbedding) -> torch.Tensor:
         """forward's work from the fused projection's output, on the CPU layer ops: rotary and the cache write
@@ -80,32 +81,27 @@ class Attention(nn.Module):
         gather); prefill chunks run SDPA as in forward. qkv: [T, (H + 2 KV) D] -> [T, H*D]."""
         assert self.ops is not None
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        T = qkv.shape[0]
         self.ops.rope_write_kv(qkv, (H, KV, D), meta.positions, rope.cos, rope.sin, meta.slot_mapping, self.k_cache, self.v_cache)
-        q = qkv[:, : H * D]  # rotated in place; rows of qkv's stride
-        out = qkv.new_empty(T, H * D)
-        for g in meta.groups:
-            if g.query_len == 1:
-                self.ops.decode_attention(
-                    q, out, g.token_index, self.k_cache, self.v_cache, g.context_blocks, g.context_lens, meta.block_size
-                )
-            elif g.token_index is None:  # the only group: every token, in packed order
-                out = self._attend(q.view(T, H, D), g, meta.block_size)
-            else:
-                out.index_copy_(0, g.token_index, self._attend(q.index_select(0, g.token_index).view(-1, H, D), g, meta.block_size))
-        return out
+        return self._attend_groups(qkv[:, : H * D].view(-1, H, D), meta, self.ops)  # q rotated in place, rows of qkv's stride
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KV, D] -> [T, H*D]
         self.k_cache.index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
-        if meta.groups[0].token_index is None:  # the only group: every token, in packed order
-            return self._attend(q, meta.groups[0], meta.block_size)
-        out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
+        return self._attend_groups(q, meta, None)
+
+    def _attend_groups(self, q: torch.Tensor, meta: AttentionMetadata, ops: CPULayerOps | None) -> torch.Tensor:
+        # q: [T, H, D] (rows of any stride) -> [T, H*D]. With ops, decode groups read the cache in place.
+        T, HD = q.shape[0], self.num_heads * self.head_dim
+        out = q.new_empty(T, HD)
         for g in meta.groups:
-            index = g.token_index
-            assert index is not None  # several groups: each names its tokens
-            out.index_copy_(0, index, self._attend(q.index_select(0, index), g, meta.block_size))
+            if ops is not None and g.query_len == 1:
+                ops.decode_attention(q.view(T, HD), out, g.token_index, self.k_cache, self.v_cache, g.context_blocks, g.context_lens,
+                                     meta.block_size)  # fmt: skip
+            elif g.token_index is None:  # the only group: every token, in packed order
+                return self._attend(q, g, meta.block_size)
+            else:
+                out.index_copy_(0, g.token_index, self._attend(q.index_select(0, g.token_index), g, meta.block_size))
         return out
 
     def _attend(self, q: torch.Tensor, g: AttentionGroup, block_size: int) -> torch.Tensor:

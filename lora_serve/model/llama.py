@@ -138,15 +138,10 @@ class LlamaModel(nn.Module):
         for m in self.linears().values():
             m.kernels = kernels
             m.kernel_buckets = buckets
-        ops = None if kernels is None else kernels.layer_ops  # the norms, rotary and decode attention (cpu_layer_ops.py)
-        for norm in (
-            [layer.input_layernorm for layer in self.layers] + [layer.post_attention_layernorm for layer in self.layers] + [self.norm]
-        ):
-            norm.ops = ops
-        for attn in self.attention_layers():
-            attn.ops = ops
-        for layer in self.layers:
-            layer.mlp.ops = ops
+        ops = None if kernels is None else kernels.layer_ops  # norms, rotary, silu-and-multiply, decode attention
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.ops = ops
 
     @torch.no_grad()
     def quantize(self, method: Quantization) -> None:

@@ -138,8 +138,9 @@ def test_attention_refuses_step_metadata_past_the_cache_before_the_ops_index_it(
     attn = Attention(4, 2, 8)
     attn.k_cache, attn.v_cache = torch.zeros(32, 2, 8), torch.zeros(32, 2, 8)  # 8 blocks of 4
 
-    def meta(positions, slots, blocks, lens):
-        group = AttentionGroup(token_index=None, context_blocks=torch.tensor(blocks), key_len=max(lens), context_lens=torch.tensor(lens),
+    def meta(positions, slots, blocks, lens, token_index=None):
+        index = None if token_index is None else torch.tensor(token_index)
+        group = AttentionGroup(token_index=index, context_blocks=torch.tensor(blocks), key_len=max(lens), context_lens=torch.tensor(lens),
                                mask=None, causal=False, batch_size=len(lens), query_len=1)  # fmt: skip
         return AttentionMetadata(torch.tensor(positions), torch.tensor(slots), 4, [group], torch.arange(len(lens)))
 
@@ -150,6 +151,7 @@ def test_attention_refuses_step_metadata_past_the_cache_before_the_ops_index_it(
         meta([5, 9], [6, -1], [[1, 0], [7, 2]], [6, 8]),
         meta([5, 9], [6, 31], [[1, 0], [8, 2]], [6, 8]),  # a block past the cache
         meta([5, 9], [6, 31], [[1, 0], [7, 2]], [6, 9]),  # more keys than the row's blocks hold
+        meta([5, 9], [6, 31], [[1, 0], [7, 2]], [6, 8], token_index=[0, 2]),  # a query row past the step's 2 tokens
     ):
         with pytest.raises(ValueError):
             attn.check_bounds(bad, num_positions=16)
