@@ -115,12 +115,17 @@ async def bench(workload: WorkloadConfig, cfg: ClientConfig) -> list[dict]:
         targets = ["base"] if cfg.base_only or not workload.adapter_names() else ["adapters"]
         if cfg.with_base:
             targets.append("base")
-        first = list(islice(make_trace(workload, cfg.vocab_size), cfg.warmup_requests))
+        rounds = cfg.rounds if cfg.with_base else 1
+        # Each (rate, round) and the warm-up draw prompts of their own (workload.py): no round is served
+        # from the prefix cache an earlier one filled. Within a round, adapters and base get the same
+        # prompts; the cache keys K/V by adapter, so neither finds the other's.
+        warmup_set = len(workload.request_rate) * rounds
+        first = list(islice(make_trace(workload, cfg.vocab_size, prompt_set=warmup_set), cfg.warmup_requests))
         await run_trace(client, first, lambda s: base, workload.concurrency, cfg.timeout_s)
         results = []
-        for rate in workload.request_rate:
-            trace = list(make_trace(workload, cfg.vocab_size, rate))
-            for round_ in range(cfg.rounds if cfg.with_base else 1):
+        for i, rate in enumerate(workload.request_rate):
+            for round_ in range(rounds):
+                trace = list(make_trace(workload, cfg.vocab_size, rate, prompt_set=i * rounds + round_))
                 for target in targets:
                     results.append(await _measure(client, workload, cfg, trace, rate, target, base, round_))
     return results

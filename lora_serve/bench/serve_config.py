@@ -115,10 +115,13 @@ class ClientConfig(BaseModel):
     """Run the trace twice per rate, adapters then base, and report the paired throughput ratio."""
 
     rounds: int = Field(1, ge=1)
-    """With --with-base: alternate adapters and base this many times per rate; ratios are medians over the pairs."""
+    """With --with-base: alternate adapters and base this many times per rate; ratios are medians over the pairs.
+    Each round sends the same adapters, arrivals and lengths with prompts of its own, so none is served
+    from the prefix cache an earlier round filled (--shared-prefix-len system prompts stay the same)."""
 
     warmup_requests: int = Field(4, ge=0)
-    """Requests sent to the base before measuring (not recorded): the first forward passes are slow."""
+    """Requests sent to the base before measuring (not recorded): the first forward passes are slow.
+    Their prompts are none of the measured rounds'."""
 
     vocab_size: int = Field(32000, ge=1001)
     """Random prompt ids are drawn from [1000, vocab_size) (32000 is inside every common tokenizer)."""

@@ -8,6 +8,11 @@ the shorter one, and a different --request-rate changes only the arrival times. 
 --shared-prefix-len, every request of an adapter starts with that adapter's system prompt, drawn from
 a Generator of its own seeded with (seed, adapter rank + 1; the base: 0): the same in every trace of
 the seed, whatever the rate or the number of requests, and distinct across adapters.
+
+A trace has many prompt sets (`prompt_set`): the same adapters, arrivals and lengths with other prompts
+(and the same system prompts). `bench serve` gives each of its rounds, and its warm-up, a set of its
+own, so no round finds an earlier one's prompts in the server's prefix cache: every round is a
+cold-prompt workload, as S-LoRA's, for the adapters and the base alike.
 """
 
 from __future__ import annotations
@@ -72,11 +77,14 @@ def shared_prefix(config: WorkloadConfig, rank: int | None, vocab_size: int) -> 
     return _random_prompt(config, config.shared_prefix_len, vocab_size, rng)
 
 
-def make_trace(config: WorkloadConfig, vocab_size: int, rate: float | None = None) -> Iterator[RequestSpec]:
+def make_trace(config: WorkloadConfig, vocab_size: int, rate: float | None = None, prompt_set: int = 0) -> Iterator[RequestSpec]:
     """Requests in arrival order: num_requests of them, fewer if --duration cuts the arrivals off.
-    rate: one of config.request_rate (default: the first)."""
+    rate: one of config.request_rate (default: the first). prompt_set: which of the seed's prompt sets
+    (0: the trace's own); every other input to the trace is the same for all."""
     rate = config.request_rate[0] if rate is None else rate
-    adapter_rng, arrival_rng, length_rng, prompt_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4))
+    adapter_seq, arrival_seq, length_seq, prompt_seq = np.random.SeedSequence(config.seed).spawn(4)
+    adapter_rng, arrival_rng, length_rng = (np.random.default_rng(s) for s in (adapter_seq, arrival_seq, length_seq))
+    prompt_rng = np.random.default_rng(prompt_seq if prompt_set == 0 else prompt_seq.spawn(prompt_set)[-1])
     names = config.adapter_names()
     prefixes: dict[int | None, list[int] | str] = {}
     clock = 0.0

@@ -59,6 +59,8 @@ def test_online_run_completes_every_request_exactly(server, tmp_path: Path):
         assert r["request_goodput"] == pytest.approx(r["request_throughput"])
         assert {x["index"]: x["output_tokens"] for x in r["records"]} == {s.index: s.output_len for s in trace}
         assert 0 < r["median_ttft_ms"] <= r["median_e2el_ms"]
+        # Every round, and the warm-up, has prompts of its own: none is served from the prefix cache.
+        assert [x["cached_tokens"] for x in r["records"]] == [0] * 12
     assert {x["model"] for x in results[0]["records"]} <= {"bench-0", "bench-1", "bench-2"}
     assert {x["model"] for x in results[1]["records"]} == {"tiny"}
     ratios = serve_results.base_ratios(results)

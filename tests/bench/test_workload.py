@@ -83,6 +83,19 @@ def test_rate_changes_only_arrivals():
     assert slow[-1].arrival_s > fast[-1].arrival_s * 10
 
 
+def test_prompt_sets_change_only_the_prompts():
+    sets = [list(make_trace(config(shared_prefix_len=4), 32000, prompt_set=k)) for k in (0, 1, 2, 1)]
+    assert sets[0] == list(make_trace(config(shared_prefix_len=4), 32000))  # set 0: the trace's own prompts
+    assert sets[1] == sets[3]  # reproducible
+
+    def rest(trace):
+        return [(r.adapter, r.arrival_s, r.input_len, r.output_len, r.prompt[:4]) for r in trace]  # system prompt included
+
+    assert rest(sets[0]) == rest(sets[1]) == rest(sets[2])
+    prompts = [{tuple(r.prompt[4:]) for r in trace} for trace in sets[:3]]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+
+
 def test_duration_cuts_arrivals():
     trace = list(make_trace(config(duration=2.0).model_copy(update={"num_requests": 1000}), 32000))
     assert 0 < len(trace) < 1000 and trace[-1].arrival_s <= 2.0
