@@ -25,7 +25,8 @@ loaded). Row-major; "rows of stride ld" means row i starts at p + i * ld, column
           over the group), the dequantized weights' product regrouped
   lora    per segment of rows, y += scale·(x·Aᵀ)·Bᵀ of its adapter (lora_seg_f16): the shrink, then the
           expand, in one parallel region; adapters are read where they lie (a table of pointers by
-          slot): nothing is stacked, gathered or padded.
+          slot): nothing is stacked, gathered or padded. A segment's rows run in tiles (AVX-512 ones
+          where the CPU has it) that give each row the bits it gets alone, on either path.
 */
 #include <immintrin.h>
 #include <math.h>
@@ -308,8 +309,21 @@ void linear_q4(const float *x, long ldx, const uint8_t *W, const float *scales, 
         b_transposed), ldb, first output column of y (ycol), width <= 64.
    Shrink: h[t, c] = scale[c] * x[t]·A[c] for c < R (h: fp32 rows of stride ldh >= max R; other
    columns and rows are not written). Expand: y[t, ycol + o] += sum_j h[t, hcol + j] * B[j * ldb + o],
-   each rank's row added to 64 outputs held in 8 registers (no horizontal sums). */
+   each rank's row added to 64 outputs held in 8 registers (no horizontal sums).
+
+   Shrink tasks take two ranks of a segment over all its rows. A decode row is alone in its segment, and
+   reading its adapter is the cost: its expand tasks take one block of 64 outputs each. A prefill
+   chunk's rows run in tiles (shrink: 2 ranks x 2 rows, expand: 4 rows x 16 outputs, and wider with
+   AVX-512), so each converted weight register feeds several rows' FMAs and the FMAs, not the
+   conversions and loads, bound the work; its expand tasks take a tile of rows over every block.
+   Each output element sums in the same order in a tile as alone (dot_f16's two chains; the expand's
+   ranks in order onto y), so a row's result does not depend on its segment's length.
+   A step of 16 prompts of 64 tokens on 16 adapters, SmolLM2-135M, 2-vCPU Xeon: the LoRA calls of a
+   layer took 0.30 of its base projections' time one row at a time, 0.14 in these tiles, and prefill
+   went from 0.78x to 0.89x the base's (`lora-serve bench lora --num-seqs 16 --num-adapters 16`). */
 #define OUT_BLOCK 64
+#define EXPAND_ROWS 4 /* rows of an expand tile */
+#define EXPAND_COLS 16 /* outputs of an expand tile: 2 registers a row */
 
 static void expand_block(const float *hr, float *yr, const uint16_t *b, long ldb, long r, long width) {
     if (width == OUT_BLOCK) {
@@ -334,34 +348,167 @@ static void expand_block(const float *hr, float *yr, const uint16_t *b, long ldb
     }
 }
 
-void lora_seg_f16(const float *x, long ldx, long K, float *h, long ldh, float *y, long ldy,
-                  long S, const long *seg, const long *slot_info, const long *blocks,
-                  long max_r, long max_blocks, int num_threads) {
+/* expand_block for EXPAND_ROWS rows (h rows of stride ldh, y rows of stride ldy) of a full block: per
+   16 outputs, each rank's two converted registers feed 4 rows. The same sums, in the same order. */
+static void expand_block_rows(const float *h, long ldh, float *y, long ldy, const uint16_t *b, long ldb, long r) {
+    for (long o = 0; o < OUT_BLOCK; o += EXPAND_COLS) {
+        __m256 acc[EXPAND_ROWS][2];
+        for (int i = 0; i < EXPAND_ROWS; i++) {
+            acc[i][0] = _mm256_loadu_ps(y + i * ldy + o);
+            acc[i][1] = _mm256_loadu_ps(y + i * ldy + o + 8);
+        }
+        for (long j = 0; j < r; j++) {
+            __m256 b0 = load_f16(b + j * ldb + o), b1 = load_f16(b + j * ldb + o + 8);
+            for (int i = 0; i < EXPAND_ROWS; i++) {
+                __m256 hv = _mm256_set1_ps(h[i * ldh + j]);
+                acc[i][0] = _mm256_fmadd_ps(b0, hv, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(b1, hv, acc[i][1]);
+            }
+        }
+        for (int i = 0; i < EXPAND_ROWS; i++) {
+            _mm256_storeu_ps(y + i * ldy + o, acc[i][0]);
+            _mm256_storeu_ps(y + i * ldy + o + 8, acc[i][1]);
+        }
+    }
+}
+
+/* dot_f16 of two rows of A (a0, a1) with `rows` (1 or 2) rows of x (x0, x1): out[i][j] = a_i·x_j, each
+   summed as dot_f16 sums it (K a multiple of 16; other K go through dot_f16). One row still runs four
+   chains at once where dot_f16 runs two. */
+static inline void dot_f16_2xn(const uint16_t *a0, const uint16_t *a1, const float *x0, const float *x1, long n, int rows,
+                               float out[2][2]) {
+    __m256 acc[2][2][2]; /* [rank][row][chain] */
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++)
+            acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
+    for (long k = 0; k < n; k += 16) {
+        for (int c = 0; c < 2; c++) {
+            __m256 av0 = load_f16(a0 + k + 8 * c), av1 = load_f16(a1 + k + 8 * c);
+            for (int j = 0; j < rows; j++) {
+                __m256 xv = _mm256_loadu_ps((j ? x1 : x0) + k + 8 * c);
+                acc[0][j][c] = _mm256_fmadd_ps(av0, xv, acc[0][j][c]);
+                acc[1][j][c] = _mm256_fmadd_ps(av1, xv, acc[1][j][c]);
+            }
+        }
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < rows; j++)
+            out[i][j] = hsum(_mm256_add_ps(acc[i][j][0], acc[i][j][1]));
+}
+
+/* h[t, c] for the rows [lo, hi) and the ranks c, c + 1 (< R) of one adapter. */
+static void shrink_ranks(const float *x, long ldx, long K, float *h, long ldh, const uint16_t *A, const float *scale,
+                         long c, long R, long lo, long hi) {
+    if (c + 1 < R && K % 16 == 0) {
+        float out[2][2];
+        long t = lo;
+        for (; t + 2 <= hi; t += 2) {
+            dot_f16_2xn(A + c * K, A + (c + 1) * K, x + t * ldx, x + (t + 1) * ldx, K, 2, out);
+            for (int j = 0; j < 2; j++)
+                for (int i = 0; i < 2; i++)
+                    h[(t + j) * ldh + c + i] = scale[c + i] * out[i][j];
+        }
+        if (t < hi) {
+            dot_f16_2xn(A + c * K, A + (c + 1) * K, x + t * ldx, x + t * ldx, K, 1, out);
+            for (int i = 0; i < 2; i++)
+                h[t * ldh + c + i] = scale[c + i] * out[i][0];
+        }
+        return;
+    }
+    for (long t = lo; t < hi; t++)
+        for (long i = c; i < c + 2 && i < R; i++)
+            h[t * ldh + i] = scale[i] * dot_f16(A + i * K, x + t * ldx, K);
+}
+
+/* With AVX-512, the tiles are wider and give the same bits. Shrink: 2 ranks x 4 rows, one 16-lane
+   accumulator per pair, whose lanes 0-7 and 8-15 are dot_f16's two chains, added and summed as it adds
+   and sums them. Expand: 4 rows x 64 outputs; each output still sums its ranks in order onto y. */
+#define SHRINK_ROWS_512 4
+
+__attribute__((target("avx512f"))) static inline __m512 load_f16_512(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+__attribute__((target("avx512f"))) static void shrink_ranks_512(const float *x, long ldx, long K, float *h, long ldh,
+                                                                const uint16_t *A, const float *scale, long c, long t) {
+    __m512 acc[2][SHRINK_ROWS_512];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < SHRINK_ROWS_512; j++)
+            acc[i][j] = _mm512_setzero_ps();
+    const uint16_t *a0 = A + c * K, *a1 = a0 + K;
+    for (long k = 0; k < K; k += 16) {
+        __m512 av0 = load_f16_512(a0 + k), av1 = load_f16_512(a1 + k);
+        for (int j = 0; j < SHRINK_ROWS_512; j++) {
+            __m512 xv = _mm512_loadu_ps(x + (t + j) * ldx + k);
+            acc[0][j] = _mm512_fmadd_ps(av0, xv, acc[0][j]);
+            acc[1][j] = _mm512_fmadd_ps(av1, xv, acc[1][j]);
+        }
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < SHRINK_ROWS_512; j++) {
+            __m256 lo = _mm512_castps512_ps256(acc[i][j]);
+            __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][j]), 1));
+            h[(t + j) * ldh + c + i] = scale[c + i] * hsum(_mm256_add_ps(lo, hi));
+        }
+}
+
+__attribute__((target("avx512f"))) static void expand_block_rows_512(const float *h, long ldh, float *y, long ldy,
+                                                                     const uint16_t *b, long ldb, long r) {
+    __m512 acc[EXPAND_ROWS][4];
+    for (int i = 0; i < EXPAND_ROWS; i++)
+        for (int q = 0; q < 4; q++)
+            acc[i][q] = _mm512_loadu_ps(y + i * ldy + 16 * q);
+    for (long j = 0; j < r; j++) {
+        __m512 bv[4];
+        for (int q = 0; q < 4; q++)
+            bv[q] = load_f16_512(b + j * ldb + 16 * q);
+        for (int i = 0; i < EXPAND_ROWS; i++) {
+            __m512 hv = _mm512_set1_ps(h[i * ldh + j]);
+            for (int q = 0; q < 4; q++)
+                acc[i][q] = _mm512_fmadd_ps(bv[q], hv, acc[i][q]);
+        }
+    }
+    for (int i = 0; i < EXPAND_ROWS; i++)
+        for (int q = 0; q < 4; q++)
+            _mm512_storeu_ps(y + i * ldy + 16 * q, acc[i][q]);
+}
+
+static void lora_seg(const float *x, long ldx, long K, float *h, long ldh, float *y, long ldy,
+                     long S, const long *seg, const long *slot_info, const long *blocks,
+                     long max_r, long max_blocks, int num_threads, int wide) {
+    long max_tiles = 0; /* row tiles of the longest segment */
+    for (long s = 0; s < S; s++) {
+        long tiles = (seg[3 * s + 2] - seg[3 * s + 1] + EXPAND_ROWS - 1) / EXPAND_ROWS;
+        max_tiles = tiles > max_tiles ? tiles : max_tiles;
+    }
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for collapse(2) schedule(static)
         for (long s = 0; s < S; s++) {
-            for (long c = 0; c < max_r; c++) {
+            for (long c = 0; c < max_r; c += 2) {
                 const long *seg_s = seg + 3 * s, *info = slot_info + 5 * seg_s[0];
                 if (info[0] == 0 || c >= info[1])
                     continue;
-                const uint16_t *a = (const uint16_t *)info[0] + c * K; /* from memory once, then L1 */
-                if (s + 1 < S) { /* the same row of the next segment's A: max_r tasks ahead on this thread */
+                const uint16_t *A = (const uint16_t *)info[0]; /* its rows c, c + 1: from memory once, then L1 */
+                if (s + 1 < S) { /* the same rows of the next segment's A: max_r / 2 tasks ahead on this thread */
                     const long *next = slot_info + 5 * seg[3 * (s + 1)];
-                    if (next[0] != 0 && c < next[1])
-                        prefetch_bytes((const uint16_t *)next[0] + c * K, K * 2);
+                    for (long i = c; i < c + 2; i++)
+                        if (next[0] != 0 && i < next[1])
+                            prefetch_bytes((const uint16_t *)next[0] + i * K, K * 2);
                 }
-                float sc = ((const float *)info[2])[c];
-                for (long t = seg_s[1]; t < seg_s[2]; t++)
-                    h[t * ldh + c] = sc * dot_f16(a, x + t * ldx, K);
+                long t = seg_s[1];
+                if (wide && c + 1 < info[1] && K % 16 == 0)
+                    for (; t + SHRINK_ROWS_512 <= seg_s[2]; t += SHRINK_ROWS_512)
+                        shrink_ranks_512(x, ldx, K, h, ldh, A, (const float *)info[2], c, t);
+                shrink_ranks(x, ldx, K, h, ldh, A, (const float *)info[2], c, info[1], t, seg_s[2]);
             }
         }
         /* the implicit barrier: every h row is written before any is read */
-#pragma omp for collapse(2) schedule(dynamic, 16)
-        for (long s = 0; s < S; s++) {
+#pragma omp for collapse(2) schedule(dynamic, 16) nowait
+        for (long s = 0; s < S; s++) { /* segments of fewer than EXPAND_ROWS rows (decode): a task per block */
             for (long q = 0; q < max_blocks; q++) {
                 const long *seg_s = seg + 3 * s, *info = slot_info + 5 * seg_s[0];
-                if (q >= info[4])
+                if (q >= info[4] || seg_s[2] - seg_s[1] >= EXPAND_ROWS)
                     continue;
                 const long *blk = blocks + 6 * (info[3] + q);
                 if (q + 1 < info[4]) { /* the next block's rows of B, the task after this one */
@@ -373,5 +520,40 @@ void lora_seg_f16(const float *x, long ldx, long K, float *h, long ldh, float *y
                     expand_block(h + t * ldh + blk[0], y + t * ldy + blk[4], (const uint16_t *)blk[2], blk[3], blk[1], blk[5]);
             }
         }
+        /* Longer segments (prefill chunks): a task per tile of rows, over every block, so y (as wide as the
+           projection's output, and written by the base's matmul just before, out of cache when the step
+           has many rows) is read and written in runs along its rows, once. */
+#pragma omp for collapse(2) schedule(dynamic, 1)
+        for (long s = 0; s < S; s++) {
+            for (long tile = 0; tile < max_tiles; tile++) {
+                const long *seg_s = seg + 3 * s, *info = slot_info + 5 * seg_s[0];
+                long lo = seg_s[1] + tile * EXPAND_ROWS, hi = seg_s[2];
+                if (hi - seg_s[1] < EXPAND_ROWS || lo >= hi)
+                    continue;
+                for (long q = 0; q < info[4]; q++) {
+                    const long *blk = blocks + 6 * (info[3] + q);
+                    const uint16_t *b = (const uint16_t *)blk[2];
+                    if (lo + EXPAND_ROWS <= hi && blk[5] == OUT_BLOCK)
+                        (wide ? expand_block_rows_512 : expand_block_rows)(h + lo * ldh + blk[0], ldh, y + lo * ldy + blk[4], ldy, b, blk[3], blk[1]);
+                    else
+                        for (long t = lo; t < hi && t < lo + EXPAND_ROWS; t++)
+                            expand_block(h + t * ldh + blk[0], y + t * ldy + blk[4], b, blk[3], blk[1], blk[5]);
+                }
+            }
+        }
     }
+}
+
+/* The AVX-512 tiles where the CPU has them; lora_seg_f16_avx2 never takes them (the same bits, for tests). */
+void lora_seg_f16(const float *x, long ldx, long K, float *h, long ldh, float *y, long ldy, long S, const long *seg,
+                  const long *slot_info, const long *blocks, long max_r, long max_blocks, int num_threads) {
+    static int avx512 = -1; /* a benign race, as in linear_f32 */
+    if (avx512 < 0)
+        avx512 = __builtin_cpu_supports("avx512f");
+    lora_seg(x, ldx, K, h, ldh, y, ldy, S, seg, slot_info, blocks, max_r, max_blocks, num_threads, avx512);
+}
+
+void lora_seg_f16_avx2(const float *x, long ldx, long K, float *h, long ldh, float *y, long ldy, long S, const long *seg,
+                       const long *slot_info, const long *blocks, long max_r, long max_blocks, int num_threads) {
+    lora_seg(x, ldx, K, h, ldh, y, ldy, S, seg, slot_info, blocks, max_r, max_blocks, num_threads, 0);
 }

@@ -59,6 +59,9 @@ class CPUKernels:
         self._lora = lib.lora_seg_f16
         self._lora.argtypes = [_P, _L, _L, _P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _I]
         self._lora.restype = None
+        self._lora_avx2 = lib.lora_seg_f16_avx2  # the AVX2 tiles even where AVX-512 is there (the same bits; lora's `isa`)
+        self._lora_avx2.argtypes = self._lora.argtypes
+        self._lora_avx2.restype = None
         self.layer_ops = CPULayerOps(lib)  # the same library's non-matmul work of a layer
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, isa: str = "auto") -> torch.Tensor:
@@ -107,10 +110,12 @@ class CPUKernels:
                         y.data_ptr(), n, m, n, k, k // groups, torch.get_num_threads())  # fmt: skip
         return y
 
-    def lora(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, segments: SegmentTable, table: SlotTable) -> None:
+    def lora(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, segments: SegmentTable, table: SlotTable,
+             isa: str = "auto") -> None:  # fmt: skip
         """y[t] += scale·(x[t]·Aᵀ)·Bᵀ for the rows t of each segment, with its slot's adapter in `table`, in
         place; h[t, :R] receives the scaled x[t]·Aᵀ. x: [T, K], h: [T, >= table.max_r], y: [T, out], all
-        float32 with unit column strides."""
+        float32 with unit column strides. isa "avx2": the AVX2 tiles even on a CPU with AVX-512 (both
+        give the same bits)."""
         t, k = x.shape
         if any(v.dtype != torch.float32 or v.stride(1) != 1 for v in (x, h, y)):
             raise ValueError(f"lora: x {tuple(x.shape)} {x.dtype}, h {tuple(h.shape)} {h.dtype}, y {tuple(y.shape)} {y.dtype}")
@@ -120,8 +125,9 @@ class CPUKernels:
             )
         if segments.max_row > t or segments.max_slot >= table.num_slots:
             raise ValueError(f"lora: segments reach row {segments.max_row} and slot {segments.max_slot}; {t} rows, {table.num_slots} slots")
-        self._lora(x.data_ptr(), x.stride(0), k, h.data_ptr(), h.stride(0), y.data_ptr(), y.stride(0),
-                   *segments.args, *table.args, torch.get_num_threads())  # fmt: skip
+        run = self._lora_avx2 if isa == "avx2" else self._lora
+        run(x.data_ptr(), x.stride(0), k, h.data_ptr(), h.stride(0), y.data_ptr(), y.stride(0),
+            *segments.args, *table.args, torch.get_num_threads())  # fmt: skip
 
 
 def _check_quantized_operands(x: torch.Tensor, *weights: torch.Tensor) -> None:

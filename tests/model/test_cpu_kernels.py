@@ -104,6 +104,37 @@ def test_lora_over_segments_matches_float64(kernels):
     assert torch.equal(y[4:6], y0[4:6]) and torch.equal(y[16:], y0[16:])
 
 
+def test_a_rows_lora_does_not_depend_on_its_segment_or_the_isa(kernels):
+    """Prefill-long segments run in tiles of rows (and 16 lanes where the CPU has AVX-512): each row still
+    gets the bits it gets alone, on either path, and matches float64. K = 576, a multiple of 16 (the tiled
+    shrink); odd and even ranks; 200 outputs (three full blocks and a tail of 8)."""
+    g = torch.Generator().manual_seed(5)
+    k, out = 576, 200
+    table = ck.SlotTable(k)
+    weights = {}
+    for slot, r in {0: 16, 1: 7, 2: 1}.items():
+        a, sc = (torch.randn(r, k, generator=g) / 8).half(), torch.rand(r, generator=g) + 0.5
+        b = (torch.randn(r, out, generator=g) / 8).half().t()
+        table.set(slot, a, sc, [(0, b, 0)])
+        weights[slot] = (a, sc, b)
+    segments = [(0, 0, 37), (1, 37, 46), (2, 46, 51), (0, 51, 52)]
+    x, y0 = torch.randn(52, k, generator=g), torch.randn(52, out, generator=g)
+    results = {}
+    for isa in ("auto", "avx2"):
+        y = y0.clone()
+        kernels.lora(x, torch.empty(52, 16), y, ck.SegmentTable(segments), table, isa=isa)
+        results[isa] = y
+    assert torch.equal(results["auto"], results["avx2"])
+    for slot, lo, hi in segments:
+        a, sc, b = weights[slot]
+        want = y0[lo:hi].double() + ((x[lo:hi].double() @ a.double().t()) * sc.double()) @ b.double().t()
+        torch.testing.assert_close(results["auto"][lo:hi].double(), want, rtol=1e-5, atol=1e-5)
+        for t in (lo, hi - 1, (lo + hi) // 2):
+            alone = y0[t : t + 1].clone()
+            kernels.lora(x[t : t + 1], torch.empty(1, 16), alone, ck.SegmentTable([(slot, 0, 1)]), table)
+            assert torch.equal(alone, results["auto"][t : t + 1])
+
+
 def test_a_slot_table_follows_its_slots_through_many_sets(kernels):
     """Slots re-set and cleared many times (the blocks of old adapters compacted away) read only what each slot holds now."""
     g = torch.Generator().manual_seed(4)

@@ -47,7 +47,9 @@ MAX_PADDING = 4
 # Segments longer than this (prefill chunks) skip the CPU kernels for MKL's GEMM over the adapter upcast
 # to float32, as the base's projections do past 64 rows (model/kernel_rows.py). `lora-serve bench lora`
 # on a 2-vCPU Xeon with AVX-512 (docs/benchmarks.md): a 2048-token prefill on one adapter 0.71x -> 0.99x
-# the base's; 64-row segments stay as fast on the kernels.
+# the base's; 64-row segments stay as fast on the kernels. Still so with the kernels' row tiles: 0.86-0.87x
+# on them, 0.93-0.96x on MKL (`bench lora --num-seqs 1 --num-adapters 1 --prompt-len 2048`), since a
+# segment's x then no longer stays in L2 between the kernel's tasks.
 KERNEL_SEGMENT_ROWS = 64
 
 
