@@ -25,6 +25,7 @@ import torch
 from ..config import CacheConfig, EngineConfig, SchedulerConfig
 from ..engine.llm_engine import LLMEngine
 from ..model.cpu_kernels import cpu_kernels
+from ..model.huge_pages import move_to_huge_pages
 from ..model.kernel_rows import measure
 from ..model.loader import load_model
 from .roofline import read_bandwidth
@@ -37,6 +38,7 @@ def run(model_path: Path, rows: list[int], repeats: int = 5, step: bool = True) 
     if kernels is None:
         raise SystemExit(f"the CPU kernels are unavailable here: {why}")
     model = load_model(model_path, torch.float32, torch.device("cpu"), 64)
+    move_to_huge_pages(model)  # where the engine keeps them (LLMEngine), so the floor is the step's own
     weights = model.step_weights()
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     floor_ms = nbytes / read_bandwidth() * 1e3

@@ -17,12 +17,17 @@ import time
 
 import torch
 
+from ..model.huge_pages import huge_page_buffer
+
 BANDWIDTH_BYTES = 512 * 2**20  # far past the last-level cache, as a step's weights are
 
 
 def read_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
-    """Bytes per second torch streams through when it reads a tensor once (the best of `repeats` sums)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    """Bytes per second torch streams through when it reads a tensor once (the best of `repeats` sums), in
+    huge pages where the system gives them, as the engine's weights are (model/huge_pages.py)."""
+    buffer = huge_page_buffer(nbytes)
+    x = torch.empty(nbytes // 4, dtype=torch.float32) if buffer is None else buffer.view(torch.float32)
+    x.fill_(1.0)
     x.sum()  # first touch and thread start-up out of the way
     best = float("inf")
     for _ in range(repeats):

@@ -20,6 +20,7 @@ from ..lora.merge_policy import MergePolicy
 from ..lora.registry import AdapterRecord
 from ..model.arch import ModelArch
 from ..model.cpu_kernels import cpu_kernels
+from ..model.huge_pages import move_to_huge_pages, thp_mode
 from ..model.kernel_rows import ALL_BUCKETS, kernel_buckets
 from ..model.llama import LlamaModel
 from ..model.loader import load_model, torch_dtype
@@ -80,6 +81,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache)
         if config.model.quantization is not None and model.quantization is None:
             model.quantize(config.model.quantization)  # its weights are float until here, as loaded
+        if self.device.type == "cpu":  # before anything holds the weights (model/huge_pages.py)
+            moved = move_to_huge_pages(model)
+            log.info("base weights in transparent huge pages: %.0f MB (transparent_hugepage: %s)", moved / 1e6, thp_mode())
         kernels = cpu_kernels()[0] if config.model.cpu_kernels == "on" else None
         # auto: the base's float matmuls go to the kernels at the step sizes where they win on this machine
         # (measured once per machine and model shape, model/kernel_rows.py); on: at every size up to 64 rows.
