@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from ..model.arch import ModelArch
+from ..model.huge_pages import huge_page_buffer
 from .errors import AdapterNotFoundError, InvalidAdapterError, UnsupportedMediaError
 from .files import Roots, read_bytes
 from .peft_config import PROJECTIONS, LoRAAdapterConfig, module_path
@@ -115,7 +116,7 @@ class LoRAModel:
         rank, added to 64 outputs at a time). Returns self when already packed that way."""
         if self.flat is not None and self.flat.is_pinned() == pin and self.flat.dtype == dtype and self.b_transposed == b_transposed:
             return self
-        flat = torch.empty(self.num_params, dtype=dtype, pin_memory=pin)
+        flat = _host_buffer(self.num_params, dtype, pin)
         weights, offset = {}, 0
         for layer, names in projections:
             keys = [(layer, n) for n in names if (layer, n) in self.weights]
@@ -158,6 +159,19 @@ class LoRAModel:
             "base_params": base_params,
             "ratio": self.num_params / base_params,
         }
+
+
+# Copies this large go in huge pages (model/huge_pages.py), where a decode step's LoRA calls read them
+# ~6% faster; a mapping of its own rounds each up to whole 2 MiB pages, at most a quarter more here.
+HUGE_PAGE_MIN_BYTES = 8 << 20
+
+
+def _host_buffer(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """An uninitialised CPU tensor for a packed copy: page-locked (pin), in huge pages where it is large and
+    the system gives them, else torch's own."""
+    nbytes = numel * dtype.itemsize
+    huge = huge_page_buffer(nbytes) if not pin and nbytes >= HUGE_PAGE_MIN_BYTES else None
+    return torch.empty(numel, dtype=dtype, pin_memory=pin) if huge is None else huge.view(dtype)
 
 
 def projection_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:

@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
+from lora_serve.lora import lora_model
 from lora_serve.lora.errors import (
     AdapterNotFoundError,
     InvalidAdapterError,
@@ -23,6 +24,7 @@ from lora_serve.lora.errors import (
     UnsupportedMediaError,
 )
 from lora_serve.lora.lora_model import LoRAModel, max_header_bytes, max_tensors
+from lora_serve.model import huge_pages
 
 from .test_peft_config import ARCH, GOOD_CONFIGS, MAX_RANK, tiny_llama
 
@@ -84,6 +86,23 @@ def test_adapter_name_infix_and_half_precision(tmp_path: Path):
     loaded = LoRAModel.load("a", tmp_path, ARCH, MAX_RANK)
     lora_a = model.base_model.model.model.layers[1].self_attn.v_proj.lora_A["default"].weight
     assert torch.equal(loaded.weights[(1, "v_proj")].A, lora_a.to(torch.bfloat16).float())
+
+
+@pytest.mark.skipif(huge_pages.thp_mode() not in ("always", "madvise"), reason="this system gives no transparent huge pages")
+def test_a_large_packed_copy_lies_in_huge_pages_and_holds_the_same_weights(tmp_path: Path, monkeypatch):
+    save_adapter(tmp_path, r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+    loaded = LoRAModel.load("a", tmp_path, ARCH, MAX_RANK)
+    layout = [(layer, names) for layer in range(ARCH.num_layers) for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))]
+    plain = loaded.packed(layout, dtype=torch.float16, b_transposed=True)  # far under HUGE_PAGE_MIN_BYTES: torch's memory
+    monkeypatch.setattr(lora_model, "HUGE_PAGE_MIN_BYTES", 0)
+    huge = loaded.packed(layout, dtype=torch.float16, b_transposed=True)
+    assert huge.flat is not None and plain.flat is not None
+    assert huge.flat.data_ptr() % huge_pages.HUGE_PAGE == 0  # huge_page_buffer starts on a 2 MiB boundary
+    assert torch.equal(huge.flat, plain.flat)
+    assert all(
+        torch.equal(huge.weights[k].A, plain.weights[k].A) and torch.equal(huge.weights[k].B, plain.weights[k].B) for k in plain.weights
+    )
+    assert huge.weights[(0, "q_proj")].A.data_ptr() == huge.flat.data_ptr()  # views of the one buffer
 
 
 @pytest.fixture(scope="module")
