@@ -15,14 +15,11 @@ at a 64-byte offset. Tensors that share storage (a tied LM head) stay shared. Wh
 
 from __future__ import annotations
 
-import logging
 import mmap
 from pathlib import Path
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -41,7 +38,7 @@ def thp_mode() -> str | None:
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
     """A uint8 tensor of nbytes on a fresh anonymous mapping advised MADV_HUGEPAGE, starting on a 2 MiB
-    boundary (the mapping keeps a page of slack for that); None where huge pages cannot be asked for."""
+    boundary (the mapping is a huge page longer, for that); None where huge pages cannot be asked for."""
     if thp_mode() not in ("always", "madvise") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -58,14 +55,14 @@ def move_to_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     owners: dict[int, list[tuple[nn.Module, str, bool]]] = {}  # storage's address -> where it is registered
     tensors: dict[int, torch.Tensor] = {}
     for module in model.modules():
-        for kind, table in ((False, module._parameters), (True, module._buffers)):
+        for is_buffer, table in ((False, module._parameters), (True, module._buffers)):
             for name, t in table.items():
                 if t is None or t.device.type != "cpu" or t.nbytes < min_bytes or not t.is_contiguous():
                     continue
                 if t.untyped_storage().nbytes() != t.nbytes:  # a view of a larger storage: left where it is
                     continue
                 key = t.data_ptr()
-                owners.setdefault(key, []).append((module, name, kind))
+                owners.setdefault(key, []).append((module, name, is_buffer))
                 tensors[key] = t
     sizes = {key: -(-t.nbytes // ALIGN) * ALIGN for key, t in tensors.items()}
     buffer = huge_page_buffer(sum(sizes.values())) if tensors else None
