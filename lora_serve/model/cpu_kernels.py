@@ -53,6 +53,9 @@ class CPUKernels:
         self._linear_q8 = lib.linear_q8
         self._linear_q8.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         self._linear_q8.restype = None
+        self._linear_q8_avx2 = lib.linear_q8_avx2  # linear_q8's `isa` "avx2" (the same bits)
+        self._linear_q8_avx2.argtypes = self._linear_q8.argtypes
+        self._linear_q8_avx2.restype = None
         self._linear_q4 = lib.linear_q4
         self._linear_q4.argtypes = [_P, _L, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I]
         self._linear_q4.restype = None
@@ -82,16 +85,18 @@ class CPUKernels:
         run(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y if bias is None else y.add_(bias)
 
-    def linear_q8(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    def linear_q8(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
         """x·(scales[:, None]·q)ᵀ: x float32 [M, K] with unit column stride, q int8 [N, K] and scales float32
-        [N], contiguous -> [M, N] float32."""
+        [N], contiguous -> [M, N] float32. isa "avx2": the AVX2 path even on a CPU with AVX-512 (both give
+        the same bits)."""
         m, k = x.shape
         n = q.shape[0]
         if q.shape != (n, k) or q.dtype != torch.int8 or scales.shape != (n,) or scales.dtype != torch.float32:
             raise ValueError(f"linear_q8: x {tuple(x.shape)}, q {tuple(q.shape)} {q.dtype}, scales {tuple(scales.shape)} {scales.dtype}")
         _check_quantized_operands(x, q, scales)
         y = torch.empty(m, n, dtype=torch.float32)
-        self._linear_q8(x.data_ptr(), x.stride(0), q.data_ptr(), scales.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
+        run = self._linear_q8_avx2 if isa == "avx2" else self._linear_q8
+        run(x.data_ptr(), x.stride(0), q.data_ptr(), scales.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y
 
     def linear_q4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,18 @@ def test_kernels_match_the_dequantized_weight(kernels, scheme: str, m: int, n: i
     torch.testing.assert_close(y, ref(x, w), rtol=1e-5, atol=1e-4 * k**0.5)
 
 
+@pytest.mark.parametrize("k", [1536, 584, 21])  # K: runs of 16; one run of 8 past them; and a scalar tail
+def test_int8_kernel_gives_a_row_the_same_bits_alone_in_any_batch_and_on_either_isa(kernels, k: int) -> None:
+    """The AVX-512 path (tiles of 8 rows, 16 lanes) sums as the AVX2 one (tiles of 4, two 8-lane chains)."""
+    g = torch.Generator().manual_seed(k)
+    w, x = Int8Weight(torch.randn(37, k, generator=g)), torch.randn(19, k, generator=g)
+    full = kernels.linear_q8(x, w.q, w.scales)
+    assert torch.equal(kernels.linear_q8(x, w.q, w.scales, isa="avx2"), full)
+    for lo, hi in ((0, 1), (5, 6), (3, 11), (8, 16), (11, 19)):
+        assert torch.equal(kernels.linear_q8(x[lo:hi], w.q, w.scales), full[lo:hi])
+    torch.testing.assert_close(full, ref(x, w), rtol=1e-5, atol=1e-4 * k**0.5)
+
+
 def test_int8_kernel_takes_an_input_size_that_is_no_multiple_of_8(kernels) -> None:
     g = torch.Generator().manual_seed(2)
     w, x = Int8Weight(torch.randn(9, 21, generator=g)), torch.randn(6, 21, generator=g)
