@@ -59,6 +59,9 @@ class CPUKernels:
         self._linear_q4 = lib.linear_q4
         self._linear_q4.argtypes = [_P, _L, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I]
         self._linear_q4.restype = None
+        self._linear_q4_avx2 = lib.linear_q4_avx2  # linear_q4's `isa` "avx2" (the same bits)
+        self._linear_q4_avx2.argtypes = self._linear_q4.argtypes
+        self._linear_q4_avx2.restype = None
         self._lora = lib.lora_seg_f16
         self._lora.argtypes = [_P, _L, _L, _P, _L, _P, _L, _L, _P, _P, _P, _L, _L, _I]
         self._lora.restype = None
@@ -99,10 +102,11 @@ class CPUKernels:
         run(x.data_ptr(), x.stride(0), q.data_ptr(), scales.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y
 
-    def linear_q4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    def linear_q4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                  isa: str = "auto") -> torch.Tensor:  # fmt: skip
         """x·Wᵀ for W 4-bit in groups of G = K / scales.shape[1] along K (cpu_kernels.c: linear_q4): x float32
         [M, K] with unit column stride, packed uint8 [N, K / 2], scales and mins float32 [N, K / G],
-        contiguous -> [M, N] float32."""
+        contiguous -> [M, N] float32. isa "avx2": the AVX2 path even on a CPU with AVX-512 (the same bits)."""
         m, k = x.shape
         n, groups = scales.shape
         if (packed.shape != (n, k // 2) or packed.dtype != torch.uint8 or mins.shape != scales.shape or k % groups
@@ -111,8 +115,9 @@ class CPUKernels:
         _check_quantized_operands(x, packed, scales, mins)
         xsum = x.reshape(m, groups, k // groups).sum(-1).contiguous()  # [M, K / G]: what each group's minimum multiplies
         y = torch.empty(m, n, dtype=torch.float32)
-        self._linear_q4(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), xsum.data_ptr(),
-                        y.data_ptr(), n, m, n, k, k // groups, torch.get_num_threads())  # fmt: skip
+        run = self._linear_q4_avx2 if isa == "avx2" else self._linear_q4
+        run(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), xsum.data_ptr(),
+            y.data_ptr(), n, m, n, k, k // groups, torch.get_num_threads())  # fmt: skip
         return y
 
     def lora(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, segments: SegmentTable, table: SlotTable,

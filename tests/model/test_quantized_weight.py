@@ -71,6 +71,18 @@ def test_int8_kernel_gives_a_row_the_same_bits_alone_in_any_batch_and_on_either_
     torch.testing.assert_close(full, ref(x, w), rtol=1e-5, atol=1e-4 * k**0.5)
 
 
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_kernel_gives_a_row_the_same_bits_alone_in_any_batch_and_on_either_isa(kernels, group_size: int) -> None:
+    """The AVX-512 path (tiles of 8 rows, 16 lanes) sums as the AVX2 one (tiles of 4, two 8-lane chains)."""
+    g = torch.Generator().manual_seed(group_size)
+    w, x = Int4Weight(torch.randn(37, 576, generator=g), group_size), torch.randn(19, 576, generator=g)
+    full = kernels.linear_q4(x, w.packed, w.scales, w.mins)
+    assert torch.equal(kernels.linear_q4(x, w.packed, w.scales, w.mins, isa="avx2"), full)
+    for lo, hi in ((0, 1), (5, 6), (3, 11), (8, 16), (11, 19)):
+        assert torch.equal(kernels.linear_q4(x[lo:hi], w.packed, w.scales, w.mins), full[lo:hi])
+    torch.testing.assert_close(full, ref(x, w), rtol=1e-5, atol=1e-4 * 576**0.5)
+
+
 def test_int8_kernel_takes_an_input_size_that_is_no_multiple_of_8(kernels) -> None:
     g = torch.Generator().manual_seed(2)
     w, x = Int8Weight(torch.randn(9, 21, generator=g)), torch.randn(6, 21, generator=g)
