@@ -204,210 +204,204 @@ void linear_f32(const float *x, long ldx, const float *W, float *y, long ldy, lo
         linear_f32_avx2(x, ldx, W, y, ldy, M, N, K, num_threads);
 }
 
-/* Quantized weights: each weight row is converted to float32 in registers once per four rows of x,
-   so a decode step reads 1 byte (int8) or ~0.6 bytes (int4) per weight instead of 4. Parallel over
-   output columns; within a column the order of the sums is fixed, as in linear_f32. */
+/* Quantized weights: each weight row is converted to float32 in registers once per tile of rows of x
+   (4, or 8 in 16 lanes where the CPU has AVX-512), so a decode step reads 1 byte (int8) or ~0.6 bytes
+   (int4) per weight instead of 4. Parallel over output columns; within a column the order of the sums
+   is fixed, as in linear_f32, and the same on both paths: a 16-lane accumulator's lanes 0-7 and 8-15
+   are the AVX2 path's two chains (even and odd runs of 8), fed in the same order, and the tail and the
+   reduction are shared. linear_q8_avx2 and linear_q4_avx2 are exported too, as linear_f32_avx2 is. */
 #define Q_ROWS 4
+#define Q_ROWS_512 8
 #define Q_PREFETCH_ROWS 8 /* weight rows ahead, prefetched whole as a row starts (see PREFETCH_TILES) */
 
 static inline __m256 load_q8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
+/* The two 8-lane halves of a 16-lane accumulator, added: the AVX2 path's two chains, added. */
+__attribute__((target("avx512f"))) static inline __m256 add_halves(__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+/* int8: a row's chains a0 (even runs of 8) and a1 (odd), from k on: the run of 8 and the scalars past them. */
+static inline float q8_finish(__m256 a0, __m256 a1, const int8_t *w, const float *xr, long k, long K) {
+    if (k + 8 <= K) {
+        a0 = _mm256_fmadd_ps(load_q8(w + k), _mm256_loadu_ps(xr + k), a0);
+        k += 8;
+    }
+    float s = hsum(_mm256_add_ps(a0, a1));
+    for (; k < K; k++)
+        s += (float)w[k] * xr[k];
+    return s;
+}
+
+/* One weight row w against `rows` rows of x (xr, rows of stride ldx); y[i * ldy] = scale · w·x_i. */
+
+static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *w, float scale, const float *xr, long ldx, int rows, float *y, long ldy, long K) {
+    __m256 acc[Q_ROWS][2]; /* two chains a row: one FMA chain would wait on its own latency */
+    for (int i = 0; i < Q_ROWS; i++)
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 w0 = load_q8(w + k), w1 = load_q8(w + k + 8);
+        for (int i = 0; i < rows; i++) {
+            acc[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + i * ldx + k), acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + i * ldx + k + 8), acc[i][1]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        y[i * ldy] = scale * q8_finish(acc[i][0], acc[i][1], w, xr + i * ldx, k, K);
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline void q8_tile_avx512(const int8_t *w, float scale, const float *xr, long ldx, int rows,
+                                                              float *y, long ldy, long K) {
+    __m512 acc[Q_ROWS_512];
+    for (int i = 0; i < Q_ROWS_512; i++)
+        acc[i] = _mm512_setzero_ps();
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
+        for (int i = 0; i < rows; i++)
+            acc[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr + i * ldx + k), acc[i]);
+    }
+    for (int i = 0; i < rows; i++) {
+        __m256 a0 = _mm512_castps512_ps256(acc[i]), a1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1));
+        y[i * ldy] = scale * q8_finish(a0, a1, w, xr + i * ldx, k, K);
+    }
+}
+
+/* The loop over weight rows, once per ISA so that its tile is inlined (a call per tile cost ~10% at 8 rows). */
+#define LINEAR_Q8_RUN(NAME, TILE, TILE_ROWS, ...)                                                                           \
+    __VA_ARGS__ static void NAME(const float *x, long ldx, const int8_t *W, const float *scales, float *y, long ldy, long M, \
+                                 long N, long K, int num_threads) {                                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(num_threads)") for (long n = 0; n < N; n++) {              \
+            const int8_t *w = W + n * K;                                                                                    \
+            if (n + Q_PREFETCH_ROWS < N)                                                                                    \
+                prefetch_bytes(w + Q_PREFETCH_ROWS * K, K);                                                                 \
+            for (long m0 = 0; m0 < M; m0 += TILE_ROWS)                                                                      \
+                TILE(w, scales[n], x + m0 * ldx, ldx, M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS, y + m0 * ldy + n,   \
+                     ldy, K);                                                                                               \
+        }                                                                                                                   \
+    }
+LINEAR_Q8_RUN(linear_q8_run_avx2, q8_tile_avx2, Q_ROWS)
+LINEAR_Q8_RUN(linear_q8_run_avx512, q8_tile_avx512, Q_ROWS_512, __attribute__((target("avx512f"))))
+
 void linear_q8_avx2(const float *x, long ldx, const int8_t *W, const float *scales, float *y, long ldy,
                     long M, long N, long K, int num_threads) {
-    /* Two accumulators a row (even and odd runs of 8): one FMA chain would wait on its own latency. */
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (long n = 0; n < N; n++) {
-        const int8_t *w = W + n * K;
-        if (n + Q_PREFETCH_ROWS < N)
-            prefetch_bytes(w + Q_PREFETCH_ROWS * K, K);
-        for (long m0 = 0; m0 < M; m0 += Q_ROWS) {
-            int rows = M - m0 < Q_ROWS ? (int)(M - m0) : Q_ROWS;
-            const float *xr = x + m0 * ldx;
-            __m256 acc[Q_ROWS][2];
-            for (int i = 0; i < Q_ROWS; i++)
-                acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-            long k = 0;
-            for (; k + 16 <= K; k += 16) {
-                __m256 w0 = load_q8(w + k), w1 = load_q8(w + k + 8);
-                for (int i = 0; i < rows; i++) {
-                    acc[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + i * ldx + k), acc[i][0]);
-                    acc[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + i * ldx + k + 8), acc[i][1]);
-                }
-            }
-            for (; k + 8 <= K; k += 8) {
-                __m256 w0 = load_q8(w + k);
-                for (int i = 0; i < rows; i++)
-                    acc[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + i * ldx + k), acc[i][0]);
-            }
-            for (int i = 0; i < rows; i++) {
-                float s = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
-                for (long kk = k; kk < K; kk++)
-                    s += (float)w[kk] * xr[i * ldx + kk];
-                y[(m0 + i) * ldy + n] = scales[n] * s;
-            }
-        }
-    }
+    linear_q8_run_avx2(x, ldx, W, scales, y, ldy, M, N, K, num_threads);
 }
 
-/* With AVX-512: one 16-lane accumulator a row whose lanes 0-7 and 8-15 are the AVX2 path's two chains
-   (even and odd runs of 8), and tiles of 8 rows, so each weight is widened once per 8 rows of x, not 4.
-   The tail and the reduction are the AVX2 path's: the same bits on both paths. */
-#define Q_ROWS_512 8
-
-__attribute__((target("avx512f"))) static void linear_q8_avx512(const float *x, long ldx, const int8_t *W, const float *scales,
-                                                                float *y, long ldy, long M, long N, long K, int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (long n = 0; n < N; n++) {
-        const int8_t *w = W + n * K;
-        if (n + Q_PREFETCH_ROWS < N)
-            prefetch_bytes(w + Q_PREFETCH_ROWS * K, K);
-        for (long m0 = 0; m0 < M; m0 += Q_ROWS_512) {
-            int rows = M - m0 < Q_ROWS_512 ? (int)(M - m0) : Q_ROWS_512;
-            const float *xr = x + m0 * ldx;
-            __m512 acc[Q_ROWS_512];
-            for (int i = 0; i < Q_ROWS_512; i++)
-                acc[i] = _mm512_setzero_ps();
-            long k = 0;
-            for (; k + 16 <= K; k += 16) {
-                __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
-                for (int i = 0; i < rows; i++)
-                    acc[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr + i * ldx + k), acc[i]);
-            }
-            for (int i = 0; i < rows; i++) {
-                __m256 a0 = _mm512_castps512_ps256(acc[i]);
-                __m256 a1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1));
-                long kk = k;
-                if (kk + 8 <= K) {
-                    a0 = _mm256_fmadd_ps(load_q8(w + kk), _mm256_loadu_ps(xr + i * ldx + kk), a0);
-                    kk += 8;
-                }
-                float s = hsum(_mm256_add_ps(a0, a1));
-                for (; kk < K; kk++)
-                    s += (float)w[kk] * xr[i * ldx + kk];
-                y[(m0 + i) * ldy + n] = scales[n] * s;
-            }
-        }
-    }
-}
-
-/* linear_q8_avx2 is exported too, as linear_f32_avx2 is. */
 void linear_q8(const float *x, long ldx, const int8_t *W, const float *scales, float *y, long ldy,
                long M, long N, long K, int num_threads) {
     static int avx512 = -1; /* a benign race, as in linear_f32 */
     if (avx512 < 0)
         avx512 = __builtin_cpu_supports("avx512f");
-    (avx512 ? linear_q8_avx512 : linear_q8_avx2)(x, ldx, W, scales, y, ldy, M, N, K, num_threads);
+    if (avx512)
+        linear_q8_run_avx512(x, ldx, W, scales, y, ldy, M, N, K, num_threads);
+    else
+        linear_q8_avx2(x, ldx, W, scales, y, ldy, M, N, K, num_threads);
 }
+
+/* int4: sum_k W[n, k]·x[k] = sum_g (scales[n, g]·sum_{k in g} q·x + mins[n, g]·xsum[g]): the inner loop
+   is one conversion and one FMA per weight and row; xsum (x's sum over each group, [M, K / G]) comes in.
+   A tile takes one weight row (packed w, its groups' scales sc and mins mn) against `rows` rows of x. */
+
+static inline float q4_finish(__m256 acc, const float *mn, const float *xs, long groups) {
+    float v = hsum(acc);
+    for (long g = 0; g < groups; g++)
+        v += mn[g] * xs[g];
+    return v;
+}
+
+static inline __attribute__((always_inline)) void q4_tile_avx2(const uint8_t *w, const float *sc, const float *mn, const float *xr, long ldx, const float *xs,
+                         int rows, float *y, long ldy, long K, long G) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    long groups = K / G;
+    __m256 acc[Q_ROWS], part[Q_ROWS][2]; /* part: the group's q·x, two chains a row, as in int8 */
+    for (int i = 0; i < Q_ROWS; i++)
+        acc[i] = _mm256_setzero_ps();
+    for (long g = 0; g < groups; g++) {
+        for (int i = 0; i < Q_ROWS; i++)
+            part[i][0] = part[i][1] = _mm256_setzero_ps();
+        for (long k = g * G; k < (g + 1) * G; k += 32) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(w + k / 2));
+            __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+            __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int p = 0; p < 4; p++) {
+                __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
+                for (int i = 0; i < rows; i++)
+                    part[i][p & 1] = _mm256_fmadd_ps(q, _mm256_loadu_ps(xr + i * ldx + k + 8 * p), part[i][p & 1]);
+            }
+        }
+        __m256 s = _mm256_set1_ps(sc[g]);
+        for (int i = 0; i < rows; i++)
+            acc[i] = _mm256_fmadd_ps(_mm256_add_ps(part[i][0], part[i][1]), s, acc[i]);
+    }
+    for (int i = 0; i < rows; i++)
+        y[i * ldy] = q4_finish(acc[i], mn, xs + i * groups, groups);
+}
+
+/* A run of 32 weights widened as two 16-lane vectors: low nibbles (weights 0-15), then high (16-31). */
+__attribute__((target("avx512f"), always_inline)) static inline void q4_tile_avx512(const uint8_t *w, const float *sc, const float *mn, const float *xr,
+                                                              long ldx, const float *xs, int rows, float *y, long ldy, long K, long G) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    long groups = K / G;
+    __m256 acc[Q_ROWS_512];
+    __m512 part[Q_ROWS_512];
+    for (int i = 0; i < Q_ROWS_512; i++)
+        acc[i] = _mm256_setzero_ps();
+    for (long g = 0; g < groups; g++) {
+        for (int i = 0; i < Q_ROWS_512; i++)
+            part[i] = _mm512_setzero_ps();
+        for (long k = g * G; k < (g + 1) * G; k += 32) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(w + k / 2));
+            __m512 qlo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
+            __m512 qhi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+            for (int i = 0; i < rows; i++) {
+                part[i] = _mm512_fmadd_ps(qlo, _mm512_loadu_ps(xr + i * ldx + k), part[i]);
+                part[i] = _mm512_fmadd_ps(qhi, _mm512_loadu_ps(xr + i * ldx + k + 16), part[i]);
+            }
+        }
+        __m256 s = _mm256_set1_ps(sc[g]);
+        for (int i = 0; i < rows; i++)
+            acc[i] = _mm256_fmadd_ps(add_halves(part[i]), s, acc[i]);
+    }
+    for (int i = 0; i < rows; i++)
+        y[i * ldy] = q4_finish(acc[i], mn, xs + i * groups, groups);
+}
+
+#define LINEAR_Q4_RUN(NAME, TILE, TILE_ROWS, ...)                                                                           \
+    __VA_ARGS__ static void NAME(const float *x, long ldx, const uint8_t *W, const float *scales, const float *mins,        \
+                                 const float *xsum, float *y, long ldy, long M, long N, long K, long G, int num_threads) { \
+        long groups = K / G;                                                                                                \
+        _Pragma("omp parallel for schedule(static) num_threads(num_threads)") for (long n = 0; n < N; n++) {              \
+            const uint8_t *w = W + n * (K / 2);                                                                             \
+            if (n + Q_PREFETCH_ROWS < N)                                                                                    \
+                prefetch_bytes(w + Q_PREFETCH_ROWS * (K / 2), K / 2);                                                       \
+            for (long m0 = 0; m0 < M; m0 += TILE_ROWS)                                                                      \
+                TILE(w, scales + n * groups, mins + n * groups, x + m0 * ldx, ldx, xsum + m0 * groups,                     \
+                     M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS, y + m0 * ldy + n, ldy, K, G);                         \
+        }                                                                                                                   \
+    }
+LINEAR_Q4_RUN(linear_q4_run_avx2, q4_tile_avx2, Q_ROWS)
+LINEAR_Q4_RUN(linear_q4_run_avx512, q4_tile_avx512, Q_ROWS_512, __attribute__((target("avx512f"))))
 
 void linear_q4_avx2(const float *x, long ldx, const uint8_t *W, const float *scales, const float *mins, const float *xsum,
                     float *y, long ldy, long M, long N, long K, long G, int num_threads) {
-    /* sum_k W[n, k]·x[k] = sum_g (scales[n, g]·sum_{k in g} q·x + mins[n, g]·xsum[g]): the inner loop is one
-       conversion and one FMA per weight and row; xsum (x's sum over each group, [M, K / G]) comes in. */
-    const __m128i low = _mm_set1_epi8(0x0F);
-    long groups = K / G;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (long n = 0; n < N; n++) {
-        const uint8_t *w = W + n * (K / 2);
-        if (n + Q_PREFETCH_ROWS < N)
-            prefetch_bytes(w + Q_PREFETCH_ROWS * (K / 2), K / 2);
-        const float *sc = scales + n * groups, *mn = mins + n * groups;
-        for (long m0 = 0; m0 < M; m0 += Q_ROWS) {
-            int rows = M - m0 < Q_ROWS ? (int)(M - m0) : Q_ROWS;
-            const float *xr = x + m0 * ldx;
-            __m256 acc[Q_ROWS], part[Q_ROWS][2]; /* part: the group's q·x, two chains a row, as in linear_q8 */
-            for (int i = 0; i < Q_ROWS; i++)
-                acc[i] = _mm256_setzero_ps();
-            for (long g = 0; g < groups; g++) {
-                for (int i = 0; i < Q_ROWS; i++)
-                    part[i][0] = part[i][1] = _mm256_setzero_ps();
-                for (long k = g * G; k < (g + 1) * G; k += 32) {
-                    __m128i b = _mm_loadu_si128((const __m128i *)(w + k / 2));
-                    __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-                    __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-                    for (int p = 0; p < 4; p++) {
-                        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
-                        for (int i = 0; i < rows; i++)
-                            part[i][p & 1] = _mm256_fmadd_ps(q, _mm256_loadu_ps(xr + i * ldx + k + 8 * p), part[i][p & 1]);
-                    }
-                }
-                __m256 s = _mm256_set1_ps(sc[g]);
-                for (int i = 0; i < rows; i++)
-                    acc[i] = _mm256_fmadd_ps(_mm256_add_ps(part[i][0], part[i][1]), s, acc[i]);
-            }
-            for (int i = 0; i < rows; i++) {
-                float v = hsum(acc[i]);
-                const float *xs = xsum + (m0 + i) * groups;
-                for (long g = 0; g < groups; g++)
-                    v += mn[g] * xs[g];
-                y[(m0 + i) * ldy + n] = v;
-            }
-        }
-    }
+    linear_q4_run_avx2(x, ldx, W, scales, mins, xsum, y, ldy, M, N, K, G, num_threads);
 }
 
-/* With AVX-512: tiles of 8 rows, a run of 32 weights widened as two 16-lane vectors (low nibbles, the
-   weights 0-15, then high ones, 16-31), each a row's one accumulator whose lanes 0-7 and 8-15 are the
-   AVX2 path's two chains, fed in the same order; a group's sum and everything after it are the AVX2
-   path's: the same bits on both paths. */
-__attribute__((target("avx512f"))) static void linear_q4_avx512(const float *x, long ldx, const uint8_t *W, const float *scales,
-                                                                const float *mins, const float *xsum, float *y, long ldy,
-                                                                long M, long N, long K, long G, int num_threads) {
-    const __m128i low = _mm_set1_epi8(0x0F);
-    long groups = K / G;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (long n = 0; n < N; n++) {
-        const uint8_t *w = W + n * (K / 2);
-        if (n + Q_PREFETCH_ROWS < N)
-            prefetch_bytes(w + Q_PREFETCH_ROWS * (K / 2), K / 2);
-        const float *sc = scales + n * groups, *mn = mins + n * groups;
-        for (long m0 = 0; m0 < M; m0 += Q_ROWS_512) {
-            int rows = M - m0 < Q_ROWS_512 ? (int)(M - m0) : Q_ROWS_512;
-            const float *xr = x + m0 * ldx;
-            __m256 acc[Q_ROWS_512];
-            __m512 part[Q_ROWS_512];
-            for (int i = 0; i < Q_ROWS_512; i++)
-                acc[i] = _mm256_setzero_ps();
-            for (long g = 0; g < groups; g++) {
-                for (int i = 0; i < Q_ROWS_512; i++)
-                    part[i] = _mm512_setzero_ps();
-                for (long k = g * G; k < (g + 1) * G; k += 32) {
-                    __m128i b = _mm_loadu_si128((const __m128i *)(w + k / 2));
-                    __m512 qlo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
-                    __m512 qhi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
-                    for (int i = 0; i < rows; i++) {
-                        part[i] = _mm512_fmadd_ps(qlo, _mm512_loadu_ps(xr + i * ldx + k), part[i]);
-                        part[i] = _mm512_fmadd_ps(qhi, _mm512_loadu_ps(xr + i * ldx + k + 16), part[i]);
-                    }
-                }
-                __m256 s = _mm256_set1_ps(sc[g]);
-                for (int i = 0; i < rows; i++) {
-                    __m256 c0 = _mm512_castps512_ps256(part[i]);
-                    __m256 c1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(part[i]), 1));
-                    acc[i] = _mm256_fmadd_ps(_mm256_add_ps(c0, c1), s, acc[i]);
-                }
-            }
-            for (int i = 0; i < rows; i++) {
-                float v = hsum(acc[i]);
-                const float *xs = xsum + (m0 + i) * groups;
-                for (long g = 0; g < groups; g++)
-                    v += mn[g] * xs[g];
-                y[(m0 + i) * ldy + n] = v;
-            }
-        }
-    }
-}
-
-/* linear_q4_avx2 is exported too, as linear_f32_avx2 is. Below 4 rows the AVX2 path is faster (one row,
-   SmolLM2-135M's step, 2-vCPU Xeon: 11.2-11.6 ms against 13.5, `lora-serve bench quantization`); since
-   both give the same bits, the choice may follow the row count. */
+/* Below 4 rows the AVX2 path is faster (one row, SmolLM2-135M's step, 2-vCPU Xeon: 11.2-11.6 ms against
+   13.5, `lora-serve bench quantization`); since both give the same bits, the choice may follow M. */
 void linear_q4(const float *x, long ldx, const uint8_t *W, const float *scales, const float *mins, const float *xsum,
                float *y, long ldy, long M, long N, long K, long G, int num_threads) {
     static int avx512 = -1; /* a benign race, as in linear_f32 */
     if (avx512 < 0)
         avx512 = __builtin_cpu_supports("avx512f");
-    (avx512 && M >= 4 ? linear_q4_avx512 : linear_q4_avx2)(x, ldx, W, scales, mins, xsum, y, ldy, M, N, K, G, num_threads);
+    if (avx512 && M >= 4)
+        linear_q4_run_avx512(x, ldx, W, scales, mins, xsum, y, ldy, M, N, K, G, num_threads);
+    else
+        linear_q4_avx2(x, ldx, W, scales, mins, xsum, y, ldy, M, N, K, G, num_threads);
 }
 
 /* The LoRA delta of one pass's segments on one projection, in one parallel region: y += scale·(x·Aᵀ)·Bᵀ
@@ -559,9 +553,7 @@ __attribute__((target("avx512f"))) static void shrink_ranks_512(const float *x, 
     }
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < SHRINK_ROWS_512; j++) {
-            __m256 lo = _mm512_castps512_ps256(acc[i][j]);
-            __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][j]), 1));
-            h[(t + j) * ldh + c + i] = scale[c + i] * hsum(_mm256_add_ps(lo, hi));
+            h[(t + j) * ldh + c + i] = scale[c + i] * hsum(add_halves(acc[i][j]));
         }
 }
 
