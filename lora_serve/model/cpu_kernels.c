@@ -123,6 +123,15 @@ void linear_f32_avx2(const float *x, long ldx, const float *W, float *y, long ld
     }
 }
 
+/* Whether this CPU has AVX-512 (every entry point that has such a path asks; cached after the first
+   call, a benign race: every thread that tests it writes the same value). */
+static int has_avx512(void) {
+    static int avx512 = -1;
+    if (avx512 < 0)
+        avx512 = __builtin_cpu_supports("avx512f");
+    return avx512;
+}
+
 /* With AVX-512 (decided at run time, so one build runs on every x86-64 CPU with AVX2): 16 lanes, and
    tiles of 4 weight rows x 8, 4 or 1 rows of x. Every output element is still one chain of FMAs over
    k in steps of 16, then the same reduction and the same scalar tail, whatever the tile: a row's result
@@ -195,10 +204,7 @@ __attribute__((target("avx512f"))) static void linear_f32_avx512(const float *x,
 
 /* linear_f32_avx2 is exported too: the same results on every x86-64 CPU, and the path tests check on an AVX-512 one. */
 void linear_f32(const float *x, long ldx, const float *W, float *y, long ldy, long M, long N, long K, int num_threads) {
-    static int avx512 = -1; /* a benign race: every thread that tests it writes the same value */
-    if (avx512 < 0)
-        avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512)
+    if (has_avx512())
         linear_f32_avx512(x, ldx, W, y, ldy, M, N, K, num_threads);
     else
         linear_f32_avx2(x, ldx, W, y, ldy, M, N, K, num_threads);
@@ -293,10 +299,7 @@ void linear_q8_avx2(const float *x, long ldx, const int8_t *W, const float *scal
 
 void linear_q8(const float *x, long ldx, const int8_t *W, const float *scales, float *y, long ldy,
                long M, long N, long K, int num_threads) {
-    static int avx512 = -1; /* a benign race, as in linear_f32 */
-    if (avx512 < 0)
-        avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512)
+    if (has_avx512())
         linear_q8_run_avx512(x, ldx, W, scales, y, ldy, M, N, K, num_threads);
     else
         linear_q8_avx2(x, ldx, W, scales, y, ldy, M, N, K, num_threads);
@@ -395,10 +398,7 @@ void linear_q4_avx2(const float *x, long ldx, const uint8_t *W, const float *sca
    13.5, `lora-serve bench quantization`); since both give the same bits, the choice may follow M. */
 void linear_q4(const float *x, long ldx, const uint8_t *W, const float *scales, const float *mins, const float *xsum,
                float *y, long ldy, long M, long N, long K, long G, int num_threads) {
-    static int avx512 = -1; /* a benign race, as in linear_f32 */
-    if (avx512 < 0)
-        avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512 && M >= 4)
+    if (has_avx512() && M >= 4)
         linear_q4_run_avx512(x, ldx, W, scales, mins, xsum, y, ldy, M, N, K, G, num_threads);
     else
         linear_q4_avx2(x, ldx, W, scales, mins, xsum, y, ldy, M, N, K, G, num_threads);
@@ -652,10 +652,7 @@ static void lora_seg(const float *x, long ldx, long K, float *h, long ldh, float
 /* The AVX-512 tiles where the CPU has them; lora_seg_f16_avx2 never takes them (the same bits, for tests). */
 void lora_seg_f16(const float *x, long ldx, long K, float *h, long ldh, float *y, long ldy, long S, const long *seg,
                   const long *slot_info, const long *blocks, long max_r, long max_blocks, int num_threads) {
-    static int avx512 = -1; /* a benign race, as in linear_f32 */
-    if (avx512 < 0)
-        avx512 = __builtin_cpu_supports("avx512f");
-    lora_seg(x, ldx, K, h, ldh, y, ldy, S, seg, slot_info, blocks, max_r, max_blocks, num_threads, avx512);
+    lora_seg(x, ldx, K, h, ldh, y, ldy, S, seg, slot_info, blocks, max_r, max_blocks, num_threads, has_avx512());
 }
 
 void lora_seg_f16_avx2(const float *x, long ldx, long K, float *h, long ldh, float *y, long ldy, long S, const long *seg,
