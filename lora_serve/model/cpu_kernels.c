@@ -123,15 +123,6 @@ void linear_f32_avx2(const float *x, long ldx, const float *W, float *y, long ld
     }
 }
 
-/* Whether this CPU has AVX-512 (every entry point that has such a path asks; cached after the first
-   call, a benign race: every thread that tests it writes the same value). */
-static int has_avx512(void) {
-    static int avx512 = -1;
-    if (avx512 < 0)
-        avx512 = __builtin_cpu_supports("avx512f");
-    return avx512;
-}
-
 /* With AVX-512 (decided at run time, so one build runs on every x86-64 CPU with AVX2): 16 lanes, and
    tiles of 4 weight rows x 8, 4 or 1 rows of x. Every output element is still one chain of FMAs over
    k in steps of 16, then the same reduction and the same scalar tail, whatever the tile: a row's result

@@ -1,7 +1,7 @@
 """The small-batch CPU kernels of cpu_kernels.c, built once with the machine's C compiler and called through ctypes.
 
-One library from two sources and their shared header: the matmul kernels here, and a layer's
-non-matmul work (cpu_layer_ops.c, wrapped by cpu_layer_ops.py as `CPUKernels.layer_ops`).
+One library from three sources and their shared header: the matmul kernels here, and a layer's
+non-matmul work (cpu_layer_ops.c and cpu_attention.c, wrapped by cpu_layer_ops.py as `CPUKernels.layer_ops`).
 
 Optional by design: without a C compiler, on a CPU without AVX2/FMA/F16C, or when the build fails,
 `cpu_kernels()` returns None with the reason; the resolve step (engine/resolve.py) then keeps torch's
@@ -33,8 +33,8 @@ import torch
 from .cpu_layer_ops import CPULayerOps
 from .default_model import cache_root
 
-SOURCES = [Path(__file__).with_name("cpu_kernels.c"), Path(__file__).with_name("cpu_layer_ops.c")]
-HEADERS = [Path(__file__).with_name("cpu_simd.h")]  # included by both: part of what a build is
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_layer_ops.c", "cpu_attention.c")]
+HEADERS = [Path(__file__).with_name("cpu_simd.h")]  # included by all three: part of what a build is
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FEATURES = ("avx2", "fma", "f16c")
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int

@@ -1,6 +1,6 @@
-"""A decoder layer's float32 work between its matmuls, through cpu_layer_ops.c: RMSNorm with the residual
-add, rotary embedding with the KV-cache write, the MLP's silu(gate) * up, decode attention over the
-paged cache.
+"""A decoder layer's float32 work between its matmuls: RMSNorm with the residual add, rotary embedding with
+the KV-cache write, the MLP's silu(gate) * up (cpu_layer_ops.c), and attention read in place from the
+paged cache, of decodes and of prefill chunks (cpu_attention.c).
 
 Built into the CPU kernels' library (cpu_kernels.py), so they come and go together: the model takes
 these when it takes the kernels (LlamaModel.use_cpu_kernels) and its rows are float32 on the CPU;
@@ -35,6 +35,12 @@ class CPULayerOps:
         self._attention = lib.decode_attention
         self._attention.argtypes = [_P, _L, _P, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _P, _L, _I]
         self._attention.restype = None
+        self._chunk_attention = lib.chunk_attention
+        self._chunk_attention.argtypes = [_P, _L, _P, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _L, _F, _P, _L, _I]
+        self._chunk_attention.restype = None
+        self._chunk_attention_avx2 = lib.chunk_attention_avx2  # the 8-lane tiles even where AVX-512 is there (the same bits)
+        self._chunk_attention_avx2.argtypes = self._chunk_attention.argtypes
+        self._chunk_attention_avx2.restype = None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, D] (x += add first, in place, when add [T, D] is given) -> weight * x / rms(x), [T, D]."""
@@ -78,15 +84,38 @@ class CPULayerOps:
         row's context_lens[b] keys in the cache blocks blocks[b] (which must hold that many: the
         attention groups' invariant, attention_groups.py). q [T, H * D] and out [T, H * D] rows of any
         stride; caches [num_slots, KV, D]; blocks [B, n] and context_lens [B] int64."""
+        h, kv, d, b = self._check_attention("decode_attention", q, out, token_index, k_cache, v_cache, blocks, context_lens, 1)
+        self._attention(q.data_ptr(), q.stride(0), None if token_index is None else token_index.data_ptr(), k_cache.data_ptr(),
+                        v_cache.data_ptr(), blocks.data_ptr(), blocks.shape[1], context_lens.data_ptr(), b, h, kv, d,
+                        block_size, d**-0.5, out.data_ptr(), out.stride(0), torch.get_num_threads())  # fmt: skip
+
+    def chunk_attention(self, q: torch.Tensor, out: torch.Tensor, token_index: torch.Tensor | None, query_len: int,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, context_lens: torch.Tensor,
+                        block_size: int, isa: str = "auto") -> None:  # fmt: skip
+        """decode_attention for rows of Q = query_len tokens each (prefill chunks, the last Q tokens of their
+        contexts): row b's tokens t = token_index[b * Q + i] (None: b * Q + i), query i sees keys
+        0..context_lens[b] - Q + i (causal). The head size must be a multiple of 8. isa "avx2": the 8-lane
+        tiles even on a CPU with AVX-512 (both give the same bits)."""
+        h, kv, d, b = self._check_attention("chunk_attention", q, out, token_index, k_cache, v_cache, blocks, context_lens, query_len)
+        if d % 8 or query_len < 1 or (b and int(context_lens.min()) < query_len):
+            raise ValueError(f"chunk_attention: head size {d}, {query_len} queries a row, context lengths {context_lens.tolist()}")
+        run = self._chunk_attention_avx2 if isa == "avx2" else self._chunk_attention
+        run(q.data_ptr(), q.stride(0), None if token_index is None else token_index.data_ptr(), k_cache.data_ptr(),
+            v_cache.data_ptr(), blocks.data_ptr(), blocks.shape[1], context_lens.data_ptr(), b, query_len, h, kv, d, block_size,
+            d**-0.5, out.data_ptr(), out.stride(0), torch.get_num_threads())  # fmt: skip
+
+    @staticmethod
+    def _check_attention(name: str, q: torch.Tensor, out: torch.Tensor, token_index: torch.Tensor | None, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, blocks: torch.Tensor, context_lens: torch.Tensor, query_len: int) -> tuple[int, int, int, int]:  # fmt: skip
+        """(H, KV, D, B) of an attention call, or a ValueError for operands the C code would misread."""
         _, kv, d = k_cache.shape
         h = q.shape[1] // d
         b = context_lens.shape[0]
         if (not _cpu_f32(q, out, k_cache, v_cache) or not k_cache.is_contiguous() or not v_cache.is_contiguous()
                 or out.shape[1] != q.shape[1] or h % kv or blocks.dtype != torch.int64 or context_lens.dtype != torch.int64
                 or not blocks.is_contiguous() or not context_lens.is_contiguous() or blocks.shape[0] != b
-                or (token_index is not None and (token_index.dtype != torch.int64 or token_index.shape != (b,) or not token_index.is_contiguous()))
-                or (token_index is None and q.shape[0] < b)):  # fmt: skip
-            raise ValueError(f"decode_attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, blocks {tuple(blocks.shape)}, {b} rows")
-        self._attention(q.data_ptr(), q.stride(0), None if token_index is None else token_index.data_ptr(), k_cache.data_ptr(),
-                        v_cache.data_ptr(), blocks.data_ptr(), blocks.shape[1], context_lens.data_ptr(), b, h, kv, d,
-                        block_size, d**-0.5, out.data_ptr(), out.stride(0), torch.get_num_threads())  # fmt: skip
+                or (token_index is not None and (token_index.dtype != torch.int64 or token_index.shape != (b * query_len,)
+                                                 or not token_index.is_contiguous()))
+                or (token_index is None and (q.shape[0] < b * query_len or out.shape[0] < b * query_len))):  # fmt: skip
+            raise ValueError(f"{name}: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, blocks {tuple(blocks.shape)}, {b} rows")
+        return h, kv, d, b

@@ -131,14 +131,14 @@ class LlamaModel(nn.Module):
 
     def use_cpu_kernels(self, kernels: CPUKernels | None, buckets: frozenset[int] = ALL_BUCKETS) -> None:
         """Run the projections and the LM head through the CPU kernels for steps whose rows fall in `buckets`
-        (kernel_rows.py), and float32 norms, rotary, silu-and-multiply and decode attention through their layer ops at every row
+        (kernel_rows.py), and float32 norms, rotary, silu-and-multiply and attention through their layer ops at every row
         count; None: torch's ops. The LoRA slots read float16 adapters through the kernels either way."""
         self.kernels = kernels
         self.kernel_buckets = buckets
         for m in self.linears().values():
             m.kernels = kernels
             m.kernel_buckets = buckets
-        ops = None if kernels is None else kernels.layer_ops  # norms, rotary, silu-and-multiply, decode attention
+        ops = None if kernels is None else kernels.layer_ops  # norms, rotary, silu-and-multiply, attention
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.ops = ops

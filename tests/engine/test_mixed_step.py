@@ -25,11 +25,16 @@ SHORT = 9
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # measured: 3e-7 and 0 (logits up to ~0.8)
 
 
-@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.fixture(params=[(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+                ids=["float32", "bfloat16", "float32-cpu-kernels"])  # fmt: skip
 def rig(tiny_llama_dir: Path, request: pytest.FixtureRequest) -> tuple[ModelRunner, KVCache]:
+    """A runner on torch's ops, or on the CPU kernels and layer ops (decodes and chunks attend in place: cpu_attention.c)."""
     device = torch.device("cpu")
-    model = load_model(tiny_llama_dir, request.param, device, max_len=512)
-    kv = KVCache(model.arch, CacheConfig(block_size=BLOCK, kv_cache_memory_gb=0.01), request.param, device, 512)
+    dtype, on_kernels = request.param
+    model = load_model(tiny_llama_dir, dtype, device, max_len=512)
+    if on_kernels:
+        model.use_cpu_kernels(request.getfixturevalue("kernels"))
+    kv = KVCache(model.arch, CacheConfig(block_size=BLOCK, kv_cache_memory_gb=0.01), dtype, device, 512)
     return ModelRunner(model, kv), kv
 
 

@@ -114,6 +114,80 @@ def test_decode_attention_reads_each_rows_context_where_the_cache_holds_it(ops, 
     assert out[others].isnan().all()  # rows of other groups are left for them
 
 
+def ref_chunk_attention(q, k_cache, v_cache, blocks, lens, Q, block_size, H, KV, D):
+    """Per row: its Q queries (the last Q tokens of its context) against its keys, query i causal up to key
+    lens[b] - Q + i, in float64. q [B*Q, H*D] -> [B*Q, H*D]."""
+    out = []
+    for b, L in enumerate(lens):
+        slots = torch.tensor([blocks[b][j // block_size] * block_size + j % block_size for j in range(L)])
+        k = k_cache[slots].double().repeat_interleave(H // KV, dim=1)  # [L, H, D]
+        v = v_cache[slots].double().repeat_interleave(H // KV, dim=1)
+        scores = torch.einsum("qhd,lhd->qhl", q[b * Q : (b + 1) * Q].double().view(Q, H, D), k) / D**0.5
+        seen = torch.arange(L)[None, :] <= (L - Q + torch.arange(Q))[:, None]  # [Q, L]
+        scores = scores.masked_fill(~seen[:, None, :], float("-inf"))
+        out.append(torch.einsum("qhl,lhd->qhd", scores.softmax(-1), v).reshape(Q, -1))
+    return torch.cat(out).float()
+
+
+# (heads, Q, context lengths): a prompt's first chunk (Q == L), contexts of one tile and of many (one row
+# on 4 threads: its keys split into spans, merged after), rows whose queries go in several runs
+# (Q * G > 64), one query of MHA heads.
+CHUNKS = [
+    ((9, 3, 64), 8, [1000]),
+    ((9, 3, 64), 8, [8, 37, 300]),
+    ((9, 3, 64), 16, [16, 1000]),
+    ((9, 3, 64), 40, [41, 199]),
+    ((4, 4, 16), 5, [5, 70, 129]),
+    ((8, 1, 128), 3, [3, 64, 65]),
+    ((2, 2, 8), 1, [1, 90]),
+]
+
+
+@pytest.mark.parametrize("heads,Q,lens", CHUNKS)
+def test_chunk_attention_attends_causally_over_each_rows_context_in_place(ops, heads, Q, lens):
+    H, KV, D = heads
+    block_size = 16
+    num_blocks = sum(-(-L // block_size) for L in lens) + 3
+    g = torch.Generator().manual_seed(H * Q + D)
+    k_cache, v_cache = torch.randn(num_blocks * block_size, KV, D, generator=g), torch.randn(num_blocks * block_size, KV, D, generator=g)
+    order = torch.randperm(num_blocks - 1, generator=g).add(1).tolist()  # every row's blocks its own, scattered
+    tables = []
+    for L in lens:
+        tables.append(order[: -(-L // block_size)])
+        order = order[len(tables[-1]) :]
+    width = max(map(len, tables))
+    blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    B = len(lens)
+    q = torch.randn(B * Q, H * D, generator=g) * 3
+    want = ref_chunk_attention(q, k_cache, v_cache, tables, lens, Q, block_size, H, KV, D)
+
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 4):  # one thread: whole rows; four: more tasks than a row's KV heads, so spans of keys
+            torch.set_num_threads(n)
+            out = torch.full((B * Q, H * D), float("nan"))
+            ops.chunk_attention(q, out, None, Q, k_cache, v_cache, blocks, torch.tensor(lens), block_size)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    wide, narrow = torch.empty_like(out), torch.empty_like(out)
+    ops.chunk_attention(q, wide, None, Q, k_cache, v_cache, blocks, torch.tensor(lens), block_size)
+    ops.chunk_attention(q, narrow, None, Q, k_cache, v_cache, blocks, torch.tensor(lens), block_size, isa="avx2")
+    assert torch.equal(narrow, wide)  # 16 lanes or 8 (on as many threads), each query's sums run in the same order
+
+    # Rows scattered among other tokens, as a step packs them: read and written at token_index, others left alone.
+    T = B * Q + 5
+    packed = torch.randn(T, (H + 2 * KV) * D, generator=g)
+    index = torch.randperm(T, generator=g)[: B * Q]
+    packed[index, : H * D] = q
+    out = torch.full((T, H * D), float("nan"))
+    ops.chunk_attention(packed[:, : H * D], out, index, Q, k_cache, v_cache, blocks, torch.tensor(lens), block_size)
+    torch.testing.assert_close(out[index], want, rtol=1e-5, atol=1e-5)
+    others = torch.ones(T, dtype=torch.bool)
+    others[index] = False
+    assert out[others].isnan().all()
+
+
 def test_layer_ops_refuse_what_they_cannot_read(ops):
     with pytest.raises(ValueError):
         ops.rms_norm(torch.randn(2, 8).double(), torch.randn(8).double(), 1e-5)
@@ -129,6 +203,15 @@ def test_layer_ops_refuse_what_they_cannot_read(ops):
     with pytest.raises(ValueError):  # a block table per row
         ops.decode_attention(torch.randn(2, 8), torch.empty(2, 8), None, cache, cache.clone(), torch.zeros(1, 2, dtype=torch.int64),
                              torch.tensor([1, 1]), 4)  # fmt: skip
+    blocks = torch.zeros(1, 2, dtype=torch.int64)
+    with pytest.raises(ValueError):  # heads of 4: the chunk kernel's tiles take multiples of 8
+        ops.chunk_attention(torch.randn(2, 8), torch.empty(2, 8), None, 2, cache, cache.clone(), blocks, torch.tensor([2]), 4)
+    wide = torch.zeros(8, 1, 8)
+    with pytest.raises(ValueError):  # 3 queries cannot be the last tokens of a 2-token context
+        ops.chunk_attention(torch.randn(3, 8), torch.empty(3, 8), None, 3, wide, wide.clone(), blocks, torch.tensor([2]), 4)
+    with pytest.raises(ValueError):  # token_index not one per query
+        ops.chunk_attention(torch.randn(3, 8), torch.empty(3, 8), torch.tensor([0, 1]), 3, wide, wide.clone(), blocks,
+                            torch.tensor([5]), 4)  # fmt: skip
 
 
 def test_attention_refuses_step_metadata_past_the_cache_before_the_ops_index_it():
