@@ -13,9 +13,13 @@ def test_chunk_sizes_measured_side_by_side(tiny_llama_dir: Path):
     whole, chunked = rows
     assert whole["steps_during"] == 1  # the whole prompt in the step it arrives in
     assert chunked["steps_during"] == -(-300 // 64)  # 64 prompt tokens a step, the streams decoding in each
-    assert all(r[k] > 0 for r in rows for k in ("itl_p50_before", "itl_p99_before", "itl_p99_during", "p99_ratio", "long_ttft_s"))
+    timed = ("itl_p50_before", "itl_p99_before", "itl_p99_during", "itl_p50_alone", "itl_p99_alone", "long_ttft_s")
+    assert all(r[k] > 0 for r in rows for k in timed)
+    for r in rows:  # the long prompt's cost against the same streams over the same steps without it, and against their start
+        assert r["p99_ratio"] == r["itl_p99_during"] / r["itl_p99_alone"]
+        assert r["p99_ratio_before"] == r["itl_p99_during"] / r["itl_p99_before"]
     text = prefill_stall.report(rows, 300)
-    assert "whole prompt" in text and "300-token prompt TTFT" in text
+    assert "whole prompt" in text and "300-token prompt TTFT" in text and "p99 during / alone" in text
 
 
 def test_bench_prefill_stall_flags():
