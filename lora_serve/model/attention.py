@@ -46,10 +46,10 @@ class AttentionMetadata:
 
 
 # Prefill chunks of at most this many queries attend through the CPU layer ops' chunk kernel, in place
-# from the paged cache; longer ones through SDPA over gathered keys, whose blocking wins on whole long
-# prompts (SmolLM2's heads, 2-vCPU Xeon: a 2048-token prompt 26.6 ms a layer vs 28.2; 512 queries at
-# context 4000, 27.5 vs 25.1).
-CHUNK_KERNEL_MAX_QUERIES = 512
+# from the paged cache; longer ones through SDPA over gathered keys, whose blocking wins on many
+# queries against a long context (SmolLM2's heads at context 4000, 2-vCPU Xeon, one layer: 16 queries
+# 0.90 ms vs 1.72, 128 queries 8.3 vs 11.3, 256 queries 15.8 vs 13.8; docs/benchmarks.md).
+CHUNK_KERNEL_MAX_QUERIES = 128
 
 
 class Attention(nn.Module):
