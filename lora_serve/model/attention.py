@@ -48,7 +48,7 @@ class AttentionMetadata:
 # Prefill chunks of at most this many queries attend through the CPU layer ops' chunk kernel, in place
 # from the paged cache; longer ones through SDPA over gathered keys, whose blocking wins on many
 # queries against a long context (SmolLM2's heads at context 4000, 2-vCPU Xeon, one layer: 16 queries
-# 0.90 ms vs 1.72, 128 queries 8.3 vs 11.3, 256 queries 15.8 vs 13.8; docs/benchmarks.md).
+# 1.02 ms vs 1.73, 128 queries 7.9 vs 8.7, 256 queries 15.5 vs 13.7; docs/benchmarks.md).
 CHUNK_KERNEL_MAX_QUERIES = 128
 
 
