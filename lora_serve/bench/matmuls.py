@@ -29,7 +29,7 @@ from ..model.huge_pages import move_to_huge_pages
 from ..model.kernel_rows import measure
 from ..model.loader import load_model
 from .roofline import read_bandwidth
-from .runners import engine_phases, random_prompts
+from .runners import engine_phases, kv_cache_gb, random_prompts
 from .table import markdown_table
 
 
@@ -60,7 +60,9 @@ def decode_steps_ms(model_path: Path, batches: list[int], repeats: int, prompt_l
                 max_model_len=prompt_len + steps + 16,
                 max_num_batched_tokens=max(2048, max(batches) * prompt_len),
             ),
-            cache=CacheConfig(kv_cache_memory_gb=0.25, enable_prefix_caching=False),
+            cache=CacheConfig(
+                kv_cache_memory_gb=kv_cache_gb(model_path, max(batches), prompt_len + steps + 16), enable_prefix_caching=False
+            ),
         ),
         model_path,
     )

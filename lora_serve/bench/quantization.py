@@ -28,7 +28,7 @@ from ..engine.llm_engine import LLMEngine
 from ..model.cpu_kernels import CPUKernels, cpu_kernels
 from ..model.loader import load_model
 from ..model.quantized_weight import Int4Weight, Int8Weight
-from .runners import engine_phases, random_prompts
+from .runners import engine_phases, kv_cache_gb, random_prompts
 from .table import markdown_table
 
 SCHEMES: tuple[Quantization | None, ...] = (None, "int8", "int4")
@@ -91,8 +91,14 @@ def run_decode(model_path: Path, batches: list[int], prompt_len: int, decode_ste
         scheme: LLMEngine.from_config(
             EngineConfig(
                 model=ModelConfig(quantization=scheme),
-                scheduler=SchedulerConfig(max_num_seqs=max(batches), max_model_len=prompt_len + decode_steps + 16),
-                cache=CacheConfig(kv_cache_memory_gb=0.25, enable_prefix_caching=False),
+                scheduler=SchedulerConfig(
+                    max_num_seqs=max(batches),
+                    max_model_len=prompt_len + decode_steps + 16,
+                    max_num_batched_tokens=max(2048, max(batches) * prompt_len),
+                ),  # fmt: skip
+                cache=CacheConfig(
+                    kv_cache_memory_gb=kv_cache_gb(model_path, max(batches), prompt_len + decode_steps + 16), enable_prefix_caching=False
+                ),  # fmt: skip
             ),
             model_path,
         )

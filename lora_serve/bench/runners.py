@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..engine.llm_engine import LLMEngine
 from ..engine.sampling_params import SamplingParams
 from ..lora.composition import Composition
+from ..model.arch import ModelArch
 
 
 @dataclass
@@ -26,6 +28,14 @@ class Timing:
     @property
     def tok_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def kv_cache_gb(model_path: Path, num_seqs: int, tokens_per_seq: int, floor_gb: float = 0.25) -> float:
+    """A float32 KV cache that holds num_seqs sequences of tokens_per_seq tokens at once (a quarter more
+    for whole blocks), and at least floor_gb: a batch that must run in one step never waits for blocks."""
+    arch = ModelArch.from_dir(model_path)
+    per_token = arch.num_layers * 2 * arch.kv_size * 4  # K and V, float32
+    return max(floor_gb, 1.25 * num_seqs * tokens_per_seq * per_token / 1e9)
 
 
 def random_prompts(vocab_size: int, lengths: list[int], seed: int) -> list[list[int]]:

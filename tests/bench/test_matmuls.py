@@ -30,3 +30,17 @@ def test_reports_each_row_count_against_the_bandwidth_floor(tiny_llama_dir: Path
 def test_without_the_step_the_table_keeps_the_matmuls_only(tiny_llama_dir: Path, kernels: CPUKernels) -> None:
     rows = matmuls.run(tiny_llama_dir, [2], repeats=1, step=False)
     assert rows[0]["step_ms"] is None and "decode step" not in matmuls.report(rows)
+
+
+def test_the_decode_steps_kv_cache_holds_the_largest_batch(default_model_dir: Path) -> None:
+    """`bench matmuls` decodes batches of up to 256 sequences in one step each: 0.25 GB of float32 KV held ~5,400
+    of SmolLM2's tokens, not 256 x 96, and the largest batch never finished."""
+    import json
+
+    from lora_serve.bench.runners import kv_cache_gb
+
+    cfg = json.loads((default_model_dir / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 4
+    assert kv_cache_gb(default_model_dir, 256, 96) * 1e9 >= 256 * 96 * per_token > 0.25e9
+    assert kv_cache_gb(default_model_dir, 1, 96) == 0.25
