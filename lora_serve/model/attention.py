@@ -63,7 +63,7 @@ class Attention(nn.Module):
 
     def takes_packed(self, qkv: torch.Tensor) -> bool:
         """Whether forward_packed runs this step: the CPU layer ops are there, and qkv and the cache are float32."""
-        return self.ops is not None and qkv.dtype == self.k_cache.dtype == torch.float32 and qkv.device.type == "cpu"
+        return self.ops is not None and qkv.dtype is torch.float32 and self.k_cache.dtype is torch.float32 and qkv.is_cpu
 
     def check_bounds(self, meta: AttentionMetadata, num_positions: int) -> None:
         """The CPU layer ops index the caches and the rotary tables by meta without checking each index (as

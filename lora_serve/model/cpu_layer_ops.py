@@ -18,7 +18,11 @@ _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 
 def _cpu_f32(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+    # A loop, `is` and is_cpu, not a generator, == and .device.type: this runs several times a layer.
+    for t in tensors:
+        if t.dtype is not torch.float32 or not t.is_cpu or t.stride(-1) != 1:
+            return False
+    return True
 
 
 class CPULayerOps:

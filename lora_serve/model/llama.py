@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         # x [T, D] -> [T, D]; with `add`, x += add first, in place (the residual stream)
-        if self.ops is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        if self.ops is not None and x.dtype is torch.float32 and x.is_cpu:
             return self.ops.rms_norm(x, self.weight, self.eps, add)
         if add is not None:
             x.add_(add)
@@ -76,7 +76,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, lora)  # [T, 2 * intermediate]
-        if self.ops is not None and gate_up.dtype == torch.float32 and gate_up.device.type == "cpu":
+        if self.ops is not None and gate_up.dtype is torch.float32 and gate_up.is_cpu:
             return self.down_proj(self.ops.silu_mul(gate_up), lora)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up, lora)
@@ -98,11 +98,14 @@ class DecoderLayer(nn.Module):
         """The projection holding PEFT module `module` (e.g. "k_proj" -> qkv_proj) as one of its slices."""
         return next(linear for linear in self.linears() if module in linear.slice_names)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> torch.Tensor:
-        # x: [T, hidden], the residual stream, updated in place (the model's own tensor from the embedding on)
-        h = self.self_attn(self.input_layernorm(x), meta, lora)
-        h = self.post_attention_layernorm(x, add=h)  # x += attention's output, then the norm: one call on the CPU ops
-        return x.add_(self.mlp(h, lora))
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None,
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        # x: [T, hidden], the residual stream, updated in place (the model's own tensor from the embedding on).
+        # pending: the layer before's MLP output, not yet in x; returned: x and this layer's. Each add goes
+        # into the norm after it (x += add, then the norm: one call on the CPU ops, not a torch add of its own).
+        h = self.self_attn(self.input_layernorm(x, add=pending), meta, lora)
+        h = self.post_attention_layernorm(x, add=h)
+        return x, self.mlp(h, lora)
 
 
 class LlamaModel(nn.Module):
@@ -187,8 +190,8 @@ class LlamaModel(nn.Module):
         first = self.layers[0].self_attn
         if first.attn.ops is not None:  # the CPU layer ops read meta's indexes unchecked: checked once here
             first.attn.check_bounds(meta, first.rope.cos.shape[0])
-        x = self.embed_tokens(input_ids)
+        x, pending = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, meta, lora)
-        x = self.norm(x[meta.logits_index])
+            x, pending = layer(x, meta, lora, pending)
+        x = self.norm(x[meta.logits_index], add=None if pending is None else pending[meta.logits_index])
         return linear(x, self.lm_head_weight, None, self.kernels, self.kernel_buckets).float()
