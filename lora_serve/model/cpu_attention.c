@@ -171,44 +171,34 @@ void decode_attention(const float *q, long ldq, const int64_t *token_index, cons
 /* The tiles' register blocks: R rows (keys of s, or dims of ot) x NV vectors of queries (8 lanes, or 16
    with AVX-512), 8 independent FMA chains; each row's scalar broadcast, a vector of queries to a load.
    scores: s[r, :] = kp[c + r]·qt[:, :] over D;  values: ot[r, :] += sum over keys j < kn of vp[j][d0 + r] * p[j, :]. */
+#define FOR_TILE(R, NV) for (int r = 0; r < R; r++) for (int v = 0; v < NV; v++) /* each accumulator acc[r][v] */
+/* acc[r][:] += a_r * b[:] for the tile's rows r, a_r = BCAST(the row's scalar, an expression of r). */
+#define RANK1(R, NV, VEC, FMA, BCAST, SCALAR)                                                                          \
+    for (int r = 0; r < R; r++) {                                                                                      \
+        VEC a = BCAST(SCALAR);                                                                                         \
+        for (int v = 0; v < NV; v++)                                                                                   \
+            acc[r][v] = FMA(a, b[v], acc[r][v]);                                                                       \
+    }
 #define TILE_BODIES(R, NV, NAME, ATTR, VEC, LANES, LOAD, STORE, ZERO, FMA, BCAST)                                      \
     ATTR static void scores_##NAME(const float *const *kp, const float *qt, long M, long D, float *s) {                \
-        VEC acc[R][NV];                                                                                                \
-        for (int r = 0; r < R; r++)                                                                                    \
-            for (int v = 0; v < NV; v++)                                                                               \
-                acc[r][v] = ZERO();                                                                                    \
+        VEC acc[R][NV], b[NV];                                                                                         \
+        FOR_TILE(R, NV) acc[r][v] = ZERO();                                                                            \
         for (long d = 0; d < D; d++) {                                                                                 \
-            VEC b[NV];                                                                                                 \
             for (int v = 0; v < NV; v++)                                                                               \
                 b[v] = LOAD(qt + d * M + LANES * v);                                                                   \
-            for (int r = 0; r < R; r++) {                                                                              \
-                VEC a = BCAST(kp[r][d]);                                                                               \
-                for (int v = 0; v < NV; v++)                                                                           \
-                    acc[r][v] = FMA(a, b[v], acc[r][v]);                                                               \
-            }                                                                                                          \
+            RANK1(R, NV, VEC, FMA, BCAST, kp[r][d])                                                                    \
         }                                                                                                              \
-        for (int r = 0; r < R; r++)                                                                                    \
-            for (int v = 0; v < NV; v++)                                                                               \
-                STORE(s + r * M + LANES * v, acc[r][v]);                                                               \
+        FOR_TILE(R, NV) STORE(s + r * M + LANES * v, acc[r][v]);                                                       \
     }                                                                                                                  \
     ATTR static void values_##NAME(const float *const *vp, long d0, const float *p, long M, long kn, float *ot) {      \
-        VEC acc[R][NV];                                                                                                \
-        for (int r = 0; r < R; r++)                                                                                    \
-            for (int v = 0; v < NV; v++)                                                                               \
-                acc[r][v] = LOAD(ot + r * M + LANES * v);                                                              \
+        VEC acc[R][NV], b[NV];                                                                                         \
+        FOR_TILE(R, NV) acc[r][v] = LOAD(ot + r * M + LANES * v);                                                      \
         for (long j = 0; j < kn; j++) {                                                                                \
-            VEC b[NV];                                                                                                 \
             for (int v = 0; v < NV; v++)                                                                               \
                 b[v] = LOAD(p + j * M + LANES * v);                                                                    \
-            for (int r = 0; r < R; r++) {                                                                              \
-                VEC a = BCAST(vp[j][d0 + r]);                                                                          \
-                for (int v = 0; v < NV; v++)                                                                           \
-                    acc[r][v] = FMA(a, b[v], acc[r][v]);                                                               \
-            }                                                                                                          \
+            RANK1(R, NV, VEC, FMA, BCAST, vp[j][d0 + r])                                                               \
         }                                                                                                              \
-        for (int r = 0; r < R; r++)                                                                                    \
-            for (int v = 0; v < NV; v++)                                                                               \
-                STORE(ot + r * M + LANES * v, acc[r][v]);                                                              \
+        FOR_TILE(R, NV) STORE(ot + r * M + LANES * v, acc[r][v]);                                                      \
     }
 #define EXPAND(...) TILE_BODIES(__VA_ARGS__) /* ISA's list expanded into TILE_BODIES' arguments */
 #define TILES(R, NV, ISA, NAME, ATTR) EXPAND(R, NV, NAME, ATTR, ISA)
