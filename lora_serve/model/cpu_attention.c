@@ -5,7 +5,8 @@ j % block_size. Head h reads KV head g = h / G with G = H / KV (GQA). Queries an
 [T, H * D] of any stride; row b's query tokens are t = token_index[...] (NULL: in order).
 
   decode_attention  one query per row against keys 0..context_lens[b]-1:
-                    out[t, h] = softmax(q[t, h]·K[b, g]ᵀ * scale)·V[b, g]
+                    out[t, h] = softmax(q[t, h]·K[b, g]ᵀ * scale)·V[b, g]; with AVX-512 and heads of
+                    64, one pass over V for a KV head's G query heads (the same bits)
   chunk_attention   Q queries per row (a prefill chunk, the last Q tokens of its context): query i
                     sees keys 0..context_lens[b]-Q+i (causal), the same sum otherwise
 
@@ -131,9 +132,40 @@ static void weighted_sum(const float *p, float inv, const float *cache, long KV,
         o[d] *= inv;
 }
 
-void decode_attention(const float *q, long ldq, const int64_t *token_index, const float *k_cache, const float *v_cache,
-                      const int64_t *blocks, long ldb, const int64_t *context_lens, long B, long H, long KV, long D,
-                      long block_size, float scale, float *out, long ldo, int num_threads) {
+/* weighted_sum_8 for the G (<= 4) query heads of one KV head at once, with AVX-512: each value row is
+   loaded once for all G heads instead of once a head (16 lanes; each output still sums its keys in
+   order, so the bits are weighted_sum_8's). p: G rows of ldp; inv: G scales; o: G outputs, D = 64 apart. */
+#define HEADS_512 4
+__attribute__((target("avx512f"))) static void weighted_sum_heads_512(const float *p, long ldp, const float *inv, long G,
+                                                                      const float *cache, long KV, long g, const int64_t *blk,
+                                                                      long block_size, long L, float *o) {
+    __m512 acc[HEADS_512][4];
+    for (int i = 0; i < HEADS_512; i++)
+        for (int v = 0; v < 4; v++)
+            acc[i][v] = _mm512_setzero_ps();
+    for (long j = 0; j < L; j++) {
+        const float *vj = cache + (KEY_SLOT(blk, j, block_size) * KV + g) * 64;
+        if (j + KEY_PREFETCH < L)
+            prefetch_head(cache + (KEY_SLOT(blk, j + KEY_PREFETCH, block_size) * KV + g) * 64, 64);
+        __m512 v[4];
+        for (int c = 0; c < 4; c++)
+            v[c] = _mm512_loadu_ps(vj + 16 * c);
+        for (int i = 0; i < HEADS_512; i++) {
+            if (i < G) {
+                __m512 pj = _mm512_set1_ps(p[i * ldp + j]);
+                for (int c = 0; c < 4; c++)
+                    acc[i][c] = _mm512_fmadd_ps(pj, v[c], acc[i][c]);
+            }
+        }
+    }
+    for (int i = 0; i < G; i++)
+        for (int c = 0; c < 4; c++)
+            _mm512_storeu_ps(o + i * 64 + 16 * c, _mm512_mul_ps(acc[i][c], _mm512_set1_ps(inv[i])));
+}
+
+static void decode_run(const float *q, long ldq, const int64_t *token_index, const float *k_cache, const float *v_cache,
+                       const int64_t *blocks, long ldb, const int64_t *context_lens, long B, long H, long KV, long D,
+                       long block_size, float scale, float *out, long ldo, int num_threads, int wide) {
     long G = H / KV, max_len = 0;
     for (long b = 0; b < B; b++)
         max_len = context_lens[b] > max_len ? context_lens[b] : max_len;
@@ -146,15 +178,35 @@ void decode_attention(const float *q, long ldq, const int64_t *token_index, cons
                 long L = context_lens[b], t = token_index ? token_index[b] : b;
                 const int64_t *blk = blocks + b * ldb;
                 scores(q + t * ldq + g * G * D, G, D, k_cache, KV, g, blk, block_size, L, scale, p, max_len);
+                float *o = out + t * ldo + g * G * D;
+                if (wide && D == 64 && G <= HEADS_512) {
+                    float inv[HEADS_512];
+                    for (long i = 0; i < G; i++)
+                        inv[i] = 1.0f / softmax_numerators(p + i * max_len, L);
+                    weighted_sum_heads_512(p, max_len, inv, G, v_cache, KV, g, blk, block_size, L, o);
+                    continue;
+                }
                 for (long i = 0; i < G; i++) {
                     float sum = softmax_numerators(p + i * max_len, L);
-                    weighted_sum(p + i * max_len, 1.0f / sum, v_cache, KV, g, blk, block_size, L, D, out + t * ldo + (g * G + i) * D);
+                    weighted_sum(p + i * max_len, 1.0f / sum, v_cache, KV, g, blk, block_size, L, D, o + i * D);
                 }
             }
         }
         free(p);
     }
 }
+
+#define DECODE_ATTENTION_ARGS                                                                                          \
+    const float *q, long ldq, const int64_t *token_index, const float *k_cache, const float *v_cache, const int64_t *blocks, \
+        long ldb, const int64_t *context_lens, long B, long H, long KV, long D, long block_size, float scale, float *out, \
+        long ldo, int num_threads
+#define DECODE_ATTENTION_PASS                                                                                          \
+    q, ldq, token_index, k_cache, v_cache, blocks, ldb, context_lens, B, H, KV, D, block_size, scale, out, ldo, num_threads
+
+void decode_attention(DECODE_ATTENTION_ARGS) { decode_run(DECODE_ATTENTION_PASS, has_avx512()); }
+
+/* Without the AVX-512 value sum even where the CPU has it (the same bits). */
+void decode_attention_avx2(DECODE_ATTENTION_ARGS) { decode_run(DECODE_ATTENTION_PASS, 0); }
 
 /* chunk_attention runs in tasks: one row's KV head g, a run of n of its query tokens (M = n * G queries,
    padded to a multiple of 8) and a span of its keys, read once for all M queries. Every array of a task

@@ -39,6 +39,9 @@ class CPULayerOps:
         self._attention = lib.decode_attention
         self._attention.argtypes = [_P, _L, _P, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _P, _L, _I]
         self._attention.restype = None
+        self._attention_avx2 = lib.decode_attention_avx2  # without the AVX-512 value sum even where the CPU has it (the same bits)
+        self._attention_avx2.argtypes = self._attention.argtypes
+        self._attention_avx2.restype = None
         self._chunk_attention = lib.chunk_attention
         self._chunk_attention.argtypes = [_P, _L, _P, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _L, _F, _P, _L, _I]
         self._chunk_attention.restype = None
@@ -83,15 +86,18 @@ class CPULayerOps:
                    slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads())  # fmt: skip
 
     def decode_attention(self, q: torch.Tensor, out: torch.Tensor, token_index: torch.Tensor | None, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, blocks: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> None:  # fmt: skip
+                         v_cache: torch.Tensor, blocks: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                         isa: str = "auto") -> None:  # fmt: skip
         """For each row b, one query token t = token_index[b] (None: b): out[t] = attention of q[t] over the
         row's context_lens[b] keys in the cache blocks blocks[b] (which must hold that many: the
         attention groups' invariant, attention_groups.py). q [T, H * D] and out [T, H * D] rows of any
-        stride; caches [num_slots, KV, D]; blocks [B, n] and context_lens [B] int64."""
+        stride; caches [num_slots, KV, D]; blocks [B, n] and context_lens [B] int64. isa "avx2": without
+        the AVX-512 value sum even on a CPU with AVX-512 (both give the same bits)."""
         h, kv, d, b = self._check_attention("decode_attention", q, out, token_index, k_cache, v_cache, blocks, context_lens, 1)
-        self._attention(q.data_ptr(), q.stride(0), None if token_index is None else token_index.data_ptr(), k_cache.data_ptr(),
-                        v_cache.data_ptr(), blocks.data_ptr(), blocks.shape[1], context_lens.data_ptr(), b, h, kv, d,
-                        block_size, d**-0.5, out.data_ptr(), out.stride(0), torch.get_num_threads())  # fmt: skip
+        run = self._attention_avx2 if isa == "avx2" else self._attention
+        run(q.data_ptr(), q.stride(0), None if token_index is None else token_index.data_ptr(), k_cache.data_ptr(),
+            v_cache.data_ptr(), blocks.data_ptr(), blocks.shape[1], context_lens.data_ptr(), b, h, kv, d, block_size, d**-0.5,
+            out.data_ptr(), out.stride(0), torch.get_num_threads())  # fmt: skip
 
     def chunk_attention(self, q: torch.Tensor, out: torch.Tensor, token_index: torch.Tensor | None, query_len: int,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, context_lens: torch.Tensor,

@@ -85,7 +85,7 @@ def ref_attention(q, k_cache, v_cache, blocks, lens, block_size, H, KV, D):
     return torch.stack(out).float()
 
 
-@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 16), (6, 2, 12)])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 16), (6, 2, 12), (8, 2, 64), (10, 2, 64)])  # G = 4, 5: past the joint sum's 4 heads
 def test_decode_attention_reads_each_rows_context_where_the_cache_holds_it(ops, heads):
     H, KV, D = heads
     block_size, num_blocks = 4, 40
@@ -101,6 +101,9 @@ def test_decode_attention_reads_each_rows_context_where_the_cache_holds_it(ops, 
     out = torch.full((len(lens), H * D), float("nan"))
     ops.decode_attention(q, out, None, k_cache, v_cache, blocks, torch.tensor(lens), block_size)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    narrow = torch.full_like(out, float("nan"))
+    ops.decode_attention(q, narrow, None, k_cache, v_cache, blocks, torch.tensor(lens), block_size, isa="avx2")
+    assert torch.equal(narrow, out)  # the AVX-512 value sum (heads of 64) sums each output's keys in the same order
 
     # Rows scattered among other tokens: queries read at token_index from rows of a wider tensor, written there.
     packed = torch.randn(9, (H + 2 * KV) * D, generator=g)
