@@ -412,7 +412,8 @@ static void chunk_run(const float *q, long ldq, const int64_t *token_index, cons
        its keys in 2 spans, 6 tasks. Splitting keys rather than tokens reads each key once. */
     if (B == 0)
         return;
-    long G = H / KV, tb = (Q + (Q * G + 63) / 64 - 1) / ((Q * G + 63) / 64), runs = (Q + tb - 1) / tb, spans = 1;
+    long G = H / KV, parts = (Q * G + 63) / 64; /* runs of at most 64 queries, if G allows */
+    long tb = (Q + parts - 1) / parts, runs = (Q + tb - 1) / tb, spans = 1;
     long min_len = context_lens[0];
     for (long b = 1; b < B; b++)
         min_len = context_lens[b] < min_len ? context_lens[b] : min_len;
