@@ -410,7 +410,15 @@ void linear_q4(const float *x, long ldx, const uint8_t *W, const float *scales, 
    each rank's row added to 64 outputs held in 8 registers (no horizontal sums).
 
    Shrink tasks take two ranks of a segment over all its rows. A decode row is alone in its segment, and
-   reading its adapter is the cost: its expand tasks take one block of 64 outputs each. A prefill
+   reading its adapter is the cost, bound by how many lines a core keeps in flight more than by DRAM's
+   bandwidth: one run of adapter rows at a time per thread, prefetched in bursts, read at ~17 GB/s where
+   the base's weights stream at ~30. So one-row segments go in pairs, s with s + ceil(S/2): a task reads
+   ranks c, c + 1 of both adapters (dot_f16_pair), and an expand task block q of both, in a static order,
+   each thread walking two runs of memory and prefetching within the loads, a line at a time, what it
+   reads next in each (SHRINK_AHEAD ranks on, EXPAND_AHEAD blocks on, into the next segment of the run
+   at its end). One-row segments on SmolLM2-135M's qkv, 2-vCPU Xeon, cold: 64 adapters' call 414 ->
+   325-355 us; a 16-adapter decode step's 120 LoRA calls 13.3-13.8 -> 10.7-11.0 ms (docs/benchmarks.md,
+   "Two runs of adapter rows a thread"). Its expand tasks take one block of 64 outputs each. A prefill
    chunk's rows run in tiles (shrink: 2 ranks x 2 rows, expand: 4 rows x 16 outputs, and wider with
    AVX-512), so each converted weight register feeds several rows' FMAs and the FMAs, not the
    conversions and loads, bound the work; its expand tasks take a tile of rows over every block.
@@ -420,15 +428,22 @@ void linear_q4(const float *x, long ldx, const uint8_t *W, const float *scales, 
    layer took 0.30 of its base projections' time one row at a time, 0.14 in these tiles, and prefill
    went from 0.78x to 0.89x the base's (`lora-serve bench lora --num-seqs 16 --num-adapters 16`). */
 #define OUT_BLOCK 64
+#define SHRINK_AHEAD 8 /* ranks ahead (9 KB of A at K = 576); 4 to 32 timed alike */
+#define EXPAND_AHEAD 2 /* blocks ahead (4 KB of B at rank 16); 1 to 4 timed alike */
 #define EXPAND_ROWS 4 /* rows of an expand tile */
 #define EXPAND_COLS 16 /* outputs of an expand tile: 2 registers a row */
 
-static void expand_block(const float *hr, float *yr, const uint16_t *b, long ldb, long r, long width) {
+static void expand_block(const float *hr, float *yr, const uint16_t *b, long ldb, long r, long width, const long *pf) {
     if (width == OUT_BLOCK) {
         __m256 acc[8];
         for (int q = 0; q < 8; q++)
             acc[q] = _mm256_loadu_ps(yr + 8 * q);
         for (long j = 0; j < r; j++) {
+            if (pf && j < pf[1]) {
+                const char *p = (const char *)((const uint16_t *)pf[2] + j * pf[3]);
+                _mm_prefetch(p, _MM_HINT_T0);
+                _mm_prefetch(p + 64, _MM_HINT_T0);
+            }
             __m256 hv = _mm256_set1_ps(hr[j]);
             const uint16_t *bj = b + j * ldb;
             for (int q = 0; q < 8; q++)
@@ -474,12 +489,16 @@ static void expand_block_rows(const float *h, long ldh, float *y, long ldy, cons
    summed as dot_f16 sums it (K a multiple of 16; other K go through dot_f16). One row still runs four
    chains at once where dot_f16 runs two. */
 static inline void dot_f16_2xn(const uint16_t *a0, const uint16_t *a1, const float *x0, const float *x1, long n, int rows,
-                               float out[2][2]) {
+                               float out[2][2], const uint16_t *pf) {
     __m256 acc[2][2][2]; /* [rank][row][chain] */
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 2; j++)
             acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
     for (long k = 0; k < n; k += 16) {
+        if (pf && (k & 31) == 0) {
+            _mm_prefetch((const char *)(pf + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(pf + n + k), _MM_HINT_T0);
+        }
         for (int c = 0; c < 2; c++) {
             __m256 av0 = load_f16(a0 + k + 8 * c), av1 = load_f16(a1 + k + 8 * c);
             for (int j = 0; j < rows; j++) {
@@ -494,20 +513,54 @@ static inline void dot_f16_2xn(const uint16_t *a0, const uint16_t *a1, const flo
             out[i][j] = hsum(_mm256_add_ps(acc[i][j][0], acc[i][j][1]));
 }
 
+/* Two adapters' ranks c, c + 1 (rows a and a + n of A1 and of A2) against one row of x each (x1, x2):
+   out[j][i] = A_j[i]·x_j, each summed as dot_f16 sums it. The two adapters lie apart in memory: two runs
+   read at once (see lora_seg). pf1, pf2: rows to prefetch for each (0: none), a line of each row per 32
+   columns. */
+static inline void dot_f16_pair(const uint16_t *A1, const uint16_t *A2, const float *x1, const float *x2, long n,
+                                float out[2][2], const uint16_t *pf1, const uint16_t *pf2) {
+    __m256 acc[2][2][2]; /* [adapter][rank][chain] */
+    for (int j = 0; j < 2; j++)
+        for (int i = 0; i < 2; i++)
+            acc[j][i][0] = acc[j][i][1] = _mm256_setzero_ps();
+    for (long k = 0; k < n; k += 16) {
+        if ((k & 31) == 0) {
+            if (pf1) {
+                _mm_prefetch((const char *)(pf1 + k), _MM_HINT_T0);
+                _mm_prefetch((const char *)(pf1 + n + k), _MM_HINT_T0);
+            }
+            if (pf2) {
+                _mm_prefetch((const char *)(pf2 + k), _MM_HINT_T0);
+                _mm_prefetch((const char *)(pf2 + n + k), _MM_HINT_T0);
+            }
+        }
+        for (int c = 0; c < 2; c++) {
+            __m256 xv1 = _mm256_loadu_ps(x1 + k + 8 * c), xv2 = _mm256_loadu_ps(x2 + k + 8 * c);
+            acc[0][0][c] = _mm256_fmadd_ps(load_f16(A1 + k + 8 * c), xv1, acc[0][0][c]);
+            acc[0][1][c] = _mm256_fmadd_ps(load_f16(A1 + n + k + 8 * c), xv1, acc[0][1][c]);
+            acc[1][0][c] = _mm256_fmadd_ps(load_f16(A2 + k + 8 * c), xv2, acc[1][0][c]);
+            acc[1][1][c] = _mm256_fmadd_ps(load_f16(A2 + n + k + 8 * c), xv2, acc[1][1][c]);
+        }
+    }
+    for (int j = 0; j < 2; j++)
+        for (int i = 0; i < 2; i++)
+            out[j][i] = hsum(_mm256_add_ps(acc[j][i][0], acc[j][i][1]));
+}
+
 /* h[t, c] for the rows [lo, hi) and the ranks c, c + 1 (< R) of one adapter. */
 static void shrink_ranks(const float *x, long ldx, long K, float *h, long ldh, const uint16_t *A, const float *scale,
-                         long c, long R, long lo, long hi) {
+                         long c, long R, long lo, long hi, const uint16_t *pf) {
     if (c + 1 < R && K % 16 == 0) {
         float out[2][2];
         long t = lo;
         for (; t + 2 <= hi; t += 2) {
-            dot_f16_2xn(A + c * K, A + (c + 1) * K, x + t * ldx, x + (t + 1) * ldx, K, 2, out);
+            dot_f16_2xn(A + c * K, A + (c + 1) * K, x + t * ldx, x + (t + 1) * ldx, K, 2, out, t == lo ? pf : 0);
             for (int j = 0; j < 2; j++)
                 for (int i = 0; i < 2; i++)
                     h[(t + j) * ldh + c + i] = scale[c + i] * out[i][j];
         }
         if (t < hi) {
-            dot_f16_2xn(A + c * K, A + (c + 1) * K, x + t * ldx, x + t * ldx, K, 1, out);
+            dot_f16_2xn(A + c * K, A + (c + 1) * K, x + t * ldx, x + t * ldx, K, 1, out, t == lo ? pf : 0);
             for (int i = 0; i < 2; i++)
                 h[t * ldh + c + i] = scale[c + i] * out[i][0];
         }
@@ -569,6 +622,82 @@ __attribute__((target("avx512f"))) static void expand_block_rows_512(const float
             _mm512_storeu_ps(y + i * ldy + 16 * q, acc[i][q]);
 }
 
+/* The rows of A to prefetch while segment s's rows c, c + 1 are read: SHRINK_AHEAD ranks on in this
+   thread's order, this adapter's, then those of segment `next` (-1: none). 0: nothing to prefetch. */
+static const uint16_t *shrink_ahead(const long *seg, const long *slot_info, long K, long s, long next, long c) {
+    const long *info = slot_info + 5 * seg[3 * s];
+    if (c + SHRINK_AHEAD + 1 < info[1])
+        return (const uint16_t *)info[0] + (c + SHRINK_AHEAD) * K;
+    if (next < 0)
+        return 0;
+    const long *n = slot_info + 5 * seg[3 * next];
+    long cn = c + SHRINK_AHEAD - info[1];
+    cn = cn < 0 ? 0 : cn;
+    return n[0] != 0 && cn + 1 < n[1] ? (const uint16_t *)n[0] + cn * K : 0;
+}
+
+/* The shrink of segment s's ranks c, c + 1 over all its rows. */
+static void shrink_task(const float *x, long ldx, long K, float *h, long ldh, const long *seg, const long *slot_info,
+                        long s, long next, long c, int wide) {
+    const long *seg_s = seg + 3 * s, *info = slot_info + 5 * seg_s[0];
+    if (info[0] == 0 || c >= info[1])
+        return;
+    const uint16_t *A = (const uint16_t *)info[0]; /* its rows c, c + 1: from memory once, then L1 */
+    const uint16_t *pf = shrink_ahead(seg, slot_info, K, s, next, c);
+    long t = seg_s[1];
+    if (wide && c + 1 < info[1] && K % 16 == 0 && t + SHRINK_ROWS_512 <= seg_s[2]) {
+        if (pf) /* at once: the tiles' FMAs on rows read once outlast the loads */
+            prefetch_bytes(pf, 2 * K * (long)sizeof(uint16_t));
+        pf = 0;
+        for (; t + SHRINK_ROWS_512 <= seg_s[2]; t += SHRINK_ROWS_512)
+            shrink_ranks_512(x, ldx, K, h, ldh, A, (const float *)info[2], c, t);
+    }
+    shrink_ranks(x, ldx, K, h, ldh, A, (const float *)info[2], c, info[1], t, seg_s[2], pf);
+}
+
+/* Ranks c, c + 1 of two one-row segments s1 and s2 at once, when both adapters have them: two streams of
+   adapter rows in flight, which a core reads faster than one (see dot_f16_pair). 0: not such a pair. */
+static int shrink_pair(const float *x, long ldx, long K, float *h, long ldh, const long *seg, const long *slot_info,
+                       long s1, long s2, long S, long P, long c) {
+    const long *g1 = seg + 3 * s1, *g2 = seg + 3 * s2, *i1 = slot_info + 5 * g1[0], *i2 = slot_info + 5 * g2[0];
+    if (K % 16 || g1[2] - g1[1] != 1 || g2[2] - g2[1] != 1 || i1[0] == 0 || i2[0] == 0 || c + 1 >= i1[1] || c + 1 >= i2[1])
+        return 0;
+    const uint16_t *A1 = (const uint16_t *)i1[0] + c * K, *A2 = (const uint16_t *)i2[0] + c * K;
+    float out[2][2];
+    dot_f16_pair(A1, A2, x + g1[1] * ldx, x + g2[1] * ldx, K, out,
+                 shrink_ahead(seg, slot_info, K, s1, s1 + 1 < P ? s1 + 1 : -1, c),
+                 shrink_ahead(seg, slot_info, K, s2, s2 + 1 < S ? s2 + 1 : -1, c));
+    const float *sc1 = (const float *)i1[2], *sc2 = (const float *)i2[2];
+    for (int i = 0; i < 2; i++) {
+        h[g1[1] * ldh + c + i] = sc1[c + i] * out[0][i];
+        h[g2[1] * ldh + c + i] = sc2[c + i] * out[1][i];
+    }
+    return 1;
+}
+
+/* Block q of segment s's expand, for a segment of fewer than EXPAND_ROWS rows (others: nothing). The block
+   EXPAND_AHEAD on in this thread's order (this adapter's, then those of segment `next`, -1: none) is
+   prefetched a rank at a time as this one's are read. */
+static void expand_task(const float *h, long ldh, float *y, long ldy, const long *seg, const long *slot_info,
+                        const long *blocks, long s, long next, long q) {
+    const long *seg_s = seg + 3 * s, *info = slot_info + 5 * seg_s[0];
+    if (q >= info[4] || seg_s[2] - seg_s[1] >= EXPAND_ROWS)
+        return;
+    const long *blk = blocks + 6 * (info[3] + q), *pf = 0;
+    if (q + EXPAND_AHEAD < info[4])
+        pf = blocks + 6 * (info[3] + q + EXPAND_AHEAD);
+    else if (next >= 0) {
+        const long *n = slot_info + 5 * seg[3 * next];
+        if (q + EXPAND_AHEAD - info[4] < n[4])
+            pf = blocks + 6 * (n[3] + q + EXPAND_AHEAD - info[4]);
+    }
+    if (pf && pf[5] != OUT_BLOCK)
+        pf = 0;
+    for (long t = seg_s[1]; t < seg_s[2]; t++)
+        expand_block(h + t * ldh + blk[0], y + t * ldy + blk[4], (const uint16_t *)blk[2], blk[3], blk[1], blk[5],
+                     t == seg_s[1] ? pf : 0);
+}
+
 static void lora_seg(const float *x, long ldx, long K, float *h, long ldh, float *y, long ldy,
                      long S, const long *seg, const long *slot_info, const long *blocks,
                      long max_r, long max_blocks, int num_threads, int wide) {
@@ -577,43 +706,26 @@ static void lora_seg(const float *x, long ldx, long K, float *h, long ldh, float
         long tiles = (seg[3 * s + 2] - seg[3 * s + 1] + EXPAND_ROWS - 1) / EXPAND_ROWS;
         max_tiles = tiles > max_tiles ? tiles : max_tiles;
     }
+    long P = (S + 1) / 2; /* segments s and s + P make a pair */
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for collapse(2) schedule(static)
-        for (long s = 0; s < S; s++) {
+        for (long p = 0; p < P; p++) {
             for (long c = 0; c < max_r; c += 2) {
-                const long *seg_s = seg + 3 * s, *info = slot_info + 5 * seg_s[0];
-                if (info[0] == 0 || c >= info[1])
+                if (p + P < S && shrink_pair(x, ldx, K, h, ldh, seg, slot_info, p, p + P, S, P, c))
                     continue;
-                const uint16_t *A = (const uint16_t *)info[0]; /* its rows c, c + 1: from memory once, then L1 */
-                if (s + 1 < S) { /* the same rows of the next segment's A: max_r / 2 tasks ahead on this thread */
-                    const long *next = slot_info + 5 * seg[3 * (s + 1)];
-                    for (long i = c; i < c + 2; i++)
-                        if (next[0] != 0 && i < next[1])
-                            prefetch_bytes((const uint16_t *)next[0] + i * K, K * 2);
-                }
-                long t = seg_s[1];
-                if (wide && c + 1 < info[1] && K % 16 == 0)
-                    for (; t + SHRINK_ROWS_512 <= seg_s[2]; t += SHRINK_ROWS_512)
-                        shrink_ranks_512(x, ldx, K, h, ldh, A, (const float *)info[2], c, t);
-                shrink_ranks(x, ldx, K, h, ldh, A, (const float *)info[2], c, info[1], t, seg_s[2]);
+                shrink_task(x, ldx, K, h, ldh, seg, slot_info, p, p + 1 < P ? p + 1 : -1, c, wide);
+                if (p + P < S)
+                    shrink_task(x, ldx, K, h, ldh, seg, slot_info, p + P, p + P + 1 < S ? p + P + 1 : -1, c, wide);
             }
         }
         /* the implicit barrier: every h row is written before any is read */
-#pragma omp for collapse(2) schedule(dynamic, 16) nowait
-        for (long s = 0; s < S; s++) { /* segments of fewer than EXPAND_ROWS rows (decode): a task per block */
+#pragma omp for collapse(2) schedule(static) nowait
+        for (long p = 0; p < P; p++) { /* segments of fewer than EXPAND_ROWS rows (decode): block q of a pair */
             for (long q = 0; q < max_blocks; q++) {
-                const long *seg_s = seg + 3 * s, *info = slot_info + 5 * seg_s[0];
-                if (q >= info[4] || seg_s[2] - seg_s[1] >= EXPAND_ROWS)
-                    continue;
-                const long *blk = blocks + 6 * (info[3] + q);
-                if (q + 1 < info[4]) { /* the next block's rows of B, the task after this one */
-                    const long *nb = blocks + 6 * (info[3] + q + 1);
-                    for (long j = 0; j < nb[1]; j++)
-                        prefetch_bytes((const uint16_t *)nb[2] + j * nb[3], nb[5] * 2);
-                }
-                for (long t = seg_s[1]; t < seg_s[2]; t++)
-                    expand_block(h + t * ldh + blk[0], y + t * ldy + blk[4], (const uint16_t *)blk[2], blk[3], blk[1], blk[5]);
+                expand_task(h, ldh, y, ldy, seg, slot_info, blocks, p, p + 1 < P ? p + 1 : -1, q);
+                if (p + P < S)
+                    expand_task(h, ldh, y, ldy, seg, slot_info, blocks, p + P, p + P + 1 < S ? p + P + 1 : -1, q);
             }
         }
         /* Longer segments (prefill chunks): a task per tile of rows, over every block, so y (as wide as the
@@ -633,7 +745,7 @@ static void lora_seg(const float *x, long ldx, long K, float *h, long ldh, float
                         (wide ? expand_block_rows_512 : expand_block_rows)(h + lo * ldh + blk[0], ldh, y + lo * ldy + blk[4], ldy, b, blk[3], blk[1]);
                     else
                         for (long t = lo; t < hi && t < lo + EXPAND_ROWS; t++)
-                            expand_block(h + t * ldh + blk[0], y + t * ldy + blk[4], b, blk[3], blk[1], blk[5]);
+                            expand_block(h + t * ldh + blk[0], y + t * ldy + blk[4], b, blk[3], blk[1], blk[5], 0);
                 }
             }
         }

@@ -135,6 +135,47 @@ def test_a_rows_lora_does_not_depend_on_its_segment_or_the_isa(kernels):
             assert torch.equal(alone, results["auto"][t : t + 1])
 
 
+def test_decode_rows_read_in_pairs_get_the_bits_each_gets_alone(kernels):
+    """A decode step's one-row segments are shrunk two adapters at a time (segments s and s + ceil(S/2)) where
+    both have the ranks: pairs of unequal ranks (16 with 7, odd ranks with a last rank alone), a rank-1 adapter,
+    a slot that does not target the projection, one adapter in two segments, an odd count (the last segment
+    unpaired) and a prefill segment among them. Every row matches float64 and equals its row alone, on either
+    ISA; rows of no adapter are untouched."""
+    g = torch.Generator().manual_seed(6)
+    k, out = 576, 136
+    table = ck.SlotTable(k)
+    weights = {}
+    for slot, r in {0: 16, 1: 7, 2: 1, 4: 16, 5: 9}.items():
+        a, sc = (torch.randn(r, k, generator=g) / 8).half(), torch.rand(r, generator=g) + 0.5
+        b = (torch.randn(r, out, generator=g) / 8).half().t()
+        table.set(slot, a, sc, [(0, b, 0)])
+        weights[slot] = (a, sc, b)
+    table.set(3, None)
+    slots = [0, 4, 1, 5, 2, 3, 0, 4, 5, 1, 0]  # pairs (0, 6): 0 with 0, (1, 7): 4 with 4, (2, 8): 1 with 5, ...
+    segments = [(slot, i, i + 1) for i, slot in enumerate(slots)] + [(5, 11, 17), (1, 18, 19)]  # a prefill chunk; row 17 of none
+    t = 19
+    x, y0 = torch.randn(t, k, generator=g), torch.randn(t, out, generator=g)
+    results = {}
+    for isa in ("auto", "avx2"):
+        y = y0.clone()
+        kernels.lora(x, torch.empty(t, 16), y, ck.SegmentTable(segments), table, isa=isa)
+        results[isa] = y
+    assert torch.equal(results["auto"], results["avx2"])
+    y = results["auto"]
+    for slot, lo, hi in segments:
+        if slot not in weights:
+            assert torch.equal(y[lo:hi], y0[lo:hi])
+            continue
+        a, sc, b = weights[slot]
+        want = y0[lo:hi].double() + ((x[lo:hi].double() @ a.double().t()) * sc.double()) @ b.double().t()
+        torch.testing.assert_close(y[lo:hi].double(), want, rtol=1e-5, atol=1e-5)
+        for row in range(lo, hi):
+            alone = y0[row : row + 1].clone()
+            kernels.lora(x[row : row + 1], torch.empty(1, 16), alone, ck.SegmentTable([(slot, 0, 1)]), table)
+            assert torch.equal(alone, y[row : row + 1]), (slot, row)
+    assert torch.equal(y[17], y0[17])
+
+
 def test_a_slot_table_follows_its_slots_through_many_sets(kernels):
     """Slots re-set and cleared many times (the blocks of old adapters compacted away) read only what each slot holds now."""
     g = torch.Generator().manual_seed(4)
