@@ -33,8 +33,8 @@ import torch
 from .cpu_layer_ops import CPULayerOps
 from .default_model import cache_root
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_layer_ops.c", "cpu_attention.c")]
-HEADERS = [Path(__file__).with_name("cpu_simd.h")]  # included by all three: part of what a build is
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_layer_ops.c", "cpu_attention.c", "cpu_layers.c")]
+HEADERS = [Path(__file__).with_name("cpu_simd.h")]  # included by the first three: part of what a build is
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FEATURES = ("avx2", "fma", "f16c")
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
@@ -44,6 +44,7 @@ class CPUKernels:
     """The kernels, on CPU torch tensors; every one accumulates in float32."""
 
     def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib  # the library itself: cpu_layers.py binds its decoder_layers
         self._linear = lib.linear_f32
         self._linear.argtypes = [_P, _L, _P, _P, _L, _L, _L, _L, _I]
         self._linear.restype = None
@@ -177,6 +178,8 @@ class SlotTable:
         self._keep: list[tuple | None] = []  # per slot: what `set` was given
         self.max_r = self.y_cols = self.max_blocks = 0  # upper bounds over every slot set so far
         self.args: tuple[int, ...] = ()
+        # The same, and the slot count, where C reads them when it is called (cpu_layers.c): the array stays, its values follow the sets.
+        self.arg_array = np.zeros(5, dtype=np.int64)
         self._update_args()
 
     @property
@@ -239,6 +242,7 @@ class SlotTable:
 
     def _update_args(self) -> None:
         self.args = (self._info.ctypes.data, self._blocks.ctypes.data, self.max_r, self.max_blocks)
+        self.arg_array[:] = (*self.args, self.num_slots)
 
 
 _lock = threading.Lock()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import CPUKernels
+from .cpu_kernels import CPUKernels, SegmentTable, SlotTable
 from .kernel_rows import ALL_BUCKETS, bucket_of
 from .quantized_weight import QuantizedWeight
 
@@ -37,6 +37,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
 class LoRASlots(Protocol):
     """The adapter weights attached to a projection, as the projection uses them (lora/slots.py's ProjectionSlots)."""
 
+    kernel_table: SlotTable | None  # the adapters as the CPU kernels read them (float16 slots on the kernels), else None
+    rescaled: set[int]  # slots whose rows also get a per-row scale (DoRA), which the kernels' LoRA call does not apply
+
     def wait_written(self) -> None:
         """Make what runs next wait for the slots' pending writes (CUDA: a fill still copying on a side stream)."""
 
@@ -47,6 +50,11 @@ class LoRABatch(Protocol):
     def apply(self, slots: Any, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add scale·(x·Aᵀ)·Bᵀ for each row's adapter into y in place. x: [T, in], y: [T, out].
         slots: the projection's `lora_slots`, of the type the batch's backend reads (ProjectionSlots)."""
+
+    def kernel_segments(self) -> SegmentTable | None:
+        """The step's segments, when `apply` on a projection with a kernel table is one CPU-kernel call over
+        them (one pass, none too long for the kernels): cpu_layers.py then makes those calls itself. None:
+        not this batch."""
 
 
 class Linear(nn.Module):

@@ -19,6 +19,7 @@ from .arch import ModelArch
 from .attention import Attention, AttentionMetadata
 from .cpu_kernels import CPUKernels
 from .cpu_layer_ops import CPULayerOps
+from .cpu_layers import CPUDecoderLayers
 from .kernel_rows import ALL_BUCKETS
 from .linear import Linear, LoRABatch, linear
 from .quantized_weight import Quantization, QuantizedWeight, quantize_weight
@@ -131,6 +132,7 @@ class LlamaModel(nn.Module):
             )
         self.kernels: CPUKernels | None = None
         self.kernel_buckets = ALL_BUCKETS
+        self.decoder_layers: CPUDecoderLayers | None = None  # every layer of a step in one call, where it can (cpu_layers.py)
 
     def use_cpu_kernels(self, kernels: CPUKernels | None, buckets: frozenset[int] = ALL_BUCKETS) -> None:
         """Run the projections and the LM head through the CPU kernels for steps whose rows fall in `buckets`
@@ -138,6 +140,7 @@ class LlamaModel(nn.Module):
         count; None: torch's ops. The LoRA slots read float16 adapters through the kernels either way."""
         self.kernels = kernels
         self.kernel_buckets = buckets
+        self.decoder_layers = None if kernels is None else CPUDecoderLayers(kernels.lib, self)
         for m in self.linears().values():
             m.kernels = kernels
             m.kernel_buckets = buckets
@@ -190,8 +193,10 @@ class LlamaModel(nn.Module):
         first = self.layers[0].self_attn
         if first.attn.ops is not None:  # the CPU layer ops read meta's indexes unchecked: checked once here
             first.attn.check_bounds(meta, first.rope.cos.shape[0])
-        x, pending = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, pending = layer(x, meta, lora, pending)
+        x = self.embed_tokens(input_ids)
+        pending = None if self.decoder_layers is None else self.decoder_layers.run(x, meta, lora)
+        if pending is None:  # not a step the kernels cover whole: layer by layer
+            for layer in self.layers:
+                x, pending = layer(x, meta, lora, pending)
         x = self.norm(x[meta.logits_index], add=None if pending is None else pending[meta.logits_index])
         return linear(x, self.lm_head_weight, None, self.kernels, self.kernel_buckets).float()

@@ -122,6 +122,14 @@ class SegmentedLoRABatch:
                 self._segment_tables.append((SegmentTable(short), [s for s in every if s[2] - s[1] > KERNEL_SEGMENT_ROWS]))
         return self._segment_tables
 
+    def kernel_segments(self) -> SegmentTable | None:
+        """The step's segments, when on a projection with a kernel table apply() is one kernel call over them:
+        one pass, every segment within KERNEL_SEGMENT_ROWS (model/cpu_layers.py checks the rest: no DoRA ratio)."""
+        tables = self._kernel_segments()
+        if not tables:
+            return SegmentTable([])  # no row with an adapter: nothing to add
+        return tables[0][0] if len(tables) == 1 and not tables[0][1] else None
+
     def _scratch(self, rows: int, cols: int) -> torch.Tensor:
         """A [rows, cols] float32 view of one buffer the step's projections share (allocating per projection
         cost page faults: 14% of the LoRA time of a prefill-heavy step under a py-spy profile), the view

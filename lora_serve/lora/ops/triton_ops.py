@@ -70,6 +70,10 @@ class TritonLoRABatch:
         self._segs: torch.Tensor | None = None  # int32 [passes, 3, most segments]: slot, first row, rows
         self._bufs: dict[tuple, torch.Tensor] = {}
 
+    def kernel_segments(self) -> None:
+        """Never read by the CPU kernels (LoRABatch's protocol)."""
+        return None
+
     def apply(self, slots: ProjectionSlots, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (base output, updated in place)
         tables = kernel_tables(slots)
