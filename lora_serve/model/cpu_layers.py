@@ -37,8 +37,7 @@ class DecoderModel(Protocol):
     layers: Sequence[Any]  # DecoderLayer
 
 
-LAYER_ARGS = 13  # cpu_layers.c's enums
-STEP_ARGS = 22
+LAYER_ARGS = 13  # cpu_layers.c's enum of a layer's arguments (the step's 22 are in the order of its other enum)
 _P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 
 
@@ -74,7 +73,8 @@ class CPUDecoderLayers:
             return self._layers
         a, D = m.arch, m.arch.hidden_size
         rope = first.self_attn.rope
-        _f32(rope.cos, (rope.cos.shape[0], a.head_dim)), _f32(rope.sin, (rope.cos.shape[0], a.head_dim))
+        for table in (rope.cos, rope.sin):  # [max_len, head_dim]: run() passes their addresses unchecked
+            _f32(table, (rope.cos.shape[0], a.head_dim))
         nqkv, cache = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim, (a.num_kv_heads, a.head_dim)
         rows, self._slots = [], []
         for layer in m.layers:
