@@ -19,7 +19,9 @@ layers: [L, LAYER_ARGS] int64, addresses (0: none): the two norms' weights, the 
         float32 weights [N, K] (contiguous) and the qkv bias, the layer's K and V caches, and per
         projection the address of its slot table's arguments (cpu_kernels.py's SlotTable.arg_array:
         slot info, blocks, max rank, max blocks, slots).
-step:   STEP_ARGS int64: shapes, the step's buffers, rotary and cache-write indexes, the LoRA segments.
+step:   STEP_ARGS int64: shapes, the step's buffers, rotary and cache-write indexes, the LoRA segments, and
+        the address of the BLAS sgemm to multiply with when the step has more rows than the kernels take
+        (0: the kernels).
 groups: [G, 6] int64 per attention group: queries a row, token_index (0: rows in order), blocks, their
         row stride, context_lens, rows.
 Returns 0, or 1 before any work when a segment names a slot past a projection's table (nothing written). */
@@ -44,9 +46,37 @@ void chunk_attention(const float *q, long ldq, const int64_t *token_index, const
 enum { IN_NORM, POST_NORM, W_QKV, B_QKV, W_O, W_GATE_UP, W_DOWN, K_CACHE, V_CACHE, LORA_QKV, LORA_O, LORA_GATE_UP,
        LORA_DOWN, LAYER_ARGS };
 enum { T_, D_, H_, KV_, DH_, I_, X_, HN_, QKV_, ATTN_, O_, GU_, ACT_, DOWN_, POSITIONS_, COS_, SIN_, SLOTS_,
-       BLOCK_SIZE_, S_, SEG_, MAX_SLOT_, STEP_ARGS };
+       BLOCK_SIZE_, S_, SEG_, MAX_SLOT_, SGEMM_, STEP_ARGS };
 
 #define P(type, v) ((type)(intptr_t)(v))
+
+/* BLAS's sgemm (column-major, Fortran calling convention), as torch's CPU library exports it. */
+typedef void (*sgemm_t)(const char *transa, const char *transb, const int *m, const int *n, const int *k, const float *alpha,
+                        const float *a, const int *lda, const float *b, const int *ldb, const float *beta, float *c,
+                        const int *ldc);
+
+/* y [T, N] = x [T, K]·Wᵀ (+ bias [N]) as llama.py's linear() computes it: on the kernels (linear_f32, then the
+   bias added) for the row counts they take, else through the sgemm F.linear calls (st[SGEMM_]), the bias
+   first in y and beta = 1, as torch's addmm hands it over. */
+static void matmul(const int64_t *st, const float *x, long K, const float *W, const float *bias, float *y, long N,
+                   int num_threads) {
+    const long T = st[T_];
+    if (st[SGEMM_] == 0) {
+        linear_f32(x, K, W, y, N, T, N, K, num_threads);
+        if (bias)
+            for (long t = 0; t < T; t++)
+                for (long n = 0; n < N; n++)
+                    y[t * N + n] += bias[n];
+        return;
+    }
+    const int m = (int)N, n = (int)T, k = (int)K;
+    const float one = 1.0f, beta = bias ? 1.0f : 0.0f;
+    if (bias)
+        for (long t = 0; t < T; t++)
+            for (long j = 0; j < N; j++)
+                y[t * N + j] = bias[j];
+    P(sgemm_t, st[SGEMM_])("T", "N", &m, &n, &k, &one, W, &k, x, &k, &beta, y, &m);
+}
 
 /* y [T, N] += this projection's LoRA deltas over the step's segments; table: its SlotTable.arg_array. */
 static void lora(const int64_t *st, const int64_t *table, const float *x, long K, float *y, long N, float *h, long ldh,
@@ -59,7 +89,7 @@ static void lora(const int64_t *st, const int64_t *table, const float *x, long K
 
 static void project(const int64_t *st, const float *x, long K, const int64_t w, const int64_t table, float *y, long N,
                     float *h, long ldh, int num_threads) {
-    linear_f32(x, K, P(const float *, w), y, N, st[T_], N, K, num_threads);
+    matmul(st, x, K, P(const float *, w), 0, y, N, num_threads);
     lora(st, P(const int64_t *, table), x, K, y, N, h, ldh, num_threads);
 }
 
@@ -83,13 +113,7 @@ int decoder_layers(long L, const int64_t *layers, const int64_t *st, long G, con
     for (long l = 0; l < L; l++) {
         const int64_t *a = layers + l * LAYER_ARGS;
         rms_norm(x, D, l ? down : 0, D, P(const float *, a[IN_NORM]), hn, D, T, D, eps, num_threads);
-        linear_f32(hn, D, P(const float *, a[W_QKV]), qkv, NQKV, T, NQKV, D, num_threads);
-        if (a[B_QKV]) {
-            const float *b = P(const float *, a[B_QKV]);
-            for (long t = 0; t < T; t++)
-                for (long n = 0; n < NQKV; n++)
-                    qkv[t * NQKV + n] += b[n];
-        }
+        matmul(st, hn, D, P(const float *, a[W_QKV]), P(const float *, a[B_QKV]), qkv, NQKV, num_threads);
         lora(st, P(const int64_t *, a[LORA_QKV]), hn, D, qkv, NQKV, h, ldh, num_threads);
         float *kc = P(float *, a[K_CACHE]), *vc = P(float *, a[V_CACHE]);
         rope_write_kv(qkv, NQKV, T, P(const int64_t *, st[POSITIONS_]), P(const float *, st[COS_]),

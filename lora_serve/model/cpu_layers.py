@@ -1,11 +1,13 @@
 """Every decoder layer of a step in one call to the CPU kernels' library (cpu_layers.c), for the steps its
 kernels cover whole; the others run layer by layer in llama.py, as before.
 
-A step qualifies when the model is float32 on the CPU with the kernels on and not quantized, its row count
-is one the kernels' matmuls take (kernel_rows.py), every attention group is a decode or a prefill chunk
-the attention kernels read in place, and its LoRA batch, if any, adds each projection's deltas in one
-kernel call over one pass of segments (LoRABatch.kernel_segments) with no DoRA ratio to apply. The C loop
-calls the kernels llama.py's path calls, with the same operands, in the same order: the same bits.
+A step qualifies when the model is float32 on the CPU with the kernels on and not quantized, every
+attention group is a decode or a prefill chunk the attention kernels read in place, and its LoRA batch,
+if any, adds each projection's deltas in one kernel call over one pass of segments
+(LoRABatch.kernel_segments) with no DoRA ratio to apply. The C loop calls what llama.py's path calls,
+with the same operands, in the same order: the same bits. That includes the matmuls of a step with more
+rows than the kernels take (kernel_rows.py): those go to the BLAS sgemm F.linear calls, whose address
+torch's CPU library exports (MKL's on x86-64; where it exports none, such steps go layer by layer).
 
 What the checks of the per-layer path did, this does once per step (the operands every layer shares)
 or once per model (weights, caches, slot tables: rebuilt when the caches move).
@@ -14,6 +16,8 @@ or once per model (weights, caches, slot tables: rebuilt when the caches move).
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -37,7 +41,7 @@ class DecoderModel(Protocol):
     layers: Sequence[Any]  # DecoderLayer
 
 
-LAYER_ARGS = 13  # cpu_layers.c's enum of a layer's arguments (the step's 22 are in the order of its other enum)
+LAYER_ARGS = 13  # cpu_layers.c's enum of a layer's arguments (the step's 23 are in the order of its other enum)
 _P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 
 
@@ -50,6 +54,17 @@ def _f32(t: torch.Tensor, shape: tuple[int, ...]) -> int:
 
 def _i64(t: torch.Tensor, numel: int | None = None) -> bool:
     return t.dtype is torch.int64 and t.is_cpu and t.is_contiguous() and (numel is None or t.numel() == numel)
+
+
+@functools.cache
+def blas_sgemm() -> int:
+    """The address of the sgemm_ torch's CPU library exports (what F.linear multiplies float32 with past the
+    kernels' rows: the same bits, tests/model/test_cpu_layers.py); 0 where it exports none."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value or 0
+    except (OSError, AttributeError):
+        return 0
 
 
 class CPUDecoderLayers:
@@ -102,8 +117,9 @@ class CPUDecoderLayers:
         step is not one the kernels cover whole."""
         m = self.model
         T = x.shape[0]
+        sgemm = 0 if bucket_of(T) in m.kernel_buckets else blas_sgemm()  # past the kernels' rows: BLAS, as F.linear
         if (m.quantization is not None or m.kernels is None or x.dtype is not torch.float32 or not x.is_cpu
-                or not x.is_contiguous() or bucket_of(T) not in m.kernel_buckets):  # fmt: skip
+                or not x.is_contiguous() or (sgemm == 0 and bucket_of(T) not in m.kernel_buckets)):  # fmt: skip
             return None
         a = m.arch
         first = m.layers[0].self_attn
@@ -138,7 +154,7 @@ class CPUDecoderLayers:
         step = np.array([T, D, a.num_heads, a.num_kv_heads, a.head_dim, inter, x.data_ptr(), hn.data_ptr(), qkv.data_ptr(),
                          attn.data_ptr(), o.data_ptr(), gu.data_ptr(), act.data_ptr(), down.data_ptr(),
                          meta.positions.data_ptr(), rope.cos.data_ptr(), rope.sin.data_ptr(),
-                         meta.slot_mapping.data_ptr(), meta.block_size, segments, seg_ptr, max_slot], dtype=np.int64)  # fmt: skip
+                         meta.slot_mapping.data_ptr(), meta.block_size, segments, seg_ptr, max_slot, sgemm], dtype=np.int64)  # fmt: skip
         group_array = np.array(groups, dtype=np.int64).reshape(-1, 6)
         rc = self._run(len(m.layers), layers.ctypes.data, step.ctypes.data, len(groups), group_array.ctypes.data,
                        a.rms_norm_eps, a.head_dim**-0.5, torch.get_num_threads())  # fmt: skip

@@ -15,6 +15,7 @@ from lora_serve.engine.model_runner import ModelRunner
 from lora_serve.engine.sampling_params import SamplingParams
 from lora_serve.engine.sequence import Sequence
 from lora_serve.model.cpu_kernels import CPUKernels, SegmentTable
+from lora_serve.model.kernel_rows import ALL_BUCKETS
 from lora_serve.model.loader import load_model
 
 from ..engine.helpers import run_to_completion
@@ -27,11 +28,15 @@ def prompt(length: int, seed: int) -> list[int]:
     return [(seed * 131 + 17 * j) % 4000 + 30 for j in range(length)]
 
 
-@pytest.fixture(params=["tiny_llama_dir", "tiny_qwen2_dir"])  # Qwen2: a q/k/v bias
+@pytest.fixture(params=[("tiny_llama_dir", ALL_BUCKETS), ("tiny_qwen2_dir", ALL_BUCKETS), ("tiny_qwen2_dir", frozenset({1, 2, 4, 8}))],
+                ids=["llama", "qwen2", "qwen2-blas"])  # fmt: skip
 def rig(request: pytest.FixtureRequest, kernels: CPUKernels) -> tuple[ModelRunner, KVCache]:
+    """Qwen2 has a q/k/v bias. With the kernels' matmuls for at most 8 rows, a 24-row step multiplies on BLAS
+    (as F.linear does layer by layer), its bias first in the output."""
     device = torch.device("cpu")
-    model = load_model(request.getfixturevalue(request.param), torch.float32, device, max_len=512)
-    model.use_cpu_kernels(kernels)
+    name, buckets = request.param
+    model = load_model(request.getfixturevalue(name), torch.float32, device, max_len=512)
+    model.use_cpu_kernels(kernels, buckets)
     kv = KVCache(model.arch, CacheConfig(block_size=BLOCK, kv_cache_memory_gb=0.01), torch.float32, device, 512)
     return ModelRunner(model, kv), kv
 
@@ -133,7 +138,7 @@ def test_steps_with_adapters_give_the_layer_by_layer_tokens_and_logprobs(tiny_ll
         assert [(lp.logprob, lp.top) for lp in got[rid]["logprobs"]] == [(lp.logprob, lp.top) for lp in want[rid]["logprobs"]]
     assert on.model.decoder_layers is not None
     steps = on.model.decoder_layers.calls
-    assert steps == (0 if with_dora else 9)  # the 9 decode steps; the 164-row prefill is past the kernels' 64 rows
+    assert steps == (0 if with_dora else 10)  # the 164-row prefill (its matmuls on BLAS) and the 9 decode steps
 
 
 def test_a_segment_past_a_slot_table_is_refused_before_anything_is_written(tiny_llama_dir, adapter_modules):
