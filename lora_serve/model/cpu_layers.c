@@ -5,7 +5,9 @@ Why: at decode, the Python around a layer's 9-13 kernel calls (argument checks, 
 took 5.2 ms of SmolLM2-135M's 30 ms step at 8 rows, and 7.4 ms of 36 with 8 adapters (2-vCPU Xeon;
 docs/benchmarks.md, "The decoder layers in one call"). Each kernel here is the one the Python path
 calls, with the same operands: a step gives the same bits either way (tests/model/test_cpu_layers.py).
-cpu_layers.py checks the operands once per step, and takes only the steps every kernel covers.
+A step past the kernels' 64 rows (a prompt beside the decodes) multiplies through the BLAS sgemm_
+F.linear calls, and loses ~20 ms of Python in 150-250 ms (docs/benchmarks.md, "Steps past 64 rows in
+one call too"). cpu_layers.py checks the operands once per step, and takes only the steps it covers.
 
 Per layer l, with x [T, D] the residual stream (updated in place) and `down` the last layer's MLP output:
   hn = rms_norm(x += down, in_norm)        (no add in layer 0)
