@@ -1,5 +1,5 @@
-"""Every decoder layer of a step in one call to the CPU kernels' library (cpu_layers.c), for the steps its
-kernels cover whole; the others run layer by layer in llama.py, as before.
+"""Every decoder layer of a step in one call to the CPU kernels' library (cpu_layers.c), for the steps it
+covers; the others run layer by layer in llama.py, as before.
 
 A step qualifies when the model is float32 on the CPU with the kernels on and not quantized, every
 attention group is a decode or a prefill chunk the attention kernels read in place, and its LoRA batch,
