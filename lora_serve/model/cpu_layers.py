@@ -114,12 +114,13 @@ class CPUDecoderLayers:
     def run(self, x: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> torch.Tensor | None:
         """Run every layer on x [T, hidden] (the residual stream, updated in place) and return the last MLP's
         output [T, hidden], not yet added to x (llama.py's `pending`); None, having done nothing, when the
-        step is not one the kernels cover whole."""
+        step is not one this covers."""
         m = self.model
         T = x.shape[0]
-        sgemm = 0 if bucket_of(T) in m.kernel_buckets else blas_sgemm()  # past the kernels' rows: BLAS, as F.linear
+        on_kernels = bucket_of(T) in m.kernel_buckets
+        sgemm = 0 if on_kernels else blas_sgemm()  # past the kernels' rows: BLAS, as F.linear
         if (m.quantization is not None or m.kernels is None or x.dtype is not torch.float32 or not x.is_cpu
-                or not x.is_contiguous() or (sgemm == 0 and bucket_of(T) not in m.kernel_buckets)):  # fmt: skip
+                or not x.is_contiguous() or not (on_kernels or sgemm)):  # fmt: skip
             return None
         a = m.arch
         first = m.layers[0].self_attn
