@@ -66,6 +66,14 @@ static inline void prefetch_bytes(const void *p, long bytes) {
         _mm_prefetch((const char *)p + i, _MM_HINT_T0);
 }
 
+/* Column k of two float16 rows n apart (pf, pf + n), a cache line of each; pf 0: nothing. */
+static inline void prefetch_two_rows_f16(const uint16_t *pf, long n, long k) {
+    if (pf) {
+        _mm_prefetch((const char *)(pf + k), _MM_HINT_T0);
+        _mm_prefetch((const char *)(pf + n + k), _MM_HINT_T0);
+    }
+}
+
 /* Two weight rows (w0, w1) against four rows of x: eight accumulators, each weight vector loaded once
    per four rows; pf: the two rows to prefetch, a cache line of each per 16 columns. The k loop and the
    tail are those of dot_f32, so results equal the one-row path's. */
@@ -495,10 +503,8 @@ static inline void dot_f16_2xn(const uint16_t *a0, const uint16_t *a1, const flo
         for (int j = 0; j < 2; j++)
             acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
     for (long k = 0; k < n; k += 16) {
-        if (pf && (k & 31) == 0) {
-            _mm_prefetch((const char *)(pf + k), _MM_HINT_T0);
-            _mm_prefetch((const char *)(pf + n + k), _MM_HINT_T0);
-        }
+        if ((k & 31) == 0)
+            prefetch_two_rows_f16(pf, n, k);
         for (int c = 0; c < 2; c++) {
             __m256 av0 = load_f16(a0 + k + 8 * c), av1 = load_f16(a1 + k + 8 * c);
             for (int j = 0; j < rows; j++) {
@@ -525,14 +531,8 @@ static inline void dot_f16_pair(const uint16_t *A1, const uint16_t *A2, const fl
             acc[j][i][0] = acc[j][i][1] = _mm256_setzero_ps();
     for (long k = 0; k < n; k += 16) {
         if ((k & 31) == 0) {
-            if (pf1) {
-                _mm_prefetch((const char *)(pf1 + k), _MM_HINT_T0);
-                _mm_prefetch((const char *)(pf1 + n + k), _MM_HINT_T0);
-            }
-            if (pf2) {
-                _mm_prefetch((const char *)(pf2 + k), _MM_HINT_T0);
-                _mm_prefetch((const char *)(pf2 + n + k), _MM_HINT_T0);
-            }
+            prefetch_two_rows_f16(pf1, n, k);
+            prefetch_two_rows_f16(pf2, n, k);
         }
         for (int c = 0; c < 2; c++) {
             __m256 xv1 = _mm256_loadu_ps(x1 + k + 8 * c), xv2 = _mm256_loadu_ps(x2 + k + 8 * c);
