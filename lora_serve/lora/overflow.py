@@ -18,7 +18,7 @@ import math
 import torch
 
 from .errors import InvalidAdapterError
-from .lora_model import Gain, LoRAModel, LoRAWeights
+from .lora_model import Gain, LoRAModel
 
 
 def max_gain(dtype: torch.dtype) -> float:
@@ -26,11 +26,34 @@ def max_gain(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).max)
 
 
-def _bounds(w: LoRAWeights) -> Gain:
-    """One projection's bounds."""
-    norm_a = float(torch.linalg.matrix_norm(w.A.double(), ord=2))  # A: [r, in]
-    norm_b = abs(w.scale) * float(torch.linalg.matrix_norm(w.B.double(), ord=2))  # B: [out, r]
-    return Gain(norm_a, norm_b, norm_a * norm_b)
+def spectral_norms(mats: list[torch.Tensor]) -> list[float]:
+    """‖M‖₂ of each matrix: the square root of the largest eigenvalue of its Gram matrix on its short side
+    (r x r for a LoRA factor: A·Aᵀ for A [r, in], Bᵀ·B for B [out, r]), in float64 (where the squares of
+    float32's largest values stay finite), batched by shape: one eigvalsh per shape instead of an SVD per
+    matrix. An all-linear rank-16 adapter of SmolLM2-135M has 420 factors; their SVDs took ~60 ms of a
+    ~110 ms load (2-vCPU EPYC), CPU time taken from the steps of every running request."""
+    norms = [0.0] * len(mats)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(mats):
+        groups.setdefault(tuple(m.shape), []).append(i)
+    for (rows, cols), idx in groups.items():
+        stack = torch.stack([mats[i] for i in idx]).double()  # [n, rows, cols]
+        gram = stack @ stack.transpose(1, 2) if rows <= cols else stack.transpose(1, 2) @ stack
+        top = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt()  # eigenvalues ascending
+        for i, v in zip(idx, top.tolist()):
+            norms[i] = v
+    return norms
+
+
+def _bounds(model: LoRAModel) -> list[tuple[tuple[int, str], Gain]]:
+    """Each projection's bounds, in (layer, module) order."""
+    items = sorted(model.weights.items())
+    norms = spectral_norms([w.A for _, w in items] + [w.B for _, w in items])
+    bounds = []
+    for i, (key, w) in enumerate(items):
+        norm_a, norm_b = norms[i], abs(w.scale) * norms[len(items) + i]
+        bounds.append((key, Gain(norm_a, norm_b, norm_a * norm_b)))
+    return bounds
 
 
 def _largest(a: Gain, b: Gain) -> Gain:
@@ -40,8 +63,8 @@ def _largest(a: Gain, b: Gain) -> Gain:
 def gain_of(model: LoRAModel) -> Gain:
     """The adapter's largest bounds over its projections, unchecked (an adapter registered past check_gain)."""
     most = Gain(0.0, 0.0, 0.0)
-    for w in model.weights.values():
-        most = _largest(most, _bounds(w))
+    for _, g in _bounds(model):
+        most = _largest(most, g)
     return most
 
 
@@ -49,8 +72,7 @@ def check_gain(model: LoRAModel, dtype: torch.dtype) -> Gain:
     """Raise InvalidAdapterError (400) if any projection's update can overflow `dtype`; its Gain otherwise."""
     limit = max_gain(dtype)
     most = Gain(0.0, 0.0, 0.0)
-    for (layer, module), w in sorted(model.weights.items()):
-        g = _bounds(w)
+    for (layer, module), g in _bounds(model):
         if not (g.a <= limit and g.b <= limit and g.total <= limit):
             raise InvalidAdapterError(
                 f"layer {layer} {module}: the update's gain scale·‖B‖·‖A‖ = {g.total:.3g} (‖A‖ = {g.a:.3g}, "

@@ -17,7 +17,7 @@ from peft.tuners.lora import LoraLayer
 
 from lora_serve.lora.errors import InvalidAdapterError
 from lora_serve.lora.lora_model import Gain
-from lora_serve.lora.overflow import check_weighted_gain, max_gain
+from lora_serve.lora.overflow import check_weighted_gain, max_gain, spectral_norms
 from lora_serve.lora.registry import AdapterRegistry
 
 from .test_lora_model import V1_B, edit_config, edit_tensors, good_adapter, save_adapter  # noqa: F401
@@ -85,6 +85,17 @@ def test_gain_bounds_what_peft_computes(tmp_path: Path):
         gain = abs(w.scale) * torch.linalg.matrix_norm(w.B.double(), ord=2) * torch.linalg.matrix_norm(w.A.double(), ord=2)
         assert 0 < ratio <= gain * (1 + 1e-6)
         assert torch.equal(w.A, A) and torch.equal(w.B, B)
+
+
+def test_spectral_norms_equal_torchs_svd_norm():
+    """The batched Gram-matrix norms equal torch's SVD-based ‖·‖₂ for LoRA factors of mixed ranks, wide and
+    tall, a rank-1 one, and weights near float32's largest (whose squares only float64 holds)."""
+    torch.manual_seed(0)
+    mats = [torch.randn(r, k) for r, k in [(16, 576), (16, 576), (8, 576), (16, 1536), (1, 64)]]
+    mats += [torch.randn(o, r) for o, r in [(576, 16), (192, 16), (1536, 8), (64, 1)]]
+    mats += [torch.randn(4, 32) * 1e30, torch.full((3, 5), 3e38), torch.zeros(2, 7)]
+    expected = [float(torch.linalg.matrix_norm(m.double(), ord=2)) for m in mats]
+    assert spectral_norms(mats) == pytest.approx(expected, rel=1e-9)
 
 
 def test_weighted_gain_bounds_each_part_and_their_sum():
