@@ -6,6 +6,7 @@ run_server(engine, ServerConfig(...))        # blocks until Ctrl-C; leaves the e
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import TYPE_CHECKING
 
@@ -95,4 +96,17 @@ def build_server(engine: AsyncEngine, config: ServerConfig) -> uvicorn.Server:
 
 
 def run_server(engine: AsyncEngine, config: ServerConfig) -> None:
-    build_server(engine, config).run()
+    server = build_server(engine, config)
+    freeze_startup_heap()
+    server.run()
+
+
+def freeze_startup_heap() -> None:
+    """Put what start-up made (the model's modules, the tokenizer, the registered adapters' records) out of
+    the cyclic collector's reach. A full collection walks every tracked object, on whichever thread
+    allocates, the engine's included, and stalls it meanwhile: 16 streams on adapters with 100 registered,
+    SmolLM2-135M, 2-vCPU EPYC, one 259 ms pause in 96 steps, and 2 ms at most frozen (docs/benchmarks.md,
+    "The collector's pauses"). What serving allocates later is collected as before; frozen objects are
+    still freed when their last reference goes (only cycles among them would stay)."""
+    gc.collect()
+    gc.freeze()
