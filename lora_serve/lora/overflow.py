@@ -30,8 +30,9 @@ def spectral_norms(mats: list[torch.Tensor]) -> list[float]:
     """‖M‖₂ of each matrix: the square root of the largest eigenvalue of its Gram matrix on its short side
     (r x r for a LoRA factor: A·Aᵀ for A [r, in], Bᵀ·B for B [out, r]), in float64 (where the squares of
     float32's largest values stay finite), batched by shape: one eigvalsh per shape instead of an SVD per
-    matrix. An all-linear rank-16 adapter of SmolLM2-135M has 420 factors; their SVDs took ~60 ms of a
-    ~110 ms load (2-vCPU EPYC), CPU time taken from the steps of every running request."""
+    matrix. An all-linear rank-16 adapter of SmolLM2-135M has 420 factors; their SVDs took ~60 ms of each
+    load (2-vCPU EPYC), CPU time taken from the steps of every running request (docs/benchmarks.md,
+    "Adapter loads and the collector's pauses")."""
     norms = [0.0] * len(mats)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(mats):
