@@ -175,6 +175,7 @@ class SlotTable:
         self._info = np.zeros((0, 5), dtype=np.int64)  # per slot: A address (0: none), R, scales address, first block, count
         self._blocks = np.zeros((0, 6), dtype=np.int64)  # hcol, r, B address, ldb, ycol, width
         self._num_blocks = 0  # rows of _blocks in use (those of cleared slots included, until compacted)
+        self._live_blocks = 0  # of those, the rows the slots hold now
         self._keep: list[tuple | None] = []  # per slot: what `set` was given
         self.max_r = self.y_cols = self.max_blocks = 0  # upper bounds over every slot set so far
         self.args: tuple[int, ...] = ()
@@ -204,12 +205,14 @@ class SlotTable:
         if len(self._info) < len(self._keep):
             self._info = np.concatenate([self._info, np.zeros((len(self._keep) * 2 - len(self._info), 5), dtype=np.int64)])
         self._keep[slot] = None if A is None else (A, scales, list(slices))
+        self._live_blocks -= int(self._info[slot, 4])
         self._info[slot] = 0
         if A is not None:
             self._info[slot, :3] = (A.data_ptr(), A.shape[0], scales.data_ptr())  # type: ignore[union-attr]
             self._info[slot, 3:] = self._add_blocks(slices)
+            self._live_blocks += int(self._info[slot, 4])
             self.max_r = max(self.max_r, A.shape[0])
-        if self._num_blocks > 2 * sum(int(c) for c in self._info[: len(self._keep), 4]) + 1024:
+        if self._num_blocks > 2 * self._live_blocks + 1024:
             self._compact()
         self._update_args()
 

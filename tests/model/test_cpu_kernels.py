@@ -193,6 +193,8 @@ def test_a_slot_table_follows_its_slots_through_many_sets(kernels):
         b = torch.randn(r, out, generator=g).half().t()
         table.set(slot, a, sc, [(0, b, 0)])
         held[slot] = (a, sc, b)
+    # 3 blocks a set, ~1440 in all: compaction keeps them under twice what the 7 slots hold, plus 1024 (and one set's)
+    assert table._num_blocks <= 2 * 7 * 3 + 1024 + 3
     x = torch.randn(7, k, generator=g)
     y = torch.zeros(7, out)
     kernels.lora(x, torch.empty(7, table.max_r), y, ck.SegmentTable([(s, s, s + 1) for s in range(7)]), table)
