@@ -21,7 +21,7 @@ from contextlib import aclosing
 
 from ray import serve
 
-from lora_serve.api.server import build_app
+from lora_serve.api.server import build_app, freeze_startup_heap
 from lora_serve.config import EngineConfig, ServerConfig
 from lora_serve.deploy.forwarded_request import ForwardedRequest, ResponseStart, app_response
 from lora_serve.deploy.replica_adapters import ReplicaAdapters
@@ -37,6 +37,7 @@ class AdapterReplica:
         self.adapters = ReplicaAdapters(self.engine)
         self.adapters.drop_stored()  # registered here = placed here by the multiplexer
         self.app = build_app(self.engine, server)
+        freeze_startup_heap()  # as run_server does: the collector never walks the start-up heap while serving
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
         async def hold(name: str) -> _Held:  # a function: Ray keeps its LRU as an attribute of it
