@@ -106,7 +106,7 @@ def freeze_startup_heap() -> None:
     the cyclic collector's reach. A full collection walks every tracked object, on whichever thread
     allocates, the engine's included, and stalls it meanwhile: 16 streams on adapters with 100 registered,
     SmolLM2-135M, 2-vCPU EPYC, one 259 ms pause in 96 steps, and 2 ms at most frozen (docs/benchmarks.md,
-    "Adapter loads and the collector's pauses"). What serving allocates later is collected as before; frozen objects are
-    still freed when their last reference goes (only cycles among them would stay)."""
+    "Adapter loads and the collector's pauses"). What serving allocates later is collected as before;
+    frozen objects are still freed when their last reference goes (only cycles among them would stay)."""
     gc.collect()
     gc.freeze()
