@@ -1,10 +1,13 @@
-"""PEFT's own greedy continuation, recomputed in full per token (no KV cache), and the check of an engine
-run against it: the independent reference for adapter outputs."""
+"""PEFT's own greedy continuation, decoded with transformers' KV cache (not ours), and the check of an
+engine run against it: the independent reference for adapter outputs."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+from peft.helpers import DoraCaching
 
 
 def reference(peft_model, adapter: str | None, prompt: list[int], n: int):
@@ -14,16 +17,29 @@ def reference(peft_model, adapter: str | None, prompt: list[int], n: int):
             with peft_model.disable_adapter():
                 return _greedy(peft_model, prompt, n)
         peft_model.set_adapter(adapter)
-        return _greedy(peft_model, prompt, n)
+        # DoRA's column norms ‖W + s·B·A‖ depend on the weights only: PEFT's cache computes them once per
+        # call instead of once per token, and is cleared after it, so a later edit of the weights is seen.
+        training = peft_model.training
+        with DoraCaching():
+            try:
+                return _greedy(peft_model, prompt, n)
+            finally:
+                peft_model.train().train(training)  # train() clears PEFT's DoRA caches
 
 
 def _greedy(model, prompt: list[int], n: int):
-    ids = list(prompt)
-    rows = []
-    for _ in range(n):  # full recompute per token: slow but independent of any KV cache
-        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+    # Newer transformers call the cache argument and output `cache`; older ones, `past_key_values`.
+    forward = inspect.signature(type(model.get_base_model()).forward).parameters
+    name = "cache" if "cache" in forward else "past_key_values"
+    ids, rows = list(prompt), []
+    new, past = list(prompt), None
+    for _ in range(n):  # the prompt once, then one token per forward on transformers' own cache
+        out = model(input_ids=torch.tensor([new]), use_cache=True, **{name: past})
+        past = getattr(out, name)
+        logp = torch.log_softmax(out.logits[0, -1].float(), -1)
         rows.append(logp)
-        ids.append(int(logp.argmax()))
+        new = [int(logp.argmax())]
+        ids += new
     return ids[len(prompt) :], rows
 
 

@@ -66,6 +66,40 @@ def check_plan(peft_model, outs: dict, plan: dict[str, str | None]) -> None:
         check_against(outs[rid], ref_tokens, ref_rows)
 
 
+def full_recompute(peft_model, adapter: str, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """PEFT's greedy continuation with every token's logits recomputed from the whole sequence."""
+    peft_model.set_adapter(adapter)
+    ids, rows = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(n):
+            rows.append(torch.log_softmax(peft_model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1))
+            ids.append(int(rows[-1].argmax()))
+    return ids[len(prompt) :], rows
+
+
+def test_the_cached_reference_is_a_full_recompute_and_sees_edited_weights(dora_adapters):
+    """The reference decodes on transformers' KV cache with PEFT's DoRA norms and B·A cached for one call."""
+    peft_model, _ = dora_adapters
+    lora_b = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["dora-attn-r4"].weight
+    saved = lora_b.detach().clone()
+    try:
+        # Both references before any full recompute (which clears PEFT's caches itself): a B·A or norm
+        # cached by the first and not cleared would be stale in the second.
+        got = {}
+        for scale in (1.0, 3.0):
+            with torch.no_grad():
+                lora_b.copy_(saved * scale)
+            got[scale] = {name: reference(peft_model, name, PROMPTS[0], 6) for name in DORA_ADAPTERS}
+        for name, (tokens, rows) in got[3.0].items():
+            want_tokens, want_rows = full_recompute(peft_model, name, PROMPTS[0], 6)
+            assert tokens == want_tokens, name
+            torch.testing.assert_close(torch.stack(rows), torch.stack(want_rows), rtol=0, atol=1e-4)
+        assert got[3.0]["dora-attn-r4"][1][0].sub(got[1.0]["dora-attn-r4"][1][0]).abs().max() > 1e-3
+    finally:
+        with torch.no_grad():
+            lora_b.copy_(saved)
+
+
 def test_the_scales_are_not_one_and_change_peft_outputs(dora_adapters):
     peft_model, _ = dora_adapters
     _, base_rows = reference(peft_model, None, PROMPTS[0], 1)
