@@ -50,6 +50,22 @@ def run_on_own_thread(fn: Callable[[], T], name: str) -> T:
     return results[0]
 
 
+def run_at_threads(num_threads: int, fn: Callable[[], T], name: str) -> T:
+    """fn() on a new thread whose torch ops use num_threads, whatever the caller's count: a measurement
+    of the steps' speed, taken at the count the engine thread will step with. torch.set_num_threads also
+    moves the process-wide default; that is put back as a new thread read it before."""
+    default = run_on_own_thread(torch.get_num_threads, name)
+
+    def at_count() -> T:
+        torch.set_num_threads(num_threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(default)
+
+    return run_on_own_thread(at_count, name)
+
+
 def claim_intra_op_threads(num_threads: int) -> None:
     """On the engine thread: keep num_threads for this thread's torch ops, one for threads that start using torch later.
 

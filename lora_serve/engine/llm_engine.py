@@ -26,7 +26,7 @@ from ..model.llama import LlamaModel
 from ..model.loader import load_model, torch_dtype
 from .grammar import GrammarCompiler
 from .grammar_bitmask import GrammarBitmask
-from .intra_op import default_num_threads
+from .intra_op import default_num_threads, run_at_threads
 from .kv_cache import KVCache
 from .merging import Merging
 from .model_runner import ModelRunner
@@ -89,7 +89,10 @@ class LLMEngine:
         # (measured once per machine and model shape, model/kernel_rows.py); on: at every size up to 64 rows.
         # Quantized weights choose their own path (model/quantized_weight.py).
         measure = kernels is not None and kernels_asked == "auto" and model.quantization is None
-        buckets = kernel_buckets(model.step_weights(), kernels) if kernels is not None and measure else ALL_BUCKETS
+        buckets = ALL_BUCKETS
+        if measure and kernels is not None:  # at the steps' thread count, which this thread may not have
+            on = kernels
+            buckets = run_at_threads(self.num_threads, lambda: kernel_buckets(model.step_weights(), on), "lora-serve-kernel-rows")
         model.use_cpu_kernels(kernels, buckets)  # before the LoRA slots read it
         self.lora = LoRAManager(self.model, config.lora, self.base_name)  # residency: engine thread only
         self.adapters = self.lora.catalog  # the door for every other thread

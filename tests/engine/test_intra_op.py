@@ -11,7 +11,7 @@ import torch
 
 from lora_serve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lora_serve.engine.async_engine import AsyncEngine
-from lora_serve.engine.intra_op import run_on_own_thread
+from lora_serve.engine.intra_op import run_at_threads, run_on_own_thread
 from lora_serve.engine.llm_engine import LLMEngine
 
 
@@ -23,6 +23,20 @@ def test_run_on_own_thread_returns_its_result_and_raises_its_error() -> None:
     assert run_on_own_thread(lambda: threading.current_thread().name, "lora-serve-test") == "lora-serve-test"
     with pytest.raises(ValueError, match="from the other thread"):
         run_on_own_thread(_fail, "lora-serve-test")
+
+
+def test_run_at_threads_runs_at_that_count_and_leaves_the_callers_and_the_default_as_they_were() -> None:
+    default = run_on_own_thread(torch.get_num_threads, "lora-serve-test")
+
+    def on_one_thread() -> tuple[int, int, int]:
+        torch.set_num_threads(1)  # this thread's count, and the process default, are now 1
+        inside = run_at_threads(2, torch.get_num_threads, "lora-serve-test")
+        return inside, torch.get_num_threads(), run_on_own_thread(torch.get_num_threads, "lora-serve-test")
+
+    try:
+        assert run_on_own_thread(on_one_thread, "lora-serve-test") == (2, 1, 1)
+    finally:
+        run_on_own_thread(lambda: torch.set_num_threads(default), "lora-serve-test")
 
 
 def test_the_model_loads_on_a_thread_that_ends_and_the_engine_thread_keeps_its_count(
