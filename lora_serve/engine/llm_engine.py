@@ -88,11 +88,10 @@ class LLMEngine:
         # auto: the base's float matmuls go to the kernels at the step sizes where they win on this machine
         # (measured once per machine and model shape, model/kernel_rows.py); on: at every size up to 64 rows.
         # Quantized weights choose their own path (model/quantized_weight.py).
-        measure = kernels is not None and kernels_asked == "auto" and model.quantization is None
+        measure = kernels_asked == "auto" and model.quantization is None
         buckets = ALL_BUCKETS
-        if measure and kernels is not None:  # at the steps' thread count, which this thread may not have
-            on = kernels
-            buckets = run_at_threads(self.num_threads, lambda: kernel_buckets(model.step_weights(), on), "lora-serve-kernel-rows")
+        if kernels is not None and measure:  # at the steps' thread count, which this thread may not have
+            buckets = run_at_threads(self.num_threads, lambda: kernel_buckets(model.step_weights(), kernels), "lora-serve-kernel-rows")
         model.use_cpu_kernels(kernels, buckets)  # before the LoRA slots read it
         self.lora = LoRAManager(self.model, config.lora, self.base_name)  # residency: engine thread only
         self.adapters = self.lora.catalog  # the door for every other thread
