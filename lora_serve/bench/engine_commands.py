@@ -83,7 +83,10 @@ class BenchPrefillStall(BenchBase):
     """Tokens of the prompt that arrives."""
 
     chunks: CliVariadicArg[list[int]] = [0, 2048, 512, 128]
-    """--long-prefill-token-threshold values to compare (0: the whole prompt in one step)."""
+    """--long-prefill-token-threshold values to compare, without pacing (0: the whole prompt in one step)."""
+
+    stalls: CliVariadicArg[list[float]] = [1.5]
+    """--max-prefill-stall values to compare (the server's default: 1.5), each with the default step budget."""
 
     warm_steps: int = Field(16, ge=2)
     """Decode steps timed before the long prompt arrives."""
@@ -92,7 +95,13 @@ class BenchPrefillStall(BenchBase):
         from lora_serve.bench import prefill_stall
 
         rows = prefill_stall.run(
-            self.setup(), self.num_streams, self.long_prompt_len, tuple(self.chunks), warm_steps=self.warm_steps, seed=self.seed
+            self.setup(),
+            self.num_streams,
+            self.long_prompt_len,
+            tuple(self.chunks),
+            warm_steps=self.warm_steps,
+            seed=self.seed,
+            stalls=tuple(self.stalls),
         )
         print(prefill_stall.report(rows, self.long_prompt_len))
 

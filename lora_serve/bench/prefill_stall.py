@@ -1,9 +1,11 @@
 """What a long prompt arriving mid-stream costs the streams already decoding, per prefill chunk size.
 
-    lora-serve bench prefill-stall --num-streams 16 --long-prompt-len 4000 --chunks 0 2048 512 128
+    lora-serve bench prefill-stall --num-streams 16 --long-prompt-len 4000 --chunks 0 2048 512 128 --stalls 2
 
 For each chunk size (0: the whole prompt in one step, as without chunked prefill; otherwise
---long-prefill-token-threshold, with the default 2048-token step budget): `num_streams` sequences
+--long-prefill-token-threshold, with the default 2048-token step budget), without pacing, and for each
+--max-prefill-stall (the server's default chunking: the chunks the pacer sizes from measured steps,
+engine/prefill_pacer.py): `num_streams` sequences
 are brought to decoding, `warm_steps` decode steps are timed alone ("before"), then the long prompt
 arrives and every step until it has its first token is timed ("during"). Each step gives every
 stream one token, so a step's time is each stream's inter-token latency (ITL) for that token.
@@ -15,9 +17,9 @@ steps are timed ("alone": their prompts again, `warm_steps` untimed, then as man
 "during" had, at the same contexts). during p99 / alone p99 is what the long prompt costs them;
 during p99 / before p99 mixes in their own growth.
 
-Reported per chunk size: ITL p50 and p99 before, during and alone, both ratios, and the long
-prompt's time to first token. The same engine runs every chunk size, in turn, so the ratios are
-measured side by side.
+Reported per chunk size or stall bound: ITL p50 and p99 before, during and alone, both ratios, and the long
+prompt's time to first token, and its mean chunk. One process runs every setting, in turn, so the
+ratios are measured side by side.
 """
 
 from __future__ import annotations
@@ -38,22 +40,25 @@ WHOLE_PROMPT_BUDGET = 16384  # chunk size 0: a step budget that fits the long pr
 
 def run(
     model_path: Path, num_streams: int = 16, long_prompt_len: int = 4000, chunks: tuple[int, ...] = (0, 2048, 512, 128),
-    stream_prompt_len: int = 32, warm_steps: int = 16, seed: int = 0,
+    stream_prompt_len: int = 32, warm_steps: int = 16, seed: int = 0, stalls: tuple[float, ...] = (),
 ) -> list[dict]:  # fmt: skip
+    """Rows of `chunks` (unpaced), then of `stalls` (paced, chunks up to the step budget)."""
     rows = []
-    for chunk in chunks:
-        # The server's defaults but for the chunk size; chunk 0 gets a step budget the long prompt fits in whole.
+    for chunk, stall in [*((c, None) for c in chunks), *((0, s) for s in stalls)]:
+        # The server's defaults but for the chunk size and pacing; chunk 0 unpaced gets a step budget the
+        # long prompt fits in whole.
         scheduler = SchedulerConfig(
             max_num_seqs=num_streams + 1,
             max_model_len=max(long_prompt_len + 8, stream_prompt_len + 512),
-            max_num_batched_tokens=WHOLE_PROMPT_BUDGET if chunk == 0 else None,
+            max_num_batched_tokens=WHOLE_PROMPT_BUDGET if chunk == 0 and stall is None else None,
             long_prefill_token_threshold=chunk or None,
+            max_prefill_stall=stall,
         )
         engine = LLMEngine.from_config(EngineConfig(scheduler=scheduler, cache=CacheConfig(kv_cache_memory_gb=1.0)), model_path)
         vocab = engine.arch.vocab_size
         long_prompt = random_prompts(vocab, [long_prompt_len], seed + 1)[0]
         stream_prompts = random_prompts(vocab, [stream_prompt_len] * num_streams, seed)
-        rows.append({"chunk": chunk, **_measure(engine, stream_prompts, long_prompt, warm_steps)})
+        rows.append({"chunk": chunk, "stall": stall, **_measure(engine, stream_prompts, long_prompt, warm_steps)})
         del engine
     return rows
 
@@ -67,6 +72,7 @@ def _measure(engine: LLMEngine, stream_prompts: list[list[int]], long_prompt: li
         during.append(seconds)
         first_token = any(out.request_id == "long" for out in outputs)
     ttft = time.perf_counter() - arrived
+    chunk = len(long_prompt) / len(during)
     _stop_streams(engine, len(stream_prompts), "s")
     _start_streams(engine, stream_prompts, "a", warm_steps)  # the same streams, the same steps, no long prompt
     alone = [_timed_step(engine)[0] for _ in during]
@@ -76,7 +82,7 @@ def _measure(engine: LLMEngine, stream_prompts: list[list[int]], long_prompt: li
         "itl_p50_during": statistics.median(during), "itl_p99_during": _p99(during),
         "itl_p50_alone": statistics.median(alone), "itl_p99_alone": _p99(alone),
         "p99_ratio": _p99(during) / _p99(alone), "p99_ratio_before": _p99(during) / _p99(before),
-        "long_ttft_s": ttft, "steps_during": len(during),
+        "long_ttft_s": ttft, "steps_during": len(during), "mean_chunk": chunk,
     }  # fmt: skip
 
 
@@ -109,14 +115,15 @@ def _p99(values: list[float]) -> float:
 def report(rows: list[dict], long_prompt_len: int) -> str:
     table = [
         [
-            "whole prompt" if r["chunk"] == 0 else str(r["chunk"]),
+            _setting(r),
             *(f"{1e3 * r[f'itl_{q}_{phase}']:.0f}" for phase in ("before", "during", "alone") for q in ("p50", "p99")),
-            f"{r['p99_ratio']:.2f}", f"{r['p99_ratio_before']:.2f}", str(r["steps_during"]), f"{r['long_ttft_s']:.1f}",
+            f"{r['p99_ratio']:.2f}", f"{r['p99_ratio_before']:.2f}", str(r["steps_during"]), f"{r['mean_chunk']:.0f}",
+            f"{r['long_ttft_s']:.1f}",
         ]
         for r in rows
     ]  # fmt: skip
     header = [
-        "prefill chunk (tokens)",
+        "prefill chunk (tokens) or pacing",
         "ITL p50 before (ms)",
         "ITL p99 before (ms)",
         "ITL p50 during (ms)",
@@ -126,6 +133,13 @@ def report(rows: list[dict], long_prompt_len: int) -> str:
         "p99 during / alone",
         "p99 during / before",
         "steps until its first token",
+        "its mean chunk (tokens)",
         f"{long_prompt_len}-token prompt TTFT (s)",
     ]
     return markdown_table(header, table)
+
+
+def _setting(row: dict) -> str:
+    if row["stall"] is not None:
+        return f"paced, steps <= {row['stall']:g}x a decode step"
+    return "whole prompt" if row["chunk"] == 0 else str(row["chunk"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class LLMEngine:
             max_lora_bypass=sc.max_lora_bypass,
             long_prefill_token_threshold=sc.long_prefill_token_threshold,
             merged_identity=lambda: self.lora.merged.identity,
+            max_prefill_stall=sc.max_prefill_stall,
         )
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
         # Structured outputs: the API compiles a request's grammar with this (off the engine thread); the
@@ -249,6 +251,7 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -262,6 +265,7 @@ class LLMEngine:
         failed, ready, logits = self.fail_non_finite(ready, logits)
         tokens, logprobs = sample(logits, ready, self.eos_token_ids, grammar)
         outputs = failed + self.postprocess(ready, tokens, logprobs)
+        self.scheduler.observe(batch, time.perf_counter() - started)  # the streams' inter-token latency
         if self.merge_policy is not None:
             self.merging.apply_policy(batch)
         return outputs

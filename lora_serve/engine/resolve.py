@@ -99,7 +99,8 @@ def describe(config: EngineConfig) -> str:
         f"quantization={_describe_quantization(mc.quantization, kernels == 'on' and mc.dtype == 'float32')} "
         f"lora_dtype={lc.lora_dtype} lora_backend={backend} ({why}) "
         f"lora_memory_gb={resolved(lc.lora_memory_gb, 'lora_memory_gb'):.2f} adapter_dir={lc.adapter_dir} "
-        f"max_model_len={sc.max_model_len} max_num_batched_tokens={sc.max_num_batched_tokens}"
+        f"max_model_len={sc.max_model_len} max_num_batched_tokens={sc.max_num_batched_tokens} "
+        f"max_prefill_stall={sc.max_prefill_stall}"
     )
 
 

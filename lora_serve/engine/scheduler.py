@@ -5,9 +5,10 @@ A step holds at most `max_num_batched_tokens` tokens. Running sequences come fir
 out of a step (the step itself still grows with the chunk: see bench/prefill_stall.py); then waiting
 sequences are admitted while the batch size and the KV cache allow. A prompt is prefilled in chunks of
 what the step's budget has left, at most `long_prefill_token_threshold` tokens a step, and samples its
-first token only in the step that completes it. When the cache cannot hold the next chunk of a running
-sequence, the newest running sequence is preempted (its blocks freed, to be recomputed later) rather
-than failing anyone.
+first token only in the step that completes it. While streams decode, a long prompt gets only the
+chunk that sizes the step to `max_prefill_stall` decode steps (prefill_pacer.py). When the cache
+cannot hold the next chunk of a running sequence, the newest running sequence is preempted (its
+blocks freed, to be recomputed later) rather than failing anyone.
 
 Admission is adapter-aware with a fairness bound. Waiting sequences that load no adapter weights go
 first: base-model requests and those whose adapter is on the device already (every adapter of the
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .kv_cache import KVCache
+from .prefill_pacer import PrefillPacer
 from .sequence import Sequence, SequenceStatus
 
 
@@ -51,6 +53,7 @@ class AdapterAdmission(Protocol):
 class ScheduledBatch:
     seqs: list[Sequence]  # decodes, then prefill chunks of running sequences, then newly admitted ones
     num_new_tokens: list[int]  # tokens each runs this step: 1 for a decode, the chunk for a prefill
+    num_decodes: int = 0  # of them, decodes (they come first)
 
     @property
     def num_tokens(self) -> int:
@@ -67,9 +70,11 @@ class Scheduler:
         max_lora_bypass: int = 16,
         long_prefill_token_threshold: int | None = None,
         merged_identity: Callable[[], str | None] | None = None,
+        max_prefill_stall: float | None = None,
     ):
         """merged_identity: the identity of the adapter merged into the base weights now (None: none),
-        which every row's K/V depends on (block_hash.py)."""
+        which every row's K/V depends on (block_hash.py). max_prefill_stall: see PrefillPacer (None: off);
+        the engine reports each step's time to `observe`."""
         self.kv = kv_cache
         self.max_chunk = long_prefill_token_threshold or max_num_batched_tokens
         self.max_lora_bypass = max_lora_bypass
@@ -80,6 +85,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.pacer = PrefillPacer(max_prefill_stall) if max_prefill_stall is not None else None
+        self._paced: int | None = None  # tokens of long prompts this step may still prefill (None: no limit)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -90,12 +97,34 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         merged = self.merged_identity()  # merges happen between steps: one value for the whole step
+        decoding = sum(s.num_new_tokens == 1 for s in self.running)
+        self._paced = self.pacer.allowance(decoding) if self.pacer is not None else None
         seqs, chunks = self._schedule_running(budget, merged)
         admitted, admitted_chunks = self._admit(budget - sum(chunks), merged)
-        return ScheduledBatch(seqs + admitted, chunks + admitted_chunks)
+        num_decodes = sum(s.num_new_tokens == 1 for s in seqs)  # the decodes preemption left
+        return ScheduledBatch(seqs + admitted, chunks + admitted_chunks, num_decodes)
 
-    def _chunk(self, num_new_tokens: int, budget: int) -> int:
-        return min(num_new_tokens, self.max_chunk, budget)
+    def observe(self, batch: ScheduledBatch, seconds: float) -> None:
+        """The time `batch` took, from its scheduling to its outputs (the pacer's measure)."""
+        if self.pacer is not None:
+            self.pacer.observe(batch.num_decodes, batch.num_tokens - batch.num_decodes, seconds)
+
+    def _chunk(self, num_new_tokens: int, budget: int, prefill: int) -> int:
+        """prefill: the tokens the sequence's prefill computes in all (what the pacer judges long or not)."""
+        n = min(num_new_tokens, self.max_chunk, budget)
+        paced = self._pace_left(num_new_tokens, prefill)
+        return n if paced is None else min(n, paced)
+
+    def _pace_left(self, num_new_tokens: int, prefill: int) -> int | None:
+        """The tokens this step's pace leaves a long prompt; None: this chunk is not paced."""
+        if self._paced is None or num_new_tokens <= 1 or self.pacer is None or not self.pacer.is_long(prefill):
+            return None
+        return self._paced
+
+    def _spend(self, num_new_tokens: int, prefill: int, n: int) -> None:
+        left = self._pace_left(num_new_tokens, prefill)
+        if left is not None:
+            self._paced = left - n
 
     def _schedule_running(self, budget: int, merged: str | None) -> tuple[list[Sequence], list[int]]:
         scheduled: list[Sequence] = []
@@ -103,7 +132,8 @@ class Scheduler:
         queue = sorted(self.running, key=lambda s: s.num_new_tokens > 1)  # decodes first, oldest first
         while queue:
             seq = queue.pop(0)
-            n = self._chunk(seq.num_new_tokens, budget)
+            prefill = seq.num_tokens - (seq.num_prefix_cached_tokens or 0)  # all it computes, not what is left
+            n = self._chunk(seq.num_new_tokens, budget, prefill)
             if n == 0:
                 continue  # the budget is spent: it keeps its blocks and goes on next step
             while not self.kv.can_allocate(seq, seq.num_cached_tokens + n):
@@ -116,17 +146,22 @@ class Scheduler:
                 scheduled.append(seq)
                 chunks.append(n)
                 budget -= n
+                self._spend(seq.num_new_tokens, prefill, n)
         return scheduled, chunks
 
     def _admit(self, budget: int, merged: str | None) -> tuple[list[Sequence], list[int]]:
         admitted: list[Sequence] = []
         chunks: list[int] = []
         no_slot: set[str | None] = set()  # adapters (or compositions) that found every slot pinned (slots free only between steps)
+        paced_out: list[Sequence] = []  # long prompts this step's pace left no tokens for
         while len(self.running) < self.max_num_seqs and budget > 0:
             for seq in self._admission_order(no_slot):  # computed again after each admission
                 hits = self.kv.cached_prefix(seq, merged)
                 num_hit = len(hits) * self.kv.block_size
-                n = self._chunk(seq.num_tokens - num_hit, budget)
+                n = self._chunk(seq.num_tokens - num_hit, budget, seq.num_tokens - num_hit)
+                if n == 0:
+                    paced_out.append(seq)  # a long prompt, and this step's pace is spent
+                    continue
                 if not self.kv.can_allocate(seq, num_hit + n, hits):
                     return admitted, chunks  # nobody behind it in this order jumps it for memory
                 if self.admission is not None and not self.admission.try_admit(seq):
@@ -135,13 +170,14 @@ class Scheduler:
                 break
             else:
                 break  # nobody left who can be admitted this step
-            self._overtake(seq)
+            self._overtake(seq, paced_out)
             self.kv.allocate(seq, num_hit + n, hits, merged)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             admitted.append(seq)
             chunks.append(n)
             budget -= n
+            self._spend(seq.num_tokens - num_hit, seq.num_tokens - num_hit, n)
         return admitted, chunks
 
     def _admission_order(self, no_slot: set[str | None]) -> Iterator[Sequence]:
@@ -158,12 +194,15 @@ class Scheduler:
                 break  # it blocks the queue, as under FCFS, until it is admitted
         yield from (seq for seq in rest if seq.adapter_key not in no_slot)
 
-    def _overtake(self, seq: Sequence) -> None:
-        """Take `seq` out of the queue; every sequence that arrived before it has been overtaken once more."""
+    def _overtake(self, seq: Sequence, paced_out: list[Sequence]) -> None:
+        """Take `seq` out of the queue; every sequence that arrived before it has been overtaken once more,
+        but for long prompts waiting for the pace (prefill_pacer.py) to give them tokens: they wait their
+        turn among long prompts, and blocking the queue would not bring it sooner."""
         for earlier in self.waiting:
             if earlier is seq:
                 break
-            earlier.num_bypassed += 1
+            if not any(earlier is p for p in paced_out):
+                earlier.num_bypassed += 1
         self.waiting.remove(seq)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -211,7 +211,7 @@ def test_admission_order_changes_no_tokens(tiny_llama_dir: Path, adapters: list[
         engine = LLMEngine.from_config(config, tiny_llama_dir)
         order: list[str] = []
         overtake = engine.scheduler._overtake
-        engine.scheduler._overtake = lambda q: (order.append(q.request_id), overtake(q))[1]  # noqa: B023 (this engine's, this iteration)
+        engine.scheduler._overtake = lambda q, paced_out: (order.append(q.request_id), overtake(q, paced_out))[1]  # noqa: B023 (this engine's, this iteration)
         results[bound] = {rid: r["tokens"] for rid, r in run_to_completion(engine, requests, lora).items()}
         orders[bound] = order
         assert engine.lora.residency.num_pins() == 0 and engine.kv_cache.usage == 0.0
