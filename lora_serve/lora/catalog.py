@@ -164,7 +164,7 @@ class AdapterCatalog(CpuTier):
                 param="adapter_model",
             )
         record, loaded = self.registry.add(name, path, origin, model, folder_id, auto_merge, source)
-        loaded = self.writer.host_copy(loaded, self.residency.layout)
+        loaded = self.residency.prepare_copy(self.writer.host_copy(loaded, self.residency.layout))
         log.info(
             "adapter %s (%s): rank %s on %s, %.2fM params = %.3f%% of the base's, %.1f MB",
             name,

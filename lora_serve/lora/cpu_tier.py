@@ -84,7 +84,7 @@ class CpuTier:
                     f"adapter {name!r} changed on disk since it was registered; load it again to serve the new weights",
                     param="model",
                 )
-            loaded = self.writer.host_copy(model, self.residency.layout)
+            loaded = self.residency.prepare_copy(self.writer.host_copy(model, self.residency.layout))
         except BaseException:
             with self._cpu_freed:
                 self._loading.pop(name, None)

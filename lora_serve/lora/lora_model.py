@@ -76,6 +76,7 @@ class LoRAModel:
     flat: torch.Tensor | None = None  # [num_params] holding every A and B once packed (see packed())
     b_transposed: bool = False  # packed with each B stored as [r, out] (see packed())
     gain: Gain | None = None  # its update's bounds, once checked (registry.py: overflow.check_gain)
+    prepared: object | None = None  # a CPU-tier copy's slot entries, built as it is loaded (residency.py's PreparedEntries)
 
     @classmethod
     def load(cls, name: str, path: Path, arch: ModelArch, max_rank: int, roots: Roots = None) -> LoRAModel:

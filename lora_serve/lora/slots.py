@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.cpu_kernels import CPUKernels, SlotTable
+from ..model.cpu_kernels import CPUKernels, SlotRows, SlotTable
 from ..model.linear import Linear
 from .lora_model import LoRAWeights
 
@@ -44,6 +44,7 @@ class SlotEntry:
     scales: torch.Tensor  # [1, R] float32: each column of x·Aᵀ's scale (grouped matmuls scale before the expand)
     ratios: list[tuple[slice, torch.Tensor]]  # DoRA: per targeted slice, (out columns, ratio [out_s] float32); [] for LoRA
     ratio_first: bool  # the ratios scale the rows' base output before the deltas (a merged DoRA's negation), not after
+    kernel_rows: SlotRows | None = None  # its rows in the CPU kernels' table (ProjectionSlots.kernel_table), when they read it
 
 
 class ProjectionSlots:
@@ -68,6 +69,18 @@ class ProjectionSlots:
         """Point `slot` at one adapter's weights for this projection (one entry per slice, None = not
         targeted). packed_A: the targeted slices' A already packed [R, in] in the slots' dtype (a view
         of the adapter's device copy, residency.py); without it, A and B are copied into that layout."""
+        self.put(slot, self.entry(weights, packed_A))
+
+    def put(self, slot: int, entry: SlotEntry | None) -> None:
+        """Point `slot` at `entry`, as `entry` built it (None: the adapter does not target this projection)."""
+        if entry is None:
+            self.clear(slot)
+        else:
+            self._set(slot, entry)
+
+    def entry(self, weights: list[LoRAWeights | None], packed_A: torch.Tensor | None = None) -> SlotEntry | None:
+        """The entry `fill` points a slot at, built without touching the table: any thread may build
+        one for weights that stay put (residency.py prepares a CPU copy's entries as it is loaded)."""
         layout, row, ratios = [], 0, []
         signature: tuple[tuple[int, int, int], ...] = ()
         for s, w in enumerate(weights):
@@ -85,15 +98,14 @@ class ProjectionSlots:
             signature += ((s, row, row + r),)
             row += r
         if not layout:
-            self.clear(slot)
-            return
+            return None
         if packed_A is None:
             packed_A = torch.cat([w.A for w in weights if w is not None]).to(self.device, self.dtype)
         if packed_A.shape != (row, self.in_features):
             raise ValueError(f"packed A is {tuple(packed_A.shape)}, the slices need {(row, self.in_features)}")
         scales = torch.cat([torch.full((r1 - r0,), scale) for _, r0, r1, _, scale in layout]).view(1, row).to(self.device)
         ratio_first = any(w.ratio_first for w in weights if w is not None)
-        self._set(slot, SlotEntry(packed_A, layout, signature, scales, ratios, ratio_first))
+        return self._with_kernel_rows(SlotEntry(packed_A, layout, signature, scales, ratios, ratio_first))
 
     def fill_scaled(self, slot: int, source: int, weight: float) -> None:
         """Point `slot` at the adapter in slot `source` with every scale times `weight`: the same A and B
@@ -105,7 +117,14 @@ class ProjectionSlots:
         layout = [(out, r0, r1, b, scale * weight) for out, r0, r1, b, scale in entry.layout]
         if entry.ratios:  # a DoRA ratio depends on the scale: AdapterCatalog.check_composition refuses DoRA adapters
             raise ValueError("a DoRA adapter has no weighted entry")
-        self._set(slot, SlotEntry(entry.A, layout, entry.signature, entry.scales * weight, [], False))  # scales: [1, R] float32
+        scaled = SlotEntry(entry.A, layout, entry.signature, entry.scales * weight, [], False)  # scales: [1, R] float32
+        self._set(slot, self._with_kernel_rows(scaled))
+
+    def _with_kernel_rows(self, entry: SlotEntry) -> SlotEntry:
+        if self.kernel_table is not None:
+            slices = [(r0, b, out.start) for out, r0, _, b, _ in entry.layout]
+            entry.kernel_rows = self.kernel_table.rows(entry.A, entry.scales.view(-1), slices)
+        return entry
 
     def _set(self, slot: int, entry: SlotEntry) -> None:
         while len(self.entries) <= slot:
@@ -116,8 +135,8 @@ class ProjectionSlots:
             self.rescaled.add(slot)
         self.version += 1
         if self.kernel_table is not None:
-            slices = [(r0, b, out.start) for out, r0, _, b, _ in entry.layout]
-            self.kernel_table.set(slot, entry.A, entry.scales.view(-1), slices)
+            assert entry.kernel_rows is not None, "entries the CPU kernels read carry their rows (entry, fill_scaled)"
+            self.kernel_table.put(slot, entry.kernel_rows)
 
     def clear(self, slot: int) -> None:
         while len(self.entries) <= slot:  # every slot a batch names has a row, here and in the kernels' tables

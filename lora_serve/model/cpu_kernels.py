@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -163,12 +164,23 @@ class SegmentTable:
         self.args = (len(segments), self._seg.ctypes.data)
 
 
+@dataclass(frozen=True, eq=False)
+class SlotRows:
+    """One adapter's rows in one projection's SlotTable (`SlotTable.rows`), built once, on any thread:
+    making the adapter resident then copies them in (`SlotTable.put`)."""
+
+    info: tuple[int, int, int]  # the address of its A, R, the address of its column scales
+    blocks: np.ndarray  # [n, 6] int64 expand blocks: hcol, r, B address, ldb, ycol, width
+    y_cols: int  # the outputs its blocks reach
+    keep: tuple  # the tensors whose addresses it holds: A, scales and every B
+
+
 class SlotTable:
     """One projection's resident adapters by slot, as the kernels read them: per slot, the address of its A
     (float16 [R, K], contiguous), R and the address of its column scales (float32 [R]); per 64 outputs of
     each targeted slice, an expand block (the slice's B, float16 [r, O] memory, at the block's first
-    output). Kept in step with the slots (lora/slots.py calls `set` on every fill and clear), so a step
-    builds no table: it hands the kernels its segments. Holds the tensors whose addresses it stores."""
+    output). Kept in step with the slots (lora/slots.py puts an entry's rows on every fill and clear),
+    so a step builds no table: it hands the kernels its segments. Holds the tensors whose addresses it stores."""
 
     def __init__(self, k: int):
         self.k = k
@@ -176,7 +188,7 @@ class SlotTable:
         self._blocks = np.zeros((0, 6), dtype=np.int64)  # hcol, r, B address, ldb, ycol, width
         self._num_blocks = 0  # rows of _blocks in use (those of cleared slots included, until compacted)
         self._live_blocks = 0  # of those, the rows the slots hold now
-        self._keep: list[tuple | None] = []  # per slot: what `set` was given
+        self._keep: list[SlotRows | None] = []  # per slot: its rows
         self.max_r = self.y_cols = self.max_blocks = 0  # upper bounds over every slot set so far
         self.args: tuple[int, ...] = ()
         # The same, and the slot count, where C reads them when it is called (cpu_layers.c): the array stays, its values follow the sets.
@@ -187,61 +199,68 @@ class SlotTable:
     def num_slots(self) -> int:
         return len(self._keep)
 
+    def rows(self, A: torch.Tensor, scales: torch.Tensor, slices: Sequence[tuple[int, torch.Tensor, int]] = ()) -> SlotRows:
+        """An adapter's rows for this table. slices: per targeted slice, (first column of x·Aᵀ, B [O, r]
+        viewing float16 [r, O] memory, first output column). Reads only `k`: any thread may call it."""
+        if A.dtype != torch.float16 or not A.is_contiguous() or A.dim() != 2 or A.shape[1] != self.k:
+            raise ValueError(f"SlotTable: A {tuple(A.shape)} {A.dtype}, K={self.k}")
+        if scales.dtype != torch.float32 or not scales.is_contiguous() or scales.numel() != A.shape[0]:
+            raise ValueError(f"SlotTable: scales {tuple(scales.shape)} {scales.dtype} for rank {A.shape[0]}")
+        blocks, y_cols = [], 0
+        for hcol, b, ycol in slices:
+            if b.dtype != torch.float16 or b.dim() != 2 or not b.t().is_contiguous() or hcol + b.shape[1] > A.shape[0]:
+                raise ValueError(f"SlotTable: B {tuple(b.shape)} {b.dtype}, strides {b.stride()}: [O, r] over [r, O] memory is read")
+            o, r = b.shape
+            for o0 in range(0, o, OUT_BLOCK):
+                blocks.append((hcol, r, b.data_ptr() + 2 * o0, o, ycol + o0, min(OUT_BLOCK, o - o0)))  # 2: bytes per float16
+            y_cols = max(y_cols, ycol + o)
+        array = np.array(blocks, dtype=np.int64).reshape(-1, 6)
+        return SlotRows((A.data_ptr(), A.shape[0], scales.data_ptr()), array, y_cols, (A, scales, *(b for _, b, _ in slices)))
+
     def set(self, slot: int, A: torch.Tensor | None, scales: torch.Tensor | None = None,
             slices: Sequence[tuple[int, torch.Tensor, int]] = ()) -> None:  # fmt: skip
-        """Point `slot` at an adapter (A None: none, or it does not target this projection). slices: per
-        targeted slice, (first column of x·Aᵀ, B [O, r] viewing float16 [r, O] memory, first output column)."""
+        """Point `slot` at an adapter (A None: none, or it does not target this projection); see `rows`."""
         if A is not None:
             assert scales is not None
-            if A.dtype != torch.float16 or not A.is_contiguous() or A.dim() != 2 or A.shape[1] != self.k:
-                raise ValueError(f"SlotTable: A {tuple(A.shape)} {A.dtype}, K={self.k}")
-            if scales.dtype != torch.float32 or not scales.is_contiguous() or scales.numel() != A.shape[0]:
-                raise ValueError(f"SlotTable: scales {tuple(scales.shape)} {scales.dtype} for rank {A.shape[0]}")
-            for hcol, b, _ in slices:
-                if b.dtype != torch.float16 or b.dim() != 2 or not b.t().is_contiguous() or hcol + b.shape[1] > A.shape[0]:
-                    raise ValueError(f"SlotTable: B {tuple(b.shape)} {b.dtype}, strides {b.stride()}: [O, r] over [r, O] memory is read")
+        self.put(slot, None if A is None else self.rows(A, scales, slices))  # type: ignore[arg-type]
+
+    def put(self, slot: int, rows: SlotRows | None) -> None:
+        """Point `slot` at an adapter's rows (None: none)."""
         while len(self._keep) <= slot:
             self._keep.append(None)
         if len(self._info) < len(self._keep):
             self._info = np.concatenate([self._info, np.zeros((len(self._keep) * 2 - len(self._info), 5), dtype=np.int64)])
-        self._keep[slot] = None if A is None else (A, scales, list(slices))
+        self._keep[slot] = rows
         self._live_blocks -= int(self._info[slot, 4])
         self._info[slot] = 0
-        if A is not None:
-            self._info[slot, :3] = (A.data_ptr(), A.shape[0], scales.data_ptr())  # type: ignore[union-attr]
-            self._info[slot, 3:] = self._add_blocks(slices)
-            self._live_blocks += int(self._info[slot, 4])
-            self.max_r = max(self.max_r, A.shape[0])
+        if rows is not None:
+            self._info[slot, :3] = rows.info
+            self._info[slot, 3:] = self._add_blocks(rows)
+            self._live_blocks += len(rows.blocks)
+            self.max_r = max(self.max_r, rows.info[1])
+            self.y_cols = max(self.y_cols, rows.y_cols)
         if self._num_blocks > 2 * self._live_blocks + 1024:
             self._compact()
         self._update_args()
 
-    def _add_blocks(self, slices) -> tuple[int, int]:
-        rows = []
-        for hcol, b, ycol in slices:
-            o, r = b.shape
-            for o0 in range(0, o, OUT_BLOCK):
-                width = min(OUT_BLOCK, o - o0)
-                rows.append((hcol, r, b.data_ptr() + 2 * o0, o, ycol + o0, width))  # 2: bytes per float16
-                self.y_cols = max(self.y_cols, ycol + o0 + width)
-        first = self._num_blocks
-        need = first + len(rows)
+    def _add_blocks(self, rows: SlotRows) -> tuple[int, int]:
+        first, count = self._num_blocks, len(rows.blocks)
+        need = first + count
         if need > len(self._blocks):
             grown = np.zeros((max(need, 2 * len(self._blocks)), 6), dtype=np.int64)
             grown[:first] = self._blocks[:first]
             self._blocks = grown
-        if rows:
-            self._blocks[first:need] = rows
+        self._blocks[first:need] = rows.blocks
         self._num_blocks = need
-        self.max_blocks = max(self.max_blocks, len(rows))
-        return first, len(rows)
+        self.max_blocks = max(self.max_blocks, count)
+        return first, count
 
     def _compact(self) -> None:
         """Drop the blocks of cleared and re-set slots: rebuild from what each slot holds."""
         self._num_blocks = 0
-        for slot, kept in enumerate(self._keep):
-            if kept is not None:
-                self._info[slot, 3:] = self._add_blocks(kept[2])
+        for slot, rows in enumerate(self._keep):
+            if rows is not None:
+                self._info[slot, 3:] = self._add_blocks(rows)
 
     def _update_args(self) -> None:
         self.args = (self._info.ctypes.data, self._blocks.ctypes.data, self.max_r, self.max_blocks)

@@ -12,6 +12,8 @@ import pytest
 from lora_serve.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from lora_serve.engine.llm_engine import LLMEngine
 from lora_serve.lora.errors import AdapterTooLargeError
+from lora_serve.lora.residency import PreparedEntries
+from lora_serve.model.cpu_kernels import cpu_kernels
 
 from ..engine.helpers import run_to_completion
 from .test_manager import NAMES, PROMPT, adapter_paths, alone, greedy  # noqa: F401 (fixtures)
@@ -81,6 +83,24 @@ def test_on_cpu_the_budget_bounds_the_shared_cpu_copies(tiny_llama_dir, adapter_
         assert run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": name})["r"]["tokens"] == alone[name]
     assert [n for n in NAMES if engine.adapters.location(n) != "disk"] == ["a4", "a5"]
     assert engine.adapters.num_evictions >= len(NAMES) - 2
+
+
+@pytest.mark.parametrize("lora_dtype", ["auto", "float32"])  # float16 read by the CPU kernels where they build; torch's float32
+def test_a_shared_copy_is_made_resident_from_the_entries_built_as_it_was_loaded(tiny_llama_dir, adapter_paths, alone, lora_dtype):  # noqa: F811
+    engine = make(tiny_llama_dir, adapter_paths, GIB, lora_dtype)
+    residency = engine.lora.residency
+    assert residency.shared
+    copy = engine.adapters.cpu_copy("a2")
+    assert isinstance(copy.prepared, PreparedEntries) and copy.prepared.weights is copy.weights
+    assert len(copy.prepared.entries) == len(residency.projections) and all(copy.prepared.entries)  # every projection targeted
+    assert run_to_completion(engine, {"r": (PROMPT, greedy(12))}, {"r": "a2"})["r"]["tokens"] == alone["a2"]
+    slot = residency._resident["a2"].slot
+    kernels = lora_dtype == "auto" and cpu_kernels()[0] is not None
+    assert all((slots.kernel_table is not None) == kernels for _, _, slots in residency.projections)
+    for (_, _, slots), entry in zip(residency.projections, copy.prepared.entries):
+        assert slots.entries[slot] is entry  # pointed at, not built again
+        if slots.kernel_table is not None:
+            assert entry is not None and slots.kernel_table._keep[slot] is entry.kernel_rows
 
 
 def test_an_adapter_larger_than_the_budget_is_refused_at_registration(tiny_llama_dir, adapter_paths):  # noqa: F811
