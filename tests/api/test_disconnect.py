@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -10,10 +14,28 @@ import pytest
 from lora_serve.engine.async_engine import AsyncEngine
 from tests.api.live_server import LiveServer
 
-# 220 tokens take well over a second on the tiny model (about 6 ms a step on 2 cores), so a
-# sequence gone within IDLE_WITHIN seconds of the disconnect was aborted, not finished.
+# 220 tokens: a request still runs when its client leaves (a few hundred ms on the tiny model); the
+# engine's aborts are recorded (`aborted`), so a request that finished instead fails the test.
 LONG = {"max_tokens": 220, "ignore_eos": True, "temperature": 0}
 IDLE_WITHIN = 0.75
+
+
+@pytest.fixture
+def aborted(server: LiveServer) -> Iterator[list[str]]:
+    """Ids of the requests the engine ended early (aborted while waiting or running) during the test."""
+    engine = server.engine.engine
+    ids: list[str] = []
+    original = engine.abort_request
+
+    def record(request_id: str):
+        out = original(request_id)
+        if out is not None:
+            ids.append(request_id)
+        return out
+
+    engine.abort_request = record  # type: ignore[method-assign]
+    yield ids
+    engine.abort_request = original  # type: ignore[method-assign]
 
 
 def _wait_idle(engine: AsyncEngine, timeout: float = IDLE_WITHIN) -> None:
@@ -24,7 +46,7 @@ def _wait_idle(engine: AsyncEngine, timeout: float = IDLE_WITHIN) -> None:
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
-def test_stream_closed_after_two_chunks(server: LiveServer, route: str) -> None:
+def test_stream_closed_after_two_chunks(server: LiveServer, route: str, aborted: list[str]) -> None:
     prompt = {"messages": [{"role": "user", "content": "hi"}]} if route == "/v1/chat/completions" else {"prompt": "hi"}
     body = {**prompt, "stream": True, **LONG}
     with httpx.Client(base_url=server.base_url) as client, client.stream("POST", route, json=body) as resp:
@@ -37,14 +59,21 @@ def test_stream_closed_after_two_chunks(server: LiveServer, route: str) -> None:
                 break
         assert server.engine.num_running() == 1
     _wait_idle(server.engine)
+    assert len(aborted) == 1
 
 
-def test_non_stream_client_timeout_aborts(server: LiveServer) -> None:
-    body = {"prompt": "hi", **LONG}
-    # A slow client: wait for the request to start, then give up on it.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.3))
+def test_a_non_stream_client_that_gives_up_aborts_its_request(server: LiveServer, aborted: list[str]) -> None:
+    body = json.dumps({"prompt": "hi", **LONG}).encode()
+    url = urlsplit(server.base_url)
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection((url.hostname, url.port)) as sock:  # a client that waits for its request to run, then leaves
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 5.0
+        while server.engine.num_running() == 0:
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.001)
     _wait_idle(server.engine)
+    assert len(aborted) == 1
 
 
 def test_server_still_serves_after_disconnects(server: LiveServer) -> None:
@@ -52,10 +81,11 @@ def test_server_still_serves_after_disconnects(server: LiveServer) -> None:
     assert resp.usage.completion_tokens <= 3
 
 
-def test_closing_a_stream_of_several_choices_aborts_them_all(server: LiveServer) -> None:
+def test_closing_a_stream_of_several_choices_aborts_them_all(server: LiveServer, aborted: list[str]) -> None:
     body = {"prompt": ["hi", "there"], "n": 2, "stream": True, **LONG}
     with httpx.Client(base_url=server.base_url) as client, client.stream("POST", "/v1/completions", json=body) as resp:
         assert resp.status_code == 200
         next(line for line in resp.iter_lines() if line.startswith("data: "))
         assert server.engine.num_running() == 4  # added together: all in the running batch
     _wait_idle(server.engine)
+    assert len(aborted) == 4
