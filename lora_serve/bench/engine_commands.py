@@ -86,7 +86,7 @@ class BenchPrefillStall(BenchBase):
     """--long-prefill-token-threshold values to compare, without pacing (0: the whole prompt in one step)."""
 
     stalls: CliVariadicArg[list[float]] = [1.5]
-    """--max-prefill-stall values to compare (the server's default: 1.5), each with the default step budget."""
+    """--max-prefill-stall values to compare (pacing: off by default in the server), each with the default step budget."""
 
     warm_steps: int = Field(16, ge=2)
     """Decode steps timed before the long prompt arrives."""

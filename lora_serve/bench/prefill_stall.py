@@ -4,8 +4,8 @@
 
 For each chunk size (0: the whole prompt in one step, as without chunked prefill; otherwise
 --long-prefill-token-threshold, with the default 2048-token step budget), without pacing, and for each
---max-prefill-stall (the server's default chunking: the chunks the pacer sizes from measured steps,
-engine/prefill_pacer.py): `num_streams` sequences
+--max-prefill-stall (the chunks the pacer sizes from measured steps, engine/prefill_pacer.py, with the
+default budget): `num_streams` sequences
 are brought to decoding, `warm_steps` decode steps are timed alone ("before"), then the long prompt
 arrives and every step until it has its first token is timed ("during"). Each step gives every
 stream one token, so a step's time is each stream's inter-token latency (ITL) for that token.

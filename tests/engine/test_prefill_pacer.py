@@ -75,7 +75,7 @@ def test_the_bound_must_exceed_one_step():
         PrefillPacer(1.0)
     with pytest.raises(ValidationError, match="max_prefill_stall"):
         SchedulerConfig(max_prefill_stall=1.0)
-    assert SchedulerConfig().max_prefill_stall == 1.5 and SchedulerConfig(max_prefill_stall=None).max_prefill_stall is None
+    assert SchedulerConfig().max_prefill_stall is None and SchedulerConfig(max_prefill_stall=1.5).max_prefill_stall == 1.5
 
 
 # --- the scheduler ------------------------------------------------------------------------------
@@ -160,9 +160,9 @@ def test_paced_prefill_gives_whole_prefills_tokens_and_the_streams_a_token_every
     prompts = {f"s{i}": [40 + i] * 6 for i in range(3)}
     prompts["long"] = [(11 * j) % 4000 + 30 for j in range(400)]
     requests = {rid: (p, params) for rid, p in prompts.items()}
-    whole = run_to_completion(engine(tiny_llama_dir, max_prefill_stall=None), requests)
+    whole = run_to_completion(engine(tiny_llama_dir), requests)
 
-    e = engine(tiny_llama_dir)
+    e = engine(tiny_llama_dir, max_prefill_stall=1.5)
     pace = e.scheduler.pacer
     assert pace is not None
     pace.observe = lambda *_: None  # type: ignore[method-assign]  # fixed estimates: every prompt past the floor is long
