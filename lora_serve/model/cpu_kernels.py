@@ -220,9 +220,11 @@ class SlotTable:
     def set(self, slot: int, A: torch.Tensor | None, scales: torch.Tensor | None = None,
             slices: Sequence[tuple[int, torch.Tensor, int]] = ()) -> None:  # fmt: skip
         """Point `slot` at an adapter (A None: none, or it does not target this projection); see `rows`."""
-        if A is not None:
+        if A is None:
+            self.put(slot, None)
+        else:
             assert scales is not None
-        self.put(slot, None if A is None else self.rows(A, scales, slices))  # type: ignore[arg-type]
+            self.put(slot, self.rows(A, scales, slices))
 
     def put(self, slot: int, rows: SlotRows | None) -> None:
         """Point `slot` at an adapter's rows (None: none)."""
