@@ -62,16 +62,21 @@ def test_stream_closed_after_two_chunks(server: LiveServer, route: str, aborted:
     assert len(aborted) == 1
 
 
-def test_a_non_stream_client_that_gives_up_aborts_its_request(server: LiveServer, aborted: list[str]) -> None:
-    body = json.dumps({"prompt": "hi", **LONG}).encode()
+def leave_once_running(server: LiveServer, path: str, body: dict) -> None:
+    """A non-streamed client: it sends `body`, waits until the engine runs the request, then leaves."""
+    data = json.dumps(body).encode()
     url = urlsplit(server.base_url)
-    head = f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    with socket.create_connection((url.hostname, url.port)) as sock:  # a client that waits for its request to run, then leaves
-        sock.sendall(head.encode() + body)
+    head = f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(head.encode() + data)
         deadline = time.monotonic() + 5.0
         while server.engine.num_running() == 0:
             assert time.monotonic() < deadline, "the request never ran"
             time.sleep(0.001)
+
+
+def test_a_non_stream_client_that_gives_up_aborts_its_request(server: LiveServer, aborted: list[str]) -> None:
+    leave_once_running(server, "/v1/completions", {"prompt": "hi", **LONG})
     _wait_idle(server.engine)
     assert len(aborted) == 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -13,13 +14,25 @@ from lora_serve.engine.async_engine import AsyncEngine
 from tests.api.live_server import LiveServer, live_server
 from tests.api.test_disconnect import LONG, _wait_idle
 
-TIMEOUT_S = 0.3  # LONG takes well over a second on the tiny model
+TIMEOUT_S = 0.3
+STEP_S = 0.005  # each engine step here lasts at least this: LONG's 220 steps, >= 1.1 s, outlast the deadline on any machine
 
 
 @pytest.fixture(scope="module")
 def hasty(tiny_engine: AsyncEngine) -> Iterator[LiveServer]:
-    with live_server(tiny_engine, ServerConfig(served_model_name="tiny", request_timeout_s=TIMEOUT_S)) as live:
-        yield live
+    engine = tiny_engine.engine
+    step = engine.step
+
+    def slow_step():  # the tiny model steps in ~1.3 ms on 2 cores: LONG alone could finish within the deadline
+        time.sleep(STEP_S)
+        return step()
+
+    engine.step = slow_step  # type: ignore[method-assign]
+    try:
+        with live_server(tiny_engine, ServerConfig(served_model_name="tiny", request_timeout_s=TIMEOUT_S)) as live:
+            yield live
+    finally:
+        engine.step = step  # type: ignore[method-assign]
 
 
 def test_non_stream_past_the_deadline_is_504_and_aborted(hasty: LiveServer) -> None:
