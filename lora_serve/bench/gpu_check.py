@@ -12,7 +12,9 @@ Per shape (random weights at the shape of the model's config.json: nothing is do
    adapters move the logits;
 3. throughput: prefill and decode tok/s for the base, one adapter merged, one adapter unmerged and
    N distinct adapters (rank r, all seven projections), alternating within each round, every ratio
-   to the base of the same round (mixed_lora.interleave / summarise).
+   to the base of the same round (mixed_lora.interleave / summarise);
+4. profile: the base's decode step and the largest mix's, wall time against the device's kernel time and
+   launches (step_profile.py): how much of a step the host spends launching kernels.
 Distinct adapters share one random draw of A and B with a different scale each: every slot holds
 different weights and the kernels read all of them, without drawing 64 x 8B-sized adapters on the CPU.
 """
@@ -40,6 +42,7 @@ from .mixed_lora import Configs, interleave, report, summarise
 from .random_adapters import random_lora_model
 from .random_engine import RandomEngine
 from .runners import engine_phases, random_prompts
+from .step_profile import profile_decode, profile_table
 from .table import markdown_table
 
 KERNEL_CHECK_MAX_RANK = 64
@@ -79,7 +82,7 @@ def check_shape(plan, shape: str, backends: dict[str, type], device: torch.devic
         print(_kernel_table(rows, list(backends)))
         lora_backend = plan.backend
     num_adapters = max(plan.num_adapters_list)
-    max_len = plan.prompt_len + plan.decode_steps + 8
+    max_len = plan.prompt_len + max(plan.decode_steps, 2 * (plan.profile_steps or 0) + 3) + 8  # step_profile's decode
     # The slots' dtype as printed above, explicit: the checks swap backends on one engine, so its slots must
     # be in the layout every backend reads (not the CPU kernels' float16 one that auto would give on a CPU).
     lora = LoRAConfig(
@@ -105,6 +108,9 @@ def check_shape(plan, shape: str, backends: dict[str, type], device: torch.devic
     for n in plan.num_adapters_list:
         print(f"decode reads the base ({base_bytes / 1e9:.3g} GB) and {n} adapters ({n * adapter_bytes / 1e9:.3g} GB): "
               f"memory-bound ceiling {base_bytes / (base_bytes + n * adapter_bytes):.2f} x base")  # fmt: skip
+    if plan.profile_steps:
+        profiled = _guarded("profile", profile_steps, engine, plan, names)
+        print(f"\n{profiled}" if profiled else "")
     return rows is not None and e2e_ok and table is not None and all(r["ok"] for r in rows)
 
 
@@ -178,6 +184,14 @@ def throughput(engine: RandomEngine, plan, names: list[str]) -> str:
 
     rounds = interleave(engine, configs, plan.repeats, measure)
     return report(summarise(rounds, "base"), max(plan.num_adapters_list))
+
+
+def profile_steps(engine: RandomEngine, plan, names: list[str]) -> str:
+    """The base's decode step and the largest mix's, each profiled (step_profile.py)."""
+    prompts = random_prompts(engine.arch.vocab_size, [plan.prompt_len] * plan.num_seqs, plan.seed)
+    n = max(plan.num_adapters_list)
+    mixes = {"base": [None] * plan.num_seqs, f"{n} adapters": [names[i % n] for i in range(plan.num_seqs)]}
+    return profile_table({label: profile_decode(engine, prompts, loras, plan.profile_steps) for label, loras in mixes.items()})
 
 
 def _kernel_table(rows: list[dict], backends: list[str]) -> str:

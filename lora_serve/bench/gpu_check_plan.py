@@ -50,15 +50,25 @@ class BenchGPUCheck(BaseModel):
     repeats: int | None = Field(None, ge=1)
     """Rounds after the warm-up (medians reported). Default: 3."""
 
+    profile_steps: int | None = Field(None, ge=0)
+    """Decode steps timed, then as many profiled (torch.profiler), for the base and the largest mix: the
+    step's wall time against the device's kernel time and launches (step_profile.py). 0: no profile. Default: 8."""
+
     seed: int = 0
     """Seed for weights, adapters and prompts."""
 
     def plan(self) -> BenchGPUCheck:
         """Every unset field filled from the full plan, or the tiny one with --tiny."""
         full = dict(
-            shapes=["llama-3.2-1b", "llama-3-8b"], num_seqs=64, num_adapters_list=[8, 32, 64], prompt_len=128, decode_steps=32, repeats=3
+            shapes=["llama-3.2-1b", "llama-3-8b"],
+            num_seqs=64,
+            num_adapters_list=[8, 32, 64],
+            prompt_len=128,
+            decode_steps=32,
+            repeats=3,
+            profile_steps=8,
         )
-        tiny = dict(shapes=["tiny"], num_seqs=8, num_adapters_list=[2, 4], prompt_len=16, decode_steps=4, repeats=1)
+        tiny = dict(shapes=["tiny"], num_seqs=8, num_adapters_list=[2, 4], prompt_len=16, decode_steps=4, repeats=1, profile_steps=2)
         defaults = tiny if self.tiny else full
         plan = self.model_copy(update={k: v for k, v in defaults.items() if getattr(self, k) is None})
         assert plan.num_seqs is not None and plan.num_adapters_list is not None  # filled from the defaults

@@ -18,10 +18,11 @@ def tiny_plan(*args: str) -> BenchGPUCheck:
 
 
 def test_plan_defaults_and_explicit_fields():
-    plan = tiny_plan("--num-seqs", "6")
-    assert plan.shapes == ["tiny"] and plan.num_adapters_list == [2, 4] and plan.num_seqs == 6
+    plan = tiny_plan("--num-seqs", "6", "--profile-steps", "0")
+    assert plan.shapes == ["tiny"] and plan.num_adapters_list == [2, 4] and plan.num_seqs == 6 and plan.profile_steps == 0
     full = BenchGPUCheck().plan()
     assert full.shapes == ["llama-3.2-1b", "llama-3-8b"] and full.num_adapters_list == [8, 32, 64] and full.num_seqs == 64
+    assert full.profile_steps == 8
     with pytest.raises(ValueError, match="num-seqs"):
         BenchGPUCheck(num_seqs=8).plan()
 
@@ -34,7 +35,23 @@ def test_tiny_cpu_run_checks_and_measures_every_configuration(monkeypatch, capsy
     for label in CONFIGURATIONS:
         assert f"| lora-serve {label} " in out
     assert "memory-bound ceiling" in out
+    profiled = _profile_rows(out)
+    assert list(profiled) == ["base", "4 adapters"]
+    for wall_ms, kernel_ms, launches in profiled.values():
+        assert wall_ms > 0 and kernel_ms == 0 and launches == 0  # on a CPU no device kernels run
     assert out.rstrip().endswith("all checks passed")
+
+
+def _profile_rows(out: str) -> dict[str, tuple[float, float, int]]:
+    """The profile table's rows: label -> (wall ms, device kernels ms, kernels launched)."""
+    lines = out[out.index("| decode step ") :].splitlines()[2:]
+    rows = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = (float(cells[1]), float(cells[2]), int(cells[4]))
+    return rows
 
 
 def test_tiny_cpu_run_checks_the_triton_kernels_under_the_interpreter(monkeypatch, capsys):
