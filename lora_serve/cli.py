@@ -68,6 +68,7 @@ class _FlatSettings(BaseSettings):
         env_prefix=ENV_PREFIX,
         cli_kebab_case=True,
         cli_implicit_flags=True,
+        env_parse_none_str="null",  # as the flags: LORA_SERVE_MAX_PREFILL_STALL=null turns pacing off
         use_attribute_docstrings=True,
         extra="forbid",
     )

@@ -111,6 +111,15 @@ def test_environment_variables_and_flags_win(command: str, monkeypatch: pytest.M
 
 
 @pytest.mark.parametrize("command", COMMANDS)
+def test_null_turns_off_an_option_whose_default_is_on(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse([], command).engine_config().scheduler.max_prefill_stall == 2.0
+    assert parse(["--max-prefill-stall", "null"], command).engine_config().scheduler.max_prefill_stall is None
+    monkeypatch.setenv("LORA_SERVE_MAX_PREFILL_STALL", "null")
+    assert parse([], command).engine_config().scheduler.max_prefill_stall is None
+    assert parse(["--max-prefill-stall", "1.5"], command).engine_config().scheduler.max_prefill_stall == 1.5
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_s3_locations_stay_urls_beside_local_paths(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Path would fold s3://bucket/prefix into s3:/bucket/prefix: URLs are kept as given, local paths become Paths."""
     argv = ["--adapter-dir", "s3://team-bucket/adapters", "--allowed-lora-dir", "s3://team-bucket/shared", "/local/adapters"]

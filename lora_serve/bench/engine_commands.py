@@ -85,8 +85,11 @@ class BenchPrefillStall(BenchBase):
     chunks: CliVariadicArg[list[int]] = [0, 2048, 512, 128]
     """--long-prefill-token-threshold values to compare, without pacing (0: the whole prompt in one step)."""
 
-    stalls: CliVariadicArg[list[float]] = [1.5]
-    """--max-prefill-stall values to compare (pacing: off by default in the server), each with the default step budget."""
+    stalls: CliVariadicArg[list[float]] = [2.0]
+    """--max-prefill-stall values to compare (the server's default: 2), each with the default step budget."""
+
+    num_long_prompts: int = Field(1, ge=1)
+    """Long prompts arriving together (a queue of them: how long the last waits for its first token)."""
 
     warm_steps: int = Field(16, ge=2)
     """Decode steps timed before the long prompt arrives."""
@@ -102,8 +105,9 @@ class BenchPrefillStall(BenchBase):
             warm_steps=self.warm_steps,
             seed=self.seed,
             stalls=tuple(self.stalls),
+            num_long_prompts=self.num_long_prompts,
         )
-        print(prefill_stall.report(rows, self.long_prompt_len))
+        print(prefill_stall.report(rows, self.long_prompt_len, self.num_long_prompts))
 
 
 class BenchPrefixCache(BenchBase):

@@ -5,10 +5,11 @@ A step holds at most `max_num_batched_tokens` tokens. Running sequences come fir
 out of a step (the step itself still grows with the chunk: see bench/prefill_stall.py); then waiting
 sequences are admitted while the batch size and the KV cache allow. A prompt is prefilled in chunks of
 what the step's budget has left, at most `long_prefill_token_threshold` tokens a step, and samples its
-first token only in the step that completes it. While streams decode, a long prompt gets only the
-chunk that sizes the step to `max_prefill_stall` decode steps (prefill_pacer.py). When the cache
-cannot hold the next chunk of a running sequence, the newest running sequence is preempted (its
-blocks freed, to be recomputed later) rather than failing anyone.
+first token only in the step that completes it. While streams decode, long prompts get only the
+chunk that sizes the step to `max_prefill_stall` decode steps, plus `max_prefill_stall - 1` for each
+further long prompt waiting (prefill_pacer.py). When the cache cannot hold the next chunk of a
+running sequence, the newest running sequence is preempted (its blocks freed, to be recomputed later)
+rather than failing anyone.
 
 Admission is adapter-aware with a fairness bound. Waiting sequences that load no adapter weights go
 first: base-model requests and those whose adapter is on the device already (every adapter of the
@@ -32,6 +33,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Protocol
 
 from .kv_cache import KVCache
@@ -98,7 +100,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         merged = self.merged_identity()  # merges happen between steps: one value for the whole step
         decoding = sum(s.num_new_tokens == 1 for s in self.running)
-        self._paced = self.pacer.allowance(decoding) if self.pacer is not None else None
+        self._paced = self.pacer.allowance(decoding, self._num_long()) if self.pacer is not None else None
         seqs, chunks = self._schedule_running(budget, merged)
         admitted, admitted_chunks = self._admit(budget - sum(chunks), merged)
         num_decodes = sum(s.num_new_tokens == 1 for s in seqs)  # the decodes preemption left
@@ -108,6 +110,15 @@ class Scheduler:
         """The time `batch` took, from its scheduling to its outputs (the pacer's measure)."""
         if self.pacer is not None:
             self.pacer.observe(batch.num_decodes, batch.num_tokens - batch.num_decodes, seconds)
+
+    def _num_long(self) -> int:
+        """Long prompts waiting for their first token that this step could run: those being prefilled, and
+        as many waiting ones, from the front, as the batch has room for (judged on their whole prompts:
+        their cached prefixes are looked up only when they are admitted)."""
+        assert self.pacer is not None
+        prefilling = sum(self.pacer.is_long(s.num_tokens - (s.num_prefix_cached_tokens or 0)) for s in self.running if s.num_new_tokens > 1)
+        room = max(self.max_num_seqs - len(self.running), 0)
+        return prefilling + sum(self.pacer.is_long(s.num_tokens) for s in islice(self.waiting, room))
 
     def _chunk(self, num_new_tokens: int, budget: int, prefill: int) -> int:
         """prefill: the tokens the sequence's prefill computes in all (what the pacer judges long or not)."""

@@ -1,6 +1,7 @@
 """Prefill pacing: while streams decode, a long prompt gets the chunk that sizes the step to max_prefill_stall
-decode steps, from the step times the engine measures; short prompts, and prompts while nothing decodes, are
-not paced; a long prompt waiting for the pace blocks nobody; the tokens are those of whole-prompt prefill."""
+decode steps, from the step times the engine measures, and each further long prompt waiting adds as much;
+short prompts, and prompts while nothing decodes, are not paced; a long prompt waiting for the pace blocks
+nobody; the tokens are those of whole-prompt prefill."""
 
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def test_the_estimates_follow_the_steps_and_not_one_slow_step():
 def test_the_allowance_sizes_the_step_to_the_bound():
     assert pacer(0.050, 0.002, 1.5).allowance(16) == 12  # 12 tokens x 2 ms = 0.5 x 50 ms
     assert pacer(0.050, 0.002, 3.0).allowance(16) == 50
+    assert pacer(0.050, 0.002, 1.5).allowance(16, num_long=3) == 37  # each long prompt waiting: 0.5 x 50 ms more
+    assert pacer(0.050, 0.002, 1.5).allowance(16, num_long=0) == 12  # none yet: what one would get
     assert pacer(0.050, 0.100, 1.5).allowance(16) == MIN_CHUNK  # a long prompt always advances
     assert pacer(0.050, None).allowance(16) == MIN_CHUNK  # time one chunk first
     assert pacer(0.050, 0.002).allowance(0) is None  # nothing decodes: no limit
@@ -75,7 +78,7 @@ def test_the_bound_must_exceed_one_step():
         PrefillPacer(1.0)
     with pytest.raises(ValidationError, match="max_prefill_stall"):
         SchedulerConfig(max_prefill_stall=1.0)
-    assert SchedulerConfig().max_prefill_stall is None and SchedulerConfig(max_prefill_stall=1.5).max_prefill_stall == 1.5
+    assert SchedulerConfig().max_prefill_stall == 2.0 and SchedulerConfig(max_prefill_stall=None).max_prefill_stall is None
 
 
 # --- the scheduler ------------------------------------------------------------------------------
@@ -93,9 +96,10 @@ def seq(request_id: str, n: int) -> Sequence:
     return Sequence(request_id, [(7 * i + salt) % 90 + 5 for i in range(n)], SamplingParams(max_tokens=400), torch.Generator())
 
 
-def paced_scheduler(max_lora_bypass: int = 16) -> tuple[Scheduler, list[Sequence]]:
-    """Two streams decoding; the pace: 50 ms decode steps, 2 ms a prompt token (long: > 400 tokens; 12 a step)."""
-    s = Scheduler(kv_cache(), 8, 2048, max_lora_bypass=max_lora_bypass, max_prefill_stall=1.5)
+def paced_scheduler(max_lora_bypass: int = 16, max_num_seqs: int = 8) -> tuple[Scheduler, list[Sequence]]:
+    """Two streams decoding; the pace: 50 ms decode steps, 2 ms a prompt token (long: > 400 tokens; 12 a step
+    for one long prompt)."""
+    s = Scheduler(kv_cache(), max_num_seqs, 2048, max_lora_bypass=max_lora_bypass, max_prefill_stall=1.5)
     assert s.pacer is not None
     s.pacer.decode_step, s.pacer.per_token = 0.050, 0.002
     streams = [seq("s0", 8), seq("s1", 8)]
@@ -133,12 +137,28 @@ def test_long_prompts_share_one_allowance_and_one_waiting_for_it_blocks_nobody()
     s.add(seq("long-b", 1000))
     for i in range(3):
         s.add(seq(f"short-{i}", 20))
-    assert chunks(s) == {"s0": 1, "s1": 1, "long-a": 12, "short-0": 20, "short-1": 20, "short-2": 20}
+    assert chunks(s) == {"s0": 1, "s1": 1, "long-a": 25, "short-0": 20, "short-1": 20, "short-2": 20}  # two long: 2 x 12.5
     waiting = s.waiting[0]
     assert waiting.request_id == "long-b" and waiting.num_bypassed == 0  # overtaken by three, but not for the bound
     s.add(seq("short-3", 20))
     step = chunks(s)
-    assert step["long-a"] == 12 and "long-b" not in step and step["short-3"] == 20
+    assert step["long-a"] == 25 and "long-b" not in step and step["short-3"] == 20
+
+
+def test_each_long_prompt_waiting_adds_to_the_allowance_and_they_finish_in_turn():
+    s, _ = paced_scheduler()
+    for i in range(3):
+        s.add(seq(f"long-{i}", 1010))
+    for _ in range(1010 // 37):
+        assert chunks(s) == {"s0": 1, "s1": 1, "long-0": 37}  # three waiting for a first token: 3 x 12.5 ms
+    left = 1010 % 37
+    assert chunks(s) == {"s0": 1, "s1": 1, "long-0": left, "long-1": 37 - left}  # in turn, within one allowance
+    assert chunks(s) == {"s0": 1, "s1": 1, "long-0": 1, "long-1": 25}  # long-0 decodes: two wait
+
+    small, _ = paced_scheduler(max_num_seqs=3)  # room for one more sequence
+    for i in range(3):
+        small.add(seq(f"long-{i}", 1000))
+    assert chunks(small) == {"s0": 1, "s1": 1, "long-0": 12}  # the two that cannot join this step add nothing
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -160,7 +180,7 @@ def test_paced_prefill_gives_whole_prefills_tokens_and_the_streams_a_token_every
     prompts = {f"s{i}": [40 + i] * 6 for i in range(3)}
     prompts["long"] = [(11 * j) % 4000 + 30 for j in range(400)]
     requests = {rid: (p, params) for rid, p in prompts.items()}
-    whole = run_to_completion(engine(tiny_llama_dir), requests)
+    whole = run_to_completion(engine(tiny_llama_dir, max_prefill_stall=None), requests)
 
     e = engine(tiny_llama_dir, max_prefill_stall=1.5)
     pace = e.scheduler.pacer

@@ -50,7 +50,7 @@ def test_auto_resolves_for_this_cpu_machine_and_model() -> None:
     assert (got.scheduler.max_model_len, got.scheduler.max_num_batched_tokens) == (512, 2048)
     assert describe(got) == (
         f"device=cpu dtype=float32 cpu_kernels=on (built) quantization=none lora_dtype=float16 lora_backend=torch (CPU) lora_memory_gb=4.00 "
-        f"adapter_dir={cache_root() / 'adapters'} max_model_len=512 max_num_batched_tokens=2048 max_prefill_stall=None"
+        f"adapter_dir={cache_root() / 'adapters'} max_model_len=512 max_num_batched_tokens=2048 max_prefill_stall=2.0"
     )
 
 
