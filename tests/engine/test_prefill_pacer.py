@@ -1,6 +1,6 @@
 """Prefill pacing: while streams decode, a long prompt gets the chunk that sizes the step to max_prefill_stall
-decode steps, from the step times the engine measures, and each further long prompt waiting adds as much;
-short prompts, and prompts while nothing decodes, are not paced; a long prompt waiting for the pace blocks
+decode steps, from the step times the engine measures, and each further long prompt waiting adds
+max_prefill_stall - 1 decode steps; short prompts, and prompts while nothing decodes, are not paced; a long prompt waiting for the pace blocks
 nobody; the tokens are those of whole-prompt prefill."""
 
 from __future__ import annotations
