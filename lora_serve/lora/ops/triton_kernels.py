@@ -38,7 +38,8 @@ from .interpreter import triton_interpreted
 
 BLOCK_K = 64  # reduction tile of the shrink (input features)
 BLOCK_R = 16  # rank tile: tl.dot's smallest; a rank-r adapter runs ceil(r / 16) of them
-BLOCK_N = 64  # output tile of the expand
+BLOCK_N = 64  # output tile of the expand for prefill-sized segments (block_n)
+BLOCK_N_DECODE = 256  # and for decode-sized ones
 MAX_SLICES = 3  # q/k/v; the kernels take one B pointer per slice
 
 
@@ -168,6 +169,13 @@ def block_m(max_rows: int) -> int:
     return 16 if max_rows <= 16 else 64
 
 
+def block_n(max_rows: int) -> int:
+    """The expand's output tile. Decode-sized segments get wide tiles: with one row per adapter a 16 x 64 tile
+    is too little work per program (Nsight Compute on an H200: the SMs busy with addresses and masks, DRAM at
+    8-14% of its bandwidth; docs/benchmarks.md, GPU)."""
+    return BLOCK_N_DECODE if max_rows <= 16 else BLOCK_N
+
+
 def shrink(x: torch.Tensor, tables: KernelTables, segs: torch.Tensor, num_segs: int, max_rows: int,
            buf: torch.Tensor, split_k: int) -> None:  # fmt: skip
     """buf[k, t, columns of the row's adapter] = partial k of x[t]·Aᵀ. x: [T, in] (may be strided);
@@ -195,11 +203,12 @@ def expand(buf: torch.Tensor, tables: KernelTables, out_slices: list[slice], y: 
     starts = [s.start for s in out_slices] + [0] * pad
     sizes = [s.stop - s.start for s in out_slices] + [0] * pad
     bm = block_m(max_rows)
-    n_blocks = triton.cdiv(max(sizes), BLOCK_N)
+    bn = block_n(max_rows)
+    n_blocks = triton.cdiv(max(sizes), bn)
     grid = (triton.cdiv(max_rows, bm) * n_blocks, n, num_segs)
     _kernel(_expand_kernel)[grid](
         buf, tables.ref, y, segs, tables.meta, tables.ptrs, tables.scales, segs.shape[1], *starts, *sizes, n_blocks,
         buf.stride(0), buf.stride(1), y.stride(0), y.stride(1),
-        NUM_SLICES=n, PTRS=1 + MAX_SLICES, SPLIT_K=buf.shape[0], BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        NUM_SLICES=n, PTRS=1 + MAX_SLICES, SPLIT_K=buf.shape[0], BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=BLOCK_R,
         FP32=y.dtype == torch.float32,
     )  # fmt: skip

@@ -109,12 +109,14 @@ class TritonLoRABatch:
 
     @staticmethod
     def _split_k(x: torch.Tensor, num_segs: int, num_slices: int, max_rows: int) -> int:
-        """Split the shrink's reduction when segments x slices alone would leave most SMs idle (decode)."""
+        """Split the shrink's reduction when segments x slices alone would leave most SMs idle (decode): up to
+        about one wave of programs (7-8 fit on each SM at once), each keeping at least 8 reduction tiles
+        (Nsight Compute on an H200: at twice the SMs' count, 17-24% occupancy; docs/benchmarks.md, GPU)."""
         if x.device.type != "cuda":
             return 1
         programs = num_segs * num_slices * -(-max_rows // kernels.block_m(max_rows))
         split = 1
-        while programs * split < 2 * _num_sms(x.device) and x.shape[1] >= 8 * kernels.BLOCK_K * split and split < 8:
+        while programs * split < 8 * _num_sms(x.device) and x.shape[1] >= 8 * kernels.BLOCK_K * 2 * split and split < 16:
             split *= 2
         return split
 

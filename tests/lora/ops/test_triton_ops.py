@@ -175,7 +175,8 @@ def test_kernels_compile_for_a_gpu(arch, slots, monkeypatch, tmp_path):
     pointers = {"x_ptr": "*bf16", "y_ptr": "*bf16", "seg_ptr": "*i32", "meta_ptr": "*i32", "buf_ptr": "*fp32",
                 "ptr_ptr": "*i64", "scale_ptr": "*fp32", "a_ref": f"*{slots}", "b_ref": f"*{slots}"}  # fmt: skip
     tiles = dict(SPLIT_K=2, BLOCK_M=16, BLOCK_R=16, FP32=False, NUM_SLICES=3, PTRS=4)
-    for fn, extra in [(triton_kernels._shrink_kernel, dict(BLOCK_K=64)), (triton_kernels._expand_kernel, dict(BLOCK_N=64))]:
+    shrink, expand = triton_kernels._shrink_kernel, triton_kernels._expand_kernel
+    for fn, extra in [(shrink, dict(BLOCK_K=64)), (expand, dict(BLOCK_N=64)), (expand, dict(BLOCK_N=triton_kernels.BLOCK_N_DECODE))]:
         kernel = triton.jit(fn)
         constexprs = {**tiles, **extra}
         signature = {
