@@ -109,14 +109,16 @@ class TritonLoRABatch:
 
     @staticmethod
     def _split_k(x: torch.Tensor, num_segs: int, num_slices: int, max_rows: int) -> int:
-        """Split the shrink's reduction when segments x slices alone would leave most SMs idle (decode): up to
-        about one wave of programs (7-8 fit on each SM at once), each keeping at least 8 reduction tiles
-        (Nsight Compute on an H200: at twice the SMs' count, 17-24% occupancy; docs/benchmarks.md, GPU)."""
+        """Split the shrink's reduction when segments x slices alone would leave most SMs idle. Decode-sized
+        segments: up to about one wave of programs (7-8 fit on each SM at once), each keeping at least 8
+        reduction tiles (Nsight Compute on an H200: at twice the SMs' count, 17-24% occupancy;
+        docs/benchmarks.md, GPU). Prefill-sized ones, not measured so: up to twice the SMs' count."""
         if x.device.type != "cuda":
             return 1
         programs = num_segs * num_slices * -(-max_rows // kernels.block_m(max_rows))
+        wave, most, tiles = (8, 16, 16) if max_rows <= 16 else (2, 8, 8)
         split = 1
-        while programs * split < 8 * _num_sms(x.device) and x.shape[1] >= 8 * kernels.BLOCK_K * 2 * split and split < 16:
+        while programs * split < wave * _num_sms(x.device) and x.shape[1] >= tiles * kernels.BLOCK_K * split and split < most:
             split *= 2
         return split
 

@@ -113,6 +113,31 @@ def test_split_k_partial_sums_add_up(monkeypatch):
     check(segments, ranks, max(num_rows, 1), torch.float32, seed=7)
 
 
+@pytest.mark.parametrize(
+    ("num_segs", "num_slices", "rows", "features", "split"),
+    [
+        (64, 3, 1, 4096, 8),  # Llama-3-8B decode, one row per adapter: q/k/v
+        (64, 1, 1, 4096, 8),  # o_proj, and gate/up below
+        (64, 2, 1, 4096, 8),
+        (64, 1, 1, 14336, 16),  # down_proj: a longer reduction splits further
+        (8, 3, 1, 2048, 4),  # a 1B-sized reduction keeps 8 tiles of 64 a program
+        (64, 3, 1, 256, 1),  # too short a reduction to split
+        (64, 3, 200, 4096, 1),  # prefill-sized segments: twice the SMs' count in row tiles alone
+        (9, 3, 100, 4096, 8),  # a few of them still split
+    ],
+)
+def test_split_k_fills_about_one_wave_for_decode(monkeypatch, num_segs, num_slices, rows, features, split):
+    from types import SimpleNamespace
+
+    from lora_serve.lora.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_num_sms", lambda device: 132)  # an H100 / H200
+    x = SimpleNamespace(device=torch.device("cuda", 0), shape=(num_segs * rows, features))  # no GPU needed to size the grid
+    got = TritonLoRABatch._split_k(x, num_segs, num_slices, rows)
+    assert got == split
+    assert rows > 16 or got == 1 or features >= 8 * 64 * got  # a decode program reduces over at least 8 tiles of BLOCK_K
+
+
 def test_shrink_writes_only_the_rank_columns_of_each_rows_adapter():
     # The interpreter runs programs one after another, which would hide a write past an adapter's rank
     # that a later program overwrites; on a GPU that is a race. So: nothing else in the buffer may change.
