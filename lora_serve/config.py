@@ -93,13 +93,14 @@ class SchedulerConfig(ConfigBase):
     max_prefill_stall: float | None = Field(2.0, gt=1.0)
     """While streams decode, the time a step that also prefills a long prompt is sized to take, as a
     multiple of a step of the decodes alone; each further long prompt waiting for its first token adds
-    max_prefill_stall - 1 decode steps (two waiting at 2.0: three decode steps). A long prompt is one of more
-    than 256 tokens whose whole prefill would take longer than 16 decode steps; it is prefilled in
+    max_prefill_stall - 1 decode steps (two waiting at 2.0: three decode steps). A long prompt is one of
+    more than 256 tokens whose whole prefill would take longer than 16 decode steps; it is prefilled in
     chunks sized to this, from step times measured as the engine runs (engine/prefill_pacer.py), so on
     any device the streams keep their pace while it prefills, and its first token comes later (a
-    4000-token prompt beside 16 streams on 2-vCPU CPUs: 2.2x to 4.7x later than unpaced). Shorter prompts, and
-    any prompt while nothing decodes, take what the step's budget and long_prefill_token_threshold
-    leave. None (`--max-prefill-stall null`): no pacing."""
+    4000-token prompt beside 16 streams on 2-vCPU CPUs: 2.2x to 4.7x later than unpaced). Under a steady
+    load of long prompts it costs throughput (a trace with 40% cold 1,000-token prompts: 21%; README).
+    Shorter prompts, and any prompt while nothing decodes, take what the step's budget and
+    long_prefill_token_threshold leave. None (`--max-prefill-stall null`): no pacing."""
 
     max_lora_bypass: int = Field(16, ge=0)
     """Most requests that arrived later may be admitted ahead of a waiting one (a count of requests, not
