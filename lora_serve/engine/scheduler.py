@@ -100,7 +100,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         merged = self.merged_identity()  # merges happen between steps: one value for the whole step
         decoding = sum(s.num_new_tokens == 1 for s in self.running)
-        self._paced = self.pacer.allowance(decoding, self._num_long()) if self.pacer is not None else None
+        # No decodes: no pace (allowance is None), and no need to count the long prompts.
+        self._paced = self.pacer.allowance(decoding, self._num_long()) if self.pacer is not None and decoding else None
         seqs, chunks = self._schedule_running(budget, merged)
         admitted, admitted_chunks = self._admit(budget - sum(chunks), merged)
         num_decodes = sum(s.num_new_tokens == 1 for s in seqs)  # the decodes preemption left
@@ -116,7 +117,7 @@ class Scheduler:
         as many waiting ones, from the front, as the batch has room for (judged on their whole prompts:
         their cached prefixes are looked up only when they are admitted)."""
         assert self.pacer is not None
-        prefilling = sum(self.pacer.is_long(s.num_tokens - (s.num_prefix_cached_tokens or 0)) for s in self.running if s.num_new_tokens > 1)
+        prefilling = sum(self.pacer.is_long(_prefill_size(s)) for s in self.running if s.num_new_tokens > 1)
         room = max(self.max_num_seqs - len(self.running), 0)
         return prefilling + sum(self.pacer.is_long(s.num_tokens) for s in islice(self.waiting, room))
 
@@ -143,7 +144,7 @@ class Scheduler:
         queue = sorted(self.running, key=lambda s: s.num_new_tokens > 1)  # decodes first, oldest first
         while queue:
             seq = queue.pop(0)
-            prefill = seq.num_tokens - (seq.num_prefix_cached_tokens or 0)  # all it computes, not what is left
+            prefill = _prefill_size(seq)
             n = self._chunk(seq.num_new_tokens, budget, prefill)
             if n == 0:
                 continue  # the budget is spent: it keeps its blocks and goes on next step
@@ -239,3 +240,8 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _prefill_size(seq: Sequence) -> int:
+    """The tokens a running sequence's prefill computes in all, not what is left (what the pacer judges long)."""
+    return seq.num_tokens - (seq.num_prefix_cached_tokens or 0)
